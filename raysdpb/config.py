@@ -1,0 +1,296 @@
+"""Configuration as data: one YAML file, validated once at the edge with pydantic.
+
+A config file holds one *trial* (the keys of `TrialConfig`, flat), an optional `search:` block (trial keys
+mapped to lists of values, the grid a sweep runs) and an optional `sweep:` block (how `raysdpb.sweep` runs
+the grid on Ray). Any key can be overridden on the command line as `key=value` (nested keys with dots,
+`lora.r=16`, `sweep.asha.grace_period=2`); values are parsed as YAML (`lr=3e-5`, `search.seed=[0,1,2]`).
+
+`python -m raysdpb.train` runs one trial: a searched key takes its first value unless overridden.
+Errors name the file, the key and the allowed values, and are raised as `UserError`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raysdpb.errors import UserError
+
+__all__ = [
+    "TrialConfig", "LoraConfig", "CustomTaskConfig", "SweepConfig", "AshaConfig", "ExperimentConfig",
+    "load_experiment", "load_trial_config", "apply_overrides", "parse_overrides",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Strict):
+    """LoRA adapter settings for decoder-only models (peft)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+
+
+class CustomTaskConfig(_Strict):
+    """A task from the user's own files: one file per split (CSV, TSV, JSONL, JSON or Parquet)."""
+
+    files: dict[str, str] = Field(..., description="split name -> file path, e.g. {train: a.csv, validation: b.csv}")
+    text_fields: list[str] = Field(..., min_length=1, max_length=2)
+    label_field: str
+    labels: list[str] | None = Field(None, description="the label set in class-id order; default: sorted values")
+    metric: Literal["accuracy", "f1", "macro_f1", "matthews"] = "accuracy"
+    format: Literal["csv", "tsv", "jsonl", "json", "parquet"] | None = None
+
+    @field_validator("files")
+    @classmethod
+    def _needs_train(cls, files: dict[str, str]) -> dict[str, str]:
+        if "train" not in files:
+            raise ValueError("custom_task.files needs a 'train' entry")
+        return files
+
+
+class TrialConfig(_Strict):
+    """Everything one trial needs. Keys are flat so that they read the same in YAML, on the command line
+    and as Parquet columns."""
+
+    # what to train
+    task: str = Field(..., description="a registered task (e.g. superglue/cb) or 'custom' with custom_task")
+    model: str = Field(..., description="an offline alias (minilm-l6, smollm2-135m), a hub id or a local folder")
+    method: str = "dynsdpb"
+    data_dir: str | None = Field(None, description="local mirror of the datasets; default $RAYSDPB_DATA_DIR or the hub")
+    custom_task: CustomTaskConfig | None = None
+    train_split: str | None = None
+    eval_split: str | None = None
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1, description="keep the embeddings and the first k layers")
+    lora: LoraConfig | None = None
+    gguf_file: str | None = None
+
+    # the method's hyperparameters
+    alpha: float = Field(1.0, ge=0)
+    tau: float = Field(1.0, gt=0)
+    tau_min_scale: float = Field(0.5, gt=0)
+    tau_max_scale: float = Field(2.0, gt=0)
+    tau_relative: bool = True
+
+    # optimisation
+    lr: float = Field(2e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    epochs: int = Field(3, ge=1, description="times the method's epoch multiplier (double_finetune: 2x)")
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the trial stops as diverged")
+
+    # decoder-only evaluation
+    max_new_tokens: int = Field(256, ge=1)
+    choice_scoring: Literal["generate", "loglikelihood"] = "generate"
+
+    # evaluation, logging, checkpoints
+    eval_every_steps: int | None = Field(None, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    grad_norm_every_steps: int = Field(50, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    output_dir: str | None = Field(None, description="local mode: TensorBoard events and checkpoints; default runs/<name>")
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrialConfig":
+        if self.tau_min_scale > self.tau_max_scale:
+            raise ValueError("tau_min_scale must not exceed tau_max_scale")
+        if self.task == "custom" and self.custom_task is None:
+            raise ValueError("task 'custom' needs a custom_task block (files, text_fields, label_field)")
+        if self.custom_task is not None and self.task != "custom":
+            raise ValueError("custom_task is given, so task must be 'custom'")
+        return self
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from raysdpb.methods import METHODS
+
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+        return name
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        from raysdpb.tasks import TASKS
+
+        if name != "custom" and name not in TASKS:
+            raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}, custom")
+        return name
+
+    def run_name(self) -> str:
+        return f"{self.task.replace('/', '-')}_{Path(self.model).name}_{self.method}_seed{self.seed}"
+
+
+class AshaConfig(_Strict):
+    metric: str | None = Field(None, description="default: the task's main metric, eval_<metric>")
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1)
+    max_t: int | None = Field(None, ge=1, description="default: the largest number of epochs a trial runs")
+    reduction_factor: float = Field(2.0, gt=1)
+    time_attr: Literal["training_iteration", "epoch"] = "training_iteration"
+
+
+class SweepConfig(_Strict):
+    """How `python -m raysdpb.sweep` runs the grid."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="experiment name (deterministic, no timestamp)")
+    storage_path: str = "./ray_results"
+    address: str | None = Field(None, description="'auto' or a Ray address; default $RAY_ADDRESS, else a local Ray")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per trial")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    asha: AshaConfig | None = Field(default_factory=AshaConfig)
+    report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
+
+
+class ExperimentConfig(_Strict):
+    """A whole config file: the base trial, the grid and the sweep settings."""
+
+    trial: TrialConfig
+    search: dict[str, list[Any]] = Field(default_factory=dict)
+    sweep: SweepConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_search(self) -> "ExperimentConfig":
+        for key, values in self.search.items():
+            if key not in TrialConfig.model_fields:
+                raise ValueError(f"search.{key}: not a trial key; allowed: {', '.join(TrialConfig.model_fields)}")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"search.{key}: must be a non-empty list of values")
+            for value in values:  # each value must make a valid trial
+                try:
+                    TrialConfig.model_validate({**self.trial.model_dump(), key: value})
+                except ValidationError as err:
+                    raise ValueError(f"search.{key}: value {value!r} is invalid: {_first_error(err)}") from None
+        return self
+
+    def first_point(self) -> TrialConfig:
+        """The trial that takes every searched key's first value."""
+        return TrialConfig.model_validate({**self.trial.model_dump(), **{k: v[0] for k, v in self.search.items()}})
+
+
+# --- loading and overrides ---------------------------------------------------------------------------------
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["lr=3e-5", "lora.r=16"]` -> `{"lr": 3e-5, "lora.r": 16}` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value (for example lr=3e-5 or method=dynsdpb)")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """Apply `key=value` overrides to a raw config dict. A bare trial key is set at the top level and, if it
+    was searched, removes the search over it (an override pins the value)."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+        top = key.split(".")[0]
+        if top not in ("search", "sweep") and isinstance(raw.get("search"), dict):
+            raw["search"].pop(top, None)
+    return raw
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass the path of a YAML config (see sweeps/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys to values")
+    return raw
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None, *, raw: dict | None = None) -> ExperimentConfig:
+    """Read, override and validate a config file (or a `raw` dict). Raises `UserError` naming the bad key."""
+    source = str(path) if path is not None else "<config>"
+    data = _read_yaml(path) if raw is None else copy.deepcopy(raw)
+    data = apply_overrides(data, parse_overrides(overrides or []))
+    search = data.pop("search", None) or {}
+    sweep = data.pop("sweep", None)
+    try:
+        return ExperimentConfig.model_validate({"trial": data, "search": search, "sweep": sweep})
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = [str(p) for p in e["loc"]]
+        if loc and loc[0] == "trial":
+            loc = loc[1:]
+        key = ".".join(loc)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        raise UserError(f"{source}: {key or 'config'}: {msg}") from None
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = TrialConfig
+    top = {"search": None, "sweep": SweepConfig}
+    if loc and loc[0] in top:
+        model = top[loc[0]] or TrialConfig
+        loc = loc[1:]
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        for cand in (LoraConfig, CustomTaskConfig, AshaConfig, SweepConfig):
+            if annotation is cand or (annotation is not None and cand in getattr(annotation, "__args__", ())):
+                model = cand
+    keys = list(model.model_fields)
+    if model is TrialConfig:
+        keys += ["search", "sweep"]
+    return keys
+
+
+def load_trial_config(path: str | Path | None, overrides: list[str] | None = None, *, raw: dict | None = None) -> TrialConfig:
+    """The single trial `python -m raysdpb.train` runs: searched keys take their first value."""
+    return load_experiment(path, overrides, raw=raw).first_point()

@@ -1,0 +1,272 @@
+"""The methods registry (section 5 of docs/method.md) and the per-rank cache of soft targets.
+
+A method is one `Method` entry: which batch sampler it needs, its epoch multiplier, and its loss given the
+batch's model outputs and the teacher state cached at the previous step. The training loop is the same
+for all of them:
+
+    teacher = cache.take(first_half_indices)          # None on the first step of a run
+    terms = method.loss(outputs, teacher, params)      # LossTerms: total, ce, distill, alpha_i, tau_i
+    terms.total.backward()
+    cache.put(second_half_indices, method.teacher_state(outputs.second_half(), params))
+
+`outputs` is a `ClassOutputs` (encoders: `(B, C)` logits) or a `TokenOutputs` (decoders: `(B, T, V)`
+logits, labels and an answer mask); both expose the same per-sample signals, so every method works for
+both kinds of model. For decoders the cached soft target is the vocabulary map (section 4), V floats per
+sequence, not T x V logits.
+
+Adding a method means adding one `register(Method(...))` entry below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from raysdpb import losses
+
+__all__ = [
+    "MethodParams", "ClassOutputs", "TokenOutputs", "TeacherState", "LossTerms", "Method",
+    "LogitCache", "METHODS", "register", "get_method",
+]
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """The distillation hyperparameters (ignored by methods without distillation or reweighting)."""
+
+    alpha: float = 1.0
+    tau: float = 1.0
+    tau_min_scale: float = 0.5
+    tau_max_scale: float = 2.0
+    tau_relative: bool = True  # batch-relative loss scaling of tau (the method sheet's choice)
+
+
+# --- model outputs, one view per kind of model -------------------------------------------------------------
+
+@dataclass
+class ClassOutputs:
+    """Classification (or multiple-choice) logits `(B, C)` and labels `(B,)`."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def slice(self, part: slice) -> "ClassOutputs":
+        return ClassOutputs(self.logits[part], self.labels[part])
+
+    def per_sample_ce(self) -> torch.Tensor:
+        return losses.per_sample_ce(self.logits, self.labels)
+
+    def uncertainty(self) -> torch.Tensor:
+        return losses.uncertainty_weights(self.logits)
+
+    def soft_target(self, tau: torch.Tensor) -> torch.Tensor:
+        # logits are cached as they are; the KL tempers them with the cached per-sample tau
+        return self.logits.detach().float()
+
+    def distill_kl(self, target: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return losses.kl_per_sample(self.logits, target, tau)
+
+
+@dataclass
+class TokenOutputs:
+    """Causal-LM logits `(B, T, V)` aligned with `labels` `(B, T)`; `mask` marks the answer positions."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def slice(self, part: slice) -> "TokenOutputs":
+        return TokenOutputs(self.logits[part], self.labels[part], self.mask[part])
+
+    def per_sample_ce(self) -> torch.Tensor:
+        return losses.token_ce_per_sequence(self.logits, self.labels, self.mask)
+
+    def uncertainty(self) -> torch.Tensor:
+        return losses.sequence_uncertainty_weights(self.logits, self.mask)
+
+    def soft_target(self, tau: torch.Tensor) -> torch.Tensor:
+        # the teacher's vocabulary map at its own tau_i (known now: its loss is the current loss)
+        with torch.no_grad():
+            return losses.vocabulary_log_map(self.logits.detach(), self.mask, tau)
+
+    def distill_kl(self, target: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return losses.vmm_kl_per_sample(losses.vocabulary_log_map(self.logits, self.mask, tau), target)
+
+
+Outputs = ClassOutputs | TokenOutputs
+
+
+@dataclass
+class TeacherState:
+    """What step t-1 leaves for step t about the samples of its second half."""
+
+    indices: torch.Tensor  # (H,) dataset indices, to check the overlap really lines up
+    target: torch.Tensor   # (H, C) logits or (H, V) log vocabulary maps, float32, detached
+    tau: torch.Tensor      # (H,) the temperature of each sample's soft target
+
+    def to(self, device: torch.device | str) -> "TeacherState":
+        return TeacherState(self.indices.to(device), self.target.to(device), self.tau.to(device))
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    ce: torch.Tensor
+    distill: torch.Tensor | None = None   # the distillation term before alpha (for logging)
+    alpha: torch.Tensor | None = None     # per-sample alpha_i over the distilled (or reweighted) samples
+    tau: torch.Tensor | None = None       # per-sample tau_i over the distilled samples
+
+
+# --- the loss functions the registry entries use -----------------------------------------------------------
+
+def ce_loss(outputs: Outputs, teacher: TeacherState | None, params: MethodParams) -> LossTerms:
+    ce = outputs.per_sample_ce().mean()
+    return LossTerms(total=ce, ce=ce)
+
+
+def dynamic_ce(outputs: Outputs, teacher: TeacherState | None, params: MethodParams) -> LossTerms:
+    per_sample = outputs.per_sample_ce()
+    w = outputs.uncertainty()
+    total = losses.dynamic_ce_loss(per_sample, w, params.alpha)
+    return LossTerms(total=total, ce=per_sample.detach().mean(), alpha=params.alpha * w)
+
+
+def _self_distillation(dynamic: bool) -> Callable[[Outputs, TeacherState | None, MethodParams], LossTerms]:
+    def loss(outputs: Outputs, teacher: TeacherState | None, params: MethodParams) -> LossTerms:
+        ce = outputs.per_sample_ce().mean()
+        if teacher is None:  # first step of a run: no previous mini-batch yet
+            return LossTerms(total=ce, ce=ce)
+        first = outputs.slice(slice(0, len(teacher.indices)))
+        kl = first.distill_kl(teacher.target, teacher.tau)
+        alpha = params.alpha * (first.uncertainty() if dynamic else torch.ones_like(kl))
+        distill = (alpha * teacher.tau.pow(2) * kl).mean()
+        return LossTerms(total=ce + distill, ce=ce.detach(), distill=(teacher.tau.pow(2) * kl).mean().detach(),
+                         alpha=alpha.detach(), tau=teacher.tau)
+
+    return loss
+
+
+def fixed_temperature(outputs: Outputs, params: MethodParams) -> torch.Tensor:
+    return torch.full((len(outputs),), float(params.tau), device=outputs.logits.device)
+
+
+def loss_scaled_temperature(outputs: Outputs, params: MethodParams) -> torch.Tensor:
+    return losses.temperature_from_losses(outputs.per_sample_ce().detach(), params.tau, params.tau_min_scale,
+                                          params.tau_max_scale, params.tau_relative)
+
+
+# --- the registry -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    loader: Literal["plain", "overlap"]
+    shuffle: bool
+    epoch_multiplier: int
+    loss: Callable[[Outputs, TeacherState | None, MethodParams], LossTerms]
+    # per-sample temperature of the soft targets this method caches; None: the method caches nothing
+    teacher_temperature: Callable[[Outputs, MethodParams], torch.Tensor] | None = None
+    hyperparameters: tuple[str, ...] = ()  # the MethodParams fields it uses (the sweep grids only these)
+    description: str = field(default="", compare=False)
+
+    @property
+    def distills(self) -> bool:
+        return self.teacher_temperature is not None
+
+    def teacher_state(self, second_half: Outputs, indices: torch.Tensor, params: MethodParams) -> TeacherState:
+        """The soft targets of this batch's second half, for the next step (detached)."""
+        assert self.teacher_temperature is not None, f"{self.name} caches no soft targets"
+        with torch.no_grad():
+            tau = self.teacher_temperature(second_half, params).detach().float()
+            return TeacherState(indices=indices.detach().cpu(), target=second_half.soft_target(tau), tau=tau)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        from raysdpb.errors import UserError
+
+        raise UserError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+register(Method("finetune", loader="plain", shuffle=True, epoch_multiplier=1, loss=ce_loss,
+                description="cross-entropy, shuffled mini-batches"))
+register(Method("double_finetune", loader="plain", shuffle=True, epoch_multiplier=2, loss=ce_loss,
+                description="cross-entropy for twice the epochs (compute-matched to the overlap loaders)"))
+register(Method("sequential_dlb", loader="overlap", shuffle=False, epoch_multiplier=1,
+                loss=_self_distillation(dynamic=False), teacher_temperature=fixed_temperature,
+                hyperparameters=("alpha", "tau"),
+                description="DLB in dataset order: CE + alpha * LMBC at a fixed tau"))
+register(Method("random_dlb", loader="overlap", shuffle=True, epoch_multiplier=1,
+                loss=_self_distillation(dynamic=False), teacher_temperature=fixed_temperature,
+                hyperparameters=("alpha", "tau"),
+                description="DLB on shuffled data: CE + alpha * LMBC at a fixed tau"))
+register(Method("dynamic_finetune", loader="plain", shuffle=True, epoch_multiplier=1, loss=dynamic_ce,
+                hyperparameters=("alpha",),
+                description="CE reweighted per sample by (1 + alpha * uncertainty); no soft targets"))
+register(Method("dynsdpb", loader="overlap", shuffle=True, epoch_multiplier=1,
+                loss=_self_distillation(dynamic=True), teacher_temperature=loss_scaled_temperature,
+                hyperparameters=("alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative"),
+                description="CE + per-sample alpha_i (uncertainty) and tau_i (teacher loss) LMBC, or VMM for decoders"))
+
+
+# --- the per-rank cache ------------------------------------------------------------------------------------
+
+class LogitCache:
+    """Holds the previous step's second-half soft targets on one rank (logits, or vocabulary maps).
+
+    `take` checks that the cached samples are exactly the first half of the current batch: the overlap
+    sampler guarantees it, and a mismatch (a sampler swapped by a framework, a resume that lost its
+    position) would silently distil the wrong targets, so it raises instead.
+    """
+
+    def __init__(self) -> None:
+        self._state: TeacherState | None = None
+
+    def put(self, state: TeacherState) -> None:
+        self._state = state
+
+    def take(self, first_half_indices: torch.Tensor, device: torch.device | str | None = None) -> TeacherState | None:
+        state, self._state = self._state, None
+        if state is None:
+            return None
+        if not torch.equal(state.indices.cpu(), first_half_indices.detach().cpu()):
+            raise RuntimeError(
+                "the cached soft targets are not the first half of this batch: the batch sampler must be "
+                "raysdpb.sampler.OverlapBatchSampler (do not let a framework replace it)"
+            )
+        return state.to(device) if device is not None else state
+
+    def clear(self) -> None:
+        self._state = None
+
+    def __bool__(self) -> bool:
+        return self._state is not None
+
+    def state_dict(self) -> dict:
+        if self._state is None:
+            return {}
+        s = self._state
+        return {"indices": s.indices.cpu(), "target": s.target.cpu(), "tau": s.tau.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = TeacherState(state["indices"], state["target"], state["tau"]) if state else None

