@@ -129,7 +129,7 @@ class LossTerms:
 
 def ce_loss(outputs: Outputs, teacher: TeacherState | None, params: MethodParams) -> LossTerms:
     ce = outputs.per_sample_ce().mean()
-    return LossTerms(total=ce, ce=ce)
+    return LossTerms(total=ce, ce=ce.detach())
 
 
 def dynamic_ce(outputs: Outputs, teacher: TeacherState | None, params: MethodParams) -> LossTerms:
@@ -143,7 +143,7 @@ def _self_distillation(dynamic: bool) -> Callable[[Outputs, TeacherState | None,
     def loss(outputs: Outputs, teacher: TeacherState | None, params: MethodParams) -> LossTerms:
         ce = outputs.per_sample_ce().mean()
         if teacher is None:  # first step of a run: no previous mini-batch yet
-            return LossTerms(total=ce, ce=ce)
+            return LossTerms(total=ce, ce=ce.detach())
         first = outputs.slice(slice(0, len(teacher.indices)))
         kl = first.distill_kl(teacher.target, teacher.tau)
         alpha = params.alpha * (first.uncertainty() if dynamic else torch.ones_like(kl))

@@ -1,0 +1,137 @@
+"""What DynSDPB's extra loss terms cost next to one forward+backward of the model they train.
+
+    python benchmarks/loss_cost.py [--repeats 10] [--json PATH] [--device cpu|cuda]
+
+Two ratios, each measured in one run on one machine (medians over repeats after a warm-up):
+
+* encoder: dynsdpb's extra terms (uncertainty weights, loss-scaled temperatures, the per-sample LMBC KL and
+  its backward, caching the second half) over one forward+backward of MiniLM-L6 at batch (32, 128);
+* decoder: `vocabulary_map` (forward and backward through the student's map, plus the teacher's map) at
+  logits (2, 256, 49152) over one forward+backward of SmolLM2-135M at (2, 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def encoder_ratio(repeats: int, device: str) -> dict:
+    from raysdpb.methods import ClassOutputs, METHODS, MethodParams
+    from raysdpb.models import build_model, load_tokenizer, resolve_model
+
+    source = resolve_model("minilm-l6")
+    tok = load_tokenizer(source)
+    model = build_model(source, kind="classification", num_labels=3, tokenizer=tok).to(device)
+    model.train()
+    batch, length = 32, 128
+    ids = torch.randint(1000, 20000, (batch, length), device=device)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 3, (batch,), device=device)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask).logits
+        torch.nn.functional.cross_entropy(out, labels).backward()
+
+    method, params = METHODS["dynsdpb"], MethodParams(alpha=1.0, tau=2.0)
+    logits = torch.randn(batch, 3, device=device, requires_grad=True)
+    teacher = method.teacher_state(ClassOutputs(torch.randn(batch // 2, 3, device=device), labels[batch // 2:]),
+                                   torch.arange(batch // 2), params).to(device)
+    ce_only = METHODS["finetune"]
+
+    def loss_terms(m, t):
+        def run():
+            outputs = ClassOutputs(logits, labels)
+            terms = m.loss(outputs, t, params)
+            terms.total.backward()
+            if m.distills:
+                m.teacher_state(outputs.slice(slice(batch // 2, None)), torch.arange(batch // 2), params)
+        return run
+
+    t_model = _median_time(forward_backward, repeats)
+    t_dyn = _median_time(loss_terms(method, teacher), repeats * 20)
+    t_ce = _median_time(loss_terms(ce_only, None), repeats * 20)
+    extra = max(t_dyn - t_ce, 0.0)
+    return {"model_fwd_bwd_s": t_model, "dynsdpb_loss_s": t_dyn, "ce_loss_s": t_ce,
+            "extra_terms_s": extra, "ratio": extra / t_model}
+
+
+def decoder_ratio(repeats: int, device: str) -> dict:
+    from raysdpb.losses import vocabulary_log_map, vmm_loss
+    from raysdpb.models import build_model, load_tokenizer, resolve_model
+
+    source = resolve_model("smollm2-135m")
+    tok = load_tokenizer(source)
+    model = build_model(source, kind="generation", tokenizer=tok).to(device)
+    model.train()
+    batch, length, vocab = 2, 256, model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, length), device=device)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)).backward()
+
+    logits = torch.randn(batch, length, vocab, device=device, requires_grad=True)
+    answer = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    answer[:, length // 2:] = True  # half of the sequence is answer
+    tau = torch.tensor([1.5, 2.5], device=device)
+    teacher = vocabulary_log_map(torch.randn(batch, length, vocab, device=device), answer, tau)
+
+    def vmm():
+        logits.grad = None
+        student = vocabulary_log_map(logits, answer, tau)
+        vmm_loss(student, teacher, tau).backward()
+        with torch.no_grad():  # the teacher map cached for the next step
+            vocabulary_log_map(logits.detach(), answer, tau)
+
+    t_model = _median_time(forward_backward, max(repeats // 2, 3))
+    t_vmm = _median_time(vmm, repeats)
+    return {"model_fwd_bwd_s": t_model, "vocabulary_map_s": t_vmm, "ratio": t_vmm / t_model}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None)
+    p.add_argument("--only", choices=["encoder", "decoder"], default=None)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    results = {"device": args.device, "torch_threads": torch.get_num_threads()}
+    if args.only in (None, "encoder"):
+        results["encoder"] = encoder_ratio(args.repeats, args.device)
+    if args.only in (None, "decoder"):
+        results["decoder"] = decoder_ratio(args.repeats, args.device)
+    for name in ("encoder", "decoder"):
+        if name in results:
+            r = results[name]
+            print(f"{name:8s} " + "  ".join(f"{k}={v:.4f}" for k, v in r.items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

