@@ -6,8 +6,9 @@ Two ratios, each measured in one run on one machine (medians over repeats after 
 
 * encoder: dynsdpb's extra terms (uncertainty weights, loss-scaled temperatures, the per-sample LMBC KL and
   its backward, caching the second half) over one forward+backward of MiniLM-L6 at batch (32, 128);
-* decoder: `vocabulary_map` (forward and backward through the student's map, plus the teacher's map) at
-  logits (2, 256, 49152) over one forward+backward of SmolLM2-135M at (2, 256).
+* decoder: `vocabulary_map` as one step uses it at batch (2, 256) with a 49152-token vocabulary (the student's
+  map of the first half, forward and backward, and the teacher's map of the second half) over one
+  forward+backward of SmolLM2-135M at (2, 256); and all of dynsdpb's extra VMM terms (`extra_ratio`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def encoder_ratio(repeats: int, device: str) -> dict:
 
 
 def decoder_ratio(repeats: int, device: str) -> dict:
-    from raysdpb.losses import vocabulary_log_map, vmm_loss
+    from raysdpb.losses import vocabulary_log_map
+    from raysdpb.methods import METHODS, MethodParams, TokenOutputs
     from raysdpb.models import build_model, load_tokenizer, resolve_model
 
     source = resolve_model("smollm2-135m")
@@ -93,22 +95,41 @@ def decoder_ratio(repeats: int, device: str) -> dict:
         out = model(input_ids=ids).logits
         torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)).backward()
 
-    logits = torch.randn(batch, length, vocab, device=device, requires_grad=True)
-    answer = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    answer[:, length // 2:] = True  # half of the sequence is answer
+    # logits as the loop sees them: (2, 255, V), the answer being the second half of each sequence
+    logits = torch.randn(batch, length - 1, vocab, device=device, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, length - 1), device=device)
+    answer = torch.zeros(batch, length - 1, dtype=torch.bool, device=device)
+    answer[:, length // 2:] = True
     tau = torch.tensor([1.5, 2.5], device=device)
-    teacher = vocabulary_log_map(torch.randn(batch, length, vocab, device=device), answer, tau)
 
-    def vmm():
+    def vocabulary_map_fwd_bwd():
+        # what one step computes with vocabulary_map: the student's map of the first half (with backward)
+        # and the teacher's map of the second half (cached for the next step), at batch 2
         logits.grad = None
-        student = vocabulary_log_map(logits, answer, tau)
-        vmm_loss(student, teacher, tau).backward()
-        with torch.no_grad():  # the teacher map cached for the next step
-            vocabulary_log_map(logits.detach(), answer, tau)
+        vocabulary_log_map(logits[:1], answer[:1], tau[:1]).sum().backward()
+        with torch.no_grad():
+            vocabulary_log_map(logits[1:].detach(), answer[1:], tau[1:])
+
+    params = MethodParams(alpha=1.0, tau=2.0)
+    dyn, ce_only = METHODS["dynsdpb"], METHODS["finetune"]
+    teacher = dyn.teacher_state(TokenOutputs(logits[1:].detach(), labels[1:], answer[1:]), torch.arange(1), params)
+
+    def loss_step(method, state):
+        def run():
+            logits.grad = None
+            outputs = TokenOutputs(logits, labels, answer)
+            method.loss(outputs, state, params).total.backward()
+            if method.distills:
+                method.teacher_state(outputs.slice(slice(1, None)), torch.arange(1), params)
+        return run
 
     t_model = _median_time(forward_backward, max(repeats // 2, 3))
-    t_vmm = _median_time(vmm, repeats)
-    return {"model_fwd_bwd_s": t_model, "vocabulary_map_s": t_vmm, "ratio": t_vmm / t_model}
+    t_map = _median_time(vocabulary_map_fwd_bwd, repeats)
+    t_dyn = _median_time(loss_step(dyn, teacher), repeats)
+    t_ce = _median_time(loss_step(ce_only, None), repeats)
+    extra = max(t_dyn - t_ce, 0.0)
+    return {"model_fwd_bwd_s": t_model, "vocabulary_map_s": t_map, "ratio": t_map / t_model,
+            "dynsdpb_loss_s": t_dyn, "ce_loss_s": t_ce, "extra_terms_s": extra, "extra_ratio": extra / t_model}
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ class WorkerContext:
     world_size: int = 1
     local_rank: int = 0
 
-    def __init__(self, tensorboard_dir: str | Path | None = None) -> None:
+    def __init__(self, tensorboard_dir: str | Path | None = None, artifacts_dir: str | Path | None = None) -> None:
         self.tensorboard_dir = Path(tensorboard_dir) if tensorboard_dir else None
+        self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else None  # e.g. generated predictions
         self._writer = None
 
     @property
@@ -82,7 +83,7 @@ class LocalContext(WorkerContext):
 
     def __init__(self, output_dir: str | Path, resume_from: str | Path | None = None, keep: int = 2) -> None:
         self.output_dir = Path(output_dir)
-        super().__init__(self.output_dir / "tensorboard")
+        super().__init__(self.output_dir / "tensorboard", self.output_dir)
         self.checkpoints = self.output_dir / "checkpoints"
         self.resume_from = resume_from
         self.keep = keep

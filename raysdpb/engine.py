@@ -234,13 +234,22 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
         return path
 
     def evaluate() -> dict[str, float]:
-        from raysdpb.evaluation import evaluate_split
+        from raysdpb.evaluation import evaluate_generation, evaluate_split
 
         metrics: dict[str, float] = {}
         for prefix, records, data in eval_sets:
-            metrics |= evaluate_split(model, task, data, records, batch_size=cfg.eval_batch_size, collator=collator,
-                                      device=device, prefix=prefix, rank=context.rank,
-                                      world_size=context.world_size, autocast=autocast)
+            if decoder:
+                where = context.artifacts_dir / "predictions" / f"{prefix or 'eval'}_step{step:08d}.jsonl" \
+                    if context.artifacts_dir else None
+                metrics |= evaluate_generation(model, tokenizer, task, data, records, batch_size=cfg.eval_batch_size,
+                                               max_new_tokens=cfg.max_new_tokens, scoring=cfg.choice_scoring,
+                                               device=device, prefix=prefix, rank=context.rank,
+                                               world_size=context.world_size, autocast=autocast,
+                                               predictions_path=where)
+            else:
+                metrics |= evaluate_split(model, task, data, records, batch_size=cfg.eval_batch_size,
+                                          collator=collator, device=device, prefix=prefix, rank=context.rank,
+                                          world_size=context.world_size, autocast=autocast)
         return metrics
 
     def report(epoch_progress: float, metrics: dict, checkpoint_dir) -> None:

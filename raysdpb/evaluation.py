@@ -55,3 +55,85 @@ def evaluate_split(model, task, dataset: TokenizedDataset, records: list[dict], 
     labels = [records[i]["label"] for i in indices]
     scores = compute_metrics(task.metrics, predictions, labels)
     return {f"eval_{prefix}{name}": float(value) for name, value in scores.items()}
+
+
+# --- decoder-only tasks: greedy generation (or log-likelihood of the options), then answer extraction -------
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, length - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_outputs(model, tokenizer, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int,
+                     device, autocast=None) -> list[str]:
+    """Greedy, batched generation from left-padded prompts; returns the decoded continuations."""
+    model.eval()
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = _left_padded(prompts[start:start + batch_size], tokenizer.pad_token_id, device)
+        with autocast() if autocast else nullcontext():
+            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                       do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=tokenizer.eos_token_id)
+        outputs += tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+    model.train()
+    return outputs
+
+
+@torch.no_grad()
+def choose_by_loglikelihood(model, tokenizer, prompts: list[list[int]], candidates: list[list[str]], *, device,
+                            autocast=None) -> list[int]:
+    """For each prompt, the candidate continuation with the highest mean token log-likelihood."""
+    model.eval()
+    choices = []
+    for prompt, options in zip(prompts, candidates):
+        scores = []
+        for option in options:
+            cont = tokenizer(" " + option.strip(), add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + cont], device=device)
+            with autocast() if autocast else nullcontext():
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(cont, device=device)[:, None])
+            scores.append(float(logp.mean()))
+        choices.append(max(range(len(scores)), key=scores.__getitem__))
+    model.train()
+    return choices
+
+
+def evaluate_generation(model, tokenizer, task, dataset: TokenizedDataset, records: list[dict], *, batch_size: int,
+                        max_new_tokens: int, scoring: str, device, prefix: str = "", rank: int = 0,
+                        world_size: int = 1, autocast=None, predictions_path=None) -> dict[str, float]:
+    """Exact-match accuracy of the extracted answers; every prediction is written to `predictions_path` (JSONL)."""
+    from raysdpb import nlg
+
+    shard = list(range(rank, len(dataset), world_size))
+    prompts = [dataset[i]["input_ids"][: dataset[i]["prompt_length"]] for i in shard]
+    if scoring == "loglikelihood" and all("candidates" in records[i] for i in shard):
+        picked = choose_by_loglikelihood(model, tokenizer, prompts, [records[i]["candidates"] for i in shard],
+                                         device=device, autocast=autocast)
+        outputs = [f"The answer is {nlg.LETTERS[k]}." for k in picked]
+    else:
+        outputs = generate_outputs(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   device=device, autocast=autocast)
+    indices, outputs = gather_predictions(shard, outputs, world_size)
+    extract = nlg.extract_number if task.answer_type == "number" else nlg.extract_choice
+    rows = []
+    for i, output in zip(indices, outputs):
+        prediction = extract(output)
+        rows.append({"idx": records[i]["idx"], "output": output, "prediction": prediction,
+                     "reference": records[i]["reference"], "correct": prediction == records[i]["reference"]})
+    if predictions_path is not None and rank == 0:
+        import json
+        from pathlib import Path
+
+        path = Path(predictions_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    accuracy = sum(r["correct"] for r in rows) / max(len(rows), 1)
+    return {f"eval_{prefix}exact_match": accuracy}

@@ -150,6 +150,46 @@ def sequence_uncertainty_weights(logits: torch.Tensor, mask: torch.Tensor) -> to
     return (per_seq / counts.float() / math.log(logits.shape[-1])).clamp(0.0, 1.0)
 
 
+class _SequenceLogMap(torch.autograd.Function):
+    """`log m = logsumexp_t log_softmax(rows_t / tau) - log T` for one sequence's answer rows `(T, V)`.
+
+    A hand-written backward, because the map is memory-bound on large vocabularies: autograd's chain
+    (log_softmax, then logsumexp over positions) keeps several `(T, V)` intermediates and walks them about
+    twice as often. With `G = dL/dlog m` and `R_tv = p_tv / m_v = exp(log p_tv - log m_v)` (bounded by T,
+    so no division by an underflowed `m_v`):
+
+        dL/drows_tv = (G_v R_tv - p_tv * sum_u G_u R_tu) / (T * tau)
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, tau: float) -> torch.Tensor:
+        work = torch.promote_types(rows.dtype, torch.float32)  # float32 for half inputs, float64 stays
+        scaled = rows.to(work) if tau == 1.0 else rows.to(work) / tau
+        log_p = F.log_softmax(scaled, dim=-1)
+        log_m = torch.logsumexp(log_p, dim=0) - math.log(rows.shape[0])
+        ctx.save_for_backward(log_p, log_m)
+        ctx.tau, ctx.in_dtype = float(tau), rows.dtype
+        return log_m
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_p, log_m = ctx.saved_tensors
+        q = torch.exp(log_p - log_m).mul_(grad)      # G_v R_tv
+        a = q.sum(-1, keepdim=True)
+        out = torch.exp(log_p).mul_(a).neg_().add_(q).div_(log_p.shape[0] * ctx.tau)
+        return out.to(ctx.in_dtype), None
+
+
+def _answer_rows(seq_logits: torch.Tensor, seq_mask: torch.Tensor) -> torch.Tensor:
+    """The rows at the answer positions: a view when they are contiguous (prompt, answer, then padding),
+    which keeps the backward from scattering into a full-size zero tensor."""
+    positions = seq_mask.nonzero().flatten()
+    first, last = int(positions[0]), int(positions[-1])
+    if last - first + 1 == positions.numel():
+        return seq_logits[first:last + 1]
+    return seq_logits[seq_mask]
+
+
 def vocabulary_log_map(logits: torch.Tensor, mask: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """Log of the vocabulary map, `(B, V)`: `log m_i = logsumexp_t log_softmax(z_it / tau_i) - log T_i`.
 
@@ -157,14 +197,10 @@ def vocabulary_log_map(logits: torch.Tensor, mask: torch.Tensor, temperature: fl
     answer positions alone, so it does not depend on padding. Keeps the graph.
     """
     batch = logits.shape[0]
-    counts = _check_mask(mask)
-    tau = _per_sample(temperature, batch, logits.device)
-    log_maps = []
-    for i in range(batch):  # B is small for decoder-only training; each row touches only its answer tokens
-        rows = logits[i][mask[i]].float()
-        log_p = F.log_softmax(rows / tau[i], dim=-1)
-        log_maps.append(torch.logsumexp(log_p, dim=0) - torch.log(counts[i].float()))
-    return torch.stack(log_maps)
+    _check_mask(mask)
+    tau = _per_sample(temperature, batch, logits.device).tolist()
+    # B is small for decoder-only training; each row touches only its own answer tokens
+    return torch.stack([_SequenceLogMap.apply(_answer_rows(logits[i], mask[i]), tau[i]) for i in range(batch)])
 
 
 def vocabulary_map(logits: torch.Tensor, mask: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:

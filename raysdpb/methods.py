@@ -51,15 +51,18 @@ class ClassOutputs:
 
     logits: torch.Tensor
     labels: torch.Tensor
+    _ce: torch.Tensor | None = field(default=None, repr=False)  # per-sample CE, computed once per batch
 
     def __len__(self) -> int:
         return self.logits.shape[0]
 
     def slice(self, part: slice) -> "ClassOutputs":
-        return ClassOutputs(self.logits[part], self.labels[part])
+        return ClassOutputs(self.logits[part], self.labels[part], None if self._ce is None else self._ce[part])
 
     def per_sample_ce(self) -> torch.Tensor:
-        return losses.per_sample_ce(self.logits, self.labels)
+        if self._ce is None:
+            self._ce = losses.per_sample_ce(self.logits, self.labels)
+        return self._ce
 
     def uncertainty(self) -> torch.Tensor:
         return losses.uncertainty_weights(self.logits)
@@ -79,15 +82,19 @@ class TokenOutputs:
     logits: torch.Tensor
     labels: torch.Tensor
     mask: torch.Tensor
+    _ce: torch.Tensor | None = field(default=None, repr=False)  # per-sequence CE, computed once per batch
 
     def __len__(self) -> int:
         return self.logits.shape[0]
 
     def slice(self, part: slice) -> "TokenOutputs":
-        return TokenOutputs(self.logits[part], self.labels[part], self.mask[part])
+        return TokenOutputs(self.logits[part], self.labels[part], self.mask[part],
+                            None if self._ce is None else self._ce[part])
 
     def per_sample_ce(self) -> torch.Tensor:
-        return losses.token_ce_per_sequence(self.logits, self.labels, self.mask)
+        if self._ce is None:
+            self._ce = losses.token_ce_per_sequence(self.logits, self.labels, self.mask)
+        return self._ce
 
     def uncertainty(self) -> torch.Tensor:
         return losses.sequence_uncertainty_weights(self.logits, self.mask)
