@@ -146,7 +146,9 @@ class AshaConfig(_Strict):
     grace_period: int = Field(1, ge=1)
     max_t: int | None = Field(None, ge=1, description="default: the largest number of epochs a trial runs")
     reduction_factor: float = Field(2.0, gt=1)
-    time_attr: Literal["training_iteration", "epoch"] = "training_iteration"
+    # epochs (fractional with eval_every_steps): the unit of grace_period and max_t, and it stays right when a
+    # trial resumes from a checkpoint (Tune's training_iteration restarts there)
+    time_attr: Literal["training_iteration", "epoch"] = "epoch"
 
 
 class SweepConfig(_Strict):

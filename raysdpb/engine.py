@@ -185,9 +185,11 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
                           num_replicas=context.world_size, rank=context.rank)
     collator = collate(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
     # the overlap sampler is passed as batch_sampler and never handed to Ray's prepare_data_loader, which
-    # would replace it with a DistributedSampler; workers stay 0 so the sampler position is what was consumed
+    # would replace it with a DistributedSampler; workers stay 0 so the sampler position is what was consumed.
+    # The loader gets its own generator: each new iterator draws a base seed from it, and drawing from the
+    # global generator instead would shift dropout after a resume (the iterator is created at a new point)
     loader = DataLoader(train_data, batch_sampler=sampler, collate_fn=collator, num_workers=0,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
 
     total_epochs = cfg.epochs * method.epoch_multiplier
     total_steps = sampler.total_batches(total_epochs)
@@ -252,10 +254,12 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
                                           world_size=context.world_size, autocast=autocast)
         return metrics
 
-    def report(epoch_progress: float, metrics: dict, checkpoint_dir) -> None:
+    def report(epoch_progress: float, metrics: dict, epoch: int, position: int) -> None:
+        """Record the evaluation in the history, checkpoint (so the checkpoint holds its own report), report."""
         entry = {"epoch": round(epoch_progress, 4), "step": step, **metrics, **running.summary(),
                  "lr": scheduler.get_last_lr()[0], "nonfinite_steps": nonfinite_total}
         history.append(entry)
+        checkpoint_dir = save(epoch, position)
         context.log_scalars(step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
         context.report(entry, checkpoint_dir)
 
@@ -335,13 +339,13 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
             epoch_progress = epoch + position / max(len(sampler), 1)
             if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and position < len(sampler):
                 last_metrics = evaluate()
-                report(epoch_progress, last_metrics, save(epoch, position))
+                report(epoch_progress, last_metrics, epoch, position)
             elif cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and position < len(sampler):
                 save(epoch, position, reported=False)
         if status == "diverged":
             break
         last_metrics = evaluate()
-        report(epoch + 1, last_metrics, save(epoch + 1, 0))
+        report(epoch + 1, last_metrics, epoch + 1, 0)
 
     if progress is not None:
         progress.close()

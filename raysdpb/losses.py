@@ -132,6 +132,7 @@ def _check_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def token_ce_per_sequence(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean token CE over each sequence's answer positions, `(B,)`, keeping the graph."""
+    mask = mask.bool()
     counts = _check_mask(mask)
     rows = mask.nonzero(as_tuple=True)
     token_ce = F.cross_entropy(logits[rows].float(), labels[rows], reduction="none")
@@ -141,8 +142,12 @@ def token_ce_per_sequence(logits: torch.Tensor, labels: torch.Tensor, mask: torc
 
 
 def sequence_uncertainty_weights(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean token entropy over answer positions divided by `log V`, `(B,)` in [0, 1], detached."""
+    """Mean token entropy over answer positions divided by `log V`, `(B,)` in [0, 1], detached
+    (zeros for a one-token vocabulary, which has no uncertainty)."""
+    mask = mask.bool()
     counts = _check_mask(mask)
+    if logits.shape[-1] == 1:
+        return torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
     rows = mask.nonzero(as_tuple=True)
     log_p = F.log_softmax(logits.detach()[rows].float(), dim=-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
@@ -197,6 +202,7 @@ def vocabulary_log_map(logits: torch.Tensor, mask: torch.Tensor, temperature: fl
     answer positions alone, so it does not depend on padding. Keeps the graph.
     """
     batch = logits.shape[0]
+    mask = mask.bool()
     _check_mask(mask)
     tau = _per_sample(temperature, batch, logits.device).tolist()
     # B is small for decoder-only training; each row touches only its own answer tokens

@@ -4,10 +4,10 @@ A method is one `Method` entry: which batch sampler it needs, its epoch multipli
 batch's model outputs and the teacher state cached at the previous step. The training loop is the same
 for all of them:
 
-    teacher = cache.take(first_half_indices)          # None on the first step of a run
+    teacher = cache.take(first_half_indices, device)   # None on the first step of a run
     terms = method.loss(outputs, teacher, params)      # LossTerms: total, ce, distill, alpha_i, tau_i
     terms.total.backward()
-    cache.put(second_half_indices, method.teacher_state(outputs.second_half(), params))
+    cache.put(method.teacher_state(outputs.slice(slice(half, None)), second_half_indices, params))
 
 `outputs` is a `ClassOutputs` (encoders: `(B, C)` logits) or a `TokenOutputs` (decoders: `(B, T, V)`
 logits, labels and an answer mask); both expose the same per-sample signals, so every method works for

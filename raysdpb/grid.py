@@ -1,0 +1,104 @@
+"""The sweep's grid: the `search:` block of a config expanded into trial configs, with stable trial ids.
+
+Pure functions of the validated config (no Ray), so the grid can be tested and printed on its own.
+
+* The grid is the cartesian product of the searched keys, in the order the config lists them.
+* A method does not get multiplied by the grid of a hyperparameter it does not use (`Method.hyperparameters`):
+  `finetune` ignores alpha and tau, so a 3-alpha x 2-tau grid gives 6 dynsdpb trials but one finetune trial.
+  Such a key keeps the base trial's value, and the duplicates this makes are dropped.
+* A trial id is the method and a hash of the trial's config values (those that differ from the defaults), so
+  it is the same in every run of the same grid (what `--resume` relies on), and does not change when other
+  points are added to the grid or a new config key with a default appears. Keys that only say where things
+  are on this machine (`data_dir`, `output_dir`, `progress_bar`) are not hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from raysdpb.config import ExperimentConfig, TrialConfig
+from raysdpb.methods import METHODS
+
+__all__ = ["TrialPoint", "expand", "trial_id", "method_hyperparameters", "flatten_config", "NOT_HASHED"]
+
+# trial keys that do not change what is trained
+NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar"})
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One trial of the grid: its stable id, a short label of its searched values, and its config."""
+
+    trial_id: str
+    label: str
+    config: TrialConfig
+
+
+def method_hyperparameters() -> frozenset[str]:
+    """The trial keys some method uses and others ignore (the union of `Method.hyperparameters`)."""
+    return frozenset(k for m in METHODS.values() for k in m.hyperparameters)
+
+
+def trial_id(config: TrialConfig) -> str:
+    """`<method>-<8 hex>`: a hash of the config values that change what is trained and differ from the
+    defaults (so a new config key with a default leaves the ids of existing sweeps as they were)."""
+    dumped = config.model_dump(mode="json")
+    values = {}
+    for name, field in TrialConfig.model_fields.items():
+        if name in NOT_HASHED:
+            continue
+        if field.is_required() or getattr(config, name) != field.get_default(call_default_factory=True):
+            values[name] = dumped[name]
+    digest = hashlib.sha1(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"{config.method}-{digest[:8]}"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def expand(experiment: ExperimentConfig, *, report_every_steps: int | None = None) -> list[TrialPoint]:
+    """Every trial of the grid, in grid order, without duplicates.
+
+    `report_every_steps` (the sweep's `report_every_steps`) sets `eval_every_steps` of trials that do not
+    set their own, so ASHA sees a result every N steps as well as at every epoch end.
+    """
+    base = experiment.trial.model_dump()
+    if report_every_steps and base.get("eval_every_steps") is None:
+        base["eval_every_steps"] = report_every_steps
+    keys = list(experiment.search)
+    per_method = method_hyperparameters()
+    points: list[TrialPoint] = []
+    seen: set[str] = set()
+    for combo in itertools.product(*(experiment.search[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        method = METHODS[values.get("method", base["method"])]
+        # a hyperparameter the method ignores keeps the base value, so it does not multiply the trials
+        used = {k: v for k, v in values.items() if k not in per_method or k in method.hyperparameters}
+        config = TrialConfig.model_validate({**base, **used})
+        tid = trial_id(config)
+        if tid in seen:
+            continue
+        seen.add(tid)
+        label = ",".join(f"{k}={_format(v)}" for k, v in used.items()) or config.method
+        points.append(TrialPoint(tid, label, config))
+    return points
+
+
+def flatten_config(config: TrialConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Config values as flat columns: nested blocks become dotted keys (`lora.r`), as on the command line."""
+    data = config.model_dump(mode="json") if isinstance(config, TrialConfig) else config
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out |= flatten_config(value, prefix=f"{name}.")
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,407 @@
+"""A sweep's results as two Parquet files, written as trials finish and complete at the end.
+
+* `<experiment>/curves.parquet`: one row per report (`trial_id`, `step`, `epoch`, every reported metric, the
+  Tune iteration and times).
+* `<experiment>/trials.parquet`: one row per trial of the grid: every config value as its own column (nested
+  keys dotted, `lora.r`), `trial_id`, `label`, `status`, `message`, `stop_reason`, `best_<metric>` and
+  `last_<metric>` of every reported metric, `epochs_run`, `planned_epochs`, `steps`, `wall_time_s`, `attempts`.
+
+Statuses: `pending` (not started yet), `running`, `completed`, `stopped_by_asha`, `diverged`, `errored`,
+`interrupted` (the sweep ended before the trial did; `--resume` continues it). A failed trial keeps its row
+with the error; nothing is dropped.
+
+The tables are built by pure functions over plain dict rows; `ResultsRecorder` keeps the rows of one sweep
+(and reloads them on `--resume`) and writes both files atomically (a temporary file renamed over the old
+one; on object stores, one PUT), so a reader never sees half a file. No Ray here: the Tune callback in
+`raysdpb.sweep` only forwards Tune's events.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+__all__ = [
+    "STATUSES", "TERMINAL", "FINISHED", "curve_row", "metric_direction", "summarize_trial", "to_table", "write_table",
+    "read_rows", "best_per_method", "format_table", "ResultsRecorder", "TrialInfo", "filesystem", "join",
+    "read_json", "write_json",
+]
+
+STATUSES = ("pending", "running", "completed", "stopped_by_asha", "diverged", "errored", "interrupted")
+TERMINAL = frozenset({"completed", "stopped_by_asha", "diverged", "errored"})
+# finished for good: never trained again (an errored trial is retried by `--resume`)
+FINISHED = frozenset({"completed", "stopped_by_asha", "diverged"})
+
+# what Tune adds to every result that is about the trial process, not the training
+_TUNE_BOOKKEEPING = frozenset({
+    "config", "date", "hostname", "node_ip", "pid", "done", "trial_id", "experiment_tag", "should_checkpoint",
+    "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total",
+    "timesteps_since_restore", "warmup_time", "checkpoint_dir_name",
+    "worker_placement_group",  # the sweep's own bookkeeping (raysdpb.sweep.PlacementGroupReaper)
+})
+# curve columns that are not metrics (no best_/last_ columns for them)
+_NOT_METRICS = frozenset({
+    "trial_id", "epoch", "step", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
+    "checkpoint_path", "status", "message", "replayed",
+})
+
+
+# --- storage: a local folder or a cloud URI ----------------------------------------------------------------
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """`(filesystem, path inside it)` of a local path or a URI (`s3://bucket/x`, `gs://...`)."""
+    if "://" in str(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), os.path.abspath(str(path))
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+def _exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def write_table(table: pa.Table, path: str) -> None:
+    """Write a Parquet file atomically: locally a temporary file renamed over the target, on an object
+    store one upload (objects appear whole)."""
+    fs, p = filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.create_dir(os.path.dirname(p), recursive=True)
+        pq.write_table(table, p, filesystem=fs)
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of a Parquet file, or [] where there is none."""
+    if not _exists(path):
+        return []
+    fs, p = filesystem(path)
+    return pq.read_table(p, filesystem=fs).to_pylist()
+
+
+def write_json(path: str, data: Any) -> None:
+    fs, p = filesystem(path)
+    payload = json.dumps(data, default=str).encode()
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, p)
+    else:
+        with fs.open_output_stream(p) as f:
+            f.write(payload)
+
+
+def read_json(path: str) -> Any | None:
+    if not _exists(path):
+        return None
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read().decode())
+
+
+# --- rows ------------------------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
+
+
+def curve_row(trial_id: str, result: dict) -> dict:
+    """One report of a trial as a curve row: Tune's per-process bookkeeping dropped, nested values as JSON."""
+    row = {"trial_id": trial_id}
+    for key, value in result.items():
+        if key in _TUNE_BOOKKEEPING or key.startswith("config/"):
+            continue
+        row[key] = _plain(value)
+    return row
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metric_direction(name: str, main_metric: str | None = None, main_mode: str = "max") -> str | None:
+    """Which way is better for a reported metric: "max", "min", or None (no "best": lr, alpha_mean, ...)."""
+    if name == main_metric:
+        return main_mode
+    lowered = name.lower()
+    if any(word in lowered for word in ("loss", "error", "perplexity")) or name in ("train_ce", "train_distill"):
+        return "min"
+    if name.startswith("eval_"):
+        return "max"
+    return None
+
+
+@dataclass
+class TrialInfo:
+    """What the grid says about a trial (its row before any report)."""
+
+    trial_id: str
+    label: str
+    config: dict           # flat config columns
+    planned_epochs: float  # epochs x the method's epoch multiplier
+
+
+def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message: str = "", stop_reason: str = "",
+                    main_metric: str | None = None, mode: str = "max", attempts: int = 0,
+                    finished_at: float | None = None) -> dict:
+    """The trial's row: config columns, status, best/last of every metric, epochs, wall time."""
+    curves = sorted(curves, key=lambda r: (r.get("step") or 0, r.get("training_iteration") or 0))
+    row: dict[str, Any] = dict(info.config)
+    row |= {"trial_id": info.trial_id, "label": info.label, "status": status, "message": message,
+            "stop_reason": stop_reason}
+    names: list[str] = []
+    for curve in curves:
+        names += [k for k in curve if k not in _NOT_METRICS and k not in names]
+    best_epoch = None
+    for name in names:
+        values = [(c.get(name), c.get("epoch")) for c in curves if c.get(name) is not None]
+        row[f"last_{name}"] = values[-1][0] if values else None
+        direction = metric_direction(name, main_metric, mode)
+        if direction is None:
+            continue
+        numbers = [(v, e) for v, e in values if _is_number(v)]
+        if not numbers:
+            row[f"best_{name}"] = None
+            continue
+        pick = max if direction == "max" else min
+        best, epoch = pick(numbers, key=lambda ve: ve[0])
+        row[f"best_{name}"] = best
+        if name == main_metric:
+            best_epoch = epoch
+    last = curves[-1] if curves else {}
+    row |= {
+        "best_epoch": best_epoch,
+        "epochs_run": last.get("epoch", 0.0) or 0.0,
+        "planned_epochs": info.planned_epochs,
+        "steps": last.get("step", 0) or 0,
+        "reports": len(curves),
+        "wall_time_s": float(sum(c.get("time_this_iter_s") or 0.0 for c in curves)),
+        "attempts": attempts,
+        "finished_at": finished_at,
+    }
+    return row
+
+
+def _column(values: list) -> pa.Array:
+    """A column as pyarrow infers it; values of mixed kinds (a number and a string) become strings."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v, default=str))
+                         for v in values], type=pa.string())
+
+
+def to_table(rows: list[dict], first: Iterable[str] = ()) -> pa.Table:
+    """Rows (dicts with possibly different keys) as a table; `first` columns lead, the rest in first-seen order."""
+    names: list[str] = [n for n in first if any(n in r for r in rows)]
+    for row in rows:
+        names += [k for k in row if k not in names]
+    if not rows:
+        return pa.table({n: pa.array([], type=pa.string()) for n in names})
+    return pa.table({name: _column([row.get(name) for row in rows]) for name in names})
+
+
+# --- the summary printed at the end ----------------------------------------------------------------------
+
+def best_per_method(rows: list[dict], metric: str, mode: str = "max") -> list[dict]:
+    """The best trial of each method by `best_<metric>` (trials that never reported it are left out)."""
+    key = f"best_{metric}"
+    best: dict[str, dict] = {}
+    for row in rows:
+        value = row.get(key)
+        if not _is_number(value):
+            continue
+        current = best.get(row["method"])
+        if current is None or (value > current[key] if mode == "max" else value < current[key]):
+            best[row["method"]] = row
+    return sorted(best.values(), key=lambda r: r[key], reverse=mode == "max")
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain-text table (numbers to 4 significant digits)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+# --- the recorder of one sweep ---------------------------------------------------------------------------
+
+@dataclass
+class _TrialState:
+    info: TrialInfo
+    status: str = "pending"
+    message: str = ""
+    stop_reason: str = ""
+    attempts: int = 0
+    finished_at: float | None = None
+    stopped_at: dict | None = None  # the result on which the scheduler stopped the trial
+    curves: dict = field(default_factory=dict)  # (step, epoch) -> row
+
+
+class ResultsRecorder:
+    """Rows of one sweep, kept in memory and written to `<experiment>/trials.parquet` and `curves.parquet`.
+
+    `on_result` / `on_start` / `on_complete` / `on_error` mirror Tune's trial events; `write()` writes
+    both files (done on every trial end, at most every `flush_every_s` on results, and by `close()`).
+    A trial that finished keeps a marker `<experiment>/finished/<trial_id>.json` with its last result, so a
+    sweep killed before Tune saved its own state does not train it again on `--resume`.
+    """
+
+    def __init__(self, experiment_path: str, trials: list[TrialInfo], *, metric: str | None, mode: str = "max",
+                 time_attr: str = "epoch", flush_every_s: float = 10.0) -> None:
+        self.experiment_path = experiment_path
+        self.metric, self.mode, self.time_attr = metric, mode, time_attr
+        self.flush_every_s = flush_every_s
+        self.trials: dict[str, _TrialState] = {t.trial_id: _TrialState(t) for t in trials}
+        self._last_write = 0.0
+
+    # paths
+    @property
+    def trials_path(self) -> str:
+        return join(self.experiment_path, "trials.parquet")
+
+    @property
+    def curves_path(self) -> str:
+        return join(self.experiment_path, "curves.parquet")
+
+    def marker_path(self, trial_id: str) -> str:
+        return join(self.experiment_path, "finished", f"{trial_id}.json")
+
+    # resume: what an earlier run of the sweep already recorded
+    def load(self) -> None:
+        for row in read_rows(self.curves_path):
+            state = self.trials.get(row.get("trial_id"))
+            if state is not None:
+                row = {k: v for k, v in row.items() if v is not None}
+                state.curves[(row.get("step"), row.get("epoch"))] = row
+        for row in read_rows(self.trials_path):
+            state = self.trials.get(row.get("trial_id"))
+            if state is None:
+                continue
+            state.attempts = int(row.get("attempts") or 0)
+            if row.get("status") in TERMINAL:
+                state.status, state.message = row["status"], row.get("message") or ""
+                state.stop_reason, state.finished_at = row.get("stop_reason") or "", row.get("finished_at")
+
+    # Tune's events
+    def on_start(self, trial_id: str) -> None:
+        state = self.trials[trial_id]
+        if state.status in FINISHED:  # only re-announces its last result (see raysdpb.sweep.trial_driver)
+            return
+        state.status, state.message, state.stop_reason = "running", "", ""
+        state.stopped_at = None
+        state.attempts += 1
+
+    def on_result(self, trial_id: str, result: dict, *, stopped: bool = False) -> None:
+        """A report. `stopped`: the scheduler decided to stop the trial on this result."""
+        state = self.trials[trial_id]
+        if state.status in FINISHED:  # a finished trial re-announcing its last result after a resume
+            return
+        row = curve_row(trial_id, result)
+        key = (row.get("step"), row.get("epoch"))
+        if row.pop("replayed", None) and key in state.curves:
+            return  # a resumed trial sending again a report that was already recorded
+        state.curves[key] = row
+        state.status = "running"
+        if stopped:
+            state.stopped_at = row
+        if time.monotonic() - self._last_write >= self.flush_every_s:
+            self.write()
+
+    def on_complete(self, trial_id: str) -> None:
+        state = self.trials[trial_id]
+        if state.status in FINISHED:  # replayed after a resume: keep the row of the first run
+            self.write()
+            return
+        curves = self._curves(state)
+        last = curves[-1] if curves else {}
+        epochs_run = last.get("epoch", 0.0) or 0.0
+        if last.get("status") == "diverged":
+            state.status, state.message = "diverged", str(last.get("message", ""))
+            state.stop_reason = f"diverged at epoch {epochs_run:g}: {state.message}"
+        elif epochs_run + 1e-9 >= state.info.planned_epochs:
+            state.status, state.stop_reason = "completed", f"ran all {state.info.planned_epochs:g} epochs"
+        elif state.stopped_at is not None:
+            at = state.stopped_at
+            value = at.get(self.metric)
+            shown = f"{value:.4g}" if _is_number(value) else value
+            state.status = "stopped_by_asha"
+            state.stop_reason = (f"ASHA stopped it at {self.time_attr} {at.get(self.time_attr, epochs_run):g}: "
+                                 f"{self.metric}={shown} was worse than its rung's cutoff")
+        else:
+            state.status = "interrupted"
+            state.stop_reason = f"ended after {epochs_run:g} of {state.info.planned_epochs:g} epochs"
+        state.finished_at = time.time()
+        if state.status in FINISHED:
+            write_json(self.marker_path(trial_id), {"status": state.status, "last_result": last})
+        self.write()
+
+    def on_error(self, trial_id: str, message: str) -> None:
+        state = self.trials[trial_id]
+        state.status, state.message = "errored", message
+        state.stop_reason = f"error: {message.strip().splitlines()[-1] if message.strip() else 'unknown'}"
+        state.finished_at = time.time()
+        self.write()
+
+    def close(self) -> None:
+        """The end of the sweep: trials that did not finish are `interrupted` (or still `pending`)."""
+        for state in self.trials.values():
+            if state.status == "running":
+                state.status = "interrupted"
+                state.stop_reason = "the sweep ended before the trial did; `--resume` continues it"
+        self.write()
+
+    # tables
+    def curves_of(self, trial_id: str) -> list[dict]:
+        return self._curves(self.trials[trial_id])
+
+    def _curves(self, state: _TrialState) -> list[dict]:
+        return sorted(state.curves.values(), key=lambda r: (r.get("step") or 0, r.get("epoch") or 0))
+
+    def trial_rows(self) -> list[dict]:
+        return [summarize_trial(s.info, self._curves(s), status=s.status, message=s.message,
+                                stop_reason=s.stop_reason, main_metric=self.metric, mode=self.mode,
+                                attempts=s.attempts, finished_at=s.finished_at)
+                for s in self.trials.values()]
+
+    def curve_rows(self) -> list[dict]:
+        return [row for s in self.trials.values() for row in self._curves(s)]
+
+    def write(self) -> None:
+        write_table(to_table(self.trial_rows(), first=("trial_id", "label", "status", "method")), self.trials_path)
+        write_table(to_table(self.curve_rows(), first=("trial_id", "step", "epoch")), self.curves_path)
+        self._last_write = time.monotonic()

@@ -1,0 +1,671 @@
+"""A sweep on Ray: the grid of a config as Ray Tune trials, each trial a Ray Train run of the training loop.
+
+    python -m raysdpb.sweep CONFIG [--resume] [key=value ...]
+
+* Ray: the cluster at `$RAY_ADDRESS` or `sweep.address` ("auto" or host:port) when set, else a local Ray
+  instance with this machine's CPUs and GPUs.
+* The grid (`raysdpb.grid`): one Tune trial per point, named by its stable trial id.
+* Each Tune trial is a thin driver (`trial_driver`) that builds a `ray.train.torch.TorchTrainer` with the
+  sweep's `ScalingConfig` (workers per trial, CPUs and GPUs per worker) and calls `fit()`; every worker runs
+  `raysdpb.engine.run_trial` with a `RayTrainContext`. The driver itself reserves no CPU (only a little
+  memory), so a trial's CPUs and GPUs are exactly its Train workers'; `max_concurrent_trials` follows from
+  the cluster's resources. The engine wraps DDP itself and keeps its own overlap batch sampler: Ray's
+  `prepare_data_loader` is never called (it would swap the sampler for a `DistributedSampler`).
+* ASHA (`ray.tune.schedulers.ASHAScheduler`) stops weak trials on the validation metric (default: the task's
+  main metric, `eval_<metric>`), measured in epochs by default.
+* Checkpoints: Ray Train keeps `keep_checkpoints` per trial (best by the metric, plus always the latest);
+  Train and Tune retry failures up to `max_failures` times, resuming from the latest checkpoint.
+* The experiment lives at `<storage_path>/<name>` (a local folder, or a cloud URI such as `s3://bucket/x`):
+  Tune's state, `trials.parquet`, `curves.parquet`, TensorBoard events (`tensorboard --logdir` on it), and
+  `train_runs/<trial_id>` (the checkpoints). The name has no timestamp, so `--resume` finds it again:
+  finished trials are not rerun, unfinished ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported anywhere
+
+from ray.tune import Callback  # noqa: E402
+
+from raysdpb.config import ExperimentConfig, SweepConfig, TrialConfig, load_experiment  # noqa: E402
+from raysdpb.context import WorkerContext  # noqa: E402
+from raysdpb.errors import UserError, run_cli  # noqa: E402
+from raysdpb.grid import TrialPoint, expand, flatten_config  # noqa: E402
+from raysdpb.methods import METHODS  # noqa: E402
+from raysdpb.results import (ResultsRecorder, TrialInfo, best_per_method, filesystem, format_table,  # noqa: E402
+                             join, read_json, read_rows, write_json)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RayTrainContext", "SweepPlan", "plan_sweep", "check_resources", "max_concurrent_trials",
+           "train_worker", "trial_driver", "main"]
+
+# what each Tune trial (the Train driver) reserves: no CPU, so that the trial's CPUs are its workers'
+DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+# environment variables a worker on any node needs to see as the driver does
+_PROPAGATED_ENV_PREFIXES = ("RAYSDPB_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "RAY_TRAIN_V2_ENABLED")
+# the workers' placement group, reported so that the sweep can release it if the trial is stopped (below)
+PLACEMENT_GROUP_KEY = "worker_placement_group"
+# the report a checkpoint was saved with, kept inside it (a resumed run sends it again)
+REPORT_FILE = "raysdpb_report.json"
+# training metrics the engine reports besides eval_<metric> (ASHA may use them too, e.g. train_loss with mode min)
+_TRAIN_METRICS = ("train_loss", "train_ce", "train_distill", "alpha_mean", "tau_mean")
+
+
+# --- the plan: grid, metric, ASHA, resources, all from the validated config (no Ray) ----------------------
+
+@dataclass
+class SweepPlan:
+    experiment: ExperimentConfig
+    sweep: SweepConfig
+    points: list[TrialPoint]
+    metric: str
+    mode: str
+    max_t: float | None           # ASHA's max_t (None without ASHA)
+    storage_path: str              # absolute local path or URI
+    experiment_path: str           # <storage_path>/<name>
+
+    @property
+    def trials(self) -> list[TrialInfo]:
+        return [TrialInfo(p.trial_id, p.label, flatten_config(p.config), planned_epochs(p.config))
+                for p in self.points]
+
+
+def planned_epochs(config: TrialConfig) -> int:
+    return config.epochs * METHODS[config.method].epoch_multiplier
+
+
+def _main_metric_of(config: TrialConfig) -> tuple[str, list[str]]:
+    """The main metric key a trial reports (`eval_<metric>`) and every eval key it reports."""
+    from raysdpb.tasks import resolve_task
+
+    try:
+        task = resolve_task(config)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a task that cannot be resolved is the user's config
+        raise UserError(f"task: {config.task!r} could not be set up: {err}") from None
+    splits = ((config.eval_split, ""),) if config.eval_split else tuple(task.eval_splits)
+    keys = [f"eval_{prefix}{m}" for _, prefix in splits for m in task.metrics]
+    return f"eval_{splits[0][1]}{task.metrics[0]}", keys
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepPlan:
+    """Everything the sweep needs that follows from the config alone; `UserError` naming the key otherwise."""
+    sweep = experiment.sweep
+    if sweep is None:
+        raise UserError(f"{source}: sweep: a sweep needs a `sweep:` block with at least `name:` "
+                        "(see sweeps/quickstart.yaml)")
+    points = expand(experiment, report_every_steps=sweep.report_every_steps)
+    for point in points:
+        if point.config.device == "cuda" and not sweep.use_gpu:
+            raise UserError(f"{source}: device: cuda needs sweep.use_gpu: true (the workers reserve no GPU otherwise)")
+
+    # the metric: ASHA's, the checkpoint score and the summary's (one look at each distinct task)
+    asha = sweep.asha
+    by_task: dict[tuple, tuple[str, list[str]]] = {}
+    for p in points:
+        key = (p.config.task, p.config.eval_split, p.config.data_dir, repr(p.config.custom_task))
+        if key not in by_task:
+            by_task[key] = _main_metric_of(p.config)
+    reported = list(by_task.values())
+    common = set.intersection(*(set(keys) for _, keys in reported))
+    metric = asha.metric if asha is not None and asha.metric else None
+    if metric is None:
+        metric = reported[0][0]
+        if metric not in common:
+            mains = sorted({main for main, _ in reported})
+            raise UserError(f"{source}: sweep.asha.metric: the tasks of this grid have different main metrics "
+                            f"({', '.join(mains)}); set one they all report ({', '.join(sorted(common)) or 'none'}) "
+                            "or run one sweep per task")
+    elif metric not in common and metric not in _TRAIN_METRICS:
+        raise UserError(f"{source}: sweep.asha.metric: {metric!r} is not reported by every trial; allowed: "
+                        f"{', '.join(sorted(common) + list(_TRAIN_METRICS))}")
+    mode = asha.mode if asha is not None else "max"
+
+    max_t = None
+    if asha is not None:
+        max_t = asha.max_t
+        if max_t is None:
+            if asha.time_attr == "training_iteration" and any(p.config.eval_every_steps for p in points):
+                raise UserError(f"{source}: sweep.asha.max_t: with time_attr training_iteration and reports every "
+                                "N steps, set max_t (in reports), or use time_attr: epoch")
+            max_t = max(planned_epochs(p.config) for p in points)
+        if asha.grace_period > max_t:
+            raise UserError(f"{source}: sweep.asha.grace_period: {asha.grace_period} exceeds max_t={max_t:g}; "
+                            f"allowed: 1..{max_t:g}")
+    storage = _storage(sweep.storage_path)
+    return SweepPlan(experiment, sweep, points, metric, mode, max_t, storage, join(storage, sweep.name))
+
+
+def _node_resources(nodes: list[dict]) -> list[dict]:
+    return [n.get("Resources", n) for n in nodes if n.get("Alive", True)]
+
+
+def check_resources(sweep: SweepConfig, nodes: list[dict], source: str = "<config>") -> None:
+    """Fail before any trial starts when a trial's workers can never be placed on these nodes
+    (`ray.nodes()`-style dicts, or plain resource dicts)."""
+    resources = _node_resources(nodes)
+    if not resources:
+        return
+    cpu = sweep.cpus_per_worker
+    gpu = sweep.gpus_per_worker if sweep.use_gpu else 0.0
+    max_cpu = max(r.get("CPU", 0.0) for r in resources)
+    max_gpu = max(r.get("GPU", 0.0) for r in resources)
+    total_cpu = sum(r.get("CPU", 0.0) for r in resources)
+    total_gpu = sum(r.get("GPU", 0.0) for r in resources)
+    if sweep.use_gpu and max_gpu == 0:
+        raise UserError(f"{source}: sweep.use_gpu: true, but no node of the cluster has a GPU; set "
+                        "sweep.use_gpu: false (CPU workers) or add GPU nodes")
+    if gpu > max_gpu:
+        raise UserError(f"{source}: sweep.gpus_per_worker: {gpu:g} GPUs per worker, but the largest node has "
+                        f"{max_gpu:g}; allowed: up to {max_gpu:g}")
+    if cpu > max_cpu:
+        raise UserError(f"{source}: sweep.cpus_per_worker: {cpu:g} CPUs per worker, but the largest node has "
+                        f"{max_cpu:g}; allowed: up to {max_cpu:g}")
+    if not any(r.get("CPU", 0.0) >= cpu and r.get("GPU", 0.0) >= gpu for r in resources):
+        raise UserError(f"{source}: sweep.cpus_per_worker: no node has {cpu:g} CPUs and {gpu:g} GPUs together "
+                        "for one worker")
+    if sweep.num_workers * cpu > total_cpu:
+        raise UserError(f"{source}: sweep.num_workers: {sweep.num_workers} workers x {cpu:g} CPUs need "
+                        f"{sweep.num_workers * cpu:g} CPUs, but the cluster has {total_cpu:g}; allowed: up to "
+                        f"{int(total_cpu // cpu)} workers (or lower sweep.cpus_per_worker)")
+    if gpu and sweep.num_workers * gpu > total_gpu:
+        raise UserError(f"{source}: sweep.num_workers: {sweep.num_workers} workers x {gpu:g} GPUs need "
+                        f"{sweep.num_workers * gpu:g} GPUs, but the cluster has {total_gpu:g}; allowed: up to "
+                        f"{int(total_gpu // gpu)} workers")
+
+
+def max_concurrent_trials(sweep: SweepConfig, nodes: list[dict]) -> int:
+    """`sweep.max_concurrent_trials`, else how many trials' workers fit in the cluster at once."""
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    resources = _node_resources(nodes)
+    limits = [sum(r.get("CPU", 0.0) for r in resources) / (sweep.num_workers * sweep.cpus_per_worker)]
+    if sweep.use_gpu and sweep.gpus_per_worker:
+        limits.append(sum(r.get("GPU", 0.0) for r in resources) / (sweep.num_workers * sweep.gpus_per_worker))
+    return max(1, int(math.floor(min(limits) + 1e-9)))
+
+
+# --- the Ray Train worker: the engine's context ------------------------------------------------------------
+
+class RayTrainContext(WorkerContext):
+    """The engine's context on a Ray Train worker: rank and world from `ray.train.get_context()`, reports and
+    checkpoints through `ray.train.report`, resume from `ray.train.get_checkpoint()`, TensorBoard events
+    (rank 0) under the experiment folder (written locally and copied there when it is a cloud URI)."""
+
+    def __init__(self, tensorboard_path: str) -> None:
+        import ray
+        import ray.train
+
+        train_context = ray.train.get_context()
+        self.rank = train_context.get_world_rank()
+        self.world_size = train_context.get_world_size()
+        self.local_rank = train_context.get_local_rank()
+        self.scratch = Path(tempfile.mkdtemp(prefix="raysdpb-worker-"))
+        self.reports = 0
+        self.resumed_report: dict | None = None  # the report saved with the checkpoint this run resumed from
+        self._remote_tensorboard = tensorboard_path if "://" in tensorboard_path else None
+        local_tb = self.scratch / "tensorboard" if self._remote_tensorboard else Path(tensorboard_path)
+        super().__init__(local_tb if self.rank == 0 else None)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node_ip = ray.util.get_node_ip_address()
+        group = ray.util.get_current_placement_group()
+        self.placement_group = group.id.hex() if group is not None else None
+        self.worker_nodes = [self.node_id]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                gathered: list = [None] * self.world_size
+                dist.all_gather_object(gathered, self.node_id)
+                self.worker_nodes = sorted(set(gathered))
+
+    def device(self, preference: str = "auto"):
+        import torch
+
+        if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        import ray.train.torch
+
+        return ray.train.torch.get_device()  # the GPU Ray assigned to this worker
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        import ray.train
+
+        if self.reports == 0 and self.resumed_report is not None:
+            # first report after a resume: send the report the checkpoint was saved with again, in case the
+            # sweep stopped after Train kept the checkpoint but before Tune saw that report (results drop it
+            # where they have it already)
+            self._send({**self.resumed_report, "replayed": 1})
+        checkpoint = None
+        if checkpoint_dir is not None and self.is_main and any(Path(checkpoint_dir).iterdir()):
+            (Path(checkpoint_dir) / REPORT_FILE).write_text(json.dumps(metrics, default=str))
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        self._send(metrics, checkpoint)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # uploaded to the storage by now
+        self._sync_tensorboard()
+
+    def _send(self, metrics: dict, checkpoint=None) -> None:
+        import ray.train
+
+        metrics = {**metrics, "world_size": self.world_size, "worker_node_id": self.node_id,
+                   "worker_node_ip": self.node_ip, "num_worker_nodes": len(self.worker_nodes),
+                   PLACEMENT_GROUP_KEY: self.placement_group}
+        # every rank reports (Train waits for all); only rank 0 hands over the checkpoint it wrote
+        self.reports += 1
+        name = f"checkpoint_step_{int(metrics.get('step', 0)):08d}" if checkpoint else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def announce_resumed_report(self) -> None:
+        """A resumed run that had nothing left to train: send the checkpoint's report (see `report`)."""
+        if self.reports == 0 and self.resumed_report is not None:
+            self._send({**self.resumed_report, "replayed": 1})
+
+    def new_checkpoint_dir(self, step: int, reported: bool = True) -> Path | None:
+        # Ray Train persists a checkpoint with a report; checkpoints between reports are not kept on Ray
+        if not reported:
+            return None
+        return Path(tempfile.mkdtemp(prefix=f"step_{step:08d}_", dir=self.scratch))
+
+    def latest_checkpoint(self) -> Path | None:
+        import pyarrow.fs
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            path = Path(checkpoint.path)
+        else:
+            path = Path(checkpoint.to_directory(str(self.scratch / "restored")))
+        if (path / REPORT_FILE).exists():
+            self.resumed_report = json.loads((path / REPORT_FILE).read_text())
+        return path
+
+    def _sync_tensorboard(self) -> None:
+        if self._remote_tensorboard and self._writer is not None:
+            import pyarrow.fs
+
+            self._writer.flush()
+            fs, path = filesystem(self._remote_tensorboard)
+            pyarrow.fs.copy_files(str(self.tensorboard_dir), path, destination_filesystem=fs)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._sync_tensorboard()
+        super().close()
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker of a trial: the engine's training loop."""
+    from raysdpb.engine import run_trial
+
+    context = RayTrainContext(loop_config["tensorboard_path"])
+    try:
+        result = run_trial(TrialConfig.model_validate(loop_config["trial"]), context)
+        context.announce_resumed_report()  # resumed from the checkpoint of the last epoch: nothing was reported
+        if result.status == "diverged":
+            log.warning("trial %s diverged: %s", loop_config["trial_id"], result.message)
+    finally:
+        shutil.rmtree(context.scratch, ignore_errors=True)
+
+
+# --- the Tune trial: a thin driver of one Train run ---------------------------------------------------------
+
+def trial_driver(config: dict, settings: dict) -> None:
+    """One Tune trial: a `TorchTrainer` for the trial's config, its results forwarded to Tune."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = config["trial_id"]
+    experiment = settings["experiment_path"]
+    trial_config = read_json(join(experiment, "grid.json"))["trials"][trial_id]
+    finished = read_json(join(experiment, "finished", f"{trial_id}.json"))
+    if finished is not None:
+        # finished in an earlier run whose Tune state was lost (a killed driver): announce, do not retrain
+        ray.tune.report({**finished["last_result"], "replayed": 1})
+        return
+    resources = {"CPU": settings["cpus_per_worker"]}
+    if settings["use_gpu"]:
+        resources["GPU"] = settings["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"trial": trial_config, "trial_id": trial_id,
+                           "tensorboard_path": join(experiment, "tensorboard", trial_id)},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings["num_workers"], use_gpu=settings["use_gpu"],
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            # same (storage_path, name) on every attempt: Train resumes from the trial's latest checkpoint
+            name=trial_id,
+            storage_path=join(experiment, "train_runs"),
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings["keep_checkpoints"],
+                                                         checkpoint_score_attribute=settings["metric"],
+                                                         checkpoint_score_order=settings["mode"]),
+            failure_config=ray.train.FailureConfig(max_failures=settings["max_failures"]),
+        ),
+    )
+    trainer.fit()
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial_id"]
+
+
+# --- the Tune callback: Tune's trial events into the Parquet results ---------------------------------------
+
+def _error_message(trial) -> str:
+    try:
+        error = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be gone; the row must still be written
+        error = None
+    text = str(error) if error is not None else ""
+    if not text and trial.error_file:
+        try:
+            text = Path(trial.error_file).read_text()
+        except OSError:
+            text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    # the innermost "SomeError: message" line says most; keep the tail of the traceback for context
+    headline = next((line.strip() for line in reversed(lines) if "Error:" in line or "Exception:" in line),
+                    lines[-1].strip() if lines else "unknown error")
+    return headline if len(lines) <= 1 else f"{headline}\n" + "\n".join(lines[-20:])
+
+
+class PlacementGroupReaper:
+    """Releases the placement group of a Train run whose Tune trial was stopped early (by ASHA).
+
+    Tune stops a trial by ending its actor, which takes the Train controller with it before the controller
+    can remove its workers' placement group; Ray Train's own `PlacementGroupCleaner` only works where the
+    Ray dashboard (state API, `ray[default]`) runs, and otherwise the group holds its CPUs/GPUs until the
+    sweep ends, so the next trials wait forever (ray-project/ray#54305). A grace period after the trial ends
+    lets the controller die first, so it cannot ask for a new group after this one is removed."""
+
+    def __init__(self, grace_s: float = 5.0) -> None:
+        self.grace_s = grace_s
+        self.groups: dict[str, str] = {}       # trial id -> the hex id its workers last reported
+        self.due: list[tuple[float, str]] = []
+
+    def seen(self, trial_id: str, result: dict) -> None:
+        if result.get(PLACEMENT_GROUP_KEY):
+            self.groups[trial_id] = result[PLACEMENT_GROUP_KEY]
+
+    def trial_ended(self, trial_id: str) -> None:
+        group = self.groups.pop(trial_id, None)
+        if group:
+            self.due.append((time.monotonic() + self.grace_s, group))
+
+    def reap(self, force: bool = False) -> None:
+        import ray
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        now = time.monotonic()
+        keep = []
+        for when, group in self.due:
+            if when > now and not force:
+                keep.append((when, group))
+                continue
+            pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group)))
+            try:
+                if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+                    remove_placement_group(pg)
+                    log.info("released the placement group %s of a stopped trial", group)
+            except Exception as err:  # noqa: BLE001 - already gone, or the cluster is shutting down
+                log.debug("placement group %s: %s", group, err)
+        self.due = keep
+
+
+class ResultsCallback(Callback):
+    """Forwards Tune's trial events to a `ResultsRecorder` (the Parquet files). Tune pickles it into the
+    experiment state; the rows are not pickled, `setup` reloads them from the Parquet files on `--resume`."""
+
+    def __init__(self, experiment_path: str, trials: list[TrialInfo], metric: str, mode: str, time_attr: str,
+                 scheduler=None):
+        self.args = (experiment_path, trials, metric, mode, time_attr)
+        self.scheduler = scheduler  # the sweep's ASHA: pickled with this callback, so the same object on resume
+        self.recorder: ResultsRecorder | None = None
+        self.reaper: PlacementGroupReaper | None = None
+
+    def setup(self, **info):
+        experiment_path, trials, metric, mode, time_attr = self.args
+        self.reaper = PlacementGroupReaper()
+        self.recorder = ResultsRecorder(experiment_path, trials, metric=metric, mode=mode, time_attr=time_attr)
+        self.recorder.load()
+        self.recorder.write()
+        if self.scheduler is not None:
+            self._replay_finished_trials()
+
+    def _replay_finished_trials(self) -> None:
+        """On --resume: Tune does not save its scheduler's state, so ASHA would start with empty rungs and
+        stop nothing until new trials fill them. Feed it the recorded results of the finished trials, through
+        its public hooks, as if they had just run."""
+        from types import SimpleNamespace
+
+        for trial_id, state in self.recorder.trials.items():
+            if state.status not in ("completed", "stopped_by_asha", "diverged"):
+                continue
+            stub = SimpleNamespace(trial_id=f"finished:{trial_id}")
+            curves = self.recorder.curves_of(trial_id)
+            self.scheduler.on_trial_add(None, stub)
+            for row in curves:
+                self.scheduler.on_trial_result(None, stub, row)
+            self.scheduler.on_trial_complete(None, stub, curves[-1] if curves else {})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.recorder.on_start(_trial_name(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        # Tune sets `done` on a result when the scheduler (ASHA) stops the trial on it
+        self.recorder.on_result(_trial_name(trial), result, stopped=bool(result.get("done")))
+        self.reaper.seen(_trial_name(trial), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.recorder.on_complete(_trial_name(trial))
+        self.reaper.trial_ended(_trial_name(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.recorder.on_error(_trial_name(trial), _error_message(trial))
+        self.reaper.trial_ended(_trial_name(trial))
+
+    def on_step_end(self, iteration, trials, **info):
+        self.reaper.reap()
+
+    def on_experiment_end(self, trials, **info):
+        self.recorder.close()
+
+    def __getstate__(self):
+        return {"args": self.args, "scheduler": self.scheduler, "recorder": None, "reaper": None}
+
+
+# --- Ray and the CLI ----------------------------------------------------------------------------------------
+
+def _connect(address: str | None) -> None:
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATED_ENV_PREFIXES)}
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        try:
+            context = ray.init(address=address, runtime_env=runtime_env)
+        except ConnectionError as err:
+            raise UserError(f"could not connect to the Ray cluster at {address!r} ({err}); start it "
+                            "(`ray up cluster.yaml`, `ray start --head`) or unset RAY_ADDRESS / sweep.address "
+                            "for a local Ray") from None
+    else:
+        log.info("starting a local Ray instance")
+        # "local": a new instance, never a cluster some earlier `ray start` left recorded in /tmp/ray
+        context = ray.init(address="local", runtime_env=runtime_env)
+    if not getattr(context, "dashboard_url", None):
+        log.warning("the Ray dashboard is not running (pip install 'ray[default]'): Ray Train's placement-group "
+                    "cleaner cannot see stopped trials, so each trial ASHA stops leaves an idle Ray process "
+                    "until the sweep ends (its CPUs/GPUs are released by raysdpb)")
+
+
+def _localize(config: TrialConfig) -> dict:
+    """The trial config as the workers run it: local paths absolute (workers run in their own folder), no
+    progress bars in the worker logs. None of these keys is part of the trial id."""
+    data = config.model_dump(mode="json")
+    data["progress_bar"] = False
+    if data.get("data_dir") and "://" not in data["data_dir"]:
+        data["data_dir"] = os.path.abspath(os.path.expanduser(data["data_dir"]))
+    if data.get("custom_task"):
+        data["custom_task"]["files"] = {k: (v if "://" in v else os.path.abspath(v))
+                                        for k, v in data["custom_task"]["files"].items()}
+    if os.path.isdir(data["model"]):
+        data["model"] = os.path.abspath(data["model"])
+    return data
+
+
+def check_experiment(plan: SweepPlan, resume: bool, source: str = "<config>") -> None:
+    """A new sweep must not land in an existing experiment folder; `--resume` needs one, with the same grid."""
+    from ray.tune import Tuner
+
+    path = plan.experiment_path
+    exists = Tuner.can_restore(path)
+    if resume and not exists:
+        raise UserError(f"{source}: sweep.name: there is no sweep to resume at {path}; run without --resume to start it")
+    if not resume and exists:
+        raise UserError(f"{source}: sweep.name: a sweep already exists at {path}; pass --resume to continue it, "
+                        f"or choose another name (sweep.name=...)")
+    if resume:
+        saved = read_json(join(path, "grid.json"))
+        if saved is not None and saved.get("trial_ids") != [p.trial_id for p in plan.points]:
+            raise UserError(f"{source}: search: the grid differs from the one the sweep at {path} started with "
+                            f"({len(saved.get('trial_ids', []))} trials); resume with the same config and overrides, "
+                            "or start a new sweep (sweep.name=...)")
+
+
+def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>", verbose: int = 1) -> list[dict]:
+    """Run (or resume) the sweep on the connected Ray; returns the rows of trials.parquet."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged trial's last report may lack the metric
+    nodes = ray.nodes()
+    check_resources(plan.sweep, nodes, source)
+    concurrent = max_concurrent_trials(plan.sweep, nodes)
+    if sum(1 for n in nodes if n.get("Alive")) > 1 and "://" not in plan.storage_path:
+        log.warning("sweep.storage_path %s is a local path on a multi-node cluster: it must be a shared "
+                    "file system (NFS), or use a cloud URI (s3://...)", plan.storage_path)
+    check_experiment(plan, resume, source)
+    if not resume:
+        # the trials' configs as the workers run them; Tune's own trial config is just the id and label
+        write_json(join(plan.experiment_path, "grid.json"),
+                   {"trial_ids": [p.trial_id for p in plan.points],
+                    "trials": {p.trial_id: _localize(p.config) for p in plan.points}})
+
+    sweep = plan.sweep
+    settings = {"experiment_path": plan.experiment_path, "num_workers": sweep.num_workers, "use_gpu": sweep.use_gpu,
+                "cpus_per_worker": sweep.cpus_per_worker, "gpus_per_worker": sweep.gpus_per_worker,
+                "keep_checkpoints": sweep.keep_checkpoints, "max_failures": sweep.max_failures,
+                "metric": plan.metric, "mode": plan.mode}
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings), DRIVER_RESOURCES)
+    if resume:
+        tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+    else:
+        scheduler = None
+        if sweep.asha is not None:
+            # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it there would
+            # end its Train run abruptly (see PlacementGroupReaper)
+            scheduler = ASHAScheduler(time_attr=sweep.asha.time_attr, max_t=plan.max_t,
+                                      grace_period=sweep.asha.grace_period,
+                                      reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
+        callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
+                                   sweep.asha.time_attr if sweep.asha else "epoch", scheduler)
+        tuner = tune.Tuner(
+            trainable,
+            # one grid point per trial: the search space is already expanded (raysdpb.grid)
+            param_space={"trial_id": tune.grid_search([p.trial_id for p in plan.points])},
+            tune_config=tune.TuneConfig(metric=plan.metric, mode=plan.mode, scheduler=scheduler,
+                                        max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=plan.storage_path,
+                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                      callbacks=[callback], verbose=verbose),
+        )
+    log.info("%d trials, at most %d at a time, %d worker(s) each; results in %s", len(plan.points), concurrent,
+             sweep.num_workers, plan.experiment_path)
+    tuner.fit()
+    return read_rows(join(plan.experiment_path, "trials.parquet"))
+
+
+def summary(rows: list[dict], metric: str, mode: str) -> str:
+    best = best_per_method(rows, metric, mode)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    head = f"{len(rows)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    if not best:
+        return head + f"\nno trial reported {metric}"
+    table = format_table(best, ["method", f"best_{metric}", "best_epoch", "status", "label", "trial_id"])
+    return f"{head}\nbest trial per method by {metric} ({mode}):\n{table}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m raysdpb.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="a YAML config with search: and sweep: blocks (e.g. sweeps/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.name=try2 search.seed=[0,1]")
+    p.add_argument("--resume", action="store_true", help="continue the sweep of the same name where it stopped")
+    p.add_argument("--dry-run", action="store_true", help="print the trials of the grid and exit (no Ray)")
+    p.add_argument("-q", "--quiet", action="store_true", help="less output from Tune")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)  # options may come between overrides
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    experiment = load_experiment(args.config, args.overrides)
+    plan = plan_sweep(experiment, source=args.config)
+    if args.dry_run:
+        for point in plan.points:
+            print(f"{point.trial_id}  {point.label}")
+        print(f"{len(plan.points)} trials; metric {plan.metric} ({plan.mode}); experiment {plan.experiment_path}")
+        return 0
+
+    check_experiment(plan, args.resume, args.config)  # before starting Ray: a mistake here costs nothing
+    import ray
+
+    _connect(os.environ.get("RAY_ADDRESS") or plan.sweep.address)
+    try:
+        rows = run_sweep(plan, resume=args.resume, source=args.config, verbose=0 if args.quiet else 1)
+    finally:
+        ray.shutdown()
+    print(summary(rows, plan.metric, plan.mode), flush=True)
+    print(f"results: {join(plan.experiment_path, 'trials.parquet')}, {join(plan.experiment_path, 'curves.parquet')}; "
+          f"curves: tensorboard --logdir {plan.experiment_path}", flush=True)
+    unfinished = [r for r in rows if r["status"] in ("interrupted", "pending", "running")]
+    errored = [r for r in rows if r["status"] == "errored"]
+    for row in errored:
+        print(f"raysdpb: trial {row['trial_id']} ({row['label']}) failed: {row['stop_reason']}", file=sys.stderr)
+    if unfinished:
+        print(f"raysdpb: {len(unfinished)} trials did not finish; continue with --resume", file=sys.stderr)
+    return 1 if errored or unfinished else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

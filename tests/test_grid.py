@@ -1,0 +1,97 @@
+"""The grid of a sweep: cartesian product, methods not multiplied by hyperparameters they ignore, stable ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysdpb.config import load_experiment
+from raysdpb.grid import expand, flatten_config, method_hyperparameters, trial_id
+from raysdpb.methods import METHODS
+
+BASE = {"task": "superglue/cb", "model": "tiny-bert", "method": "dynsdpb", "alpha": 1.0, "tau": 2.0, "lr": 5e-5,
+        "sweep": {"name": "t"}}
+
+
+def _experiment(search: dict, **trial):
+    return load_experiment(None, raw={**BASE, **trial, "search": search})
+
+
+def test_cartesian_product_without_ignored_hyperparameters():
+    exp = _experiment({"method": ["finetune", "random_dlb", "dynsdpb"], "lr": [5e-5, 1e-4],
+                       "alpha": [0.5, 1.0], "tau": [2.0, 3.0]})
+    points = expand(exp)
+    by_method: dict[str, list] = {}
+    for p in points:
+        by_method.setdefault(p.config.method, []).append(p)
+    # finetune ignores alpha and tau: one trial per lr, with the base alpha/tau
+    assert len(by_method["finetune"]) == 2
+    assert {(p.config.alpha, p.config.tau) for p in by_method["finetune"]} == {(1.0, 2.0)}
+    assert len(by_method["random_dlb"]) == len(by_method["dynsdpb"]) == 8
+    assert len(points) == 18
+    assert len({p.trial_id for p in points}) == 18
+    # grid order: the first searched key varies slowest
+    assert [p.config.method for p in points[:2]] == ["finetune", "finetune"]
+
+
+def test_dynamic_finetune_is_multiplied_by_alpha_only():
+    assert METHODS["dynamic_finetune"].hyperparameters == ("alpha",)
+    points = expand(_experiment({"method": ["dynamic_finetune"], "alpha": [0.5, 1.0, 2.0], "tau": [1.0, 4.0]}))
+    assert sorted(p.config.alpha for p in points) == [0.5, 1.0, 2.0]
+    assert {p.config.tau for p in points} == {2.0}
+    assert all("tau" not in p.label for p in points)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_is_multiplied_exactly_by_what_it_uses(method):
+    search = {"method": [method], "alpha": [0.5, 1.5], "tau": [1.0, 3.0], "seed": [0, 1]}
+    points = expand(_experiment(search))
+    used = [k for k in ("alpha", "tau") if k in METHODS[method].hyperparameters]
+    assert len(points) == 2 * 2 ** len(used)
+    assert method_hyperparameters() >= set(METHODS[method].hyperparameters)
+
+
+def test_trial_ids_are_stable_and_depend_only_on_what_is_trained(tmp_path):
+    search = {"method": ["finetune", "dynsdpb"], "lr": [5e-5, 1e-4]}
+    first = expand(_experiment(search))
+    again = expand(_experiment(dict(reversed(list(search.items())))))  # another key order: same trials
+    assert {p.trial_id for p in first} == {p.trial_id for p in again}
+    assert [p.trial_id for p in first] == [p.trial_id for p in expand(_experiment(search))]
+    # where the data is on this machine does not change the id; a trained value does
+    moved = expand(_experiment(search, data_dir=str(tmp_path), progress_bar=False))
+    assert [p.trial_id for p in moved] == [p.trial_id for p in first]
+    other = expand(_experiment(search, seed=7))
+    assert not {p.trial_id for p in other} & {p.trial_id for p in first}
+    # adding points to the grid leaves the ids of the old ones as they were
+    bigger = expand(_experiment({**search, "lr": [5e-5, 1e-4, 3e-4]}))
+    assert {p.trial_id for p in first} < {p.trial_id for p in bigger}
+    # the id is the method plus 8 hex digits, the same in every process (no hash randomisation)
+    assert all(p.trial_id.startswith(p.config.method + "-") and len(p.trial_id.split("-")[-1]) == 8 for p in first)
+    assert trial_id(first[0].config) == first[0].trial_id
+
+
+def test_known_trial_id_does_not_drift():
+    # a fixed value: if this changes, every saved sweep loses its --resume. Hashed: the values that differ
+    # from the defaults, {"lr":5e-05,"model":"tiny-bert","task":"superglue/cb","tau":2.0} (alpha=1.0 and
+    # method=dynsdpb are defaults)
+    point = expand(_experiment({}))[0]
+    assert point.trial_id == trial_id(point.config) == "dynsdpb-462157b4"
+
+
+def test_report_every_steps_sets_eval_every_steps_unless_the_trial_has_its_own():
+    exp = _experiment({"lr": [1e-4]})
+    assert expand(exp, report_every_steps=5)[0].config.eval_every_steps == 5
+    exp = _experiment({"lr": [1e-4]}, eval_every_steps=3)
+    assert expand(exp, report_every_steps=5)[0].config.eval_every_steps == 3
+
+
+def test_labels_name_the_searched_values():
+    points = expand(_experiment({"method": ["finetune", "dynsdpb"], "alpha": [0.5]}))
+    assert [p.label for p in points] == ["method=finetune", "method=dynsdpb,alpha=0.5"]
+    assert expand(_experiment({}))[0].label == "dynsdpb"
+
+
+def test_flatten_config_dots_nested_keys():
+    exp = _experiment({}, lora={"r": 4})
+    flat = flatten_config(expand(exp)[0].config)
+    assert flat["lora.r"] == 4 and flat["lr"] == 5e-5 and "lora" not in flat
+    assert flat["custom_task"] is None

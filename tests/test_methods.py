@@ -1,0 +1,444 @@
+"""The methods registry (section 5 of docs/method.md), the per-rank LogitCache and each method's loss, by hand
+and inside a tiny training loop (classifier and decoder-style token model) driven by the right sampler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from raysdpb import methods as M
+from raysdpb.errors import UserError
+from raysdpb.methods import METHODS, ClassOutputs, LogitCache, MethodParams, TeacherState, TokenOutputs, get_method
+from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
+
+# method -> (loader, shuffle, epoch multiplier, distills), the table of section 5
+TABLE = {
+    "finetune": ("plain", True, 1, False),
+    "double_finetune": ("plain", True, 2, False),
+    "sequential_dlb": ("overlap", False, 1, True),
+    "random_dlb": ("overlap", True, 1, True),
+    "dynamic_finetune": ("plain", True, 1, False),
+    "dynsdpb": ("overlap", True, 1, True),
+}
+
+
+# --- float64 references ----------------------------------------------------------------------------------
+
+def np_log_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def np_ce(z, y):
+    return -np_log_softmax(z)[np.arange(len(y)), np.asarray(y)]
+
+
+def np_kl(p_log, q_log):
+    return (np.exp(p_log) * (p_log - q_log)).sum(-1)
+
+
+def np_weight(z):
+    lp = np_log_softmax(z)
+    return -(np.exp(lp) * lp).sum(-1) / math.log(z.shape[-1])
+
+
+def np_token_stats(z, y, mask):
+    """Per-sequence mean token CE and mean token entropy / log V over the answer positions."""
+    ce, w = [], []
+    for i in range(z.shape[0]):
+        rows, labels = z[i][mask[i]], y[i][mask[i]]
+        ce.append(np_ce(rows, labels).mean())
+        w.append(np_weight(rows).mean())
+    return np.array(ce), np.array(w)
+
+
+def np_log_map(z, mask, taus):
+    out = []
+    for i in range(z.shape[0]):
+        p = np.exp(np_log_softmax(z[i][mask[i]] / taus[i]))
+        out.append(np.log(p.mean(0)))
+    return np.stack(out)
+
+
+def np_tau(l, tau, lo, hi):
+    return tau * np.clip(l / l.mean(), lo, hi)
+
+
+def f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+# --- registry -------------------------------------------------------------------------------------------
+
+def test_registry_is_the_table_of_section_5():
+    assert set(METHODS) == set(TABLE)
+    for name, (loader, shuffle, mult, distills) in TABLE.items():
+        m = get_method(name)
+        assert m.name == name
+        assert (m.loader, m.shuffle, m.epoch_multiplier, m.distills) == (loader, shuffle, mult, distills), name
+    assert set(get_method("dynsdpb").hyperparameters) >= {"alpha", "tau"}
+    assert set(get_method("random_dlb").hyperparameters) == {"alpha", "tau"}
+    assert get_method("finetune").hyperparameters == ()
+    assert "alpha" in get_method("dynamic_finetune").hyperparameters
+
+
+def test_registry_refuses_unknown_and_duplicate_names():
+    with pytest.raises(UserError, match="dynsdpb"):
+        get_method("no_such_method")
+    with pytest.raises(ValueError):
+        M.register(METHODS["finetune"])
+    assert set(METHODS) == set(TABLE)
+
+
+def test_teacher_state_of_a_method_without_distillation():
+    out = ClassOutputs(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(AssertionError):
+        METHODS["finetune"].teacher_state(out.slice(slice(2, None)), torch.tensor([5, 6]), MethodParams())
+
+
+# --- LogitCache -------------------------------------------------------------------------------------------
+
+def _state(indices, c=3):
+    g = torch.Generator().manual_seed(len(indices))
+    return TeacherState(torch.tensor(indices), torch.randn(len(indices), c, generator=g),
+                        torch.linspace(0.5, 2.0, len(indices)))
+
+
+def test_logit_cache_take_checks_the_overlap():
+    cache = LogitCache()
+    assert not cache and cache.take(torch.tensor([1, 2])) is None
+    cache.put(_state([4, 7, 9]))
+    assert cache
+    with pytest.raises(RuntimeError, match="first half"):
+        cache.take(torch.tensor([4, 7, 8]))
+    cache.put(_state([4, 7, 9]))
+    with pytest.raises(RuntimeError):
+        cache.take(torch.tensor([7, 4, 9]))   # same samples, wrong order
+    cache.put(_state([4, 7, 9]))
+    with pytest.raises(RuntimeError):
+        cache.take(torch.tensor([4, 7]))      # wrong length
+    state = _state([4, 7, 9])
+    cache.put(state)
+    got = cache.take(torch.tensor([4, 7, 9], dtype=torch.int32))
+    assert torch.equal(got.target, state.target) and torch.equal(got.tau, state.tau)
+    assert cache.take(torch.tensor([4, 7, 9])) is None, "take consumes the cached state"
+    cache.put(_state([1]))
+    cache.clear()
+    assert not cache and cache.take(torch.tensor([1])) is None
+
+
+def test_logit_cache_state_dict_round_trip():
+    import io
+
+    cache = LogitCache()
+    assert cache.state_dict() == {}
+    restored = LogitCache()
+    restored.load_state_dict(cache.state_dict())
+    assert not restored
+
+    state = _state([3, 1, 4, 1, 5])
+    cache.put(state)
+    buffer = io.BytesIO()
+    torch.save(cache.state_dict(), buffer)
+    buffer.seek(0)
+    restored = LogitCache()
+    restored.load_state_dict(torch.load(buffer))
+    got = restored.take(torch.tensor([3, 1, 4, 1, 5]), device="cpu")
+    assert torch.equal(got.indices, state.indices)
+    assert torch.equal(got.target, state.target)
+    assert torch.equal(got.tau, state.tau)
+
+
+def test_logit_cache_catches_a_non_overlapping_sampler():
+    """With a plain sampler the cached samples are not the next first half: take must raise, not distil."""
+    method = METHODS["random_dlb"]
+    sampler = ShuffledBatchSampler(40, 8, seed=0)
+    cache = LogitCache()
+    batches = iter(sampler)
+    first = torch.tensor(next(batches))
+    out = ClassOutputs(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))
+    cache.put(method.teacher_state(out.slice(slice(4, None)), first[4:], MethodParams()))
+    second = torch.tensor(next(batches))
+    with pytest.raises(RuntimeError):
+        cache.take(second[:4])
+
+
+# --- losses by hand ---------------------------------------------------------------------------------------
+
+def _class_batch(seed, b=6, c=4, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, generator=g) * scale, torch.randint(0, c, (b,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["random_dlb", "sequential_dlb"])
+def test_dlb_loss_is_ce_plus_alpha_lmbc_by_hand(name):
+    method, params = METHODS[name], MethodParams(alpha=0.7, tau=2.5)
+    prev_logits, prev_labels = _class_batch(0)
+    logits, labels = _class_batch(1)
+    indices = torch.tensor([10, 11, 12, 13, 14, 15])
+    teacher = method.teacher_state(ClassOutputs(prev_logits, prev_labels).slice(slice(3, None)), indices[3:], params)
+    assert torch.equal(teacher.target, prev_logits[3:]) and not teacher.target.requires_grad
+    assert teacher.tau.tolist() == [2.5, 2.5, 2.5]
+
+    z = logits.clone().requires_grad_()
+    terms = method.loss(ClassOutputs(z, labels), teacher, params)
+    ce = np_ce(f64(logits), labels.numpy()).mean()
+    t = 2.5
+    kl = np_kl(np_log_softmax(f64(prev_logits[3:]) / t), np_log_softmax(f64(logits[:3]) / t))
+    lmbc = t ** 2 * kl.mean()
+    assert terms.total.item() == pytest.approx(ce + 0.7 * lmbc, rel=1e-5)
+    assert terms.ce.item() == pytest.approx(ce, rel=1e-5)
+    assert terms.distill.item() == pytest.approx(lmbc, rel=1e-5)
+    assert terms.alpha.tolist() == pytest.approx([0.7] * 3)
+    terms.total.backward()
+    assert torch.isfinite(z.grad).all()
+    # the second half gets only the CE gradient
+    onehot = torch.nn.functional.one_hot(labels, 4).double()
+    ce_grad = (torch.softmax(logits.double(), -1) - onehot) / 6
+    assert torch.allclose(z.grad[3:].double(), ce_grad[3:], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(z.grad[:3].double(), ce_grad[:3], rtol=1e-3, atol=1e-5)
+
+
+def test_first_step_without_teacher_is_plain_ce():
+    logits, labels = _class_batch(2)
+    ce = np_ce(f64(logits), labels.numpy()).mean()
+    for name in ("random_dlb", "sequential_dlb", "dynsdpb", "finetune", "double_finetune"):
+        terms = METHODS[name].loss(ClassOutputs(logits, labels), None, MethodParams(alpha=3.0, tau=4.0))
+        assert terms.total.item() == pytest.approx(ce, rel=1e-6), name
+        assert terms.distill is None
+
+
+def test_dynamic_finetune_by_hand():
+    params = MethodParams(alpha=0.8)
+    logits, labels = _class_batch(3, b=8, c=5)
+    terms = METHODS["dynamic_finetune"].loss(ClassOutputs(logits, labels), None, params)
+    ce, w = np_ce(f64(logits), labels.numpy()), np_weight(f64(logits))
+    assert terms.total.item() == pytest.approx(np.mean((1 + 0.8 * w) * ce), rel=1e-5)
+    assert terms.ce.item() == pytest.approx(ce.mean(), rel=1e-5)
+    np.testing.assert_allclose(f64(terms.alpha), 0.8 * w, rtol=1e-4, atol=1e-6)
+    assert terms.distill is None
+
+
+def test_dynsdpb_classification_by_hand():
+    params = MethodParams(alpha=0.9, tau=2.0, tau_min_scale=0.6, tau_max_scale=1.5)
+    method = METHODS["dynsdpb"]
+    prev_logits, prev_labels = _class_batch(4, b=8, c=3, scale=3.0)
+    logits, labels = _class_batch(5, b=8, c=3, scale=3.0)
+    teacher = method.teacher_state(ClassOutputs(prev_logits, prev_labels).slice(slice(4, None)),
+                                   torch.arange(4, 8), params)
+    # tau_i from the teacher's own CE, batch-relative over the cached half, clamped
+    l = np_ce(f64(prev_logits[4:]), prev_labels[4:].numpy())
+    taus = np_tau(l, 2.0, 0.6, 1.5)
+    np.testing.assert_allclose(f64(teacher.tau), taus, rtol=1e-5)
+
+    terms = method.loss(ClassOutputs(logits, labels), teacher, params)
+    z = f64(logits)
+    w = np_weight(z[:4])
+    kl = np_kl(np_log_softmax(f64(prev_logits[4:]) / taus[:, None]), np_log_softmax(z[:4] / taus[:, None]))
+    want = np_ce(z, labels.numpy()).mean() + np.mean(0.9 * w * taus ** 2 * kl)
+    assert terms.total.item() == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(f64(terms.alpha), 0.9 * w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(f64(terms.tau), taus, rtol=1e-5)
+    assert terms.distill.item() == pytest.approx(np.mean(taus ** 2 * kl), rel=1e-5)
+
+
+def _token_batch(seed, b=4, t=6, v=9, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, t, v, generator=g) * scale
+    y = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    for i in range(b):  # prompt, answer, padding: answer lengths differ
+        start = i % 2
+        mask[i, start:start + 2 + i] = True
+    return z, y, mask
+
+
+@pytest.mark.parametrize("name", ["dynsdpb", "random_dlb"])
+def test_vmm_losses_by_hand(name):
+    params = MethodParams(alpha=0.6, tau=1.5)
+    method = METHODS[name]
+    pz, py, pm = _token_batch(6)
+    z, y, m = _token_batch(7)
+    teacher = method.teacher_state(TokenOutputs(pz, py, pm).slice(slice(2, None)), torch.tensor([8, 9]), params)
+    l_prev, _ = np_token_stats(f64(pz[2:]), py[2:].numpy(), pm[2:].numpy())
+    taus = np_tau(l_prev, 1.5, 0.5, 2.0) if name == "dynsdpb" else np.full(2, 1.5)
+    np.testing.assert_allclose(f64(teacher.tau), taus, rtol=1e-5)
+    # the cache holds a V-sized log vocabulary map per sequence, at the teacher's tau_i
+    assert teacher.target.shape == (2, 9) and not teacher.target.requires_grad
+    t_map = np_log_map(f64(pz[2:]), pm[2:].numpy(), taus)
+    np.testing.assert_allclose(f64(teacher.target), t_map, rtol=1e-4, atol=1e-5)
+
+    zz = z.clone().requires_grad_()
+    terms = method.loss(TokenOutputs(zz, y, m), teacher, params)
+    ce, w = np_token_stats(f64(z), y.numpy(), m.numpy())
+    s_map = np_log_map(f64(z[:2]), m[:2].numpy(), taus)
+    kl = np_kl(t_map, s_map)
+    alpha = 0.6 * (w[:2] if name == "dynsdpb" else np.ones(2))
+    assert terms.total.item() == pytest.approx(ce.mean() + np.mean(alpha * taus ** 2 * kl), rel=1e-5)
+    assert terms.ce.item() == pytest.approx(ce.mean(), rel=1e-5)
+    terms.total.backward()
+    assert torch.isfinite(zz.grad).all() and (zz.grad[~m] == 0).all()
+
+
+def test_dynamic_finetune_tokens_by_hand():
+    z, y, m = _token_batch(8)
+    terms = METHODS["dynamic_finetune"].loss(TokenOutputs(z, y, m), None, MethodParams(alpha=1.3))
+    ce, w = np_token_stats(f64(z), y.numpy(), m.numpy())
+    assert terms.total.item() == pytest.approx(np.mean((1 + 1.3 * w) * ce), rel=1e-5)
+
+
+# --- tiny training loops ------------------------------------------------------------------------------------
+
+N_CLASS, DIM, CLASSES = 192, 10, 3
+N_TOK, T, V = 96, 8, 12
+BATCH = 16
+STEPS = 36
+PARAMS = MethodParams(alpha=0.8, tau=2.0, tau_min_scale=0.5, tau_max_scale=2.0)
+
+
+def _class_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_CLASS, DIM, generator=g)
+    w = torch.randn(DIM, CLASSES, generator=g)
+    return x, (x @ w).argmax(-1)
+
+
+def _token_data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (N_TOK, T), generator=g)
+    y = (3 * x + 1) % V
+    mask = torch.zeros(N_TOK, T, dtype=torch.bool)
+    starts = torch.randint(0, 3, (N_TOK,), generator=g)
+    lengths = torch.randint(1, T - 2, (N_TOK,), generator=g)
+    for i in range(N_TOK):
+        mask[i, starts[i]:starts[i] + lengths[i]] = True
+    return x, y, mask
+
+
+class _TokenModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, 24)
+        self.pos = torch.nn.Parameter(torch.zeros(T, 24))
+        self.out = torch.nn.Linear(24, V)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x) + self.pos))
+
+
+def _train(name: str, kind: str, params: MethodParams = PARAMS, steps: int = STEPS):
+    method = METHODS[name]
+    torch.manual_seed(0)
+    if kind == "class":
+        x, y = _class_data()
+        tensors = (torch.arange(N_CLASS), x, y)
+        model = torch.nn.Sequential(torch.nn.Linear(DIM, 32), torch.nn.Tanh(), torch.nn.Linear(32, CLASSES))
+        n = N_CLASS
+    else:
+        x, y, mask = _token_data()
+        tensors = (torch.arange(N_TOK), x, y, mask)
+        model = _TokenModel()
+        n = N_TOK
+    if method.loader == "overlap":
+        sampler = OverlapBatchSampler(n, BATCH, shuffle=method.shuffle, seed=1)
+    else:
+        sampler = ShuffledBatchSampler(n, BATCH, shuffle=method.shuffle, seed=1)
+    loader = DataLoader(TensorDataset(*tensors), batch_sampler=sampler)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    cache = LogitCache()
+    log, epoch_of_step, epoch = [], [], 0
+    while len(log) < steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            idx = batch[0]
+            if kind == "class":
+                outputs = ClassOutputs(model(batch[1]), batch[2])
+            else:
+                outputs = TokenOutputs(model(batch[1]), batch[2], batch[3])
+            half = len(idx) // 2
+            teacher = cache.take(idx[:half]) if method.distills else None
+            assert (teacher is None) == (not method.distills or not log)
+            terms = method.loss(outputs, teacher, params)
+            opt.zero_grad()
+            terms.total.backward()
+            opt.step()
+            if method.distills:
+                cache.put(method.teacher_state(outputs.slice(slice(half, None)), idx[half:], params))
+            log.append(terms)
+            epoch_of_step.append(epoch)
+            if len(log) >= steps:
+                break
+        epoch += 1
+    return method, log, epoch_of_step
+
+
+def _check_run(name, kind, params=PARAMS):
+    method, log, epochs = _train(name, kind, params)
+    totals = np.array([t.total.item() for t in log])
+    ces = np.array([t.ce.item() for t in log])
+    assert np.isfinite(totals).all() and np.isfinite(ces).all()
+    assert totals[-5:].mean() < totals[:5].mean(), (name, kind, totals)
+    assert ces[-5:].mean() < 0.8 * ces[:5].mean(), (name, kind, ces)
+    if method.loader == "overlap":
+        assert epochs[-1] >= 1, "the run must cross an epoch boundary"
+    half = BATCH // 2
+    if method.distills:  # the soft targets really pull: a clearly positive term early in the run
+        early = [t.total.item() - t.ce.item() for t in log[1:6]]
+        assert max(early) > 1e-3, (name, kind, early)
+    for step, terms in enumerate(log):
+        if not method.distills:
+            assert terms.distill is None and terms.tau is None
+            if name == "dynamic_finetune":
+                assert terms.alpha.shape == (BATCH,)
+                assert (terms.alpha >= 0).all() and (terms.alpha <= params.alpha + 1e-6).all()
+                assert terms.total.item() >= terms.ce.item() - 1e-6
+            else:
+                assert terms.total.item() == pytest.approx(terms.ce.item(), rel=1e-6)
+            continue
+        if step == 0:  # no previous mini-batch yet: CE only
+            assert terms.distill is None and terms.total.item() == pytest.approx(terms.ce.item(), rel=1e-6)
+            continue
+        assert terms.distill is not None, f"{name}: no distillation term at step {step}"
+        distill = terms.distill.item()
+        assert math.isfinite(distill) and distill >= -1e-6  # a KL (float32 rounding near zero)
+        assert terms.alpha.shape == (half,) and terms.tau.shape == (half,)
+        extra = terms.total.item() - terms.ce.item()
+        # 0 <= mean(alpha_i tau_i^2 KL_i) <= alpha * mean(tau_i^2 KL_i) since 0 <= alpha_i <= alpha
+        assert -1e-6 <= extra <= params.alpha * distill * (1 + 1e-5) + 1e-6
+        if name == "dynsdpb":
+            assert (terms.alpha >= 0).all() and (terms.alpha <= params.alpha + 1e-6).all()
+            lo, hi = params.tau * params.tau_min_scale, params.tau * params.tau_max_scale
+            assert (terms.tau >= lo - 1e-6).all() and (terms.tau <= hi + 1e-6).all()
+        else:
+            assert terms.total.item() == pytest.approx(terms.ce.item() + params.alpha * terms.distill.item(),
+                                                       rel=1e-5, abs=1e-7)
+            assert torch.allclose(terms.tau, torch.full((half,), params.tau))
+    return log
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_training_classifier(name):
+    _check_run(name, "class")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_training_token_model(name):
+    _check_run(name, "token")
+
+
+@pytest.mark.parametrize("kind", ["class", "token"])
+def test_dynsdpb_bounds_with_narrow_clamp(kind):
+    """Logged alpha_i in [0, alpha] and tau_i in [tau * min_scale, tau * max_scale] with non-default bounds;
+    tau_i actually varies per sample."""
+    params = MethodParams(alpha=0.5, tau=3.0, tau_min_scale=0.8, tau_max_scale=1.25)
+    log = _check_run("dynsdpb", kind, params)
+    taus = torch.cat([t.tau for t in log[1:]])
+    alphas = torch.cat([t.alpha for t in log[1:]])
+    assert taus.min() >= 2.4 - 1e-5 and taus.max() <= 3.75 + 1e-5
+    assert taus.std() > 0 and alphas.std() > 0
+    assert alphas.min() >= 0 and alphas.max() <= 0.5 + 1e-6

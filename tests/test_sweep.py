@@ -1,0 +1,292 @@
+"""The sweep on real Ray: planning and validation (no Ray), then real sweeps of a tiny BERT on SuperGLUE CB:
+two DDP workers per trial with ASHA stopping a trial, a two-node cluster, and an interrupted sweep resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raysdpb.config import load_experiment
+from raysdpb.errors import UserError
+from raysdpb.sweep import check_resources, max_concurrent_trials, plan_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _raw(data_dir, storage, name, search, sweep=None, **trial) -> dict:
+    raw = dict(task="superglue/cb", model="tiny-bert", method="dynsdpb", data_dir=str(data_dir), epochs=2,
+               batch_size=8, eval_batch_size=16, max_length=32, max_train_samples=32, max_eval_samples=16,
+               lr=1e-4, alpha=1.0, tau=2.0, seed=0, log_every_steps=1)
+    raw.update(trial)
+    raw["search"] = search
+    raw["sweep"] = {"name": name, "storage_path": str(storage), "num_workers": 1, "cpus_per_worker": 1,
+                    "keep_checkpoints": 1, "max_failures": 0, **(sweep or {})}
+    return raw
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / f"{raw['sweep']['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **extra)
+    # the checkout under test, whatever an editable install elsewhere points at
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def _sweep(config: Path, *args: str, env: dict | None = None, timeout: float = 480) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(config), "-q", *args], cwd=config.parent,
+                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+# --- planning and validation, before Ray -------------------------------------------------------------------
+
+def test_plan_defaults_to_the_tasks_main_metric_and_the_longest_trial(tmp_path, shared_data_dir):
+    raw = _raw(shared_data_dir, tmp_path, "plan", {"method": ["finetune", "double_finetune"]}, epochs=3)
+    plan = plan_sweep(load_experiment(None, raw=raw))
+    assert plan.metric == "eval_accuracy" and plan.mode == "max"
+    assert plan.max_t == 6  # double_finetune runs 2 x 3 epochs
+    assert plan.experiment_path == f"{tmp_path}/plan"
+    assert [t.planned_epochs for t in plan.trials] == [3, 6]
+
+
+def test_plan_rejects_a_metric_not_every_trial_reports(tmp_path, shared_data_dir):
+    raw = _raw(shared_data_dir, tmp_path, "p", {"task": ["glue/cola", "superglue/cb"]})
+    with pytest.raises(UserError, match=r"sweep\.asha\.metric: .*different main metrics.*eval_accuracy"):
+        plan_sweep(load_experiment(None, raw=raw))
+    raw["sweep"]["asha"] = {"metric": "eval_accuracy"}  # both report accuracy
+    assert plan_sweep(load_experiment(None, raw=raw)).metric == "eval_accuracy"
+    raw["sweep"]["asha"] = {"metric": "eval_f1"}
+    with pytest.raises(UserError, match=r"sweep\.asha\.metric: 'eval_f1' is not reported"):
+        plan_sweep(load_experiment(None, raw=raw))
+    raw["sweep"]["asha"] = {"grace_period": 9}
+    raw["search"] = {}
+    with pytest.raises(UserError, match=r"sweep\.asha\.grace_period"):
+        plan_sweep(load_experiment(None, raw=raw))
+    with pytest.raises(UserError, match=r"device: cuda needs sweep\.use_gpu"):
+        plan_sweep(load_experiment(None, raw=_raw(shared_data_dir, tmp_path, "p", {}, device="cuda")))
+
+
+NODES = [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 4.0}},
+         {"NodeID": "b", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 4.0}},
+         {"NodeID": "c", "Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+
+
+@pytest.mark.parametrize("sweep, key", [
+    ({"use_gpu": True, "gpus_per_worker": 8}, "sweep.gpus_per_worker"),
+    ({"cpus_per_worker": 16}, "sweep.cpus_per_worker"),
+    ({"use_gpu": True, "gpus_per_worker": 1, "num_workers": 9}, "sweep.num_workers"),
+    ({"num_workers": 17}, "sweep.num_workers"),
+])
+def test_resources_a_trial_can_never_get_are_refused_naming_the_key(sweep, key):
+    from raysdpb.config import SweepConfig
+
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        check_resources(SweepConfig(name="x", **sweep), NODES)
+
+
+def test_no_gpu_in_the_cluster_and_concurrency():
+    from raysdpb.config import SweepConfig
+
+    with pytest.raises(UserError, match=r"sweep\.use_gpu: true, but no node"):
+        check_resources(SweepConfig(name="x", use_gpu=True), [{"Resources": {"CPU": 2.0}}])
+    check_resources(SweepConfig(name="x", use_gpu=True, num_workers=8, gpus_per_worker=1), NODES)
+    assert max_concurrent_trials(SweepConfig(name="x", use_gpu=True, num_workers=2, gpus_per_worker=1), NODES) == 4
+    assert max_concurrent_trials(SweepConfig(name="x", num_workers=2, cpus_per_worker=1), NODES) == 8
+    assert max_concurrent_trials(SweepConfig(name="x", num_workers=2, cpus_per_worker=1),
+                                 [{"Resources": {"CPU": 2.0}}]) == 1
+    assert max_concurrent_trials(SweepConfig(name="x", max_concurrent_trials=3), NODES) == 3
+
+
+def test_cli_dry_run_and_one_line_errors(tmp_path, shared_data_dir):
+    config = _write(tmp_path, _raw(shared_data_dir, tmp_path / "results", "cli",
+                                   {"method": ["finetune", "dynsdpb"], "alpha": [0.5, 1.0]}))
+    out = _sweep(config, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("3 trials; metric eval_accuracy (max)")
+    bad = _sweep(config, "sweep.num_workerz=2")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("raysdpb: error:")
+    assert "sweep.num_workerz: unknown key" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _sweep(config, "--resume")
+    assert missing.returncode == 2 and "there is no sweep to resume" in missing.stderr
+
+
+# --- real sweeps --------------------------------------------------------------------------------------------
+
+def test_sweep_ddp_workers_asha_and_parquet(tmp_path, shared_data_dir):
+    """Two gloo DDP workers per trial running DynSDPB's overlap sampler; ASHA (on train_loss, which a huge
+    learning rate ruins at once) stops the second trial at its first rung; the Parquet files tell it all."""
+    storage = tmp_path / "results"
+    raw = _raw(shared_data_dir, storage, "ddp", {"lr": [1e-4, 0.5]},
+               sweep={"num_workers": 2, "asha": {"metric": "train_loss", "mode": "min", "grace_period": 1,
+                                                  "reduction_factor": 2}})
+    out = _sweep(_write(tmp_path, raw))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "best trial per method by train_loss (min)" in out.stdout
+    exp = storage / "ddp"
+
+    trials = {r["lr"]: r for r in _rows(exp / "trials.parquet")}
+    assert set(trials) == {1e-4, 0.5}
+    good, bad = trials[1e-4], trials[0.5]
+    assert good["status"] == "completed" and good["epochs_run"] == 2 and good["stop_reason"] == "ran all 2 epochs"
+    assert bad["status"] == "stopped_by_asha" and bad["epochs_run"] == 1
+    assert bad["stop_reason"].startswith("ASHA stopped it at epoch 1: train_loss=")
+    assert bad["best_train_loss"] > good["best_train_loss"]
+    for row in (good, bad):
+        assert row["last_world_size"] == 2  # both DDP ranks ran
+        assert row["method"] == "dynsdpb" and row["task"] == "superglue/cb" and row["batch_size"] == 8
+        assert 0.0 <= row["best_eval_accuracy"] <= 1.0 and 0.0 <= row["last_eval_macro_f1"] <= 1.0
+        assert row["wall_time_s"] > 0 and row["attempts"] == 1 and row["message"] == ""
+    columns = pq.read_table(exp / "trials.parquet").column_names
+    assert {"trial_id", "label", "status", "stop_reason", "epochs_run", "wall_time_s", "alpha", "tau", "seed",
+            "best_eval_accuracy", "last_eval_accuracy", "best_train_loss", "last_alpha_mean", "last_tau_mean",
+            "last_worker_node_id"} <= set(columns)
+
+    curves = _rows(exp / "curves.parquet")
+    assert sorted((c["trial_id"], c["epoch"]) for c in curves) == sorted(
+        [(good["trial_id"], 1), (good["trial_id"], 2), (bad["trial_id"], 1)])
+    good_curve = [c for c in curves if c["trial_id"] == good["trial_id"]]
+    assert good_curve[0]["step"] < good_curve[1]["step"]
+    assert {"step", "epoch", "eval_accuracy", "train_loss", "train_distill", "alpha_mean", "tau_mean", "lr",
+            "training_iteration", "time_total_s"} <= set(pq.read_table(exp / "curves.parquet").column_names)
+
+    # TensorBoard: the engine's per-step scalars and Tune's per-report metrics, under the experiment folder
+    for row in (good, bad):
+        assert list((exp / "tensorboard" / row["trial_id"]).glob("events.out.tfevents.*"))
+        assert list((exp / row["trial_id"]).glob("events.out.tfevents.*"))
+    # keep_checkpoints=1: one checkpoint left per trial
+    assert len(list((exp / "train_runs" / good["trial_id"]).glob("checkpoint_step_*"))) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """End a process started with start_new_session=True and everything it started (its process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    """A Ray head (1 CPU) and a second node (1 CPU) on this machine, each a `ray start --block` process group."""
+    env = _env(RAY_AUTH_MODE="token")
+    port = _free_port()
+    common = ["--num-cpus=1", "--num-gpus=0", "--block", "--disable-usage-stats"]
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            ["ray", "start", "--head", f"--port={port}", "--include-dashboard=false",
+             f"--dashboard-agent-listen-port={_free_port()}", *common],
+            env=env, start_new_session=True, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT))
+        address = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while subprocess.run(["ray", "status", f"--address={address}"], env=env, capture_output=True).returncode:
+            assert time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-2000:]
+            time.sleep(1)
+        procs.append(subprocess.Popen(
+            ["ray", "start", f"--address={address}", f"--dashboard-agent-listen-port={_free_port()}", *common],
+            env=env, start_new_session=True, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT))
+        while "2 node" not in _nodes_line(address, env):
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+            time.sleep(1)
+        yield {**env, "RAY_ADDRESS": address}
+    finally:
+        for proc in reversed(procs):
+            _stop_group(proc, timeout=5)
+        # `ray start --head` recorded this cluster as the machine's current one; it is gone now
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+
+
+def _nodes_line(address: str, env: dict) -> str:
+    code = f"import ray; ray.init(address='{address}', logging_level='ERROR'); print(len(ray.nodes()), 'node')"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, shared_data_dir, two_node_cluster):
+    storage = tmp_path / "shared-storage"  # one folder both nodes see (a stand-in for NFS or S3)
+    raw = _raw(shared_data_dir, storage, "cluster", {"seed": [0, 1]}, method="finetune", epochs=1,
+               sweep={"asha": None})
+    out = _sweep(_write(tmp_path, raw), env=two_node_cluster)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = _rows(storage / "cluster" / "trials.parquet")
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    # one CPU per node and one 1-CPU worker per trial: the two trials ran at once, one on each node
+    assert len({r["last_worker_node_id"] for r in rows}) == 2
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared_data_dir):
+    """Two trials side by side, of 1 and 10 (short) epochs. The sweep is killed (driver and local Ray at once) when the
+    short one has finished and the long one has reported (and checkpointed) its first epoch; `--resume` must
+    leave the finished trial alone and continue the other from its checkpoint."""
+    storage = tmp_path / "results"
+    config = _write(tmp_path, _raw(shared_data_dir, storage, "resume", {"epochs": [1, 10]}, method="finetune",
+                                   sweep={"asha": None}))
+    exp = storage / "resume"
+    first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=_env(),
+                             start_new_session=True, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the trials did not get far enough in time"
+            time.sleep(0.5)
+            if not (exp / "trials.parquet").exists():
+                continue
+            before = {r["epochs"]: r for r in _rows(exp / "trials.parquet")}
+            if before[1]["status"] == "completed" and before[10]["reports"] >= 1:
+                break
+        before_curves = {(c["trial_id"], c["step"]): c["timestamp"] for c in _rows(exp / "curves.parquet")}
+    finally:
+        # a crash: the driver and the local Ray it started die at once, with no chance to save anything
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    short, long = before[1], before[10]
+    assert long["status"] == "running" and long["epochs_run"] < 10
+
+    out = _sweep(config, "--resume")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {r["epochs"]: r for r in _rows(exp / "trials.parquet")}
+    assert len(_rows(exp / "trials.parquet")) == 2  # every trial once
+    assert rows[1]["status"] == rows[10]["status"] == "completed" and rows[10]["epochs_run"] == 10
+    # the finished trial was not trained again: same row, same reports
+    assert rows[1]["attempts"] == 1 and rows[1]["finished_at"] == short["finished_at"]
+    # the other continued from its checkpoint: its first attempt's reports stand, it did not redo them
+    assert rows[10]["attempts"] == 2
+    curves = _rows(exp / "curves.parquet")
+    assert sorted((c["trial_id"], c["epoch"]) for c in curves) == sorted(
+        [(short["trial_id"], 1)] + [(long["trial_id"], e) for e in range(1, 11)])
+    for c in curves:
+        if (c["trial_id"], c["step"]) in before_curves:
+            assert before_curves[(c["trial_id"], c["step"])] == c["timestamp"]
+    assert len([k for k in before_curves if k[0] == long["trial_id"]]) >= 1
