@@ -91,7 +91,7 @@ class TrialConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     eval_batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, Python and the sampler")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the trial stops as diverged")
@@ -244,7 +244,9 @@ def _read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass the path of a YAML config (see sweeps/quickstart.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err}); a config is a YAML text file") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -257,6 +259,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None,
     source = str(path) if path is not None else "<config>"
     data = _read_yaml(path) if raw is None else copy.deepcopy(raw)
     data = apply_overrides(data, parse_overrides(overrides or []))
+    _absolute_paths(data)
     search = data.pop("search", None) or {}
     sweep = data.pop("sweep", None)
     try:
@@ -273,6 +276,28 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None,
         elif e["type"] == "missing":
             msg = "required key is missing"
         raise UserError(f"{source}: {key or 'config'}: {msg}") from None
+
+
+def _absolute(path: Any, key: str) -> Any:
+    """A relative local path is relative to where the command runs; made absolute here, because Ray runs
+    trials in folders of their own (URIs such as s3://... and non-strings are left as they are)."""
+    if not isinstance(path, str) or "://" in path or not path:
+        return path
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (ValueError, RuntimeError, OSError) as err:  # a NUL byte, '~nosuchuser/...'
+        raise UserError(f"{key}: {path!r} is not a usable path ({err})") from None
+
+
+def _absolute_paths(data: dict) -> None:
+    if "data_dir" in data:
+        data["data_dir"] = _absolute(data["data_dir"], "data_dir")
+    custom = data.get("custom_task")
+    if isinstance(custom, dict) and isinstance(custom.get("files"), dict):
+        custom["files"] = {split: _absolute(f, f"custom_task.files.{split}") for split, f in custom["files"].items()}
+    sweep = data.get("sweep")
+    if isinstance(sweep, dict) and "storage_path" in sweep:
+        sweep["storage_path"] = _absolute(sweep["storage_path"], "sweep.storage_path")
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:

@@ -7,16 +7,20 @@ TensorBoard events, reporting of metrics (with a checkpoint) and the checkpoint 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
+import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkerContext", "LocalContext"]
+__all__ = ["WorkerContext", "LocalContext", "inject_fault", "FAULTS_ENV"]
 
 
 class WorkerContext:
@@ -60,6 +64,21 @@ class WorkerContext:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+
+    # -- agreement between ranks -----------------------------------------------------------------------
+    def all_ranks(self, flag: bool) -> bool:
+        """True where `flag` is true on every rank. The loop asks this before it skips a step, so that all
+        DDP ranks skip it together (a rank that skipped its backward alone would hang the others' all-reduce)."""
+        if self.world_size <= 1:
+            return bool(flag)
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return bool(flag)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
 
     # -- reporting and checkpoints ------------------------------------------------------------------------
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
@@ -124,3 +143,76 @@ class LocalContext(WorkerContext):
 
             raise UserError(f"resume_from: {path} is not a complete raysdpb checkpoint folder")
         return path
+
+
+# --- fault injection, for the reliability tests --------------------------------------------------------------
+
+FAULTS_ENV = "RAYSDPB_FAULTS"
+_fired: dict[int, int] = {}  # fault index -> times it fired in this process
+_parsed: tuple[str, list] = ("", [])  # the variable's last value and its faults
+
+
+def _faults() -> list[dict]:
+    global _parsed
+    raw = os.environ.get(FAULTS_ENV)
+    if not raw:
+        return []
+    if _parsed[0] != raw:
+        faults = json.loads(raw)
+        _parsed = (raw, faults if isinstance(faults, list) else [faults])
+        _fired.clear()
+    return _parsed[1]
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if isinstance(config, dict):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def inject_fault(point: str, step: int, config: Any = None, rank: int = 0) -> bool:
+    """Test-only fault injection; does nothing unless `$RAYSDPB_FAULTS` is set (a JSON list of faults).
+
+    A fault is `{"point": ..., "step": N, ...}`; at its `point` and `step` it:
+
+    * `point: "loss"` (the training loop, before it checks the loss): returns True, and the loop treats the
+      step's loss as non-finite;
+    * `point: "after_step"` (the loop, right after optimizer step N): SIGKILLs this process (a worker dying
+      for real: no `finally`, no flush);
+    * `point: "save"` (`save_checkpoint`, before writing the checkpoint of step N): raises
+      `OSError(ENOSPC)`, a full disk.
+
+    Optional keys: `times` (fire on the first `times` calls at that step in this process; default 1),
+    `where` (a dict of trial config values that must match, to pick one trial of a sweep), `rank` (only on
+    that rank), `marker` (a file path: fire only if this call creates the file, so at most once across
+    processes and restarts; the file holds the pid that fired). The variable travels to Ray workers with the
+    other `RAYSDPB_*` variables.
+    """
+    faults = _faults()
+    if not faults:
+        return False
+    hit = False
+    for i, fault in enumerate(faults):
+        if fault.get("point") != point or int(fault.get("step", -1)) != int(step):
+            continue
+        if fault.get("rank") is not None and int(fault["rank"]) != int(rank):
+            continue
+        if any(_config_value(config, k) != v for k, v in (fault.get("where") or {}).items()):
+            continue
+        if _fired.get(i, 0) >= int(fault.get("times", 1)):
+            continue
+        if fault.get("marker"):
+            try:
+                fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+        _fired[i] = _fired.get(i, 0) + 1
+        log.warning("fault injection (%s): %s at step %d", FAULTS_ENV, point, step)
+        if point == "after_step":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if point == "save":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
+        hit = True
+    return hit

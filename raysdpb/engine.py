@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from raysdpb.checkpoint import (load_checkpoint, load_trainable_state, rng_state, save_checkpoint, set_rng_state,
                                 trainable_state_dict)
 from raysdpb.config import TrialConfig
-from raysdpb.context import WorkerContext
+from raysdpb.context import WorkerContext, inject_fault
 from raysdpb.data import collate, tokenize_records
 from raysdpb.methods import ClassOutputs, LogitCache, MethodParams, TokenOutputs, get_method
 from raysdpb.models import build_model, resolve_model, load_tokenizer
@@ -286,7 +286,8 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
             teacher = cache.take(batch["index"][:half], device) if method.distills else None
             terms = method.loss(outputs, teacher, params)
 
-            if not torch.isfinite(terms.total):
+            finite = bool(torch.isfinite(terms.total)) and not inject_fault("loss", step, cfg, context.rank)
+            if not context.all_ranks(finite):  # DDP ranks skip together, or the others' all-reduce hangs
                 # skip the step: no update, and no soft targets from a broken forward
                 nonfinite_in_row += 1
                 nonfinite_total += 1
@@ -316,6 +317,7 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
             if method.distills:
                 cache.put(method.teacher_state(outputs.slice(slice(half, None)), batch["index"][half:], params))
             step += 1
+            inject_fault("after_step", step, cfg, context.rank)  # test-only: $RAYSDPB_FAULTS
             running.add(terms)
 
             if context.is_main and step % cfg.log_every_steps == 0:

@@ -115,7 +115,11 @@ def evaluate_generation(model, tokenizer, task, dataset: TokenizedDataset, recor
     shard = list(range(rank, len(dataset), world_size))
     prompts = [dataset[i]["input_ids"][: dataset[i]["prompt_length"]] for i in shard]
     if scoring == "loglikelihood" and all("candidates" in records[i] for i in shard):
-        picked = choose_by_loglikelihood(model, tokenizer, prompts, [records[i]["candidates"] for i in shard],
+        # a task may score its candidates after a context of their own (HellaSwag: the context without the
+        # listed options, as in the usual log-likelihood evaluation)
+        contexts = [tokenizer(records[i]["scoring_context"])["input_ids"] if "scoring_context" in records[i]
+                    else prompt for i, prompt in zip(shard, prompts)]
+        picked = choose_by_loglikelihood(model, tokenizer, contexts, [records[i]["candidates"] for i in shard],
                                          device=device, autocast=autocast)
         outputs = [f"The answer is {nlg.LETTERS[k]}." for k in picked]
     else:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -108,14 +109,20 @@ def _missing_model(source: ModelSource, err: Exception) -> UserError:
 
 
 def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
-
+    """The model's tokenizer (a pad token set to EOS where it has none). Cached per process: a GGUF
+    tokenizer takes seconds to rebuild, and nothing in raysdpb modifies a tokenizer after loading it."""
     src = source.tokenizer_source
-    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.path, **kwargs)
+        return _load_tokenizer(src.path, src.gguf_file)
     except (OSError, ValueError) as err:
         raise _missing_model(src, err) from None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str, gguf_file: str | None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

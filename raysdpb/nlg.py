@@ -16,8 +16,9 @@ import re
 from pathlib import Path
 
 __all__ = [
-    "canonical_number", "extract_number", "extract_choice", "gsm8k_reference",
-    "read_gsm8k", "read_svamp", "read_aqua", "read_mathqa", "read_hellaswag", "LETTERS",
+    "canonical_number", "extract_number", "extract_choice", "gsm8k_reference", "LETTERS",
+    "gsm8k_example", "svamp_example", "aqua_example", "mathqa_example", "hellaswag_example", "hellaswag_hub_row",
+    "hellaswag_rows", "read_gsm8k", "read_svamp", "read_aqua", "read_mathqa", "read_hellaswag",
 ]
 
 LETTERS = "ABCDE"
@@ -74,8 +75,8 @@ def _strip_calculator(text: str) -> str:
     return re.sub(r"<<[^>]*>>", "", text)
 
 
-def _records(items: list[tuple[str, str, str]]) -> list[dict]:
-    return [{"idx": i, "prompt": p, "answer": a, "reference": r} for i, (p, a, r) in enumerate(items)]
+def _records(examples: list[dict]) -> list[dict]:
+    return [{"idx": i, **e} for i, e in enumerate(examples)]
 
 
 def _load_json_or_lines(path: Path) -> list[dict]:
@@ -86,25 +87,26 @@ def _load_json_or_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def read_gsm8k(path: Path) -> list[dict]:
-    items = []
-    for row in _load_json_or_lines(path):
-        reference = gsm8k_reference(row["answer"])
-        rationale = _strip_calculator(row["answer"].split("####")[0]).strip()
-        items.append((f"Question: {row['question'].strip()}\nAnswer:",
-                      f" {rationale}\nThe answer is {reference}.", reference))
-    return _records(items)
+# --- one record from one source row (the same for the hub's rows and the mirror's files) -------------------
+
+def gsm8k_example(row: dict) -> dict:
+    """`question`, `answer` (a rationale with `<<calc>>` annotations, then `#### n`)."""
+    reference = gsm8k_reference(row["answer"])
+    if reference is None:
+        raise ValueError("answer: no '#### <number>' final answer")
+    rationale = _strip_calculator(row["answer"].split("####")[0]).strip()
+    return {"prompt": f"Question: {row['question'].strip()}\nAnswer:",
+            "answer": f" {rationale}\nThe answer is {reference}.", "reference": reference}
 
 
-def read_svamp(path: Path) -> list[dict]:
-    items = []
-    for row in _load_json_or_lines(path):
-        reference = canonical_number(row["Answer"])
-        question = f"{row['Body'].strip()} {row['Question'].strip()}"
-        equation = row["Equation"].strip()
-        items.append((f"Question: {question}\nAnswer:", f" {equation} = {reference}\nThe answer is {reference}.",
-                      reference))
-    return _records(items)
+def svamp_example(row: dict) -> dict:
+    """`Body`, `Question`, `Equation`, `Answer` (a float)."""
+    reference = canonical_number(row["Answer"])
+    if reference is None:
+        raise ValueError(f"Answer: {row['Answer']!r} is not a number")
+    question = f"{row['Body'].strip()} {row['Question'].strip()}"
+    return {"prompt": f"Question: {question}\nAnswer:",
+            "answer": f" {row['Equation'].strip()} = {reference}\nThe answer is {reference}.", "reference": reference}
 
 
 def _choice_prompt(question: str, options: list[str]) -> str:
@@ -112,14 +114,20 @@ def _choice_prompt(question: str, options: list[str]) -> str:
     return f"Question: {question.strip()}\nOptions:\n{lines}\nAnswer:"
 
 
-def read_aqua(path: Path) -> list[dict]:
-    items = []
-    for row in _load_json_or_lines(path):
-        options = [re.sub(r"^[A-E]\)\s*", "", o).strip() for o in row["options"]]
-        letter = row["correct"].strip().upper()
-        items.append((_choice_prompt(row["question"], options),
-                      f" {row['rationale'].strip()}\nThe answer is {letter}.", letter))
-    return _records(items)
+def _letter(value: str, n_options: int) -> str:
+    letter = str(value).strip().upper()
+    if len(letter) != 1 or letter not in LETTERS[:n_options]:
+        raise ValueError(f"correct: {value!r} is not one of the option letters {LETTERS[:n_options]}")
+    return letter
+
+
+def aqua_example(row: dict) -> dict:
+    """`question`, `options` (["A)...", ...]), `rationale`, `correct` (a letter)."""
+    options = [re.sub(r"^[A-E]\)\s*", "", o).strip() for o in row["options"]]
+    letter = _letter(row["correct"], len(options))
+    return {"prompt": _choice_prompt(row["question"], options),
+            "answer": f" {row['rationale'].strip()}\nThe answer is {letter}.", "reference": letter,
+            "candidates": options}
 
 
 def _mathqa_options(text: str) -> list[str]:
@@ -144,17 +152,34 @@ def _mathqa_options(text: str) -> list[str]:
     return options
 
 
-def read_mathqa(path: Path) -> list[dict]:
-    items = []
-    for row in _load_json_or_lines(path):
-        options = _mathqa_options(row["options"])
-        letter = row["correct"].strip().upper()
-        rationale = row["Rationale"].strip().strip('"')
-        items.append((_choice_prompt(row["Problem"], options), f" {rationale}\nThe answer is {letter}.", letter))
-    return _records(items)
+def mathqa_example(row: dict) -> dict:
+    """`Problem`, `Rationale`, `options` ("a ) 24 , b ) 120 , ..."), `correct` (a-e)."""
+    options = _mathqa_options(row["options"])
+    letter = _letter(row["correct"], len(options))
+    rationale = row["Rationale"].strip().strip('"')
+    return {"prompt": _choice_prompt(row["Problem"], options),
+            "answer": f" {rationale}\nThe answer is {letter}.", "reference": letter, "candidates": options}
 
 
-def read_hellaswag(path: Path) -> list[dict]:
+def hellaswag_example(row: dict) -> dict:
+    """`context`, `label` (0-3), `endings` (four). The hub's rows are mapped to these by `hellaswag_hub_row`."""
+    context, endings = row["context"], [e.strip() for e in row["endings"]]
+    label = int(row["label"])
+    if not 0 <= label < len(endings):
+        raise ValueError(f"label: {row['label']!r} is not an ending index 0-{len(endings) - 1}")
+    letter = LETTERS[label]
+    return {"prompt": _choice_prompt(f"Choose the most plausible ending.\n{context}", endings),
+            "answer": f" {endings[label]}\nThe answer is {letter}.", "reference": letter,
+            # log-likelihood scoring (choice_scoring: loglikelihood) scores each ending after the context alone
+            "candidates": endings, "scoring_context": context}
+
+
+def hellaswag_hub_row(row: dict) -> dict:
+    """A `Rowan/hellaswag` row (activity_label, ctx, endings, label as a string) in the form above."""
+    return {"context": f"{row['activity_label']}: {row['ctx']}", "label": row["label"], "endings": row["endings"]}
+
+
+def hellaswag_rows(path: Path) -> list[dict]:
     """The derived text release: 6 lines per task (context, gold label 0-3, four endings)."""
     with bz2.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -162,14 +187,27 @@ def read_hellaswag(path: Path) -> list[dict]:
         lines.pop()
     if len(lines) % 6:
         raise ValueError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, label, 4 endings)")
-    items = []
-    for k in range(0, len(lines), 6):
-        context, label, endings = lines[k], int(lines[k + 1]), lines[k + 2:k + 6]
-        letter = LETTERS[label]
-        prompt = _choice_prompt(f"Choose the most plausible ending.\n{context}", endings)
-        items.append((prompt, f" {endings[label].strip()}\nThe answer is {letter}.", letter))
-    records = _records(items)
-    for k, r in enumerate(records):
-        r["endings"] = lines[6 * k + 2:6 * k + 6]
-        r["context"] = lines[6 * k]
-    return records
+    return [{"context": lines[k], "label": lines[k + 1], "endings": lines[k + 2:k + 6]}
+            for k in range(0, len(lines), 6)]
+
+
+# --- whole files (the mirror's formats) --------------------------------------------------------------------
+
+def read_gsm8k(path: Path) -> list[dict]:
+    return _records([gsm8k_example(r) for r in _load_json_or_lines(path)])
+
+
+def read_svamp(path: Path) -> list[dict]:
+    return _records([svamp_example(r) for r in _load_json_or_lines(path)])
+
+
+def read_aqua(path: Path) -> list[dict]:
+    return _records([aqua_example(r) for r in _load_json_or_lines(path)])
+
+
+def read_mathqa(path: Path) -> list[dict]:
+    return _records([mathqa_example(r) for r in _load_json_or_lines(path)])
+
+
+def read_hellaswag(path: Path) -> list[dict]:
+    return _records([hellaswag_example(r) for r in hellaswag_rows(path)])

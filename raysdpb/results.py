@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "STATUSES", "TERMINAL", "FINISHED", "curve_row", "metric_direction", "summarize_trial", "to_table", "write_table",
     "read_rows", "best_per_method", "format_table", "ResultsRecorder", "TrialInfo", "filesystem", "join",
-    "read_json", "write_json",
+    "read_json", "write_json", "remove_stale_temporaries",
 ]
 
 STATUSES = ("pending", "running", "completed", "stopped_by_asha", "diverged", "errored", "interrupted")
@@ -73,15 +73,28 @@ def _exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+_TMP_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>-<random>`
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_table(table: pa.Table, path: str) -> None:
-    """Write a Parquet file atomically: locally a temporary file renamed over the target, on an object
-    store one upload (objects appear whole)."""
+    """Write a Parquet file atomically: locally a temporary file, flushed to disk and renamed over the
+    target (a reader, or a sweep killed at any moment, sees the old file or the new one, never half of one);
+    on an object store one upload (objects appear whole)."""
     fs, p = filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp = f"{p}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             pq.write_table(table, tmp)
+            _fsync(tmp)
             os.replace(tmp, p)
         finally:
             if os.path.exists(tmp):
@@ -89,6 +102,32 @@ def write_table(table: pa.Table, path: str) -> None:
     else:
         fs.create_dir(os.path.dirname(p), recursive=True)
         pq.write_table(table, p, filesystem=fs)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove the temporary files a writer killed mid-write left in a local folder (`*.tmp-<pid>-*` of a
+    process that is gone); returns their paths."""
+    fs, p = filesystem(folder)
+    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(p):
+        return []
+    removed = []
+    for name in os.listdir(p):
+        if _TMP_MARK not in name:
+            continue
+        try:
+            pid = int(name.rsplit(_TMP_MARK, 1)[1].split("-")[0])
+            os.kill(pid, 0)
+            continue  # its writer is still alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        try:
+            os.unlink(os.path.join(p, name))
+            removed.append(os.path.join(p, name))
+        except OSError:
+            pass
+    return removed
 
 
 def read_rows(path: str) -> list[dict]:
@@ -104,10 +143,16 @@ def write_json(path: str, data: Any) -> None:
     payload = json.dumps(data, default=str).encode()
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, p)
+        tmp = f"{p}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     else:
         with fs.open_output_stream(p) as f:
             f.write(payload)
@@ -303,6 +348,8 @@ class ResultsRecorder:
 
     # resume: what an earlier run of the sweep already recorded
     def load(self) -> None:
+        for folder in (self.experiment_path, join(self.experiment_path, "finished")):
+            remove_stale_temporaries(folder)  # a run killed while writing
         for row in read_rows(self.curves_path):
             state = self.trials.get(row.get("trial_id"))
             if state is not None:
@@ -333,12 +380,13 @@ class ResultsRecorder:
             return
         row = curve_row(trial_id, result)
         key = (row.get("step"), row.get("epoch"))
-        if row.pop("replayed", None) and key in state.curves:
+        replayed = row.pop("replayed", None)
+        if stopped:  # the scheduler may stop a resumed trial on a report it sends again
+            state.stopped_at = state.curves.get(key, row)
+        if replayed and key in state.curves:
             return  # a resumed trial sending again a report that was already recorded
         state.curves[key] = row
         state.status = "running"
-        if stopped:
-            state.stopped_at = row
         if time.monotonic() - self._last_write >= self.flush_every_s:
             self.write()
 

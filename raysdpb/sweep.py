@@ -14,7 +14,12 @@
 * ASHA (`ray.tune.schedulers.ASHAScheduler`) stops weak trials on the validation metric (default: the task's
   main metric, `eval_<metric>`), measured in epochs by default.
 * Checkpoints: Ray Train keeps `keep_checkpoints` per trial (best by the metric, plus always the latest);
-  Train and Tune retry failures up to `max_failures` times, resuming from the latest checkpoint.
+  Train and Tune retry failures up to `max_failures` times, resuming from the newest whole checkpoint on the
+  storage (which can be newer than the one Train registered: see `RayTrainContext.latest_checkpoint`). Each
+  checkpoint holds the reports up to it, which a resumed run sends again so that Tune misses none.
+* Before Ray starts (and with `--dry-run`), every local data file the trials will read is read once, so a
+  broken file is one error line, not a failure of every trial. docs/reliability.md lists the failures a sweep
+  survives and the tests that show it.
 * The experiment lives at `<storage_path>/<name>` (a local folder, or a cloud URI such as `s3://bucket/x`):
   Tune's state, `trials.parquet`, `curves.parquet`, TensorBoard events (`tensorboard --logdir` on it), and
   `train_runs/<trial_id>` (the checkpoints). The name has no timestamp, so `--resume` finds it again:
@@ -49,8 +54,9 @@ from raysdpb.results import (ResultsRecorder, TrialInfo, best_per_method, filesy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayTrainContext", "SweepPlan", "plan_sweep", "check_resources", "max_concurrent_trials",
-           "train_worker", "trial_driver", "main"]
+__all__ = ["RayTrainContext", "SweepPlan", "plan_sweep", "check_data", "check_resources", "max_concurrent_trials",
+           "train_worker", "trial_driver", "stored_checkpoints", "prune_unregistered_checkpoints", "worker_scratch",
+           "main"]
 
 # what each Tune trial (the Train driver) reserves: no CPU, so that the trial's CPUs are its workers'
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
@@ -58,8 +64,11 @@ DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
 _PROPAGATED_ENV_PREFIXES = ("RAYSDPB_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "RAY_TRAIN_V2_ENABLED")
 # the workers' placement group, reported so that the sweep can release it if the trial is stopped (below)
 PLACEMENT_GROUP_KEY = "worker_placement_group"
-# the report a checkpoint was saved with, kept inside it (a resumed run sends it again)
+# the reports of the run up to a checkpoint, kept inside it (a resumed run sends them again)
 REPORT_FILE = "raysdpb_report.json"
+# the sizes of a checkpoint's files, written last: a checkpoint folder on the storage is whole when they match
+MANIFEST_FILE = "raysdpb_manifest.json"
+CHECKPOINT_PREFIX = "checkpoint_step_"
 # training metrics the engine reports besides eval_<metric> (ASHA may use them too, e.g. train_loss with mode min)
 _TRAIN_METRICS = ("train_loss", "train_ce", "train_distill", "alpha_mean", "tau_mean")
 
@@ -154,6 +163,36 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     return SweepPlan(experiment, sweep, points, metric, mode, max_t, storage, join(storage, sweep.name))
 
 
+def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = False) -> None:
+    """Read every split the trials will read from local files (a `data_dir` mirror or a custom task's files)
+    once, so that a broken file ends the sweep with one `UserError` naming the file, record and field before
+    Ray starts, instead of failing every trial on the workers. Data from the hub is left to the workers; so
+    is a `data_dir` this machine does not have when the sweep runs on a cluster (`cluster`)."""
+    from raysdpb.tasks import data_dir_from, load_examples, resolve_task
+
+    seen = set()
+    for point in plan.points:
+        cfg = point.config
+        key = (cfg.task, cfg.data_dir, repr(cfg.custom_task), cfg.train_split, cfg.eval_split)
+        if key in seen:
+            continue
+        seen.add(key)
+        data_dir = data_dir_from(cfg.data_dir)
+        if cfg.task != "custom" and data_dir is None:
+            continue  # the hub
+        if cluster and data_dir is not None and not Path(data_dir).exists():
+            log.warning("%s: data_dir %s is not on this machine; the workers will read it", source, data_dir)
+            continue
+        task = resolve_task(cfg)
+        splits = [cfg.train_split or task.train_split]
+        splits += [cfg.eval_split] if cfg.eval_split else [split for split, _ in task.eval_splits]
+        for split in dict.fromkeys(splits):
+            try:
+                load_examples(task, split, data_dir, custom=cfg.custom_task)
+            except UserError as err:
+                raise UserError(f"{source}: {err}") from None
+
+
 def _node_resources(nodes: list[dict]) -> list[dict]:
     return [n.get("Resources", n) for n in nodes if n.get("Alive", True)]
 
@@ -210,7 +249,7 @@ class RayTrainContext(WorkerContext):
     checkpoints through `ray.train.report`, resume from `ray.train.get_checkpoint()`, TensorBoard events
     (rank 0) under the experiment folder (written locally and copied there when it is a cloud URI)."""
 
-    def __init__(self, tensorboard_path: str) -> None:
+    def __init__(self, tensorboard_path: str, run_path: str | None = None) -> None:
         import ray
         import ray.train
 
@@ -218,9 +257,11 @@ class RayTrainContext(WorkerContext):
         self.rank = train_context.get_world_rank()
         self.world_size = train_context.get_world_size()
         self.local_rank = train_context.get_local_rank()
-        self.scratch = Path(tempfile.mkdtemp(prefix="raysdpb-worker-"))
+        self.scratch = worker_scratch()
         self.reports = 0
         self.resumed_report: dict | None = None  # the report saved with the checkpoint this run resumed from
+        self.lineage: list[dict] = []  # every report up to now: those of the resumed checkpoint, then this run's
+        self.run_path = run_path  # <experiment>/train_runs/<trial_id>: where Train keeps this trial's checkpoints
         self._remote_tensorboard = tensorboard_path if "://" in tensorboard_path else None
         local_tb = self.scratch / "tensorboard" if self._remote_tensorboard else Path(tensorboard_path)
         super().__init__(local_tb if self.rank == 0 else None)
@@ -249,14 +290,12 @@ class RayTrainContext(WorkerContext):
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         import ray.train
 
-        if self.reports == 0 and self.resumed_report is not None:
-            # first report after a resume: send the report the checkpoint was saved with again, in case the
-            # sweep stopped after Train kept the checkpoint but before Tune saw that report (results drop it
-            # where they have it already)
-            self._send({**self.resumed_report, "replayed": 1})
+        self._replay()
+        self.lineage.append(dict(metrics))
         checkpoint = None
         if checkpoint_dir is not None and self.is_main and any(Path(checkpoint_dir).iterdir()):
-            (Path(checkpoint_dir) / REPORT_FILE).write_text(json.dumps(metrics, default=str))
+            (Path(checkpoint_dir) / REPORT_FILE).write_text(json.dumps(self.lineage, default=str))
+            write_manifest(Path(checkpoint_dir))
             checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         self._send(metrics, checkpoint)
         if checkpoint_dir is not None:
@@ -268,16 +307,25 @@ class RayTrainContext(WorkerContext):
 
         metrics = {**metrics, "world_size": self.world_size, "worker_node_id": self.node_id,
                    "worker_node_ip": self.node_ip, "num_worker_nodes": len(self.worker_nodes),
-                   PLACEMENT_GROUP_KEY: self.placement_group}
+                   "worker_pid": os.getpid(), PLACEMENT_GROUP_KEY: self.placement_group}
+        if self.resumed_report is not None:  # this run restarted from the checkpoint of that step
+            metrics["resumed_from_step"] = int(self.resumed_report.get("step", 0))
         # every rank reports (Train waits for all); only rank 0 hands over the checkpoint it wrote
         self.reports += 1
-        name = f"checkpoint_step_{int(metrics.get('step', 0)):08d}" if checkpoint else None
+        name = f"{CHECKPOINT_PREFIX}{int(metrics.get('step', 0)):08d}" if checkpoint else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
-    def announce_resumed_report(self) -> None:
-        """A resumed run that had nothing left to train: send the checkpoint's report (see `report`)."""
+    def _replay(self) -> None:
+        """Before the first report after a resume: send again every report up to the checkpoint, in case Tune
+        missed some (a report Train never passed on because its worker died right after it, or reports made
+        while the sweep was being stopped); the results drop those they have already."""
         if self.reports == 0 and self.resumed_report is not None:
-            self._send({**self.resumed_report, "replayed": 1})
+            for past in self.lineage:
+                self._send({**past, "replayed": 1})
+
+    def announce_resumed_report(self) -> None:
+        """A resumed run that had nothing left to train: send the checkpoint's reports (see `_replay`)."""
+        self._replay()
 
     def new_checkpoint_dir(self, step: int, reported: bool = True) -> Path | None:
         # Ray Train persists a checkpoint with a report; checkpoints between reports are not kept on Ray
@@ -286,18 +334,45 @@ class RayTrainContext(WorkerContext):
         return Path(tempfile.mkdtemp(prefix=f"step_{step:08d}_", dir=self.scratch))
 
     def latest_checkpoint(self) -> Path | None:
-        import pyarrow.fs
+        """The checkpoint to resume from: the newer of the one Ray Train hands over and the newest whole one
+        on the storage. Train learns of a checkpoint only when its controller next polls the worker, so a
+        worker that dies within that moment (seconds) after a report leaves a checkpoint on the storage that
+        Train never registered, and Train would restart from an older one, or from scratch."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        chosen = (checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None
+        if self.run_path and self.is_main:
+            stored = stored_checkpoints(self.run_path)
+            if stored and (chosen is None or stored[-1][0] > checkpoint_step(chosen[1])):
+                fs, _ = filesystem(self.run_path)
+                chosen = (fs, stored[-1][1])
+                log.warning("resuming from %s, newer than the checkpoint Ray Train registered (%s)",
+                            chosen[1], checkpoint.path if checkpoint is not None else "none")
+        if self.world_size > 1:  # every rank resumes from rank 0's choice
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                box = [chosen[1] if chosen is not None else None]
+                dist.broadcast_object_list(box, src=0)
+                if box[0] is None:
+                    chosen = None
+                elif chosen is None or chosen[1] != box[0]:
+                    chosen = (filesystem(self.run_path)[0] if self.run_path else checkpoint.filesystem, box[0])
+        if chosen is None:
             return None
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            path = Path(checkpoint.path)
+        import pyarrow.fs
+
+        fs, where = chosen
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            path = Path(where)
         else:
-            path = Path(checkpoint.to_directory(str(self.scratch / "restored")))
+            path = self.scratch / "restored"
+            pyarrow.fs.copy_files(where, str(path), source_filesystem=fs)
         if (path / REPORT_FILE).exists():
-            self.resumed_report = json.loads((path / REPORT_FILE).read_text())
+            saved = json.loads((path / REPORT_FILE).read_text())
+            self.lineage = saved if isinstance(saved, list) else [saved]  # one report: an older checkpoint
+            self.resumed_report = self.lineage[-1] if self.lineage else None
         return path
 
     def _sync_tensorboard(self) -> None:
@@ -315,11 +390,119 @@ class RayTrainContext(WorkerContext):
         super().close()
 
 
+def write_manifest(folder: Path) -> None:
+    """Record the size of every file of a checkpoint folder (the last file written into it)."""
+    sizes = {f.name: f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name != MANIFEST_FILE}
+    (folder / MANIFEST_FILE).write_text(json.dumps(sizes, sort_keys=True))
+
+
+def checkpoint_step(path: str) -> int:
+    """The step in a checkpoint folder's name (`checkpoint_step_00000042` -> 42; -1 for other names)."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    try:
+        return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) else -1
+    except ValueError:
+        return -1
+
+
+def stored_checkpoints(run_path: str) -> list[tuple[int, str]]:
+    """`(step, path)` of the whole checkpoints on the storage under a Train run's folder, oldest first: those
+    whose files all have the sizes their manifest records (a checkpoint half-uploaded when its worker died
+    is left out)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(run_path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return []
+    found = []
+    for info in infos:
+        step = checkpoint_step(info.path)
+        if info.type != pafs.FileType.Directory or step < 0:
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{MANIFEST_FILE}") as f:
+                sizes = json.loads(f.read().decode())
+            files = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(info.path))}
+        except (OSError, ValueError):
+            continue
+        if all(files.get(name) == size for name, size in sizes.items()):
+            found.append((step, info.path))
+    return sorted(found)
+
+
+def prune_unregistered_checkpoints(run_path: str) -> list[str]:
+    """Remove the checkpoint folders of a Train run that its checkpoint manager does not know (one a worker
+    uploaded just before it died, which Train never registered and so never deletes) once a newer registered
+    one supersedes them, and half-uploaded ones; so a trial keeps about `keep_checkpoints` on the storage. An
+    unregistered checkpoint newer than every registered one stays: it is what a retry resumes from (see
+    `RayTrainContext.latest_checkpoint`). Returns the removed paths."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(run_path)
+    snapshot = read_json(join(run_path, "checkpoint_manager_snapshot.json"))
+    if not isinstance(snapshot, dict):
+        return []
+    results = list(snapshot.get("checkpoint_results") or []) + [snapshot.get("latest_checkpoint_result") or {}]
+    registered = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)} - {None}
+    newest_registered = max((checkpoint_step(name) for name in registered), default=-1)
+    whole = {path for _, path in stored_checkpoints(run_path)}
+    removed = []
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return []
+    for info in infos:
+        step = checkpoint_step(info.path)
+        if info.type != pafs.FileType.Directory or step < 0 or info.base_name in registered:
+            continue
+        if step < newest_registered or info.path not in whole:
+            try:
+                fs.delete_dir(info.path)
+                removed.append(info.path)
+            except OSError as err:
+                log.warning("could not remove the unregistered checkpoint %s: %s", info.path, err)
+    return removed
+
+
+SCRATCH_ENV = "RAYSDPB_SCRATCH_DIR"
+_SCRATCH_PREFIX = "raysdpb-worker-"
+
+
+def worker_scratch() -> Path:
+    """A worker's scratch folder (checkpoints on their way to the storage, restored checkpoints, events
+    bound for a cloud URI) under `$RAYSDPB_SCRATCH_DIR` or the system's temporary folder, named after the
+    worker's pid. The worker removes it when it ends; a worker that was killed cannot, so each new worker
+    first removes the folders of workers that are no longer alive (a trial killed again and again must not
+    fill the disk)."""
+    root = Path(os.environ.get(SCRATCH_ENV) or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{_SCRATCH_PREFIX}*-*"):
+        try:
+            pid = int(stale.name[len(_SCRATCH_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=root))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker of a trial: the engine's training loop."""
     from raysdpb.engine import run_trial
 
-    context = RayTrainContext(loop_config["tensorboard_path"])
+    context = RayTrainContext(loop_config["tensorboard_path"], loop_config.get("run_path"))
     try:
         result = run_trial(TrialConfig.model_validate(loop_config["trial"]), context)
         context.announce_resumed_report()  # resumed from the checkpoint of the last epoch: nothing was reported
@@ -352,7 +535,8 @@ def trial_driver(config: dict, settings: dict) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": trial_config, "trial_id": trial_id,
-                           "tensorboard_path": join(experiment, "tensorboard", trial_id)},
+                           "tensorboard_path": join(experiment, "tensorboard", trial_id),
+                           "run_path": join(experiment, "train_runs", trial_id)},
         scaling_config=ray.train.ScalingConfig(num_workers=settings["num_workers"], use_gpu=settings["use_gpu"],
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -366,7 +550,12 @@ def trial_driver(config: dict, settings: dict) -> None:
             failure_config=ray.train.FailureConfig(max_failures=settings["max_failures"]),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        removed = prune_unregistered_checkpoints(join(experiment, "train_runs", trial_id))
+        if removed:
+            log.info("removed %d checkpoint(s) Ray Train never registered: %s", len(removed), ", ".join(removed))
 
 
 def _trial_name(trial) -> str:
@@ -630,7 +819,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a YAML config with search: and sweep: blocks (e.g. sweeps/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.name=try2 search.seed=[0,1]")
     p.add_argument("--resume", action="store_true", help="continue the sweep of the same name where it stopped")
-    p.add_argument("--dry-run", action="store_true", help="print the trials of the grid and exit (no Ray)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and the local data files, print the trials of the grid and exit (no Ray)")
     p.add_argument("-q", "--quiet", action="store_true", help="less output from Tune")
     return p
 
@@ -641,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     experiment = load_experiment(args.config, args.overrides)
     plan = plan_sweep(experiment, source=args.config)
+    check_data(plan, args.config, cluster=bool(os.environ.get("RAY_ADDRESS") or plan.sweep.address))
     if args.dry_run:
         for point in plan.points:
             print(f"{point.trial_id}  {point.label}")

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
@@ -46,7 +47,7 @@ from raysdpb.errors import UserError
 
 __all__ = [
     "TaskSpec", "HubSource", "LocalFiles", "LocalSource", "TASKS", "register", "get_task", "resolve_task",
-    "custom_task_spec", "load_examples", "data_dir_from", "DATA_DIR_ENV",
+    "custom_task_spec", "load_examples", "parse_split", "data_dir_from", "DATA_DIR_ENV",
     # building blocks for new entries
     "tsv_reader", "jsonl_reader", "wic_text_reader", "records_reader", "as_is", "pair",
 ]
@@ -177,14 +178,46 @@ def load_examples(task: TaskSpec | str, split: str, data_dir: str | None = None,
         spec = custom_task_spec(custom, data_dir)
     else:
         spec = get_task(task)
-    if split not in spec.splits:
-        raise UserError(f"task {spec.name}: unknown split {split!r}; allowed: {', '.join(spec.splits)}")
+    base, window = parse_split(split)
+    if base not in spec.splits:
+        raise UserError(f"task {spec.name}: unknown split {base!r}; allowed: {', '.join(spec.splits)} "
+                        "(a slice such as 'train[:1000]' or 'validation[80%:]' of one of them also works)")
     if spec.local is not None and (data_dir is not None or spec.hub is None):
-        return _load_local(spec, split, data_dir)
-    if spec.hub is None:
+        records = _load_local(spec, base, data_dir)
+    elif spec.hub is None:
         raise UserError(f"task {spec.name} has no hub source: set {DATA_DIR_ENV} (or data_dir: in the config) "
                         "to a local mirror laid out like shared/data")
-    return _load_hub(spec, split)
+    else:
+        records = _load_hub(spec, base)
+    if window is None:
+        return records
+    start, stop = (_slice_bound(b, len(records)) for b in window)
+    sliced = records[start:stop]
+    if not sliced:
+        raise UserError(f"task {spec.name}: split {split!r} is empty ({base} has {len(records)} records)")
+    return sliced
+
+
+_SPLIT_SLICE = re.compile(r"^\s*([^\[\]]+?)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+
+
+def parse_split(split: str) -> tuple[str, tuple[str | None, str | None] | None]:
+    """`"train"` -> ("train", None); `"validation[:80%]"` -> ("validation", (None, "80%")), as in `datasets`."""
+    m = _SPLIT_SLICE.match(split)
+    if m is None:
+        raise UserError(f"split {split!r}: expected a split name, optionally sliced like 'train[:1000]' or "
+                        "'validation[80%:]'")
+    if "[" not in split:
+        return m.group(1), None
+    return m.group(1), (m.group(2), m.group(3))
+
+
+def _slice_bound(bound: str | None, n: int) -> int | None:
+    if bound is None:
+        return None
+    if bound.endswith("%"):
+        return round(int(bound[:-1]) * n / 100)
+    return int(bound)
 
 
 def _where(path: Path | str, record: int, line: int | None) -> str:
@@ -633,6 +666,126 @@ register(TaskSpec(
 ))
 
 
+# --- decoder-only (NLG) tasks: prompt + answer, evaluated by generation (raysdpb.nlg) ------------------------
+
+def _json_records_reader(paths: Sequence[Path]) -> Iterator[RawRow]:
+    """A JSON array of objects, or JSON lines (AQuA's `.json` files are JSON lines)."""
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err})") from None
+        if not text.lstrip().startswith("["):
+            yield from _jsonl_rows(path)
+            continue
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise UserError(f"{_where(path, i + 1, None)}: unreadable row: expected a JSON object, "
+                                f"got {type(row).__name__}")
+            yield path, i + 1, None, row
+
+
+def _hellaswag_reader(paths: Sequence[Path]) -> Iterator[RawRow]:
+    from raysdpb.nlg import hellaswag_rows
+
+    for path in paths:
+        try:
+            rows = hellaswag_rows(path)
+        except (OSError, EOFError, ValueError) as err:
+            raise UserError(f"{path}: unreadable HellaSwag text release ({err})") from None
+        for i, row in enumerate(rows):
+            yield path, i + 1, 6 * i + 1, row
+
+
+def _sliced(reader: Reader, start: int | None, stop: int | None) -> Reader:
+    def read(paths: Sequence[Path]) -> Iterator[RawRow]:
+        yield from list(reader(paths))[start:stop]
+
+    return read
+
+
+def _nlg(example: Callable[[dict], dict], hub_row: Callable[[dict], dict] | None = None) -> Converter:
+    """A converter from one of `raysdpb.nlg`'s example builders; a missing or bad field names itself."""
+
+    def convert(row: Mapping[str, Any], spec: TaskSpec) -> dict:
+        try:
+            return example(hub_row(dict(row)) if hub_row else dict(row))
+        except KeyError as err:
+            fields = ", ".join(str(k) for k in row.keys())
+            raise _RowError(str(err.args[0]), f"missing (the record has: {fields or 'no fields'})") from None
+        except (ValueError, TypeError, AttributeError) as err:
+            name, _, message = str(err).partition(": ")
+            raise _RowError(name if message else "record", message or str(err)) from None
+
+    return convert
+
+
+def _register_nlg() -> None:
+    from raysdpb import nlg
+
+    gsm8k, svamp = _nlg(nlg.gsm8k_example), _nlg(nlg.svamp_example)
+    aqua, mathqa = _nlg(nlg.aqua_example), _nlg(nlg.mathqa_example)
+    hellaswag = _nlg(nlg.hellaswag_example)
+    register(TaskSpec(
+        name="nlg/gsm8k", kind="generation", labels=(), metrics=("exact_match",), answer_type="number",
+        eval_splits=(("test", ""),),
+        hub=HubSource("openai/gsm8k", "main", gsm8k, splits={"train": "train", "test": "test"}),
+        local=LocalSource({split: (LocalFiles((f"nlg/gsm8k/{split}.jsonl",), jsonl_reader, gsm8k),)
+                           for split in ("train", "test")}),
+    ))
+    # SVAMP is one 1000-problem challenge set. The hub's ChilleD/SVAMP splits it 700/300; from the original
+    # file the mirror takes the first 700 as train and the last 300 as test (same sizes, not the same problems),
+    # and `all` is the whole set (e.g. train_split: gsm8k-style training elsewhere, eval_split: all)
+    svamp_file = ("nlg/svamp/SVAMP.json",)
+    register(TaskSpec(
+        name="nlg/svamp", kind="generation", labels=(), metrics=("exact_match",), answer_type="number",
+        eval_splits=(("test", ""),),
+        hub=HubSource("ChilleD/SVAMP", None, svamp, splits={"train": "train", "test": "test"}),
+        local=LocalSource({
+            "train": (LocalFiles(svamp_file, _sliced(_json_records_reader, None, 700), svamp),),
+            "test": (LocalFiles(svamp_file, _sliced(_json_records_reader, 700, None), svamp),),
+            "all": (LocalFiles(svamp_file, _json_records_reader, svamp),),
+        }),
+    ))
+    register(TaskSpec(
+        name="nlg/aqua", kind="generation", labels=tuple(nlg.LETTERS), metrics=("exact_match",), answer_type="choice",
+        eval_splits=(("test", ""),),
+        hub=HubSource("deepmind/aqua_rat", "raw", aqua, splits={"train": "train", "validation": "validation",
+                                                                "test": "test"}),
+        local=LocalSource({"validation": (LocalFiles(("nlg/aqua/dev.json",), _json_records_reader, aqua),),
+                           "test": (LocalFiles(("nlg/aqua/test.json",), _json_records_reader, aqua),)},
+                          note="the shared mirror has AQuA's dev and test files only: set train_split: validation "
+                               "(or add nlg/aqua/train.json)"),
+    ))
+    register(TaskSpec(
+        name="nlg/mathqa", kind="generation", labels=tuple(nlg.LETTERS), metrics=("exact_match",),
+        answer_type="choice", eval_splits=(("test", ""),),
+        hub=HubSource("allenai/math_qa", None, mathqa, splits={"train": "train", "validation": "validation",
+                                                             "test": "test"}),
+        local=LocalSource({"validation": (LocalFiles(("nlg/mathqa/dev.json",), _json_records_reader, mathqa),),
+                           "test": (LocalFiles(("nlg/mathqa/test.json",), _json_records_reader, mathqa),)},
+                          note="the shared mirror has MathQA's dev and test files only: set train_split: validation "
+                               "(or add nlg/mathqa/train.json)"),
+    ))
+    register(TaskSpec(
+        name="nlg/hellaswag", kind="generation", labels=tuple(nlg.LETTERS[:4]), metrics=("exact_match",),
+        answer_type="choice",
+        hub=HubSource("Rowan/hellaswag", None, _nlg(nlg.hellaswag_example, nlg.hellaswag_hub_row)),
+        local=LocalSource({"validation": (LocalFiles(("nlg/hellaswag/hellaswag_val_full.txt.bz2",),
+                                                     _hellaswag_reader, hellaswag),)},
+                          note="the shared mirror has HellaSwag's validation set only: train and evaluate on "
+                               "slices of it, e.g. train_split: 'validation[:8000]', eval_split: "
+                               "'validation[8000:]'"),
+    ))
+
+
+_register_nlg()
+
+
 # --- custom tasks from the user's files ------------------------------------------------------------------
 
 CUSTOM_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet",
@@ -670,6 +823,8 @@ def _read_custom_file(path: Path, fmt: str) -> Iterator[RawRow]:
     if fmt == "json":
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err})") from None
         except json.JSONDecodeError as err:
             if err.msg == "Extra data":  # JSON lines under a .json name
                 return _jsonl_rows(path)

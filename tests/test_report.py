@@ -1,0 +1,383 @@
+"""The report: its numbers on hand-made trials with known answers, its sections when pieces are missing, a
+report of a real (tiny) sweep checked against the sweep's Parquet files, and its HTML rendered by headless
+Chromium."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from raysdpb.errors import UserError, run_cli
+from raysdpb.report import build_report, main
+from raysdpb.report.tables import (alpha_tau_grid, cost_table, paired_comparisons, prepare, results_table,
+                                   select_configs)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trials(rows: list[dict], **common) -> pd.DataFrame:
+    """Trial rows as trials.parquet has them (only the columns the report reads)."""
+    base = dict(task="superglue/cb", model="tiny-bert", lr=1e-4, alpha=1.0, tau=2.0, seed=0, status="completed",
+                epochs=2, epochs_run=2.0, planned_epochs=2.0, wall_time_s=60.0, last_world_size=1)
+    out = []
+    for i, row in enumerate(rows):
+        row = {**base, **common, **row}
+        row.setdefault("trial_id", f"{row['method']}-{i:08x}")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _seeds(method: str, values: list[float], **config) -> list[dict]:
+    return [dict(method=method, seed=s, best_eval_accuracy=v, **config) for s, v in enumerate(values)]
+
+
+def _write(folder: Path, trials: pd.DataFrame, curves: pd.DataFrame | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    trials.to_parquet(folder / "trials.parquet")
+    if curves is not None:
+        curves.to_parquet(folder / "curves.parquet")
+    return folder
+
+
+# --- the numbers, on hand-made trials -------------------------------------------------------------------
+
+def test_best_configuration_is_the_best_mean_over_seeds_not_the_best_trial():
+    trials = _trials(
+        _seeds("dynsdpb", [0.70, 0.80, 0.75], lr=1e-4)        # mean 0.75
+        + _seeds("dynsdpb", [0.95, 0.50, 0.60], lr=3e-5)     # holds the best single trial, mean 0.683
+        + _seeds("finetune", [0.60, 0.70, 0.65])
+        + [dict(method="finetune", seed=3, best_eval_accuracy=0.99, status="errored"),   # not finished: out
+           dict(method="finetune", seed=4, best_eval_accuracy=None)])                  # never reported: out
+    selection = select_configs(prepare(trials)).set_index("method")
+    dyn = selection.loc["dynsdpb"]
+    assert dict(dyn.config)["lr"] == 1e-4 and dyn.label == "lr=0.0001"
+    assert dyn["mean"] == pytest.approx(0.75)
+    assert dyn["std"] == pytest.approx(0.05)  # sample std of 0.70, 0.80, 0.75
+    assert dyn.n == 3 and dyn.n_trials == 6 and dyn.n_configs == 2
+    assert dyn.seeds == {0: 0.70, 1: 0.80, 2: 0.75}
+    assert dyn.best_trial_id == trials.trial_id[1]  # its best seed (0.80)
+    ft = selection.loc["finetune"]
+    assert ft["mean"] == pytest.approx(0.65) and ft.n == 3 and ft.n_trials == 3
+
+    table = results_table(select_configs(prepare(trials)))
+    assert table.columns == ["method", "superglue/cb (eval_accuracy)"]
+    assert table.rows == [["finetune", "65.00 ± 5.00 (n=3/3)"], ["dynsdpb", "75.00 ± 5.00 (n=3/6)"]]
+    assert table.bold == {(1, 1)}
+
+
+def test_ties_more_seeds_and_a_single_seed_has_no_std():
+    trials = _trials(_seeds("finetune", [0.5], lr=1e-3) + _seeds("finetune", [0.6, 0.4], lr=1e-4)
+                     + _seeds("dynsdpb", [0.5]))
+    selection = select_configs(prepare(trials)).set_index("method")
+    assert dict(selection.loc["finetune"].config)["lr"] == 1e-4  # equal means: the one with more seeds
+    assert math.isnan(selection.loc["dynsdpb"]["std"])
+    table = results_table(select_configs(prepare(trials)))
+    assert table.rows[1] == ["dynsdpb", "50.00 (n=1/1)"]
+    assert table.bold == {(0, 1), (1, 1)}  # a tie: both bold
+
+
+def test_each_task_its_main_metric_and_models_as_columns():
+    trials = _trials(
+        [dict(method="finetune", task="glue/cola", best_eval_matthews=0.30, best_eval_accuracy=0.70),
+         dict(method="finetune", task="glue/mnli", best_eval_accuracy=0.80, best_eval_mm_accuracy=0.10),
+         dict(method="finetune", task="glue/mnli", eval_split="validation_mismatched", best_eval_accuracy=0.75),
+         dict(method="finetune", task="custom", **{"custom_task.metric": "macro_f1"}, best_eval_macro_f1=0.40)])
+    prepared = prepare(trials)
+    assert list(prepared["_metric"]) == ["eval_matthews", "eval_accuracy", "eval_accuracy", "eval_macro_f1"]
+    assert list(prepared["_value"]) == [0.30, 0.80, 0.75, 0.40]
+    assert list(prepare(trials, metric="eval_accuracy", at="best")["_value"][:2]) == [0.70, 0.80]
+
+    two_models = _trials(_seeds("finetune", [0.5, 0.7], model="/models/bert-base")
+                         + _seeds("finetune", [0.6, 0.8], model="minilm-l6"))
+    table = results_table(select_configs(prepare(two_models)))
+    assert table.columns[1:] == ["bert-base / superglue/cb (eval_accuracy)",
+                                 "minilm-l6 / superglue/cb (eval_accuracy)"]
+    assert table.rows == [["finetune", "60.00 ± 14.14 (n=2/2)", "70.00 ± 14.14 (n=2/2)"]]
+
+
+def test_paired_t_test_by_seed_at_the_selected_configurations():
+    ft = [0.60, 0.62, 0.58, 0.61]
+    diffs = [0.02, 0.04, 0.03, 0.05]
+    trials = _trials(
+        _seeds("finetune", ft)
+        # dynsdpb's rows in another seed order, and a seed finetune does not have (not paired)
+        + [dict(method="dynsdpb", seed=s, best_eval_accuracy=ft[s] + diffs[s]) for s in (3, 1, 0, 2)]
+        + [dict(method="dynsdpb", seed=9, best_eval_accuracy=0.0)]
+        + _seeds("dynsdpb", [0.1, 0.1, 0.1, 0.1], alpha=0.5)    # a worse configuration: not the one compared
+        + _seeds("double_finetune", [0.61, 0.60]))
+    comparisons = paired_comparisons(select_configs(prepare(trials)))
+    row = comparisons[(comparisons.method == "dynsdpb") & (comparisons.baseline == "finetune")].iloc[0]
+    assert row.shared == 4 and row.seeds == [0, 1, 2, 3]
+    assert row.mean_diff == pytest.approx(0.035)
+    # by hand: mean 0.035, sample sd 0.0129099, t = 0.035 / (sd / 2) = 5.4222 with 3 degrees of freedom
+    t = 0.035 / (np.std(diffs, ddof=1) / 2)
+    assert t == pytest.approx(5.42218, rel=1e-4)
+    assert row.p == pytest.approx(2 * stats.t.sf(t, df=3), rel=1e-9)
+    assert row.p == pytest.approx(stats.ttest_rel([ft[s] + diffs[s] for s in range(4)], ft).pvalue, rel=1e-9)
+    assert (row.wins, row.ties, row.losses) == (4, 0, 0)
+    # fewer than 3 shared seeds: a mean difference, no p-value
+    short = comparisons[(comparisons.method == "dynsdpb") & (comparisons.baseline == "double_finetune")].iloc[0]
+    assert short.shared == 2 and math.isnan(short.p) and "3 shared seeds" in short.why
+    assert short.mean_diff == pytest.approx(np.mean([0.62 - 0.61, 0.66 - 0.60]))
+    # the two baselines against each other once
+    assert list(zip(comparisons.method, comparisons.baseline)) == [
+        ("double_finetune", "finetune"), ("dynsdpb", "finetune"), ("dynsdpb", "double_finetune")]
+
+
+def test_cost_table_hours_epochs_and_gpus_when_the_columns_say():
+    trials = _trials([dict(method="finetune", wall_time_s=1800.0, seed=0),
+                      dict(method="finetune", wall_time_s=900.0, seed=1, status="stopped_by_asha", epochs_run=1.0),
+                      dict(method="double_finetune", wall_time_s=3600.0, planned_epochs=4.0, epochs_run=4.0,
+                           last_world_size=2)])
+    not_yet = _trials([dict(method="dynsdpb", status="pending", wall_time_s=0.0, epochs_run=0.0)])
+    table, notes = cost_table(prepare(pd.concat([trials, not_yet], ignore_index=True)))
+    # a trial that has not run: counted, but neither "saved by ASHA" nor in the mean time per trial
+    assert table.rows[2] == ["dynsdpb", "1", "0", "0", "pending 1", "0", "2", "0%", "0.000", "—", "0.000"]
+    assert table.rows[3][:8] == ["total", "4", "2", "1", "1", "7", "10", "10%"]
+    table, notes = cost_table(prepare(trials))
+    assert table.columns == ["method", "trials", "completed", "stopped by ASHA", "other", "epochs run",
+                             "epochs planned", "saved by ASHA", "trial-hours", "mean min/trial", "worker-hours"]
+    assert table.rows[0] == ["finetune", "2", "1", "1", "0", "3", "4", "25%", "0.750", "22.50", "0.750"]
+    assert table.rows[1] == ["double_finetune", "1", "1", "0", "0", "4", "4", "0%", "1.000", "60.00", "2.000"]
+    assert table.rows[2][0] == "total" and table.rows[2][8] == "1.750" and table.rows[2][10] == "2.750"
+    assert any("No GPU-hours" in n for n in notes)
+
+    gpus = trials.assign(gpus_per_worker=0.5, use_gpu=[True, True, False])
+    table, notes = cost_table(prepare(gpus))
+    assert table.columns[-1] == "GPU-hours"
+    assert [r[-1] for r in table.rows] == ["0.375", "0.000", "0.375"]  # 0.5 GPU x 1 worker x 0.75 h; no GPU
+    assert any("gpus_per_worker × last_world_size (where use_gpu)" in n for n in notes)
+
+
+def test_alpha_tau_grid_means_over_seeds_and_other_keys():
+    rows = []
+    for alpha in (0.5, 1.0):
+        for tau in (1.0, 2.0, 4.0):
+            for lr in (1e-4, 3e-4):
+                rows += _seeds("random_dlb", [alpha + tau / 10 + lr * 1000, alpha + tau / 10 - lr * 1000],
+                               alpha=alpha, tau=tau, lr=lr)
+    trials = _trials(rows + _seeds("finetune", [0.5, 0.6]))
+    grids, missing = alpha_tau_grid(prepare(trials))
+    assert missing == ["finetune on superglue/cb"]
+    (grid,) = grids
+    assert (grid.method, grid.alpha, grid.tau) == ("random_dlb", [0.5, 1.0], [1.0, 2.0, 4.0])
+    expected = np.array([[a + t / 10 for a in (0.5, 1.0)] for t in (1.0, 2.0, 4.0)])
+    np.testing.assert_allclose(grid.mean, expected)
+    assert (grid.n == 4).all() and grid.seeds == [0, 1] and grid.others == {"lr": [0.0001, 0.0003]}
+
+
+def test_report_draws_the_grid_and_curves_of_hand_made_trials(tmp_path):
+    rows = [dict(method="dynsdpb", alpha=a, tau=t, lr=lr, seed=s, best_eval_accuracy=0.5 + a / 10 + t / 100 + s / 1000)
+            for a in (0.5, 1.0, 2.0) for t in (1.0, 4.0) for lr in (1e-4, 3e-4) for s in (0, 1)]
+    trials = _trials(rows + _seeds("finetune", [0.55, 0.56]))
+    curves = pd.DataFrame([dict(trial_id=tid, step=4 * e, epoch=float(e), train_loss=1.0 / e, eval_accuracy=acc)
+                           for tid, acc in zip(trials.trial_id, trials.best_eval_accuracy) for e in (1, 2)])
+    written = build_report([str(_write(tmp_path / "grid", trials, curves))])
+    assert sorted(p.name for p in written["figures"]) == ["curves_superglue-cb.png", "heatmap_superglue-cb.png"]
+    md = written["markdown"].read_text()
+    assert "mean over seeds {0, 1} and over lr ∈ {0.0001, 0.0003}" in md
+    assert "No grid (one alpha and one tau) for: finetune on superglue/cb." in md
+    assert "No alpha_i / tau_i traces" in md and "Left out: no gradient norms." in md
+    # the best configuration: alpha 2, tau 4, either lr (equal means: the first by label)
+    assert "| superglue/cb | dynsdpb | lr=0.0001, alpha=2, tau=4 | 0, 1 | 12 |" in md
+
+
+# --- missing pieces: a sentence, never a crash -----------------------------------------------------------
+
+def test_one_seed_one_method_no_grid_no_grad_norms(tmp_path):
+    exp = _write(tmp_path / "one", _trials([dict(method="dynsdpb", best_eval_accuracy=0.5)]))
+    written = build_report([str(exp)])
+    md = written["markdown"].read_text()
+    assert written["markdown"] == exp / "report" / "report.md" and written["figures"] == []
+    assert "| dynsdpb | **50.00 (n=1/1)** |" in md
+    assert "One seed per configuration: no ± std" in md
+    assert "Left out: one method only (dynsdpb), nothing to compare it with." in md
+    assert "no alpha × tau grid to draw" in md
+    assert "Left out: curves.parquet is missing or empty." in md
+    assert "Left out: no gradient norms." in md
+    assert "<table>" in written["html"].read_text()
+
+
+def test_no_baseline_no_shared_seeds_and_nothing_finished(tmp_path):
+    exp = _write(tmp_path / "a", _trials(_seeds("random_dlb", [0.5, 0.6]) + _seeds("dynsdpb", [0.7, 0.8])))
+    assert "no finetune or double_finetune trials" in build_report([str(exp)])["markdown"].read_text()
+
+    exp = _write(tmp_path / "b", _trials([dict(method="finetune", seed=0, best_eval_accuracy=0.5),
+                                          dict(method="dynsdpb", seed=1, best_eval_accuracy=0.6)]))
+    assert "at most one seed is shared" in build_report([str(exp)])["markdown"].read_text()
+
+    exp = _write(tmp_path / "c", _trials([dict(method="finetune", status="pending"),
+                                          dict(method="dynsdpb", status="running", best_eval_accuracy=0.3)]))
+    md = build_report([str(exp)], tmp_path / "out")["markdown"].read_text()
+    assert "No finished trial has a validation score yet" in md
+    assert "2 trial(s) not finished (pending, running)" in md
+    assert "| total | 2 | 0 | 0 | 2 |" in md  # the cost table still counts them
+
+
+def test_several_experiments_one_table(tmp_path):
+    a = _write(tmp_path / "a", _trials(_seeds("finetune", [0.5, 0.7]) + _seeds("dynsdpb", [0.6, 0.8])))
+    b = _write(tmp_path / "b", _trials(_seeds("finetune", [0.9, 0.7]), task="superglue/rte")
+               .assign(trial_id=lambda d: d.trial_id + "-rte"))
+    # the same trial id again in a second folder counts once
+    c = _write(tmp_path / "c", _trials(_seeds("finetune", [0.5])))
+    written = build_report([str(a), str(b), str(c)], tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert "| method | superglue/cb (eval_accuracy) | superglue/rte (eval_accuracy) |" in md
+    assert "| finetune | 60.00 ± 14.14 (n=2/2) | **80.00 ± 14.14 (n=2/2)** |" in md
+    assert "| dynsdpb | **70.00 ± 14.14 (n=2/2)** | — |" in md
+    assert "1 trial(s) of" in md and "counted once" in md
+
+
+def test_a_folder_without_trials_parquet_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "results" / "sweep1").mkdir(parents=True)
+    _write(tmp_path / "results" / "sweep2", _trials([dict(method="finetune", best_eval_accuracy=0.5)]))
+    assert run_cli(main, [str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raysdpb: error:") and len(err.splitlines()) == 1
+    assert "no trials.parquet here" in err and "sweep2" in err
+    assert run_cli(main, [str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(UserError):
+        build_report([str(tmp_path / "results" / "sweep1")])
+
+
+# --- a real sweep ------------------------------------------------------------------------------------------
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, shared_data_dir):
+    """finetune and dynsdpb, two seeds each, on 32 CB examples with tiny-bert: four trials on a local Ray, all at
+    once (half a CPU each: their start-up, most of their time, overlaps)."""
+    root = tmp_path_factory.mktemp("report-sweep")
+    raw = dict(task="superglue/cb", model="tiny-bert", method="dynsdpb", data_dir=str(shared_data_dir), epochs=2,
+               batch_size=8, eval_batch_size=16, max_length=64, max_train_samples=32, max_eval_samples=16,
+               lr=1e-4, alpha=1.0, tau=2.0, seed=0, log_every_steps=1, grad_norm_every_steps=1,
+               search={"method": ["finetune", "dynsdpb"], "seed": [0, 1]},
+               sweep={"name": "tiny", "storage_path": str(root / "results"), "num_workers": 1,
+                      "cpus_per_worker": 0.5, "keep_checkpoints": 1, "max_failures": 0, "asha": None})
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=root, env=_env(),
+                         capture_output=True, text=True, timeout=480)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return root / "results" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_report(tiny_sweep):
+    out = subprocess.run([sys.executable, "-m", "raysdpb.report", str(tiny_sweep)], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.startswith(f"report: {tiny_sweep / 'report' / 'report.md'}")
+    return tiny_sweep / "report"
+
+
+def _cells(md: str, first: str) -> list[str]:
+    line = next(x for x in md.splitlines() if x.startswith(f"| {first} |"))
+    return [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+
+
+def test_report_of_a_real_sweep_matches_its_parquet(tiny_sweep, tiny_report):
+    trials = pd.read_parquet(tiny_sweep / "trials.parquet")
+    assert len(trials) == 4 and set(trials.status) == {"completed"}
+    md = (tiny_report / "report.md").read_text()
+
+    # the results table, computed here straight from trials.parquet
+    for method, group in trials.groupby("method"):
+        values = group["best_eval_accuracy"].to_numpy()
+        expected = f"{100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f} (n=2/2)"
+        assert _cells(md, method)[1] == expected
+    # the cost table
+    for method, group in trials.groupby("method"):
+        cells = _cells(md, method)
+        if len(cells) == 11:  # the cost table's row (the results table's has 2 cells)
+            assert cells[1:8] == ["2", "2", "0", "0", "4", "4", "0%"]
+            assert cells[8] == f"{group.wall_time_s.sum() / 3600:.3f}"
+    # paired: two seeds, a mean difference but no p-value
+    line = next(x for x in md.splitlines() if x.startswith("| superglue/cb | dynsdpb | finetune |"))
+    acc = trials.set_index(["method", "seed"])["best_eval_accuracy"]
+    diff = np.mean([acc["dynsdpb", s] - acc["finetune", s] for s in (0, 1)])
+    assert f"| 2 | {100 * diff:+.2f} |" in line and "n/a (needs ≥3 shared seeds)" in line
+    # no alpha/tau grid in this sweep: said, not drawn
+    assert "no alpha × tau grid to draw" in md
+
+    # the figures: curves, DynSDPB's alpha/tau, gradient norms from the loop's TensorBoard events
+    names = sorted(p.name for p in tiny_report.glob("*.png"))
+    assert names == ["curves_superglue-cb.png", "dynamics_superglue-cb.png", "grad_norms_superglue-cb.png"]
+    for name in names:
+        data = (tiny_report / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"]({name})" in md
+    assert "finetune next to dynsdpb" in md and "from TensorBoard (`dynamic/alpha_mean`" in md
+    html = (tiny_report / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 3 and 'src="curves' not in html
+
+
+# --- the HTML in a browser ---------------------------------------------------------------------------------
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    found = _chromium()
+    if found is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # scripts/setup.sh installs it; a machine set up otherwise gets it here
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, env=env,
+                       capture_output=True, timeout=900)
+        found = _chromium()
+    if found is None:
+        pytest.skip("headless Chromium is not installed and could not be installed (apt-get install chromium)")
+    return found
+
+
+def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_html_renders_in_headless_chromium(tiny_report, chromium, tmp_path):
+    # a copy of the page that writes, once loaded, how many of its images the browser decoded
+    page = (tiny_report / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+             "document.body.setAttribute('data-decoded', imgs.filter(i => i.complete && i.naturalWidth > 0).length); "
+             "document.body.setAttribute('data-images', imgs.length); });</script>")
+    copy = tmp_path / "report.html"
+    copy.write_text(page.replace("</body>", probe + "</body>"))
+    out = _headless(chromium, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", copy.as_uri())
+    dom = out.stdout
+    assert out.returncode == 0 and "<table>" in dom, out.stderr[-2000:]
+    assert re.search(r'data-decoded="3"', dom) and re.search(r'data-images="3"', dom), dom[:500]
+    assert "<strong>" in dom and "superglue/cb (eval_accuracy)" in dom  # the results table, best in bold
+    assert dom.count("<figure>") == 3
+
+    shot = tmp_path / "page.png"
+    out = _headless(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2400",
+                    (tiny_report / "report.html").as_uri())
+    assert shot.exists() and shot.stat().st_size > 20_000, out.stderr[-2000:]
