@@ -140,6 +140,10 @@ class TrialConfig(_Strict):
         return f"{self.task.replace('/', '-')}_{Path(self.model).name}_{self.method}_seed{self.seed}"
 
 
+# ASHA's default groups: one method on one task with one model of one depth (see raysdpb/scheduler.py)
+ASHA_GROUP_BY = ("task", "model", "num_layers", "method")
+
+
 class AshaConfig(_Strict):
     metric: str | None = Field(None, description="default: the task's main metric, eval_<metric>")
     mode: Literal["max", "min"] = "max"
@@ -149,6 +153,18 @@ class AshaConfig(_Strict):
     # epochs (fractional with eval_every_steps): the unit of grace_period and max_t, and it stays right when a
     # trial resumes from a checkpoint (Tune's training_iteration restarts there)
     time_attr: Literal["training_iteration", "epoch"] = "epoch"
+    group_by: list[str] = Field(default_factory=lambda: list(ASHA_GROUP_BY),
+                                description="trial keys whose values make a group: ASHA compares trials only within "
+                                            "a group ([] for one ASHA over the whole grid)")
+
+    @field_validator("group_by")
+    @classmethod
+    def _known_keys(cls, keys: list[str]) -> list[str]:
+        unknown = [k for k in keys if k not in TrialConfig.model_fields]
+        if unknown:
+            raise ValueError(f"unknown trial key(s) {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(TrialConfig.model_fields)}")
+        return keys
 
 
 class SweepConfig(_Strict):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Hashable
 
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-DEFAULT_GROUP_BY = ("task", "model", "num_layers", "method")
+from raysdpb.config import ASHA_GROUP_BY
 
 
 class GroupedASHA(FIFOScheduler):
@@ -72,4 +72,4 @@ def group_key(config: dict, group_by: tuple[str, ...] | list[str]) -> tuple:
     return tuple(repr(config.get(k)) for k in group_by)
 
 
-__all__ = ["DEFAULT_GROUP_BY", "GroupedASHA", "TrialScheduler", "group_key"]
+__all__ = ["ASHA_GROUP_BY", "GroupedASHA", "group_key"]

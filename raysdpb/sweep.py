@@ -11,8 +11,9 @@
   memory), so a trial's CPUs and GPUs are exactly its Train workers'; `max_concurrent_trials` follows from
   the cluster's resources. The engine wraps DDP itself and keeps its own overlap batch sampler: Ray's
   `prepare_data_loader` is never called (it would swap the sampler for a `DistributedSampler`).
-* ASHA (`ray.tune.schedulers.ASHAScheduler`) stops weak trials on the validation metric (default: the task's
-  main metric, `eval_<metric>`), measured in epochs by default.
+* ASHA stops weak trials on the validation metric (default: the task's main metric, `eval_<metric>`, or
+  `score`, each trial's own task's main metric, when the grid's tasks differ), measured in epochs by default;
+  one ASHA per group of comparable trials (`sweep.asha.group_by`; `raysdpb.scheduler.GroupedASHA`).
 * Checkpoints: Ray Train keeps `keep_checkpoints` per trial (best by the metric, plus always the latest);
   Train and Tune retry failures up to `max_failures` times, resuming from the newest whole checkpoint on the
   storage (which can be newer than the one Train registered: see `RayTrainContext.latest_checkpoint`). Each
@@ -37,7 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is imported anywhere
@@ -49,6 +50,7 @@ from raysdpb.context import WorkerContext  # noqa: E402
 from raysdpb.errors import UserError, run_cli  # noqa: E402
 from raysdpb.grid import TrialPoint, expand, flatten_config  # noqa: E402
 from raysdpb.methods import METHODS  # noqa: E402
+from raysdpb.scheduler import GroupedASHA, group_key  # noqa: E402
 from raysdpb.results import (ResultsRecorder, TrialInfo, best_per_method, filesystem, format_table,  # noqa: E402
                              join, read_json, read_rows, write_json)
 
@@ -70,6 +72,7 @@ REPORT_FILE = "raysdpb_report.json"
 MANIFEST_FILE = "raysdpb_manifest.json"
 CHECKPOINT_PREFIX = "checkpoint_step_"
 # training metrics the engine reports besides eval_<metric> (ASHA may use them too, e.g. train_loss with mode min)
+SCORE_KEY = "score"  # every trial's report repeats its own task's main metric under this name
 _TRAIN_METRICS = ("train_loss", "train_ce", "train_distill", "alpha_mean", "tau_mean")
 
 
@@ -85,6 +88,8 @@ class SweepPlan:
     max_t: float | None           # ASHA's max_t (None without ASHA)
     storage_path: str              # absolute local path or URI
     experiment_path: str           # <storage_path>/<name>
+    score_metrics: dict[str, str] = field(default_factory=dict)  # trial id -> its task's main metric (`score`)
+    asha_groups: dict[str, tuple] = field(default_factory=dict)  # trial id -> its ASHA group (see scheduler.py)
 
     @property
     def trials(self) -> list[TrialInfo]:
@@ -126,26 +131,28 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
         if point.config.device == "cuda" and not sweep.use_gpu:
             raise UserError(f"{source}: device: cuda needs sweep.use_gpu: true (the workers reserve no GPU otherwise)")
 
-    # the metric: ASHA's, the checkpoint score and the summary's (one look at each distinct task)
+    # the metric: ASHA's, the checkpoint score and the summary's (one look at each distinct task). Every trial
+    # also reports `score`, its own task's main metric: the metric of a grid whose tasks have different ones.
     asha = sweep.asha
     by_task: dict[tuple, tuple[str, list[str]]] = {}
+    score_metrics = {}
     for p in points:
         key = (p.config.task, p.config.eval_split, p.config.data_dir, repr(p.config.custom_task))
         if key not in by_task:
             by_task[key] = _main_metric_of(p.config)
+        score_metrics[p.trial_id] = by_task[key][0]
     reported = list(by_task.values())
-    common = set.intersection(*(set(keys) for _, keys in reported))
+    common = set.intersection(*(set(keys) for _, keys in reported)) | {SCORE_KEY}
     metric = asha.metric if asha is not None and asha.metric else None
     if metric is None:
-        metric = reported[0][0]
-        if metric not in common:
-            mains = sorted({main for main, _ in reported})
-            raise UserError(f"{source}: sweep.asha.metric: the tasks of this grid have different main metrics "
-                            f"({', '.join(mains)}); set one they all report ({', '.join(sorted(common)) or 'none'}) "
-                            "or run one sweep per task")
+        mains = {main for main, _ in reported}
+        metric = mains.pop() if len(mains) == 1 else SCORE_KEY
     elif metric not in common and metric not in _TRAIN_METRICS:
         raise UserError(f"{source}: sweep.asha.metric: {metric!r} is not reported by every trial; allowed: "
                         f"{', '.join(sorted(common) + list(_TRAIN_METRICS))}")
+    asha_groups = {}
+    if asha is not None and asha.group_by:
+        asha_groups = {p.trial_id: group_key(p.config.model_dump(), asha.group_by) for p in points}
     mode = asha.mode if asha is not None else "max"
 
     max_t = None
@@ -160,7 +167,8 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
             raise UserError(f"{source}: sweep.asha.grace_period: {asha.grace_period} exceeds max_t={max_t:g}; "
                             f"allowed: 1..{max_t:g}")
     storage = _storage(sweep.storage_path)
-    return SweepPlan(experiment, sweep, points, metric, mode, max_t, storage, join(storage, sweep.name))
+    return SweepPlan(experiment, sweep, points, metric, mode, max_t, storage, join(storage, sweep.name),
+                     score_metrics, asha_groups)
 
 
 def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = False) -> None:
@@ -249,7 +257,7 @@ class RayTrainContext(WorkerContext):
     checkpoints through `ray.train.report`, resume from `ray.train.get_checkpoint()`, TensorBoard events
     (rank 0) under the experiment folder (written locally and copied there when it is a cloud URI)."""
 
-    def __init__(self, tensorboard_path: str, run_path: str | None = None) -> None:
+    def __init__(self, tensorboard_path: str, run_path: str | None = None, score_metric: str | None = None) -> None:
         import ray
         import ray.train
 
@@ -262,6 +270,7 @@ class RayTrainContext(WorkerContext):
         self.resumed_report: dict | None = None  # the report saved with the checkpoint this run resumed from
         self.lineage: list[dict] = []  # every report up to now: those of the resumed checkpoint, then this run's
         self.run_path = run_path  # <experiment>/train_runs/<trial_id>: where Train keeps this trial's checkpoints
+        self.score_metric = score_metric  # reported again as `score` (the task's main metric)
         self._remote_tensorboard = tensorboard_path if "://" in tensorboard_path else None
         local_tb = self.scratch / "tensorboard" if self._remote_tensorboard else Path(tensorboard_path)
         super().__init__(local_tb if self.rank == 0 else None)
@@ -308,6 +317,8 @@ class RayTrainContext(WorkerContext):
         metrics = {**metrics, "world_size": self.world_size, "worker_node_id": self.node_id,
                    "worker_node_ip": self.node_ip, "num_worker_nodes": len(self.worker_nodes),
                    "worker_pid": os.getpid(), PLACEMENT_GROUP_KEY: self.placement_group}
+        if self.score_metric and metrics.get(self.score_metric) is not None:
+            metrics[SCORE_KEY] = metrics[self.score_metric]
         if self.resumed_report is not None:  # this run restarted from the checkpoint of that step
             metrics["resumed_from_step"] = int(self.resumed_report.get("step", 0))
         # every rank reports (Train waits for all); only rank 0 hands over the checkpoint it wrote
@@ -502,7 +513,8 @@ def train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker of a trial: the engine's training loop."""
     from raysdpb.engine import run_trial
 
-    context = RayTrainContext(loop_config["tensorboard_path"], loop_config.get("run_path"))
+    context = RayTrainContext(loop_config["tensorboard_path"], loop_config.get("run_path"),
+                              loop_config.get("score_metric"))
     try:
         result = run_trial(TrialConfig.model_validate(loop_config["trial"]), context)
         context.announce_resumed_report()  # resumed from the checkpoint of the last epoch: nothing was reported
@@ -535,6 +547,7 @@ def trial_driver(config: dict, settings: dict) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"trial": trial_config, "trial_id": trial_id,
+                           "score_metric": settings["score_metrics"].get(trial_id),
                            "tensorboard_path": join(experiment, "tensorboard", trial_id),
                            "run_path": join(experiment, "train_runs", trial_id)},
         scaling_config=ray.train.ScalingConfig(num_workers=settings["num_workers"], use_gpu=settings["use_gpu"],
@@ -654,7 +667,7 @@ class ResultsCallback(Callback):
         for trial_id, state in self.recorder.trials.items():
             if state.status not in ("completed", "stopped_by_asha", "diverged"):
                 continue
-            stub = SimpleNamespace(trial_id=f"finished:{trial_id}")
+            stub = SimpleNamespace(trial_id=f"finished:{trial_id}", config={"trial_id": trial_id})
             curves = self.recorder.curves_of(trial_id)
             self.scheduler.on_trial_add(None, stub)
             for row in curves:
@@ -770,7 +783,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
     settings = {"experiment_path": plan.experiment_path, "num_workers": sweep.num_workers, "use_gpu": sweep.use_gpu,
                 "cpus_per_worker": sweep.cpus_per_worker, "gpus_per_worker": sweep.gpus_per_worker,
                 "keep_checkpoints": sweep.keep_checkpoints, "max_failures": sweep.max_failures,
-                "metric": plan.metric, "mode": plan.mode}
+                "metric": plan.metric, "mode": plan.mode, "score_metrics": plan.score_metrics}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings), DRIVER_RESOURCES)
     if resume:
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
@@ -780,9 +793,10 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
         if sweep.asha is not None:
             # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it there would
             # end its Train run abruptly (see PlacementGroupReaper)
-            scheduler = ASHAScheduler(time_attr=sweep.asha.time_attr, max_t=plan.max_t,
-                                      grace_period=sweep.asha.grace_period,
-                                      reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
+            asha = dict(time_attr=sweep.asha.time_attr, max_t=plan.max_t, grace_period=sweep.asha.grace_period,
+                        reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
+            # one ASHA per group of comparable trials (raysdpb.scheduler), or one over the grid (group_by: [])
+            scheduler = GroupedASHA(plan.asha_groups, **asha) if plan.asha_groups else ASHAScheduler(**asha)
         callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
                                    sweep.asha.time_attr if sweep.asha else "epoch", scheduler)
         tuner = tune.Tuner(
@@ -800,6 +814,21 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
              sweep.num_workers, plan.experiment_path)
     tuner.fit()
     return read_rows(join(plan.experiment_path, "trials.parquet"))
+
+
+def describe_asha(plan: SweepPlan) -> str:
+    """One line on how ASHA runs: its groups, its rungs and what `score` is."""
+    asha = plan.sweep.asha
+    if asha is None:
+        return "ASHA: off (every trial runs all its epochs)"
+    groups = (f"{len(set(plan.asha_groups.values()))} group(s) by {'/'.join(asha.group_by)}" if plan.asha_groups
+              else "one group (the whole grid)")
+    line = (f"ASHA: {groups}; grace_period {asha.grace_period}, reduction_factor {asha.reduction_factor:g}, "
+            f"max_t {plan.max_t:g} ({asha.time_attr})")
+    if plan.metric == SCORE_KEY:
+        mains = sorted({f"{p.config.task}: {plan.score_metrics[p.trial_id]}" for p in plan.points})
+        line += f"; score = each trial's main metric ({', '.join(mains)})"
+    return line
 
 
 def summary(rows: list[dict], metric: str, mode: str) -> str:
@@ -836,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         for point in plan.points:
             print(f"{point.trial_id}  {point.label}")
         print(f"{len(plan.points)} trials; metric {plan.metric} ({plan.mode}); experiment {plan.experiment_path}")
+        print(describe_asha(plan))
         return 0
 
     check_experiment(plan, args.resume, args.config)  # before starting Ray: a mistake here costs nothing

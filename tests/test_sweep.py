@@ -17,7 +17,7 @@ import yaml
 
 from raysdpb.config import load_experiment
 from raysdpb.errors import UserError
-from raysdpb.sweep import check_resources, max_concurrent_trials, plan_sweep
+from raysdpb.sweep import check_resources, describe_asha, max_concurrent_trials, plan_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,8 +69,12 @@ def test_plan_defaults_to_the_tasks_main_metric_and_the_longest_trial(tmp_path, 
 
 def test_plan_rejects_a_metric_not_every_trial_reports(tmp_path, shared_data_dir):
     raw = _raw(shared_data_dir, tmp_path, "p", {"task": ["glue/cola", "superglue/cb"]})
-    with pytest.raises(UserError, match=r"sweep\.asha\.metric: .*different main metrics.*eval_accuracy"):
-        plan_sweep(load_experiment(None, raw=raw))
+    # different main metrics: each trial's own one, reported as `score`, in one ASHA group per task
+    plan = plan_sweep(load_experiment(None, raw=raw))
+    assert plan.metric == "score"
+    assert sorted(plan.score_metrics.values()) == ["eval_accuracy", "eval_matthews"]
+    assert len(set(plan.asha_groups.values())) == 2
+    assert "score = each trial's main metric (glue/cola: eval_matthews, superglue/cb: eval_accuracy)" in describe_asha(plan)
     raw["sweep"]["asha"] = {"metric": "eval_accuracy"}  # both report accuracy
     assert plan_sweep(load_experiment(None, raw=raw)).metric == "eval_accuracy"
     raw["sweep"]["asha"] = {"metric": "eval_f1"}
@@ -120,7 +124,9 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, shared_data_dir):
                                    {"method": ["finetune", "dynsdpb"], "alpha": [0.5, 1.0]}))
     out = _sweep(config, "--dry-run")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-1].startswith("3 trials; metric eval_accuracy (max)")
+    assert out.stdout.splitlines()[-2].startswith("3 trials; metric eval_accuracy (max)")
+    assert out.stdout.splitlines()[-1] == ("ASHA: 2 group(s) by task/model/num_layers/method; grace_period 1, "
+                                           "reduction_factor 2, max_t 2 (epoch)")
     bad = _sweep(config, "sweep.num_workerz=2")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("raysdpb: error:")
     assert "sweep.num_workerz: unknown key" in bad.stderr and "Traceback" not in bad.stderr
@@ -235,14 +241,20 @@ def _nodes_line(address: str, env: dict) -> str:
 
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, shared_data_dir, two_node_cluster):
     storage = tmp_path / "shared-storage"  # one folder both nodes see (a stand-in for NFS or S3)
-    raw = _raw(shared_data_dir, storage, "cluster", {"seed": [0, 1]}, method="finetune", epochs=1,
-               sweep={"asha": None})
+    raw = _raw(shared_data_dir, storage, "cluster", {"task": ["glue/cola", "superglue/cb"]}, method="finetune",
+               epochs=1, sweep={"asha": None})
     out = _sweep(_write(tmp_path, raw), env=two_node_cluster)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = _rows(storage / "cluster" / "trials.parquet")
     assert [r["status"] for r in rows] == ["completed", "completed"]
     # one CPU per node and one 1-CPU worker per trial: the two trials ran at once, one on each node
     assert len({r["last_worker_node_id"] for r in rows}) == 2
+    # two tasks with different main metrics: each trial's `score` is its own task's main metric
+    assert "best trial per method by score (max)" in out.stdout
+    by_task = {r["task"]: r for r in rows}
+    assert by_task["glue/cola"]["last_score"] == by_task["glue/cola"]["last_eval_matthews"]
+    assert by_task["superglue/cb"]["last_score"] == by_task["superglue/cb"]["last_eval_accuracy"]
+    assert by_task["superglue/cb"]["best_score"] == by_task["superglue/cb"]["best_eval_accuracy"]
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared_data_dir):
