@@ -102,6 +102,8 @@ class TrialConfig(_Strict):
 
     # evaluation, logging, checkpoints
     eval_every_steps: int | None = Field(None, ge=1)
+    eval_before_training: bool = Field(False, description="evaluate the model as loaded, before any step; reported "
+                                                          "as initial_eval_<metric> with every later report")
     log_every_steps: int = Field(10, ge=1)
     grad_norm_every_steps: int = Field(50, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)

@@ -256,7 +256,7 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
 
     def report(epoch_progress: float, metrics: dict, epoch: int, position: int) -> None:
         """Record the evaluation in the history, checkpoint (so the checkpoint holds its own report), report."""
-        entry = {"epoch": round(epoch_progress, 4), "step": step, **metrics, **running.summary(),
+        entry = {"epoch": round(epoch_progress, 4), "step": step, **metrics, **initial, **running.summary(),
                  "lr": scheduler.get_last_lr()[0], "nonfinite_steps": nonfinite_total}
         history.append(entry)
         checkpoint_dir = save(epoch, position)
@@ -273,6 +273,11 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
     last_metrics: dict[str, float] = history[-1] if history else {}
     last_metrics = {k: v for k, v in last_metrics.items() if k.startswith("eval_")}
     status, message = "completed", ""
+    # the model as loaded, before any step (`eval_before_training`): a baseline carried in every report
+    initial = {k: v for k, v in (history[0] if history else {}).items() if k.startswith("initial_")}
+    if cfg.eval_before_training and not initial:
+        initial = {f"initial_{k}": v for k, v in evaluate().items()}
+        log.info("before training: %s", ", ".join(f"{k}={v:.4f}" for k, v in initial.items()))
     for epoch in range(start_epoch, total_epochs):
         sampler.set_epoch(epoch)
         position = sampler.state_dict()["position"]
@@ -358,5 +363,5 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
                         "nonfinite_steps": nonfinite_total}, None)
     context.close()
     epochs_run = history[-1]["epoch"] if history else 0.0
-    return TrialResult(status=status, metrics=last_metrics, epochs_run=epochs_run, steps=step,
+    return TrialResult(status=status, metrics=last_metrics | initial, epochs_run=epochs_run, steps=step,
                        message=message, history=history)

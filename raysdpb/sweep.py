@@ -93,7 +93,10 @@ class SweepPlan:
 
     @property
     def trials(self) -> list[TrialInfo]:
-        return [TrialInfo(p.trial_id, p.label, flatten_config(p.config), planned_epochs(p.config))
+        # what each trial holds, for the report's cost table (GPU-hours)
+        gpus = self.sweep.num_workers * self.sweep.gpus_per_worker if self.sweep.use_gpu else 0.0
+        held = {"gpus_per_trial": float(gpus), "cpus_per_trial": self.sweep.num_workers * self.sweep.cpus_per_worker}
+        return [TrialInfo(p.trial_id, p.label, flatten_config(p.config) | held, planned_epochs(p.config))
                 for p in self.points]
 
 

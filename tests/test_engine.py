@@ -177,3 +177,37 @@ def test_minilm_on_real_cb(shared_data_dir, tmp_path):
     result = run_trial(cfg, LocalContext(tmp_path / "run"))
     assert result.status == "completed"
     assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0 and "eval_macro_f1" in result.metrics
+
+
+def test_eval_before_training_scores_the_model_as_loaded_and_survives_a_resume(shared_data_dir, tmp_path):
+    """`eval_before_training`: the metrics of the untrained model (checked against evaluating a freshly built
+    model with the same seed by hand), carried as initial_eval_* in every report and in the result, also
+    after a resume from a mid-run checkpoint."""
+    from raysdpb.data import collate, tokenize_records
+    from raysdpb.evaluation import evaluate_split
+    from raysdpb.models import build_model, load_tokenizer, resolve_model
+    from raysdpb.engine import seed_everything
+    from raysdpb.tasks import get_task, load_examples
+
+    cfg = _config(shared_data_dir, eval_before_training=True, epochs=2, max_eval_samples=56)
+    result = run_trial(cfg, LocalContext(tmp_path / "a"))
+    assert result.status == "completed"
+
+    seed_everything(0)
+    task = get_task("superglue/cb")
+    source = resolve_model("tiny-bert")
+    tokenizer = load_tokenizer(source)
+    model = build_model(source, kind=task.kind, num_labels=task.num_labels, tokenizer=tokenizer)
+    records = load_examples(task, "validation", str(shared_data_dir))[:56]
+    by_hand = evaluate_split(model, task, tokenize_records(records, task.kind, tokenizer, 64), records,
+                             batch_size=16, collator=collate(tokenizer.pad_token_id), device=torch.device("cpu"))
+    assert {f"initial_{k}": v for k, v in by_hand.items()} == {k: v for k, v in result.metrics.items()
+                                                               if k.startswith("initial_")}
+    assert all(entry["initial_eval_accuracy"] == by_hand["eval_accuracy"] for entry in result.history)
+    assert result.metrics["eval_accuracy"] == result.history[-1]["eval_accuracy"]
+
+    # resumed from the checkpoint of epoch 1: the initial metrics come from the checkpoint (no new evaluation:
+    # the trained model would score differently), the run ends as the uninterrupted one did
+    epoch_one = sorted((tmp_path / "a" / "checkpoints").glob("step_*"))[0]
+    resumed = run_trial(cfg, LocalContext(tmp_path / "b", resume_from=epoch_one))
+    assert resumed.metrics == result.metrics

@@ -157,6 +157,7 @@ def test_sweep_ddp_workers_asha_and_parquet(tmp_path, shared_data_dir):
     assert bad["best_train_loss"] > good["best_train_loss"]
     for row in (good, bad):
         assert row["last_world_size"] == 2  # both DDP ranks ran
+        assert row["cpus_per_trial"] == 2.0 and row["gpus_per_trial"] == 0.0  # what it held (the report's cost)
         assert row["method"] == "dynsdpb" and row["task"] == "superglue/cb" and row["batch_size"] == 8
         assert 0.0 <= row["best_eval_accuracy"] <= 1.0 and 0.0 <= row["last_eval_macro_f1"] <= 1.0
         assert row["wall_time_s"] > 0 and row["attempts"] == 1 and row["message"] == ""
