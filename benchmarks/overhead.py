@@ -13,7 +13,7 @@ Configurations (same model, batch and sequence length for every method of a conf
 The step is the engine's training step (`raysdpb.engine.run_trial` has no reusable step function, so it
 is written out here with the engine's own calls, in the engine's order): collate the batch, `engine._forward`,
 `LogitCache.take` of the first half, `method.loss`, the finiteness check, backward, gradient clipping
-(max_grad_norm 1.0), AdamW (`engine._decay_groups`), the linear schedule, `zero_grad`, `LogitCache.put` of
+(max_grad_norm 1.0), AdamW (`engine.make_optimizer`: fused where the device has it), the linear schedule, `zero_grad`, `LogitCache.put` of
 `method.teacher_state` of the second half, `engine._Running.add`. Left out: TensorBoard scalars (every 10
 steps) and per-layer gradient norms (every 50 steps), the same for every method. On CUDA the engine's
 precision rules apply (bf16 autocast; a decoder's weights loaded in bf16).
@@ -151,7 +151,7 @@ class MethodRunner:
     def __init__(self, method_name: str, setup: Setup, seed: int = 0) -> None:
         from transformers import get_linear_schedule_with_warmup
 
-        from raysdpb.engine import _decay_groups, _Running
+        from raysdpb.engine import _Running, make_optimizer
         from raysdpb.methods import LogitCache, MethodParams, get_method
         from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
 
@@ -163,7 +163,7 @@ class MethodRunner:
         frozen = {id(p): p for p in setup.base.parameters() if not p.requires_grad}
         self.model = copy.deepcopy(setup.base, memo=frozen)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(_decay_groups(self.model, 0.01), lr=5e-5)
+        self.optimizer = make_optimizer(self.model, 5e-5, 0.01, setup.device)
         n = len(setup.dataset)
         batch = setup.spec["batch"]
         sampler_cls = OverlapBatchSampler if self.method.loader == "overlap" else ShuffledBatchSampler

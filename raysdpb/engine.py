@@ -77,6 +77,15 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norms, with torch's fused kernel
+    where the device has one (CPU, CUDA; the HF Trainer's default too). On the CPU the default AdamW is a
+    per-parameter loop: for MiniLM-L6 (22.7M parameters) its step takes 154 ms against 25 ms fused."""
+    groups = _decay_groups(model, weight_decay)
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, fused=True if fused else None)
+
+
 def _forward(model, batch: dict, kind: str, autocast) -> ClassOutputs | TokenOutputs:
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     with autocast() if autocast else nullcontext():
@@ -193,7 +202,7 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
 
     total_epochs = cfg.epochs * method.epoch_multiplier
     total_steps = sampler.total_batches(total_epochs)
-    optimizer = torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
     from transformers import get_linear_schedule_with_warmup
 
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
