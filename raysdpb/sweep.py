@@ -190,6 +190,11 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
         seen.add(key)
         data_dir = data_dir_from(cfg.data_dir)
         if cfg.task != "custom" and data_dir is None:
+            if hub_offline():  # every trial would fail on its workers, one after another
+                raise UserError(f"{source}: task {cfg.task}: no data_dir and no $RAYSDPB_DATA_DIR, and the Hugging "
+                                "Face hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): set RAYSDPB_DATA_DIR "
+                                "(or data_dir: in the config) to a local mirror laid out like shared/data (see its "
+                                "MANIFEST.md), or unset the offline variable")
             continue  # the hub
         if cluster and data_dir is not None and not Path(data_dir).exists():
             log.warning("%s: data_dir %s is not on this machine; the workers will read it", source, data_dir)
@@ -202,6 +207,12 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
                 load_examples(task, split, data_dir, custom=cfg.custom_task)
             except UserError as err:
                 raise UserError(f"{source}: {err}") from None
+
+
+def hub_offline() -> bool:
+    """Whether this process may not reach the Hugging Face hub (the variables `huggingface_hub` and `datasets` read)."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def _node_resources(nodes: list[dict]) -> list[dict]:

@@ -303,3 +303,32 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
         if (c["trial_id"], c["step"]) in before_curves:
             assert before_curves[(c["trial_id"], c["step"])] == c["timestamp"]
     assert len([k for k in before_curves if k[0] == long["trial_id"]]) >= 1
+
+
+@pytest.mark.parametrize("name, trials, metric", [("quickstart", 10, "eval_accuracy"), ("superglue", 1305, "eval_accuracy"),
+                                                  ("glue", 1764, "score"), ("heatmap", 60, "eval_accuracy"),
+                                                  ("nlg", 600, "eval_exact_match"),
+                                                  ("nlg-quickstart", 6, "eval_exact_match")])
+def test_the_shipped_sweep_files_plan(name, trials, metric):
+    """Every file in sweeps/ validates and expands to the grid its header describes."""
+    plan = plan_sweep(load_experiment(REPO / "sweeps" / f"{name}.yaml"))
+    assert len(plan.points) == trials and plan.metric == metric
+    assert len({p.trial_id for p in plan.points}) == trials
+
+
+def test_an_offline_hub_without_a_mirror_stops_the_sweep_before_ray(tmp_path, shared_data_dir, monkeypatch):
+    from raysdpb.sweep import check_data
+
+    raw = _raw(shared_data_dir, tmp_path, "offline", {})
+    del raw["data_dir"]
+    monkeypatch.delenv("RAYSDPB_DATA_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plan = plan_sweep(load_experiment(None, raw=raw))
+    with pytest.raises(UserError, match=r"task superglue/cb: no data_dir and no \$RAYSDPB_DATA_DIR, and the Hugging "
+                                        r"Face hub is offline .*set RAYSDPB_DATA_DIR"):
+        check_data(plan)
+    monkeypatch.setenv("RAYSDPB_DATA_DIR", str(shared_data_dir))  # the mirror: read and checked, no error
+    check_data(plan)
+    monkeypatch.delenv("RAYSDPB_DATA_DIR")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: the workers will read the hub
+    check_data(plan)
