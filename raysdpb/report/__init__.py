@@ -226,11 +226,13 @@ class _Report:
         blocks: list = []
         for column, methods in best.items():
             series: dict[str, dict[str, pd.DataFrame]] = {}
-            source = "TensorBoard (`dynamic/alpha_mean`, `dynamic/tau_mean` and their `_std`, per logged step)"
+            source = ("TensorBoard (`dynamic/alpha_mean`, `dynamic/tau_mean` and their `_min`/`_max`, per logged step; "
+                      "the band spans the smallest to the largest value of the step's samples)")
             for method, trial_id in methods.items():
                 scalars = self._scalars(trial_id, ("dynamic/",))
                 parts = {k[len("dynamic/"):]: v for k, v in scalars.items()
-                         if k[len("dynamic/"):] in ("alpha_mean", "alpha_std", "tau_mean", "tau_std")}
+                         if k[len("dynamic/"):] in {f"{n}_{s}" for n in ("alpha", "tau")
+                                                    for s in ("mean", "std", "min", "max")}}
                 if "alpha_mean" not in parts and "tau_mean" not in parts:
                     curve = self._curve(trial_id)
                     for name in ("alpha_mean", "tau_mean"):
@@ -279,7 +281,7 @@ class _Report:
             points = max(len(v) for parts in norms.values() for v in parts.values())
             smooth = (f" Thick lines: a centred moving average over about {window} logged steps; faint: as logged."
                       if window > 1 else "")
-            few = (f" Only {points} logged step(s) per trial: raise `grad_norm_every_steps` resolution (lower it) "
+            few = (f" Only {points} logged step(s) per trial: lower `grad_norm_every_steps` "
                    "for a fuller picture." if points < 5 else "")
             pair = "finetune next to dynsdpb" if {"finetune", "dynsdpb"} <= set(norms) else \
                 ", ".join(norms)

@@ -167,8 +167,8 @@ def curves_figure(column: str, metric: str, trials: dict[str, pd.DataFrame], ste
 
 def dynamics_figure(column: str, series: dict[str, dict[str, pd.DataFrame]], path: Path) -> None:
     """DynSDPB's per-sample weights over training: mean alpha_i and tau_i of each step's distilled half, with
-    a band of ± their std across the samples when logged. `series`: method -> {"alpha_mean": (step, value),
-    "alpha_std": ..., "tau_mean": ..., "tau_std": ...}."""
+    a band from their smallest to their largest value (± their std where only that was logged). `series`:
+    method -> {"alpha_mean": (step, value), "alpha_min": ..., "alpha_max": ..., "alpha_std": ..., "tau_mean": ...}."""
     fig = Figure(figsize=(10.5, 3.6), layout="constrained")
     axes = fig.subplots(1, 2)
     markers = max((len(f) for parts in series.values() for f in parts.values()), default=0) < 15
@@ -180,14 +180,20 @@ def dynamics_figure(column: str, series: dict[str, dict[str, pd.DataFrame]], pat
             color = method_color(method)
             x = mean["step"].to_numpy(dtype=float)
             y = mean["value"].to_numpy(dtype=float)
+            # the band: the smallest and largest alpha_i / tau_i of the step (a ± std band would cross the
+            # bounds the method keeps them in, e.g. tau_i below tau * tau_min_scale); ± std if only that was logged
+            low, high = parts.get(f"{name}_min"), parts.get(f"{name}_max")
             std = parts.get(f"{name}_std")
-            if std is not None and len(std) == len(mean):
+            if low is not None and high is not None and len(low) == len(mean) == len(high):
+                ax.fill_between(x, low["value"].to_numpy(dtype=float), high["value"].to_numpy(dtype=float),
+                                color=color, alpha=0.15, linewidth=0)
+            elif std is not None and len(std) == len(mean):
                 s = std["value"].to_numpy(dtype=float)
                 ax.fill_between(x, y - s, y + s, color=color, alpha=0.15, linewidth=0)
             # a different dash per method: a line lying on another one (a fixed alpha equal to the mean) still shows
             ax.plot(x, y, color=color, label=method, linewidth=1.6, marker="o" if markers else None, markersize=3,
                     linestyle=["-", "--", ":", "-."][k % 4])
-        ax.set_title(f"per-sample {symbol}ᵢ: batch mean (band: ± std)")
+        ax.set_title(f"per-sample {symbol}ᵢ: batch mean (band: min to max)")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{symbol}ᵢ")
         ax.grid(True, alpha=0.3)
