@@ -322,6 +322,7 @@ def test_an_offline_hub_without_a_mirror_stops_the_sweep_before_ray(tmp_path, sh
     raw = _raw(shared_data_dir, tmp_path, "offline", {})
     del raw["data_dir"]
     monkeypatch.delenv("RAYSDPB_DATA_DIR", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     plan = plan_sweep(load_experiment(None, raw=raw))
     with pytest.raises(UserError, match=r"task superglue/cb: no data_dir and no \$RAYSDPB_DATA_DIR, and the Hugging "
@@ -331,4 +332,5 @@ def test_an_offline_hub_without_a_mirror_stops_the_sweep_before_ray(tmp_path, sh
     check_data(plan)
     monkeypatch.delenv("RAYSDPB_DATA_DIR")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: the workers will read the hub
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     check_data(plan)
