@@ -23,7 +23,8 @@
   survives and the tests that show it.
 * The experiment lives at `<storage_path>/<name>` (a local folder, or a cloud URI such as `s3://bucket/x`):
   Tune's state, `trials.parquet`, `curves.parquet`, TensorBoard events (`tensorboard --logdir` on it), and
-  `train_runs/<trial_id>` (the checkpoints). The name has no timestamp, so `--resume` finds it again:
+  `train_runs/<trial_id>` (the checkpoints), `artifacts/<trial_id>/predictions/*.jsonl` (decoder trials: every
+  generated answer, per evaluation). The name has no timestamp, so `--resume` finds it again:
   finished trials are not rerun, unfinished ones continue from their last checkpoint.
 """
 
@@ -271,7 +272,8 @@ class RayTrainContext(WorkerContext):
     checkpoints through `ray.train.report`, resume from `ray.train.get_checkpoint()`, TensorBoard events
     (rank 0) under the experiment folder (written locally and copied there when it is a cloud URI)."""
 
-    def __init__(self, tensorboard_path: str, run_path: str | None = None, score_metric: str | None = None) -> None:
+    def __init__(self, tensorboard_path: str, run_path: str | None = None, score_metric: str | None = None,
+                 artifacts_path: str | None = None) -> None:
         import ray
         import ray.train
 
@@ -287,7 +289,12 @@ class RayTrainContext(WorkerContext):
         self.score_metric = score_metric  # reported again as `score` (the task's main metric)
         self._remote_tensorboard = tensorboard_path if "://" in tensorboard_path else None
         local_tb = self.scratch / "tensorboard" if self._remote_tensorboard else Path(tensorboard_path)
-        super().__init__(local_tb if self.rank == 0 else None)
+        # files the engine writes for people to read (generated predictions): rank 0, copied like the events
+        self._remote_artifacts = artifacts_path if artifacts_path and "://" in artifacts_path else None
+        local_artifacts = None
+        if artifacts_path and self.rank == 0:
+            local_artifacts = self.scratch / "artifacts" if self._remote_artifacts else Path(artifacts_path)
+        super().__init__(local_tb if self.rank == 0 else None, local_artifacts)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         group = ray.util.get_current_placement_group()
@@ -401,12 +408,16 @@ class RayTrainContext(WorkerContext):
         return path
 
     def _sync_tensorboard(self) -> None:
-        if self._remote_tensorboard and self._writer is not None:
-            import pyarrow.fs
+        """Copy the events and artifacts written in the scratch folder to a cloud experiment folder."""
+        import pyarrow.fs
 
+        if self._remote_tensorboard and self._writer is not None:
             self._writer.flush()
             fs, path = filesystem(self._remote_tensorboard)
             pyarrow.fs.copy_files(str(self.tensorboard_dir), path, destination_filesystem=fs)
+        if self._remote_artifacts and self.artifacts_dir is not None and self.artifacts_dir.exists():
+            fs, path = filesystem(self._remote_artifacts)
+            pyarrow.fs.copy_files(str(self.artifacts_dir), path, destination_filesystem=fs)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -528,7 +539,7 @@ def train_worker(loop_config: dict) -> None:
     from raysdpb.engine import run_trial
 
     context = RayTrainContext(loop_config["tensorboard_path"], loop_config.get("run_path"),
-                              loop_config.get("score_metric"))
+                              loop_config.get("score_metric"), loop_config.get("artifacts_path"))
     try:
         result = run_trial(TrialConfig.model_validate(loop_config["trial"]), context)
         context.announce_resumed_report()  # resumed from the checkpoint of the last epoch: nothing was reported
@@ -563,7 +574,8 @@ def trial_driver(config: dict, settings: dict) -> None:
         train_loop_config={"trial": trial_config, "trial_id": trial_id,
                            "score_metric": settings["score_metrics"].get(trial_id),
                            "tensorboard_path": join(experiment, "tensorboard", trial_id),
-                           "run_path": join(experiment, "train_runs", trial_id)},
+                           "run_path": join(experiment, "train_runs", trial_id),
+                           "artifacts_path": join(experiment, "artifacts", trial_id)},
         scaling_config=ray.train.ScalingConfig(num_workers=settings["num_workers"], use_gpu=settings["use_gpu"],
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

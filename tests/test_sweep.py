@@ -3,6 +3,7 @@ two DDP workers per trial with ASHA stopping a trial, a two-node cluster, and an
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -334,3 +335,26 @@ def test_an_offline_hub_without_a_mirror_stops_the_sweep_before_ray(tmp_path, sh
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online: the workers will read the hub
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     check_data(plan)
+
+
+def test_a_decoder_sweep_saves_its_predictions_and_the_before_score(tmp_path, shared_data_dir):
+    """A LoRA decoder trial on Ray: exact match before and after training in trials.parquet, and every
+    generated answer of both evaluations under <experiment>/artifacts/<trial_id>/predictions."""
+    storage = tmp_path / "results"
+    raw = _raw(shared_data_dir, storage, "nlg", {}, task="nlg/gsm8k", model="tiny-llama", method="dynsdpb", epochs=1,
+               batch_size=2, eval_batch_size=4, max_length=96, max_train_samples=6, max_eval_samples=4,
+               max_new_tokens=4, eval_before_training=True, lora={"r": 4, "alpha": 8, "dropout": 0.0},
+               sweep={"asha": None})
+    out = _sweep(_write(tmp_path, raw))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (row,) = _rows(storage / "nlg" / "trials.parquet")
+    assert row["status"] == "completed"
+    assert 0.0 <= row["last_initial_eval_exact_match"] <= 1.0 and 0.0 <= row["last_eval_exact_match"] <= 1.0
+    files = sorted((storage / "nlg" / "artifacts" / row["trial_id"] / "predictions").glob("*.jsonl"))
+    assert [f.name for f in files] == ["eval_step00000000.jsonl", f"eval_step{row['steps']:08d}.jsonl"]
+    for f in files:
+        predictions = [json.loads(line) for line in f.read_text().splitlines()]
+        assert [p["idx"] for p in predictions] == [0, 1, 2, 3]
+        assert {"output", "prediction", "reference", "correct"} <= set(predictions[0])
+    last = [json.loads(line) for line in files[-1].read_text().splitlines()]
+    assert sum(p["correct"] for p in last) / 4 == row["last_eval_exact_match"]
