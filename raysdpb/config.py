@@ -296,7 +296,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None,
         raise UserError(f"{source}: {key or 'config'}: {msg}") from None
 
 
-def _absolute(path: Any, key: str) -> Any:
+def absolute_path(path: Any, key: str) -> Any:
     """A relative local path is relative to where the command runs; made absolute here, because Ray runs
     trials in folders of their own (URIs such as s3://... and non-strings are left as they are)."""
     if not isinstance(path, str) or "://" in path or not path:
@@ -309,13 +309,13 @@ def _absolute(path: Any, key: str) -> Any:
 
 def _absolute_paths(data: dict) -> None:
     if "data_dir" in data:
-        data["data_dir"] = _absolute(data["data_dir"], "data_dir")
+        data["data_dir"] = absolute_path(data["data_dir"], "data_dir")
     custom = data.get("custom_task")
     if isinstance(custom, dict) and isinstance(custom.get("files"), dict):
-        custom["files"] = {split: _absolute(f, f"custom_task.files.{split}") for split, f in custom["files"].items()}
+        custom["files"] = {split: absolute_path(f, f"custom_task.files.{split}") for split, f in custom["files"].items()}
     sweep = data.get("sweep")
     if isinstance(sweep, dict) and "storage_path" in sweep:
-        sweep["storage_path"] = _absolute(sweep["storage_path"], "sweep.storage_path")
+        sweep["storage_path"] = absolute_path(sweep["storage_path"], "sweep.storage_path")
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:

@@ -33,7 +33,7 @@ class GroupedASHA(FIFOScheduler):
         self._mode = asha_kwargs.get("mode")
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
-        if self._metric and metric and self._metric != metric or self._mode and mode and self._mode != mode:
+        if (self._metric and metric and self._metric != metric) or (self._mode and mode and self._mode != mode):
             return False
         self._metric = self._metric or metric
         self._mode = self._mode or mode

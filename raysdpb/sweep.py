@@ -46,7 +46,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # before ray.train is import
 
 from ray.tune import Callback  # noqa: E402
 
-from raysdpb.config import ExperimentConfig, SweepConfig, TrialConfig, load_experiment  # noqa: E402
+from raysdpb.config import ExperimentConfig, SweepConfig, TrialConfig, absolute_path, load_experiment  # noqa: E402
 from raysdpb.context import WorkerContext  # noqa: E402
 from raysdpb.errors import UserError, run_cli  # noqa: E402
 from raysdpb.grid import TrialPoint, expand, flatten_config  # noqa: E402
@@ -121,7 +121,7 @@ def _main_metric_of(config: TrialConfig) -> tuple[str, list[str]]:
 
 
 def _storage(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    return absolute_path(path, "sweep.storage_path")
 
 
 def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepPlan:
@@ -756,10 +756,10 @@ def _localize(config: TrialConfig) -> dict:
     progress bars in the worker logs. None of these keys is part of the trial id."""
     data = config.model_dump(mode="json")
     data["progress_bar"] = False
-    if data.get("data_dir") and "://" not in data["data_dir"]:
-        data["data_dir"] = os.path.abspath(os.path.expanduser(data["data_dir"]))
+    # (load_experiment made the top-level paths absolute already; these may come from the search block)
+    data["data_dir"] = absolute_path(data.get("data_dir"), "data_dir")
     if data.get("custom_task"):
-        data["custom_task"]["files"] = {k: (v if "://" in v else os.path.abspath(v))
+        data["custom_task"]["files"] = {k: absolute_path(v, f"custom_task.files.{k}")
                                         for k, v in data["custom_task"]["files"].items()}
     if os.path.isdir(data["model"]):
         data["model"] = os.path.abspath(data["model"])
