@@ -1,0 +1,81 @@
+"""benchmarks/quality.py's sweep configs and its selection: ASHA only in stage 1, the paper's grid, the tie rules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from raysdpb.config import load_experiment
+from raysdpb.grid import expand
+
+QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(tmp_path, **kw):
+    base = dict(root=str(tmp_path), methods=list(_METHODS), grid="small", epochs=3, model="minilm-l6",
+                sst2_samples=10000, data_dir=None, device="cpu", cpus_per_trial=1.0, gpus_per_trial=1.0,
+                asha=True, smoke=False, seeds=[0, 1, 2])
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+_METHODS = ["finetune", "double_finetune", "sequential_dlb", "random_dlb", "dynamic_finetune", "dynsdpb"]
+
+
+@pytest.mark.parametrize("asha", [True, False])
+def test_asha_applies_to_the_grid_only_never_to_the_seeds(quality, tmp_path, asha):
+    args = _args(tmp_path, asha=asha)
+    _, grid_path = quality.grid_config("glue/rte", args)
+    grid = load_experiment(grid_path)
+    assert (grid.sweep.asha is not None) is asha
+    chosen = {"lr": 1e-4, "alpha": 0.5, "tau": 2.0}
+    _, seeds_path = quality.seeds_config("glue/rte", "dynsdpb", chosen, args)
+    seeds = load_experiment(seeds_path)
+    # every seed trains its full epochs: an ASHA stop would score a seed at an earlier epoch than the others
+    assert seeds.sweep.asha is None
+    points = expand(seeds)
+    assert sorted(p.config.seed for p in points) == [0, 1, 2]
+    assert {(p.config.method, p.config.lr, p.config.alpha, p.config.tau, p.config.epochs) for p in points} == {
+        ("dynsdpb", 1e-4, 0.5, 2.0, 3)}
+
+
+@pytest.mark.parametrize("task,batch,length,n_trials", [("superglue/cb", 8, 256, 96), ("glue/cola", 32, 128, 96)])
+def test_paper_grid_per_task(quality, tmp_path, task, batch, length, n_trials):
+    args = _args(tmp_path, grid="paper", asha=False)
+    _, path = quality.grid_config(task, args)
+    points = expand(load_experiment(path))
+    # finetune/double_finetune x 3 lr, the DLBs and dynsdpb x 27, dynamic_finetune x 9 (it uses alpha only)
+    assert len(points) == n_trials == 2 * 3 + 3 * 27 + 9
+    assert {(p.config.batch_size, p.config.max_length) for p in points} == {(batch, length)}
+    assert {p.config.seed for p in points} == {0}
+
+
+def test_select_takes_the_best_score_and_breaks_ties_to_smaller_values(quality):
+    def row(method, lr, alpha, tau, acc, status="completed"):
+        return {"method": method, "lr": lr, "alpha": alpha, "tau": tau, "best_eval_accuracy": acc,
+                "status": status, "trial_id": f"{method}-{lr}-{alpha}-{tau}", "label": ""}
+
+    rows = [row("dynsdpb", 1e-4, 1.0, 2.0, 0.75), row("dynsdpb", 5e-5, 1.0, 2.0, 0.75),
+            row("dynsdpb", 5e-5, 0.5, 2.0, 0.70), row("dynsdpb", 2e-5, 0.5, 1.0, 0.90, status="errored"),
+            row("finetune", 5e-5, 1.0, 1.0, float("nan")), row("finetune", 1e-4, 1.0, 1.0, 0.6),
+            row("random_dlb", 1e-4, 1.0, 2.0, 0.8, status="stopped_by_asha"),
+            row("random_dlb", 1e-4, 0.5, 2.0, 0.8)]
+    chosen = quality.select(rows, "superglue/cb", "best")
+    # the errored trial's 0.90 does not count; of the two 0.75s the smaller lr wins
+    assert (chosen["dynsdpb"]["lr"], chosen["dynsdpb"]["alpha"], chosen["dynsdpb"]["score"]) == (5e-5, 1.0, 0.75)
+    # a NaN score is skipped, not selected
+    assert chosen["finetune"]["lr"] == 1e-4
+    # equal scores: the smaller alpha; a trial ASHA stopped still counts with its best epoch
+    assert chosen["random_dlb"]["alpha"] == 0.5
+    assert chosen["dynsdpb"]["metric"] == "best_eval_accuracy"
