@@ -237,7 +237,8 @@ def run_report(experiments: list[Path], out: Path, what: str) -> bool:
     return True
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the defaults that depend on other options (tasks, seeds, root) filled in."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=str(REPO / "ray_results" / "quality"),
                    help="where the experiments, configs, logs and reports go (sweep.storage_path)")
@@ -262,13 +263,18 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="write the configs and print the grids (no Ray)")
     p.add_argument("-q", "--quiet", action="store_true", help="pass -q to the sweeps")
     p.add_argument("--json", default=None, help=f"the summary as JSON (e.g. {RESULTS / 'quality.json'})")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.tasks = args.tasks or (["superglue/cb"] if args.smoke else TASKS)
     args.seeds = args.seeds or ([0, 1] if args.smoke else [0, 1, 2])
     if args.smoke and args.root == p.get_default("root"):
         args.root = str(REPO / "ray_results" / "quality-smoke")
-    root = Path(args.root).resolve()
-    args.root = str(root)
+    args.root = str(Path(args.root).resolve())
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 

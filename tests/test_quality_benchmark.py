@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -22,17 +21,14 @@ def quality():
     return module
 
 
-def _args(quality, tmp_path, **kw):
-    base = dict(root=str(tmp_path), methods=list(quality.METHODS), grid="small", epochs=3, model="minilm-l6",
-                sst2_samples=10000, data_dir=None, device="cpu", cpus_per_trial=1.0, gpus_per_trial=1.0,
-                asha=True, smoke=False, seeds=[0, 1, 2])
-    base.update(kw)
-    return argparse.Namespace(**base)
+def _args(quality, tmp_path, *options):
+    """The script's own command line (its defaults: all six methods, 3 epochs, seeds 0 1 2, MiniLM-L6)."""
+    return quality.parse_args(["--root", str(tmp_path), *options])
 
 
 @pytest.mark.parametrize("asha", [True, False])
 def test_asha_applies_to_the_grid_only_never_to_the_seeds(quality, tmp_path, asha):
-    args = _args(quality, tmp_path, asha=asha)
+    args = _args(quality, tmp_path, "--grid", "small", *(["--asha"] if asha else []))
     _, grid_path = quality.grid_config("glue/rte", args)
     grid = load_experiment(grid_path)
     assert (grid.sweep.asha is not None) is asha
@@ -49,7 +45,7 @@ def test_asha_applies_to_the_grid_only_never_to_the_seeds(quality, tmp_path, ash
 
 @pytest.mark.parametrize("task,batch,length,n_trials", [("superglue/cb", 8, 256, 96), ("glue/cola", 32, 128, 96)])
 def test_paper_grid_per_task(quality, tmp_path, task, batch, length, n_trials):
-    args = _args(quality, tmp_path, grid="paper", asha=False)
+    args = _args(quality, tmp_path, "--grid", "paper")
     _, path = quality.grid_config(task, args)
     points = expand(load_experiment(path))
     # finetune/double_finetune x 3 lr, the DLBs and dynsdpb x 27, dynamic_finetune x 9 (it uses alpha only)
