@@ -13,6 +13,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
+# the checkout's raysdpb, installed or not (a script run as `python benchmarks/x.py` has only benchmarks/ on
+# its path, and an editable install can point at another checkout)
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
+
 # H100/H200 SXM bf16 dense peak, TFLOP/s (the spec sheet's 1979 is with 2:4 sparsity)
 H100_BF16_DENSE_TFLOPS = 989.0
 

@@ -51,6 +51,8 @@ from _common import REPO, RESULTS, machine_info, offline_env, table, write_json 
 
 offline_env()
 
+from raysdpb.results import read_rows  # noqa: E402  (imported up front: a missing package fails before the sweeps)
+
 CONFIG = str(REPO / "sweeps" / "quickstart.yaml")
 PIN = ["method=finetune", "lr=5.0e-5", "alpha=0.5", "tau=2.0"]
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -145,8 +147,6 @@ def _trial_figures(how: str, start: float, wall: float, tb: dict | None, trial_w
 
 
 def _rows(experiment: Path) -> list[dict]:
-    from raysdpb.results import read_rows
-
     return read_rows(str(experiment / "trials.parquet"))
 
 
