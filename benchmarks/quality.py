@@ -31,9 +31,10 @@ so and still prints its own table of mean +- std from the Parquet results.
 `--resume`: finished sweeps are skipped, an interrupted one is continued with `python -m raysdpb.sweep
 --resume`, and the selection already saved is kept. Without it, an existing experiment folder is an error.
 Each sweep starts a local Ray (or uses `$RAY_ADDRESS`). Hours on a CPU: on 2 cores CB's small grid with ASHA
-took 88 min (32 trials, 2.85 trial-hours) and its stage 2 about an hour; the paper grid is 3x the trials. An
-RTE DLB trial is about 22 min here (4x CB's); MRPC, CoLA and SST-2 have 1.5 to 4x RTE's training examples
-(`--grid small`, `--asha` or a GPU help). On 2 CPUs, `--cpus-per-trial 0.66` runs 3 trials at a time (one
+took 88 min (32 trials, 2.85 trial-hours) and its stage 2 about an hour; the paper grid is 3x the trials. On
+RTE, with three trials sharing the 2 cores, a step of 32 x 128 took 7.4-8.2 s: 29 min per finetune trial,
+55 min per double_finetune or DLB trial, about 11 hours for the small grid and the seeds; MRPC, CoLA and SST-2
+have 1.5 to 4x RTE's training examples (`--grid small`, `--asha` or a GPU help). On 2 CPUs, `--cpus-per-trial 0.66` runs 3 trials at a time (one
 thread each), so a 3-seed stage 2 sweep has no idle core. On a GPU: `--device cuda` (one GPU per trial, or a
 fraction with `--gpus-per-trial 0.25` to pack MiniLM trials).
 """
