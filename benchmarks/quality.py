@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--root ray_results/quality] [--tasks ...] [--seeds 0 1 2] [--grid paper|small]
                                  [--device cpu|cuda] [--resume] [--json PATH]
     python benchmarks/quality.py --smoke            # tiny sample counts: checks that everything starts and ends
-    python benchmarks/quality.py --dry-run          # write the configs, print the grids; start nothing
+    python benchmarks/quality.py --dry-run          # write and check the configs, print each task's workload; start nothing
 
 Tasks: SuperGLUE CB, GLUE RTE, MRPC, CoLA and an SST-2 subset (`--sst2-samples`, default 10000 of 67349
 training sentences; validation whole). Methods: finetune, double_finetune, sequential_dlb, random_dlb,
@@ -33,8 +33,12 @@ so and still prints its own table of mean +- std from the Parquet results.
 Each sweep starts a local Ray (or uses `$RAY_ADDRESS`). Hours on a CPU: on 2 cores CB's small grid with ASHA
 took 88 min (32 trials, 2.85 trial-hours) and its stage 2 about an hour; the paper grid is 3x the trials. On
 RTE, with three trials sharing the 2 cores, a step of 32 x 128 took 7.4-8.2 s: 29 min per finetune trial,
-55 min per double_finetune or DLB trial, about 11 hours for the small grid and the seeds; MRPC, CoLA and SST-2
-have 1.5 to 4x RTE's training examples (`--grid small`, `--asha` or a GPU help). On 2 CPUs, `--cpus-per-trial 0.66` runs 3 trials at a time (one
+55 min per double_finetune or DLB trial, about 11 hours for the small grid and the seeds. `--dry-run` prints
+every task's workload before anything runs: trials, optimizer steps and padded training tokens of both
+stages (the engine's own samplers and dynamic padding; stage 1 without ASHA) and the hours at
+`--tokens-per-s` (default: the 1,700 tokens/s RTE measured here). Small grid, 2-core CPU: CB 1.7 h (it took
+2.5: short batches cost more per token), RTE 14.2, MRPC 13.1, CoLA 8.4, the SST-2 subset 18.1 (`--asha`
+or a GPU help). On 2 CPUs, `--cpus-per-trial 0.66` runs 3 trials at a time (one
 thread each), so a 3-seed stage 2 sweep has no idle core. On a GPU: `--device cuda` (one GPU per trial, or a
 fraction with `--gpus-per-trial 0.25` to pack MiniLM trials).
 """
@@ -180,6 +184,90 @@ def run_sweep(name: str, config: Path, args) -> list[dict]:
     return rows
 
 
+# --- the workload: what the stages will train, before anything runs (--dry-run) ----------------------------
+
+# The training throughput this project's CPU machine measured on RTE's stage 1 (2026-11-29, 2 cores, fp32,
+# three trials at once: each finished trial's padded tokens over its wall time, start-up and evaluation
+# included, 500-595 tokens/s per trial, median 568); `--tokens-per-s` replaces it with a machine's own figure.
+# Small batches of short sequences cost more per token (per-step overhead): CB's estimate is 1.7 h, its
+# small grid with ASHA and its seeds took about 2.5 h.
+MEASURED_TOKENS_PER_S = 1700.0
+
+
+def padded_tokens(lengths, batches, choices: int = 1) -> tuple[int, int]:
+    """(steps, tokens) of a stream of index batches under dynamic padding (each batch pads to its longest;
+    a multiple-choice item is `choices` sequences, `lengths` its longest)."""
+    steps = tokens = 0
+    for batch in batches:
+        steps += 1
+        tokens += len(batch) * choices * max(lengths[i] for i in batch)
+    return steps, tokens
+
+
+def trial_workload(lengths, method: str, batch_size: int, epochs: int, seed: int,
+                   choices: int = 1) -> tuple[int, int]:
+    """(optimizer steps, padded training tokens) of one trial: the engine's own sampler over every epoch."""
+    from raysdpb.methods import METHODS as REGISTRY
+    from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
+
+    spec = REGISTRY[method]
+    cls = OverlapBatchSampler if spec.loader == "overlap" else ShuffledBatchSampler
+    sampler = cls(len(lengths), batch_size, shuffle=spec.shuffle, seed=seed)
+    steps = tokens = 0
+    for epoch in range(epochs * spec.epoch_multiplier):
+        sampler.set_epoch(epoch)
+        s, t = padded_tokens(lengths, sampler, choices)
+        steps, tokens = steps + s, tokens + t
+    return steps, tokens
+
+
+def train_lengths(config_path: Path) -> tuple[list[int], int]:
+    """The token count of every training example a sweep's trials see (the engine's loading and tokenizer),
+    and the sequences per example (a multiple-choice item's choices; their longest is its length)."""
+    from raysdpb.config import load_experiment
+    from raysdpb.data import tokenize_records
+    from raysdpb.models import load_tokenizer, resolve_model
+    from raysdpb.tasks import data_dir_from, get_task, load_examples
+
+    cfg = load_experiment(config_path).trial
+    task = get_task(cfg.task)
+    records = load_examples(task, cfg.train_split or task.train_split, data_dir_from(cfg.data_dir))
+    if cfg.max_train_samples:
+        records = records[: cfg.max_train_samples]
+    data = tokenize_records(records, task.kind, load_tokenizer(resolve_model(cfg.model)), cfg.max_length,
+                            name=f"{cfg.task} (workload)")
+    items = [data[i]["input_ids"] for i in range(len(data))]
+    if items and isinstance(items[0][0], list):
+        return [max(len(c) for c in ids) for ids in items], len(items[0])
+    return [len(ids) for ids in items], 1
+
+
+def workload(task: str, grid_path: Path, args) -> dict:
+    """Trials, steps and padded tokens of both stages of one task (stage 1 without ASHA: an upper bound)."""
+    from raysdpb.config import load_experiment
+    from raysdpb.grid import expand
+
+    lengths, choices = train_lengths(grid_path)
+    memo: dict[tuple, tuple[int, int]] = {}
+
+    def one(method: str, batch_size: int, epochs: int, seed: int) -> tuple[int, int]:
+        key = (method, batch_size, epochs, seed)
+        if key not in memo:
+            memo[key] = trial_workload(lengths, method, batch_size, epochs, seed, choices)
+        return memo[key]
+
+    grid = [one(p.config.method, p.config.batch_size, p.config.epochs, p.config.seed)
+            for p in expand(load_experiment(grid_path))]
+    base = base_trial(task, args)
+    seeds = [one(m, base["batch_size"], base["epochs"], s) for m in args.methods for s in args.seeds]
+    rate = args.tokens_per_s
+    return {"task": task, "train_examples": len(lengths),
+            "mean_tokens": sum(lengths) / len(lengths),
+            "grid_trials": len(grid), "grid_steps": sum(s for s, _ in grid), "grid_tokens": sum(t for _, t in grid),
+            "seed_trials": len(seeds), "seed_steps": sum(s for s, _ in seeds), "seed_tokens": sum(t for _, t in seeds),
+            "hours": (sum(t for _, t in grid) + sum(t for _, t in seeds)) / rate / 3600}
+
+
 # --- selection and the summary -----------------------------------------------------------------------------
 
 def main_metric(task: str) -> str:
@@ -261,7 +349,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-going", action="store_true", help="go on after a sweep with errored trials")
     p.add_argument("--stage", choices=["all", "grid", "seeds", "report"], default="all")
     p.add_argument("--smoke", action="store_true", help="16 samples, 1 epoch, a one-point grid: a start-up check")
-    p.add_argument("--dry-run", action="store_true", help="write the configs and print the grids (no Ray)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write the configs, check them, and print each task's workload (no Ray)")
+    p.add_argument("--tokens-per-s", type=float, default=MEASURED_TOKENS_PER_S,
+                   help="training throughput for --dry-run's hours (default: what RTE measured on 2 CPU cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="pass -q to the sweeps")
     p.add_argument("--json", default=None, help=f"the summary as JSON (e.g. {RESULTS / 'quality.json'})")
     args = p.parse_args(argv)
@@ -280,6 +371,7 @@ def main() -> None:
     t0 = time.perf_counter()
 
     if args.dry_run or args.smoke:
+        loads: list[dict] = []
         # every task's grid config through the sweep's own validation (no Ray), and, in a smoke run, every
         # task's data through the loaders
         for task in (TASKS if args.smoke else args.tasks):
@@ -290,6 +382,8 @@ def main() -> None:
             print(f"{name}: {path}\n  {last if proc.returncode == 0 else proc.stderr.strip()[-300:]}", flush=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{path}: the sweep rejects this config")
+            if args.dry_run and not args.smoke:
+                loads.append(workload(task, path, args))
             if args.smoke:
                 from raysdpb.tasks import data_dir_from, get_task, load_examples
 
@@ -298,6 +392,17 @@ def main() -> None:
                           for split in (spec.train_split, *(s for s, _ in spec.eval_splits))}
                 print(f"  data: {counts}", flush=True)
         if args.dry_run:
+            print(f"\n== the workload: padded training tokens (dynamic padding, the engine's samplers); stage 1 "
+                  f"without ASHA, stage 2 with {len(args.seeds)} seeds; hours at {args.tokens_per_s:,.0f} "
+                  "tokens/s (--tokens-per-s)")
+            shown = [{**w, "grid_mtok": w["grid_tokens"] / 1e6, "seed_mtok": w["seed_tokens"] / 1e6} for w in loads]
+            print(table(shown, [("task", "task", ""), ("train_examples", "examples", "d"),
+                                ("mean_tokens", "mean len", ".1f"), ("grid_trials", "grid trials", "d"),
+                                ("grid_steps", "grid steps", "d"), ("grid_mtok", "grid Mtok", ".1f"),
+                                ("seed_trials", "seed trials", "d"), ("seed_steps", "seed steps", "d"),
+                                ("seed_mtok", "seed Mtok", ".1f"), ("hours", "hours", ".1f")]))
+            write_json(args.json, {"benchmark": "quality-workload", "grid": args.grid,
+                                   "tokens_per_s": args.tokens_per_s, "tasks": loads})
             return
 
     selection_path = root / "selection.json"

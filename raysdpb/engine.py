@@ -168,6 +168,11 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
     from raysdpb.tasks import resolve_task
 
+    # the trial's own clock: this attempt's time from here, plus what the checkpoint it resumes from had run
+    # (Tune's time_this_iter_s restarts with each attempt and misses a resumed trial's earlier time)
+    attempt_start = time.perf_counter()
+    elapsed_before = 0.0
+
     # ---- set-up --------------------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     task = resolve_task(cfg)
@@ -225,9 +230,15 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
             scaler.load_state_dict(state["scaler"])
         step, nonfinite_total = state["step"], state["nonfinite_total"]
         running, history = state["running"], state["history"]
+        elapsed_before = float(state.get("elapsed_s", 0.0))  # checkpoints written before this key: 0
         start_epoch = sampler.epoch
         set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint, sampler.epoch, sampler.state_dict()["position"], step)
+
+    def elapsed() -> float:
+        """Seconds this trial has run: set-up, training and evaluation, over every attempt up to now (work
+        lost after a checkpoint to a failure is not counted)."""
+        return elapsed_before + time.perf_counter() - attempt_start
 
     def save(epoch: int, position: int, reported: bool = True):
         path = context.new_checkpoint_dir(step, reported=reported)
@@ -240,7 +251,7 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
                 "sampler": {**sampler.state_dict(), "epoch": epoch, "position": position},
                 "cache": cache.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "step": step, "nonfinite_total": nonfinite_total, "running": running, "history": history,
-                "rng": rng_state(), "config": cfg.model_dump(),
+                "elapsed_s": elapsed(), "rng": rng_state(), "config": cfg.model_dump(),
             })
         return path
 
@@ -267,10 +278,10 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
         """Record the evaluation in the history, checkpoint (so the checkpoint holds its own report), report."""
         entry = {"epoch": round(epoch_progress, 4), "step": step, **metrics, **initial, **running.summary(),
                  "lr": scheduler.get_last_lr()[0], "nonfinite_steps": nonfinite_total}
-        history.append(entry)
+        history.append(entry)  # what the trial computed; its timing goes with the report only
         checkpoint_dir = save(epoch, position)
         context.log_scalars(step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
-        context.report(entry, checkpoint_dir)
+        context.report({**entry, "elapsed_s": elapsed()}, checkpoint_dir)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     progress = None
@@ -369,7 +380,7 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
         log.error("trial diverged: %s", message)
         context.report({"epoch": round(sampler.epoch + position / max(len(sampler), 1), 4), "step": step,
                         **last_metrics, "status": "diverged", "message": message,
-                        "nonfinite_steps": nonfinite_total}, None)
+                        "nonfinite_steps": nonfinite_total, "elapsed_s": elapsed()}, None)
     context.close()
     epochs_run = history[-1]["epoch"] if history else 0.0
     return TrialResult(status=status, metrics=last_metrics | initial, epochs_run=epochs_run, steps=step,

@@ -4,7 +4,8 @@
   Tune iteration and times).
 * `<experiment>/trials.parquet`: one row per trial of the grid: every config value as its own column (nested
   keys dotted, `lora.r`), `trial_id`, `label`, `status`, `message`, `stop_reason`, `best_<metric>` and
-  `last_<metric>` of every reported metric, `epochs_run`, `planned_epochs`, `steps`, `wall_time_s`, `attempts`.
+  `last_<metric>` of every reported metric, `epochs_run`, `planned_epochs`, `steps`, `wall_time_s` (the
+  trial's own clock, `elapsed_s`, which its checkpoints carry across a resume), `attempts`.
 
 Statuses: `pending` (not started yet), `running`, `completed`, `stopped_by_asha`, `diverged`, `errored`,
 `interrupted` (the sweep ended before the trial did; `--resume` continues it). A failed trial keeps its row
@@ -51,7 +52,7 @@ _TUNE_BOOKKEEPING = frozenset({
 # curve columns that are not metrics (no best_/last_ columns for them)
 _NOT_METRICS = frozenset({
     "trial_id", "epoch", "step", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
-    "checkpoint_path", "status", "message", "replayed",
+    "checkpoint_path", "status", "message", "replayed", "elapsed_s",
 })
 
 
@@ -246,11 +247,20 @@ def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message
         "planned_epochs": info.planned_epochs,
         "steps": last.get("step", 0) or 0,
         "reports": len(curves),
-        "wall_time_s": float(sum(c.get("time_this_iter_s") or 0.0 for c in curves)),
+        "wall_time_s": _wall_time(curves),
         "attempts": attempts,
         "finished_at": finished_at,
     }
     return row
+
+
+def _wall_time(curves: list[dict]) -> float:
+    """A trial's seconds: the engine's `elapsed_s` (carried across resumes in its checkpoints) at its last
+    report, else the sum of Tune's `time_this_iter_s` (which restarts with each attempt)."""
+    clocks = [c["elapsed_s"] for c in curves if _is_number(c.get("elapsed_s"))]
+    if clocks:
+        return float(clocks[-1])
+    return float(sum(c.get("time_this_iter_s") or 0.0 for c in curves))
 
 
 def _column(values: list) -> pa.Array:

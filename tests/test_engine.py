@@ -98,6 +98,36 @@ def test_resume_mid_epoch_matches_uninterrupted_run(method, shared_data_dir, tmp
     assert resumed.steps == full.steps
 
 
+def test_elapsed_time_is_reported_and_carried_across_a_resume(shared_data_dir, tmp_path):
+    """Every report carries the trial's clock (`elapsed_s`, which results use as `wall_time_s`): increasing,
+    within the run's wall time, and on a resume continued from the checkpoint's clock; the history (what the
+    trial computed) has no timing in it, so a resumed run's history still equals the uninterrupted one's."""
+    import time
+
+    cfg = _config(shared_data_dir, method="finetune", epochs=2, checkpoint_every_steps=4)
+    full_ctx = LocalContext(tmp_path / "full", keep=100)
+    t0 = time.perf_counter()
+    full = run_trial(cfg, full_ctx)
+    wall = time.perf_counter() - t0
+    clocks = [r["elapsed_s"] for r in full_ctx.reports]
+    assert len(clocks) == 2 and 0 < clocks[0] < clocks[1] <= wall
+    assert not any("elapsed_s" in entry for entry in full.history)
+    mid = tmp_path / "full" / "checkpoints" / "step_00000004"
+    state = torch.load(mid / "state.pt", weights_only=False)
+    assert 0 < state["elapsed_s"] < clocks[0]
+    # the checkpoint as if its trial had already run for 1000 s
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(mid, resumed_dir / "from")
+    torch.save({**state, "elapsed_s": 1000.0}, resumed_dir / "from" / "state.pt")
+    ctx = LocalContext(resumed_dir, resume_from=resumed_dir / "from")
+    t0 = time.perf_counter()
+    resumed = run_trial(cfg, ctx)
+    wall = time.perf_counter() - t0
+    resumed_clocks = [r["elapsed_s"] for r in ctx.reports]
+    assert len(resumed_clocks) == 2 and 1000.0 < resumed_clocks[0] < resumed_clocks[1] <= 1000.0 + wall
+    assert resumed.history == full.history
+
+
 def test_checkpoints_on_disk_are_bounded(shared_data_dir, tmp_path):
     cfg = _config(shared_data_dir, method="finetune", epochs=2, checkpoint_every_steps=1)
     run_trial(cfg, LocalContext(tmp_path / "run", keep=2))

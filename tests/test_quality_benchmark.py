@@ -72,3 +72,35 @@ def test_select_takes_the_best_score_and_breaks_ties_to_smaller_values(quality):
     # equal scores: the smaller alpha; a trial ASHA stopped still counts with its best epoch
     assert chosen["random_dlb"]["alpha"] == 0.5
     assert chosen["dynsdpb"]["metric"] == "best_eval_accuracy"
+
+
+@pytest.mark.parametrize("method", ["finetune", "double_finetune", "random_dlb", "sequential_dlb", "dynsdpb"])
+def test_workload_counts_what_the_engines_sampler_and_collator_produce(quality, method):
+    """The dry run's padded-token count against the real thing: the engine's sampler in a DataLoader with
+    its collator, counting the padded input_ids of every batch over every epoch (double_finetune's 2x, the
+    overlap methods' 2x steps), for random lengths and an odd dataset size."""
+    import random
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from raysdpb.data import TokenizedDataset, collate
+    from raysdpb.methods import METHODS
+    from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
+
+    rng = random.Random(7)
+    lengths = [rng.randint(3, 60) for _ in range(203)]
+    items = [{"index": i, "input_ids": [5] * n, "attention_mask": [1] * n, "labels": 0} for i, n in enumerate(lengths)]
+    spec = METHODS[method]
+    sampler = (OverlapBatchSampler if spec.loader == "overlap" else ShuffledBatchSampler)(
+        len(items), 16, shuffle=spec.shuffle, seed=3)
+    loader = DataLoader(TokenizedDataset(items, "classification"), batch_sampler=sampler, collate_fn=collate(0))
+    steps = tokens = 0
+    for epoch in range(2 * spec.epoch_multiplier):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            steps += 1
+            tokens += batch["input_ids"].numel()
+    assert quality.trial_workload(lengths, method, 16, 2, 3) == (steps, tokens)
+    assert steps == sampler.total_batches(2 * spec.epoch_multiplier)
+    assert quality.trial_workload(lengths, method, 16, 2, 3, choices=4)[1] == 4 * tokens

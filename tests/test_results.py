@@ -52,6 +52,25 @@ def test_summarize_trial_best_and_last():
     assert row["wall_time_s"] == pytest.approx(6.0)
 
 
+def test_wall_time_is_the_trial_clock_across_a_resume():
+    """Tune's time_this_iter_s restarts with each attempt (a resumed trial's first report once said 2 s for
+    a 17-minute epoch); the engine's elapsed_s, carried in its checkpoints, is the trial's time."""
+    info = _infos()[0]
+    # epoch 1 took 100 s; killed, resumed from the epoch-1 checkpoint; epochs 2 and 3 took 90 s each
+    reports = [_report(1, 0.5, 1.0, time_this_iter_s=100.0, elapsed_s=100.0),
+               _report(2, 0.6, 0.8, time_this_iter_s=2.0, elapsed_s=195.0),
+               _report(3, 0.7, 0.6, time_this_iter_s=90.0, elapsed_s=285.0)]
+    row = summarize_trial(info, [curve_row(info.trial_id, r) for r in reports], status="completed",
+                          main_metric="eval_accuracy", attempts=2)
+    assert row["wall_time_s"] == pytest.approx(285.0)
+    assert not any(k.endswith("elapsed_s") for k in row if k != "wall_time_s")  # not a metric column
+    # results written before the engine reported elapsed_s: Tune's sum, as before
+    old = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in reports]
+    row = summarize_trial(info, [curve_row(info.trial_id, r) for r in old], status="completed",
+                          main_metric="eval_accuracy", attempts=2)
+    assert row["wall_time_s"] == pytest.approx(192.0)
+
+
 def test_to_table_handles_missing_and_mixed_columns():
     table = to_table([{"a": 1, "b": "x"}, {"a": 2.5, "c": [1, 2]}, {"a": None, "b": 3}], first=("c",))
     assert table.column_names == ["c", "a", "b"]
