@@ -256,11 +256,11 @@ def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message
 
 def _wall_time(curves: list[dict]) -> float:
     """A trial's seconds: the engine's `elapsed_s` (carried across resumes in its checkpoints) at its last
-    report, else the sum of Tune's `time_this_iter_s` (which restarts with each attempt)."""
+    report, plus Tune's `time_this_iter_s` (which restarts with each attempt) of the reports before the
+    engine had that clock (a trial resumed from a checkpoint written without it starts its clock at 0)."""
     clocks = [c["elapsed_s"] for c in curves if _is_number(c.get("elapsed_s"))]
-    if clocks:
-        return float(clocks[-1])
-    return float(sum(c.get("time_this_iter_s") or 0.0 for c in curves))
+    before = sum(c.get("time_this_iter_s") or 0.0 for c in curves if not _is_number(c.get("elapsed_s")))
+    return float(before + (clocks[-1] if clocks else 0.0))
 
 
 def _column(values: list) -> pa.Array:

@@ -69,6 +69,12 @@ def test_wall_time_is_the_trial_clock_across_a_resume():
     row = summarize_trial(info, [curve_row(info.trial_id, r) for r in old], status="completed",
                           main_metric="eval_accuracy", attempts=2)
     assert row["wall_time_s"] == pytest.approx(192.0)
+    # resumed from a checkpoint written before the engine kept the clock: epoch 1's Tune time, then the new
+    # attempt's clock (which started at 0 with it)
+    mixed = [old[0], {**reports[1], "elapsed_s": 95.0}, {**reports[2], "elapsed_s": 185.0}]
+    row = summarize_trial(info, [curve_row(info.trial_id, r) for r in mixed], status="completed",
+                          main_metric="eval_accuracy", attempts=2)
+    assert row["wall_time_s"] == pytest.approx(285.0)
 
 
 def test_to_table_handles_missing_and_mixed_columns():
