@@ -36,8 +36,8 @@ RTE, with three trials sharing the 2 cores, a step of 32 x 128 took 7.4-8.2 s: 2
 55 min per double_finetune or DLB trial, about 11 hours for the small grid and the seeds. `--dry-run` prints
 every task's workload before anything runs: trials, optimizer steps and padded training tokens of both
 stages (the engine's own samplers and dynamic padding; stage 1 without ASHA) and the hours at
-`--tokens-per-s` (default: the 1,700 tokens/s RTE measured here). Small grid, 2-core CPU: CB 1.7 h (it took
-2.5: short batches cost more per token), RTE 14.2, MRPC 13.1, CoLA 8.4, the SST-2 subset 18.1 (`--asha`
+`--tokens-per-s` (default: the 1,700 tokens/s RTE measured here). Small grid, 2-core CPU: CB 1.6 h (it took
+2.5: short batches cost more per token), RTE 13.7, MRPC 12.7, CoLA 8.2, the SST-2 subset 17.6 (`--asha`
 or a GPU help). On 2 CPUs, `--cpus-per-trial 0.66` runs 3 trials at a time (one
 thread each), so a 3-seed stage 2 sweep has no idle core. On a GPU: `--device cuda` (one GPU per trial, or a
 fraction with `--gpus-per-trial 0.25` to pack MiniLM trials).
@@ -189,7 +189,7 @@ def run_sweep(name: str, config: Path, args) -> list[dict]:
 # The training throughput this project's CPU machine measured on RTE's stage 1 (2026-11-29, 2 cores, fp32,
 # three trials at once: each finished trial's padded tokens over its wall time, start-up and evaluation
 # included, 500-595 tokens/s per trial, median 568); `--tokens-per-s` replaces it with a machine's own figure.
-# Small batches of short sequences cost more per token (per-step overhead): CB's estimate is 1.7 h, its
+# Small batches of short sequences cost more per token (per-step overhead): CB's estimate is 1.6 h, its
 # small grid with ASHA and its seeds took about 2.5 h.
 MEASURED_TOKENS_PER_S = 1700.0
 
@@ -207,12 +207,11 @@ def padded_tokens(lengths, batches, choices: int = 1) -> tuple[int, int]:
 def trial_workload(lengths, method: str, batch_size: int, epochs: int, seed: int,
                    choices: int = 1) -> tuple[int, int]:
     """(optimizer steps, padded training tokens) of one trial: the engine's own sampler over every epoch."""
+    from raysdpb.engine import make_sampler
     from raysdpb.methods import METHODS as REGISTRY
-    from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
 
     spec = REGISTRY[method]
-    cls = OverlapBatchSampler if spec.loader == "overlap" else ShuffledBatchSampler
-    sampler = cls(len(lengths), batch_size, shuffle=spec.shuffle, seed=seed)
+    sampler = make_sampler(spec, len(lengths), batch_size, seed=seed)
     steps = tokens = 0
     for epoch in range(epochs * spec.epoch_multiplier):
         sampler.set_epoch(epoch)
@@ -225,17 +224,12 @@ def train_lengths(config_path: Path) -> tuple[list[int], int]:
     """The token count of every training example a sweep's trials see (the engine's loading and tokenizer),
     and the sequences per example (a multiple-choice item's choices; their longest is its length)."""
     from raysdpb.config import load_experiment
-    from raysdpb.data import tokenize_records
+    from raysdpb.engine import load_train_data
     from raysdpb.models import load_tokenizer, resolve_model
-    from raysdpb.tasks import data_dir_from, get_task, load_examples
+    from raysdpb.tasks import resolve_task
 
     cfg = load_experiment(config_path).trial
-    task = get_task(cfg.task)
-    records = load_examples(task, cfg.train_split or task.train_split, data_dir_from(cfg.data_dir))
-    if cfg.max_train_samples:
-        records = records[: cfg.max_train_samples]
-    data = tokenize_records(records, task.kind, load_tokenizer(resolve_model(cfg.model)), cfg.max_length,
-                            name=f"{cfg.task} (workload)")
+    data = load_train_data(cfg, resolve_task(cfg), load_tokenizer(resolve_model(cfg.model, cfg.gguf_file)))
     items = [data[i]["input_ids"] for i in range(len(data))]
     if items and isinstance(items[0][0], list):
         return [max(len(c) for c in ids) for ids in items], len(items[0])
@@ -260,12 +254,12 @@ def workload(task: str, grid_path: Path, args) -> dict:
             for p in expand(load_experiment(grid_path))]
     base = base_trial(task, args)
     seeds = [one(m, base["batch_size"], base["epochs"], s) for m in args.methods for s in args.seeds]
-    rate = args.tokens_per_s
+    grid_tokens, seed_tokens = sum(t for _, t in grid), sum(t for _, t in seeds)
     return {"task": task, "train_examples": len(lengths),
             "mean_tokens": sum(lengths) / len(lengths),
-            "grid_trials": len(grid), "grid_steps": sum(s for s, _ in grid), "grid_tokens": sum(t for _, t in grid),
-            "seed_trials": len(seeds), "seed_steps": sum(s for s, _ in seeds), "seed_tokens": sum(t for _, t in seeds),
-            "hours": (sum(t for _, t in grid) + sum(t for _, t in seeds)) / rate / 3600}
+            "grid_trials": len(grid), "grid_steps": sum(s for s, _ in grid), "grid_tokens": grid_tokens,
+            "seed_trials": len(seeds), "seed_steps": sum(s for s, _ in seeds), "seed_tokens": seed_tokens,
+            "hours": (grid_tokens + seed_tokens) / args.tokens_per_s / 3600}
 
 
 # --- selection and the summary -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from raysdpb.checkpoint import (load_checkpoint, load_trainable_state, rng_state
 from raysdpb.config import TrialConfig
 from raysdpb.context import WorkerContext, inject_fault
 from raysdpb.data import collate, tokenize_records
-from raysdpb.methods import ClassOutputs, LogitCache, MethodParams, TokenOutputs, get_method
+from raysdpb.methods import ClassOutputs, LogitCache, Method, MethodParams, TokenOutputs, get_method
 from raysdpb.models import build_model, resolve_model, load_tokenizer
 from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
 
@@ -144,15 +144,30 @@ class TrialResult:
                            "status": self.status, "epochs_run": self.epochs_run})
 
 
+def load_train_data(cfg: TrialConfig, task, tokenizer):
+    """The trial's tokenized training set (its split, `max_train_samples`, `max_length`)."""
+    from raysdpb.tasks import data_dir_from, load_examples
+
+    train_split = cfg.train_split or task.train_split
+    train_records = load_examples(task, train_split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
+    if cfg.max_train_samples:
+        train_records = train_records[: cfg.max_train_samples]
+    return tokenize_records(train_records, task.kind, tokenizer, cfg.max_length, name=f"{task.name}:{train_split}")
+
+
+def make_sampler(method: Method, num_samples: int, batch_size: int, *, seed: int, num_replicas: int = 1,
+                 rank: int = 0):
+    """The method's batch sampler: the overlapping stream (DLB, DynSDPB) or plain mini-batches."""
+    sampler_cls = OverlapBatchSampler if method.loader == "overlap" else ShuffledBatchSampler
+    return sampler_cls(num_samples, batch_size, shuffle=method.shuffle, seed=seed, num_replicas=num_replicas,
+                       rank=rank)
+
+
 def _load_task_data(cfg: TrialConfig, task, tokenizer):
     from raysdpb.tasks import data_dir_from, load_examples
 
     data_dir = data_dir_from(cfg.data_dir)
-    train_split = cfg.train_split or task.train_split
-    train_records = load_examples(task, train_split, data_dir, custom=cfg.custom_task)
-    if cfg.max_train_samples:
-        train_records = train_records[: cfg.max_train_samples]
-    train = tokenize_records(train_records, task.kind, tokenizer, cfg.max_length, name=f"{task.name}:{train_split}")
+    train = load_train_data(cfg, task, tokenizer)
     evals = []
     eval_splits = ((cfg.eval_split, ""),) if cfg.eval_split else task.eval_splits
     for split, prefix in eval_splits:
@@ -194,9 +209,8 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sampler_cls = OverlapBatchSampler if method.loader == "overlap" else ShuffledBatchSampler
-    sampler = sampler_cls(len(train_data), cfg.batch_size, shuffle=method.shuffle, seed=cfg.seed,
-                          num_replicas=context.world_size, rank=context.rank)
+    sampler = make_sampler(method, len(train_data), cfg.batch_size, seed=cfg.seed,
+                           num_replicas=context.world_size, rank=context.rank)
     collator = collate(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
     # the overlap sampler is passed as batch_sampler and never handed to Ray's prepare_data_loader, which
     # would replace it with a DistributedSampler; workers stay 0 so the sampler position is what was consumed.

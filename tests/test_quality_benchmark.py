@@ -81,19 +81,17 @@ def test_workload_counts_what_the_engines_sampler_and_collator_produce(quality, 
     overlap methods' 2x steps), for random lengths and an odd dataset size."""
     import random
 
-    import torch
     from torch.utils.data import DataLoader
 
     from raysdpb.data import TokenizedDataset, collate
+    from raysdpb.engine import make_sampler
     from raysdpb.methods import METHODS
-    from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
 
     rng = random.Random(7)
     lengths = [rng.randint(3, 60) for _ in range(203)]
     items = [{"index": i, "input_ids": [5] * n, "attention_mask": [1] * n, "labels": 0} for i, n in enumerate(lengths)]
     spec = METHODS[method]
-    sampler = (OverlapBatchSampler if spec.loader == "overlap" else ShuffledBatchSampler)(
-        len(items), 16, shuffle=spec.shuffle, seed=3)
+    sampler = make_sampler(spec, len(items), 16, seed=3)
     loader = DataLoader(TokenizedDataset(items, "classification"), batch_sampler=sampler, collate_fn=collate(0))
     steps = tokens = 0
     for epoch in range(2 * spec.epoch_multiplier):
