@@ -194,18 +194,22 @@ def run_sweep(name: str, config: Path, args) -> list[dict]:
 MEASURED_TOKENS_PER_S = 1700.0
 
 
-def padded_tokens(lengths, batches, choices: int = 1) -> tuple[int, int]:
-    """(steps, tokens) of a stream of index batches under dynamic padding (each batch pads to its longest;
-    a multiple-choice item is `choices` sequences, `lengths` its longest)."""
+def padded_tokens(lengths, batches, choices: int = 1, pad_to_multiple_of: int | None = None) -> tuple[int, int]:
+    """(steps, tokens) of a stream of index batches as the engine's collator pads them (each batch to its
+    longest, rounded up to `pad_to_multiple_of`; a multiple-choice item is `choices` sequences, `lengths`
+    its longest)."""
+    from raysdpb.data import Collator
+
+    padded_length = Collator(0, pad_to_multiple_of).padded_length
     steps = tokens = 0
     for batch in batches:
         steps += 1
-        tokens += len(batch) * choices * max(lengths[i] for i in batch)
+        tokens += len(batch) * choices * padded_length(max(lengths[i] for i in batch))
     return steps, tokens
 
 
 def trial_workload(lengths, method: str, batch_size: int, epochs: int, seed: int,
-                   choices: int = 1) -> tuple[int, int]:
+                   choices: int = 1, pad_to_multiple_of: int | None = None) -> tuple[int, int]:
     """(optimizer steps, padded training tokens) of one trial: the engine's own sampler over every epoch."""
     from raysdpb.engine import make_sampler
     from raysdpb.methods import METHODS as REGISTRY
@@ -215,20 +219,18 @@ def trial_workload(lengths, method: str, batch_size: int, epochs: int, seed: int
     steps = tokens = 0
     for epoch in range(epochs * spec.epoch_multiplier):
         sampler.set_epoch(epoch)
-        s, t = padded_tokens(lengths, sampler, choices)
+        s, t = padded_tokens(lengths, sampler, choices, pad_to_multiple_of)
         steps, tokens = steps + s, tokens + t
     return steps, tokens
 
 
-def train_lengths(config_path: Path) -> tuple[list[int], int]:
+def train_lengths(cfg) -> tuple[list[int], int]:
     """The token count of every training example a sweep's trials see (the engine's loading and tokenizer),
     and the sequences per example (a multiple-choice item's choices; their longest is its length)."""
-    from raysdpb.config import load_experiment
     from raysdpb.engine import load_train_data
     from raysdpb.models import load_tokenizer, resolve_model
     from raysdpb.tasks import resolve_task
 
-    cfg = load_experiment(config_path).trial
     data = load_train_data(cfg, resolve_task(cfg), load_tokenizer(resolve_model(cfg.model, cfg.gguf_file)))
     items = [data[i]["input_ids"] for i in range(len(data))]
     if items and isinstance(items[0][0], list):
@@ -239,19 +241,21 @@ def train_lengths(config_path: Path) -> tuple[list[int], int]:
 def workload(task: str, grid_path: Path, args) -> dict:
     """Trials, steps and padded tokens of both stages of one task (stage 1 without ASHA: an upper bound)."""
     from raysdpb.config import load_experiment
+    from raysdpb.data import pad_multiple_for
     from raysdpb.grid import expand
 
-    lengths, choices = train_lengths(grid_path)
+    experiment = load_experiment(grid_path)
+    lengths, choices = train_lengths(experiment.trial)
+    pad_to = pad_multiple_for(args.device)
     memo: dict[tuple, tuple[int, int]] = {}
 
     def one(method: str, batch_size: int, epochs: int, seed: int) -> tuple[int, int]:
         key = (method, batch_size, epochs, seed)
         if key not in memo:
-            memo[key] = trial_workload(lengths, method, batch_size, epochs, seed, choices)
+            memo[key] = trial_workload(lengths, method, batch_size, epochs, seed, choices, pad_to)
         return memo[key]
 
-    grid = [one(p.config.method, p.config.batch_size, p.config.epochs, p.config.seed)
-            for p in expand(load_experiment(grid_path))]
+    grid = [one(p.config.method, p.config.batch_size, p.config.epochs, p.config.seed) for p in expand(experiment)]
     base = base_trial(task, args)
     seeds = [one(m, base["batch_size"], base["epochs"], s) for m in args.methods for s in args.seeds]
     grid_tokens, seed_tokens = sum(t for _, t in grid), sum(t for _, t in seeds)

@@ -101,7 +101,8 @@ class Collator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
-    def _length(self, longest: int) -> int:
+    def padded_length(self, longest: int) -> int:
+        """The length a batch whose longest sequence has `longest` tokens is padded to."""
         m = self.pad_to_multiple_of
         return longest if not m else -(-longest // m) * m
 
@@ -113,13 +114,13 @@ class Collator:
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "answer_mask") if k in first]
         if isinstance(first["input_ids"][0], list):  # multiple choice: (B, C, L)
             n_choices = len(first["input_ids"])
-            length = self._length(max(len(s) for it in items for s in it["input_ids"]))
+            length = self.padded_length(max(len(s) for it in items for s in it["input_ids"]))
             for key in keys:
                 flat = [s for it in items for s in it[key]]
                 value = self.pad_token_id if key == "input_ids" else 0
                 batch[key] = _pad(flat, value, length).view(len(items), n_choices, length)
             return batch
-        length = self._length(max(len(it["input_ids"]) for it in items))
+        length = self.padded_length(max(len(it["input_ids"]) for it in items))
         for key in keys:
             value = self.pad_token_id if key == "input_ids" else 0
             batch[key] = _pad([it[key] for it in items], value, length)
@@ -128,3 +129,9 @@ class Collator:
 
 def collate(pad_token_id: int, pad_to_multiple_of: int | None = None) -> Collator:
     return Collator(pad_token_id, pad_to_multiple_of)
+
+
+def pad_multiple_for(device_type: str) -> int | None:
+    """What training batches are padded to a multiple of on a device: 8 on CUDA (tensor-core shapes for
+    bf16/fp16 matmuls), none elsewhere (every padded token is wasted work on a CPU)."""
+    return 8 if device_type == "cuda" else None

@@ -27,7 +27,7 @@ from raysdpb.checkpoint import (load_checkpoint, load_trainable_state, rng_state
                                 trainable_state_dict)
 from raysdpb.config import TrialConfig
 from raysdpb.context import WorkerContext, inject_fault
-from raysdpb.data import collate, tokenize_records
+from raysdpb.data import collate, pad_multiple_for, tokenize_records
 from raysdpb.methods import ClassOutputs, LogitCache, Method, MethodParams, TokenOutputs, get_method
 from raysdpb.models import build_model, resolve_model, load_tokenizer
 from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
@@ -211,7 +211,7 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
 
     sampler = make_sampler(method, len(train_data), cfg.batch_size, seed=cfg.seed,
                            num_replicas=context.world_size, rank=context.rank)
-    collator = collate(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
+    collator = collate(tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple_for(device.type))
     # the overlap sampler is passed as batch_sampler and never handed to Ray's prepare_data_loader, which
     # would replace it with a DistributedSampler; workers stay 0 so the sampler position is what was consumed.
     # The loader gets its own generator: each new iterator draws a base seed from it, and drawing from the
