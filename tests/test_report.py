@@ -133,6 +133,49 @@ def test_paired_t_test_by_seed_at_the_selected_configurations():
     # the two baselines against each other once
     assert list(zip(comparisons.method, comparisons.baseline)) == [
         ("double_finetune", "finetune"), ("dynsdpb", "finetune"), ("dynsdpb", "double_finetune")]
+    # one comparison of the column has a p-value: a family of one, nothing to adjust; NaNs stay NaN
+    assert row.p_holm == row.p and math.isnan(short.p_holm)
+
+
+def _holm_rejects(p: list[float], alpha: float) -> list[bool]:
+    """Holm's procedure as written: test the sorted p-values in turn against alpha / (m - j), stopping at the
+    first that fails; everything before it is rejected."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    rejected = [False] * len(p)
+    for j, i in enumerate(order):
+        if p[i] > alpha / (len(p) - j):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def test_holm_adjusted_p_values_reject_what_holms_procedure_rejects():
+    from raysdpb.report.tables import holm_adjusted
+
+    # a textbook case: sorted 0.005, 0.01, 0.03, 0.04 -> 4x, 3x, 2x (0.06), 1x (0.04, raised to 0.06)
+    assert holm_adjusted([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjusted([0.5, float("nan"), 0.4]).tolist()[0] == 0.8 and math.isnan(holm_adjusted([float("nan")])[0])
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        m = int(rng.integers(1, 9))
+        p = rng.beta(0.5, 1.0, size=m).round(int(rng.integers(1, 4))).tolist()  # rounding: ties
+        adjusted = holm_adjusted(p)
+        assert np.all(adjusted >= np.asarray(p) - 1e-15) and np.all(adjusted <= 1.0)
+        for alpha in (0.001, 0.01, 0.05, 0.1, 0.2):
+            assert (adjusted <= alpha).tolist() == _holm_rejects(p, alpha), (p, alpha)
+
+
+def test_the_holm_family_is_a_column():
+    ft = [0.60, 0.62, 0.58]
+    trials = _trials(_seeds("finetune", ft) + _seeds("dynsdpb", [0.63, 0.66, 0.60])
+                     + _seeds("random_dlb", [0.61, 0.65, 0.58])
+                     + _seeds("finetune", ft, task="glue/rte") + _seeds("dynsdpb", [0.70, 0.61, 0.59], task="glue/rte"))
+    comparisons = paired_comparisons(select_configs(prepare(trials)))
+    cb = comparisons[comparisons.column.str.contains("cb")]
+    rte = comparisons[comparisons.column.str.contains("rte")]
+    assert len(cb) == 2 and len(rte) == 1
+    assert sorted(cb.p_holm) == pytest.approx(sorted([2 * min(cb.p), max(2 * min(cb.p), max(cb.p))]))
+    assert rte.p_holm.iloc[0] == rte.p.iloc[0]
 
 
 def test_cost_table_hours_epochs_and_gpus_when_the_columns_say():

@@ -321,8 +321,9 @@ class _Report:
         section.blocks.append(
             f"Each method at its selected configuration against the baseline at its own, paired by seed: the mean "
             f"of (method − baseline){unit} over the shared seeds, and the two-sided p-value of a paired t-test "
-            "(`scipy.stats.ttest_rel`) when at least 3 seeds are shared; p < 0.05 in bold. The p-values are not "
-            "corrected for the several comparisons, and the configurations were chosen on the same validation scores.")
+            "(`scipy.stats.ttest_rel`) when at least 3 seeds are shared, and that p-value Holm-adjusted over the "
+            "task's comparisons (the family-wise error rate of all of them); Holm p < 0.05 in bold. The "
+            "configurations were chosen on the same validation scores, which no correction accounts for.")
         section.blocks.append(comparison_table(comparisons, self.scale))
         return section
 

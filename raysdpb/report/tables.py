@@ -27,7 +27,7 @@ import pandas as pd
 __all__ = [
     "METHOD_ORDER", "BASELINES", "FINISHED", "Table", "Grid", "config_columns", "main_metric", "prepare",
     "method_order", "select_configs", "results_table", "selection_table", "cost_table", "alpha_tau_grid",
-    "paired_comparisons", "comparison_table", "format_value", "value_scale",
+    "paired_comparisons", "holm_adjusted", "comparison_table", "format_value", "value_scale",
 ]
 
 # the rows of the paper's tables, in its order (docs/method.md section 5); other methods follow by name.
@@ -445,12 +445,29 @@ def alpha_tau_grid(prepared: pd.DataFrame) -> tuple[list[Grid], list[str]]:
 
 # --- paired comparisons ----------------------------------------------------------------------------------
 
+def holm_adjusted(p_values: Iterable[float]) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (NaNs are not in the family and stay NaN): the
+    i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where the adjusted
+    value is <= alpha keeps the family-wise error rate at alpha under any dependence between the tests."""
+    p = np.asarray(list(p_values), dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def paired_comparisons(selection: pd.DataFrame, baselines: Iterable[str] = BASELINES,
                        min_seeds: int = 3) -> pd.DataFrame:
     """Each method against each baseline present in the same column, both at their selected configuration,
-    paired by seed: `shared` seeds, `mean_diff` (method − baseline), wins/ties/losses, and `p` of a paired
+    paired by seed: `shared` seeds, `mean_diff` (method − baseline), wins/ties/losses, `p` of a paired
     t-test (`scipy.stats.ttest_rel`, two-sided) when at least `min_seeds` seeds are shared (else NaN, with
-    `why`)."""
+    `why`), and `p_holm`, `p` Holm-adjusted over the comparisons of the same column (one family per task
+    and metric)."""
     from scipy import stats
 
     rows = []
@@ -485,8 +502,11 @@ def paired_comparisons(selection: pd.DataFrame, baselines: Iterable[str] = BASEL
                     "losses": int((diff < -1e-12).sum()), "p": p, "why": why,
                 })
     columns = ["column", "method", "baseline", "metric", "shared", "seeds", "mean_diff", "wins", "ties", "losses",
-               "p", "why"]
-    return pd.DataFrame(rows, columns=columns)
+               "p", "p_holm", "why"]
+    out = pd.DataFrame(rows, columns=columns)
+    for _, index in out.groupby("column", sort=False).groups.items():
+        out.loc[index, "p_holm"] = holm_adjusted(out.loc[index, "p"])
+    return out
 
 
 def comparison_table(comparisons: pd.DataFrame, scale: float = 1.0) -> Table:
@@ -495,8 +515,9 @@ def comparison_table(comparisons: pd.DataFrame, scale: float = 1.0) -> Table:
     for i, r in enumerate(comparisons.itertuples(index=False)):
         diff = "—" if not np.isfinite(r.mean_diff) else f"{r.mean_diff * scale:+.{digits}f}"
         p = f"{r.p:.3g}" if np.isfinite(r.p) else f"n/a ({r.why})"
-        rows.append([r.column, r.method, r.baseline, str(r.shared), diff, f"{r.wins}/{r.ties}/{r.losses}", p])
-        if np.isfinite(r.p) and r.p < 0.05:
-            bold.add((i, 6))
-    return Table(["column", "method", "vs", "shared seeds", "mean difference", "wins/ties/losses", "p (paired t)"],
-                 rows, bold)
+        holm = f"{r.p_holm:.3g}" if np.isfinite(r.p_holm) else "n/a"
+        rows.append([r.column, r.method, r.baseline, str(r.shared), diff, f"{r.wins}/{r.ties}/{r.losses}", p, holm])
+        if np.isfinite(r.p_holm) and r.p_holm < 0.05:
+            bold.add((i, 7))
+    return Table(["column", "method", "vs", "shared seeds", "mean difference", "wins/ties/losses", "p (paired t)",
+                  "p (Holm)"], rows, bold)
