@@ -198,13 +198,12 @@ def padded_tokens(lengths, batches, choices: int = 1, pad_to_multiple_of: int | 
     """(steps, tokens) of a stream of index batches as the engine's collator pads them (each batch to its
     longest, rounded up to `pad_to_multiple_of`; a multiple-choice item is `choices` sequences, `lengths`
     its longest)."""
-    from raysdpb.data import Collator
+    from raysdpb.data import padded_length
 
-    padded_length = Collator(0, pad_to_multiple_of).padded_length
     steps = tokens = 0
     for batch in batches:
         steps += 1
-        tokens += len(batch) * choices * padded_length(max(lengths[i] for i in batch))
+        tokens += len(batch) * choices * padded_length(max(lengths[i] for i in batch), pad_to_multiple_of)
     return steps, tokens
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TokenizedDataset", "tokenize_records", "collate"]
+__all__ = ["TokenizedDataset", "tokenize_records", "collate", "Collator", "padded_length", "pad_multiple_for"]
 
 
 class TokenizedDataset(Dataset):
@@ -94,6 +94,12 @@ def _pad(seqs: list[list[int]], value: int, length: int, left: bool = False) -> 
     return out
 
 
+def padded_length(longest: int, pad_to_multiple_of: int | None = None) -> int:
+    """`longest` rounded up to a multiple of `pad_to_multiple_of` (unchanged when that is None or 0)."""
+    m = pad_to_multiple_of
+    return longest if not m else -(-longest // m) * m
+
+
 @dataclass
 class Collator:
     """Pads a list of items to the longest in the batch (a multiple of `pad_to_multiple_of` on GPUs)."""
@@ -103,8 +109,7 @@ class Collator:
 
     def padded_length(self, longest: int) -> int:
         """The length a batch whose longest sequence has `longest` tokens is padded to."""
-        m = self.pad_to_multiple_of
-        return longest if not m else -(-longest // m) * m
+        return padded_length(longest, self.pad_to_multiple_of)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         first = items[0]

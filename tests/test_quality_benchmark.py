@@ -108,3 +108,17 @@ def test_workload_counts_what_the_engines_sampler_and_collator_produce(quality, 
     assert quality.trial_workload(lengths, method, 16, 2, 3, choices=4, pad_to_multiple_of=pad_to)[1] == 4 * tokens
     if device == "cuda":  # the rounding is counted: without it the CPU count is smaller
         assert quality.trial_workload(lengths, method, 16, 2, 3)[1] < tokens
+
+
+def test_padded_length_is_the_smallest_multiple_at_least_the_longest():
+    """The one padding rule the collator and the dry run share, checked against its definition."""
+    from raysdpb.data import Collator, padded_length
+
+    for multiple in (None, 0, 1, 3, 8, 64):
+        for longest in range(1, 300):
+            got = padded_length(longest, multiple)
+            assert Collator(0, multiple).padded_length(longest) == got
+            if not multiple:
+                assert got == longest
+            else:
+                assert got % multiple == 0 and longest <= got < longest + multiple

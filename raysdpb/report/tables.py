@@ -504,8 +504,7 @@ def paired_comparisons(selection: pd.DataFrame, baselines: Iterable[str] = BASEL
     columns = ["column", "method", "baseline", "metric", "shared", "seeds", "mean_diff", "wins", "ties", "losses",
                "p", "p_holm", "why"]
     out = pd.DataFrame(rows, columns=columns)
-    for _, index in out.groupby("column", sort=False).groups.items():
-        out.loc[index, "p_holm"] = holm_adjusted(out.loc[index, "p"])
+    out["p_holm"] = out.groupby("column", sort=False)["p"].transform(holm_adjusted).astype(float)
     return out
 
 
