@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from raysdpb.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelSource", "ALIASES", "resolve_model", "load_tokenizer", "build_model", "is_decoder_task"]
+__all__ = ["ModelSource", "ALIASES", "resolve_model", "check_model", "load_tokenizer", "build_model", "is_decoder_task"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,34 @@ def _missing_model(source: ModelSource, err: Exception) -> UserError:
         f"{hint} A model is an offline alias ({', '.join(ALIASES)}), a local folder holding a Hugging Face model, "
         f"or a hub id on a machine that can reach the hub."
     )
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether a model name can only be a local folder (absolute, ./, ../ or ~), not a hub id."""
+    return name.startswith(("/", "./", "../", "~")) or os.path.isabs(name)
+
+
+def check_model(name: str, gguf_file: str | None = None, num_layers: int | None = None) -> None:
+    """Raise the `UserError` that loading would raise on a worker, from this process and at once, when model
+    `name` cannot be found or has fewer than `num_layers` layers. Reads the model's config only (and the
+    tokenizer's, for a randomly initialised alias), no weights: a hub id fetches its config.json."""
+    from transformers import AutoConfig
+
+    if looks_like_a_path(name) and not Path(name).expanduser().exists():
+        raise UserError(f"model: {name!r} is no folder on this machine; give the folder of a Hugging Face model "
+                        f"(config.json and weights), an offline alias ({', '.join(ALIASES)}) or a hub id")
+    source = resolve_model(name, gguf_file)
+    if source.random_config is not None:  # built from its config; only its tokenizer comes from somewhere
+        if source.tokenizer is None:
+            return
+        source, num_layers = source.tokenizer, None
+    try:
+        config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+    except (OSError, ValueError) as err:
+        raise _missing_model(source, err) from None
+    layers = getattr(config, "num_hidden_layers", None)
+    if num_layers is not None and layers is not None and num_layers > layers:
+        raise UserError(f"num_layers={num_layers} exceeds the {layers} layers of {source.name}")
 
 
 def load_tokenizer(source: ModelSource):

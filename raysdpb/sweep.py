@@ -18,8 +18,8 @@
   Train and Tune retry failures up to `max_failures` times, resuming from the newest whole checkpoint on the
   storage (which can be newer than the one Train registered: see `RayTrainContext.latest_checkpoint`). Each
   checkpoint holds the reports up to it, which a resumed run sends again so that Tune misses none.
-* Before Ray starts (and with `--dry-run`), every local data file the trials will read is read once, so a
-  broken file is one error line, not a failure of every trial. docs/reliability.md lists the failures a sweep
+* Before Ray starts (and with `--dry-run`), every local data file the trials will read is read once, and
+  every model's config, so a broken file or a missing model is one error line, not a failure of every trial. docs/reliability.md lists the failures a sweep
   survives and the tests that show it.
 * The experiment lives at `<storage_path>/<name>` (a local folder, or a cloud URI such as `s3://bucket/x`):
   Tune's state, `trials.parquet`, `curves.parquet`, TensorBoard events (`tensorboard --logdir` on it), and
@@ -57,7 +57,7 @@ from raysdpb.results import (ResultsRecorder, TrialInfo, best_per_method, filesy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayTrainContext", "SweepPlan", "plan_sweep", "check_data", "check_resources", "max_concurrent_trials",
+__all__ = ["RayTrainContext", "SweepPlan", "plan_sweep", "check_data", "check_models", "check_resources", "max_concurrent_trials",
            "train_worker", "trial_driver", "stored_checkpoints", "prune_unregistered_checkpoints", "worker_scratch",
            "main"]
 
@@ -208,6 +208,29 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
                 load_examples(task, split, data_dir, custom=cfg.custom_task)
             except UserError as err:
                 raise UserError(f"{source}: {err}") from None
+
+
+def check_models(plan: SweepPlan, source: str = "<config>", *, cluster: bool = False) -> None:
+    """Read the config of every model the trials will build (`raysdpb.models.check_model`: no weights), so that
+    a missing model, or `num_layers` deeper than the model, ends the sweep with one `UserError` before Ray
+    starts, instead of failing every trial on its workers (each retried `sweep.max_failures` times). On a
+    cluster (`cluster`), a local folder this machine does not have is left to the workers."""
+    from raysdpb.models import check_model, looks_like_a_path
+
+    seen = set()
+    for point in plan.points:
+        cfg = point.config
+        key = (cfg.model, cfg.gguf_file, cfg.num_layers)
+        if key in seen:
+            continue
+        seen.add(key)
+        if cluster and looks_like_a_path(cfg.model) and not Path(cfg.model).expanduser().exists():
+            log.warning("%s: model folder %s is not on this machine; the workers will load it", source, cfg.model)
+            continue
+        try:
+            check_model(cfg.model, cfg.gguf_file, cfg.num_layers)
+        except UserError as err:
+            raise UserError(f"{source}: {err}") from None
 
 
 def hub_offline() -> bool:
@@ -875,7 +898,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.name=try2 search.seed=[0,1]")
     p.add_argument("--resume", action="store_true", help="continue the sweep of the same name where it stopped")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the config and the local data files, print the trials of the grid and exit (no Ray)")
+                   help="check the config, the local data files and the models, print the trials of the grid and exit (no Ray)")
     p.add_argument("-q", "--quiet", action="store_true", help="less output from Tune")
     return p
 
@@ -886,7 +909,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     experiment = load_experiment(args.config, args.overrides)
     plan = plan_sweep(experiment, source=args.config)
-    check_data(plan, args.config, cluster=bool(os.environ.get("RAY_ADDRESS") or plan.sweep.address))
+    cluster = bool(os.environ.get("RAY_ADDRESS") or plan.sweep.address)
+    check_data(plan, args.config, cluster=cluster)
+    check_models(plan, args.config, cluster=cluster)
     if args.dry_run:
         for point in plan.points:
             print(f"{point.trial_id}  {point.label}")

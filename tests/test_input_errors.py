@@ -23,10 +23,12 @@ from raysdpb import sweep as sweep_cli
 from raysdpb import train as train_cli
 from raysdpb.config import TrialConfig, load_experiment, load_trial_config
 from raysdpb.errors import UserError, run_cli
-from raysdpb.sweep import check_data, plan_sweep
+from raysdpb.models import resolve_model
+from raysdpb.sweep import check_data, check_models, plan_sweep
 from raysdpb.tasks import custom_task_spec, get_task, load_examples
 
 REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_FOLDER = resolve_model("smollm2-135m").path  # the pip package's folder, holding its GGUF file
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.filter_too_much])
@@ -93,6 +95,11 @@ CONFIGS = [
     ("custom-train-missing", {"task": "custom", "custom_task": {"files": {"train": "/nonexistent/t.csv",
                               "validation": "/nonexistent/v.csv"}, "text_fields": ["t"], "label_field": "l"}}, [],
      "custom_task.files.train: /nonexistent/t.csv not found"),
+    ("model-folder-missing", {"model": "/nonexistent/model"}, [], "model: '/nonexistent/model' is no folder"),
+    ("model-folder-not-a-model", {"model": "/"}, [], "model '/' could not be loaded from '/'"),
+    ("model-hub-id-offline", {"model": "nobody/no-such-model"}, [], "model 'nobody/no-such-model' could not be loaded"),
+    ("model-gguf-missing", {"model": SMOLLM2_FOLDER, "gguf_file": "nope.gguf"}, [], "could not be loaded from"),
+    ("num-layers-too-deep", {"model": "minilm-l6", "num_layers": 7}, [], "num_layers=7 exceeds the 6 layers of minilm-l6"),
     ("data-dir-missing", {"data_dir": "/nonexistent/mirror"}, [], "data directory /nonexistent/mirror does not exist"),
     ("split-unknown", {"eval_split": "dev"}, [], "unknown split 'dev'"),
     ("split-empty-slice", {"eval_split": "validation[5:2]"}, [], "split 'validation[5:2]' is empty"),
@@ -271,7 +278,9 @@ def _fuzzed_outcome(raw: dict) -> None:
         experiment = load_experiment(None, raw=raw)
         experiment.first_point()
         if experiment.sweep is not None:
-            check_data(plan_sweep(experiment))
+            plan = plan_sweep(experiment)
+            check_data(plan)
+            check_models(plan)
     except UserError as err:
         assert str(err).strip()
 

@@ -337,6 +337,32 @@ def test_an_offline_hub_without_a_mirror_stops_the_sweep_before_ray(tmp_path, sh
     check_data(plan)
 
 
+def test_a_missing_model_stops_the_sweep_before_ray_unless_a_cluster_worker_may_have_it(tmp_path, shared_data_dir,
+                                                                                       caplog):
+    """Each distinct model of the grid is checked once, by its config: the first missing one is the error; on a
+    cluster a local folder this machine lacks is a warning (the workers have their own disks)."""
+    from raysdpb.sweep import check_models
+
+    model_dir = tmp_path / "my-model"
+    raw = _raw(shared_data_dir, tmp_path, "models", {"model": ["tiny-bert", "minilm-l6", str(model_dir)]})
+    plan = plan_sweep(load_experiment(None, raw=raw))
+    with pytest.raises(UserError, match=f"model: '{model_dir}' is no folder on this machine"):
+        check_models(plan)
+    with caplog.at_level("WARNING", logger="raysdpb.sweep"):
+        check_models(plan, cluster=True)
+    assert f"model folder {model_dir} is not on this machine" in caplog.text
+    model_dir.mkdir()  # there, but holding no model: an error on a cluster too
+    with pytest.raises(UserError, match=f"model '{model_dir}' could not be loaded from '{model_dir}'"):
+        check_models(plan, cluster=True)
+    from transformers import BertConfig
+
+    BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64).save_pretrained(model_dir)
+    check_models(plan)  # its config reads: fine
+    deeper = plan_sweep(load_experiment(None, raw={**raw, "num_layers": 3}))
+    with pytest.raises(UserError, match="num_layers=3 exceeds the 2 layers of"):
+        check_models(deeper)
+
+
 def test_a_decoder_sweep_saves_its_predictions_and_the_before_score(tmp_path, shared_data_dir):
     """A LoRA decoder trial on Ray: exact match before and after training in trials.parquet, and every
     generated answer of both evaluations under <experiment>/artifacts/<trial_id>/predictions."""
