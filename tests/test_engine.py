@@ -164,7 +164,7 @@ def test_cli_prints_metrics_json_last(shared_data_dir, tmp_path):
         ("lr=-1", "lr"),
         ("batch_size=0", "batch_size"),
         ("learning_rate=1e-5", "learning_rate: unknown key"),
-        ("model=/nonexistent/model", "could not be loaded"),
+        ("model=/nonexistent/model", "is no folder on this machine"),
     ],
 )
 def test_cli_user_errors_are_one_clear_line(override, expected, shared_data_dir, tmp_path):
