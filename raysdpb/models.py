@@ -82,10 +82,19 @@ def _package_folder(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def is_missing_local_folder(name: str) -> bool:
+    """Whether a model name can only be a local folder (absolute, ./, ../ or ~), not a hub id, and this machine
+    does not have it."""
+    return (name.startswith(("/", "./", "../", "~")) or os.path.isabs(name)) and not Path(name).expanduser().exists()
+
+
 def resolve_model(name: str, gguf_file: str | None = None) -> ModelSource:
     """An alias, a local folder or a hub id -> `ModelSource`."""
     alias = ALIASES.get(name)
     if alias is None:
+        if is_missing_local_folder(name):  # else transformers takes it for a malformed hub id
+            raise UserError(f"model: {name!r} is no folder on this machine; give the folder of a Hugging Face model "
+                            f"(config.json and weights), an offline alias ({', '.join(ALIASES)}) or a hub id")
         return ModelSource(name=name, path=name, gguf_file=gguf_file)
     if alias.random_config is not None:
         return ModelSource(name=name, path=name, random_config=alias.random_config,
@@ -109,29 +118,31 @@ def _missing_model(source: ModelSource, err: Exception) -> UserError:
     )
 
 
-def looks_like_a_path(name: str) -> bool:
-    """Whether a model name can only be a local folder (absolute, ./, ../ or ~), not a hub id."""
-    return name.startswith(("/", "./", "../", "~")) or os.path.isabs(name)
 
 
 def check_model(name: str, gguf_file: str | None = None, num_layers: int | None = None) -> None:
     """Raise the `UserError` that loading would raise on a worker, from this process and at once, when model
     `name` cannot be found or has fewer than `num_layers` layers. Reads the model's config only (and the
     tokenizer's, for a randomly initialised alias), no weights: a hub id fetches its config.json."""
-    from transformers import AutoConfig
-
-    if looks_like_a_path(name) and not Path(name).expanduser().exists():
-        raise UserError(f"model: {name!r} is no folder on this machine; give the folder of a Hugging Face model "
-                        f"(config.json and weights), an offline alias ({', '.join(ALIASES)}) or a hub id")
     source = resolve_model(name, gguf_file)
     if source.random_config is not None:  # built from its config; only its tokenizer comes from somewhere
         if source.tokenizer is None:
             return
         source, num_layers = source.tokenizer, None
+    _check_depth(num_layers, _stored_config(source), source)
+
+
+def _stored_config(source: ModelSource):
+    """The model's config as stored (config.json, or the GGUF file's metadata), before any override."""
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
+        return AutoConfig.from_pretrained(source.path, **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     except (OSError, ValueError) as err:
         raise _missing_model(source, err) from None
+
+
+def _check_depth(num_layers: int | None, config, source: ModelSource) -> None:
     layers = getattr(config, "num_hidden_layers", None)
     if num_layers is not None and layers is not None and num_layers > layers:
         raise UserError(f"num_layers={num_layers} exceeds the {layers} layers of {source.name}")
@@ -184,6 +195,8 @@ def build_model(source: ModelSource, *, kind: str, num_labels: int | None = None
     if source.random_config is not None:
         model = _random_model(auto_cls, source, vocab_size=len(tokenizer), **extra)
     else:
+        if num_layers is not None:  # against the stored depth: `extra` overrides the loaded config's
+            _check_depth(num_layers, _stored_config(source), source)
         kwargs = dict(extra)
         if source.gguf_file:
             kwargs["gguf_file"] = source.gguf_file
@@ -193,8 +206,6 @@ def build_model(source: ModelSource, *, kind: str, num_labels: int | None = None
             model = auto_cls.from_pretrained(source.path, **kwargs)
         except (OSError, ValueError) as err:
             raise _missing_model(source, err) from None
-        if num_layers is not None and num_layers > getattr(model.config, "num_hidden_layers", num_layers):
-            raise UserError(f"num_layers={num_layers} exceeds the {model.config.num_hidden_layers} layers of {source.name}")
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if kind == "generation" and lora is not None:

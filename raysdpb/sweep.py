@@ -19,8 +19,8 @@
   storage (which can be newer than the one Train registered: see `RayTrainContext.latest_checkpoint`). Each
   checkpoint holds the reports up to it, which a resumed run sends again so that Tune misses none.
 * Before Ray starts (and with `--dry-run`), every local data file the trials will read is read once, and
-  every model's config, so a broken file or a missing model is one error line, not a failure of every trial. docs/reliability.md lists the failures a sweep
-  survives and the tests that show it.
+  every model's config, so a broken file or a missing model is one error line, not a failure of every
+  trial. docs/reliability.md lists the failures a sweep survives and the tests that show it.
 * The experiment lives at `<storage_path>/<name>` (a local folder, or a cloud URI such as `s3://bucket/x`):
   Tune's state, `trials.parquet`, `curves.parquet`, TensorBoard events (`tensorboard --logdir` on it), and
   `train_runs/<trial_id>` (the checkpoints), `artifacts/<trial_id>/predictions/*.jsonl` (decoder trials: every
@@ -215,7 +215,7 @@ def check_models(plan: SweepPlan, source: str = "<config>", *, cluster: bool = F
     a missing model, or `num_layers` deeper than the model, ends the sweep with one `UserError` before Ray
     starts, instead of failing every trial on its workers (each retried `sweep.max_failures` times). On a
     cluster (`cluster`), a local folder this machine does not have is left to the workers."""
-    from raysdpb.models import check_model, looks_like_a_path
+    from raysdpb.models import check_model, is_missing_local_folder
 
     seen = set()
     for point in plan.points:
@@ -224,7 +224,7 @@ def check_models(plan: SweepPlan, source: str = "<config>", *, cluster: bool = F
         if key in seen:
             continue
         seen.add(key)
-        if cluster and looks_like_a_path(cfg.model) and not Path(cfg.model).expanduser().exists():
+        if cluster and is_missing_local_folder(cfg.model):
             log.warning("%s: model folder %s is not on this machine; the workers will load it", source, cfg.model)
             continue
         try:

@@ -45,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from raysdpb.context import LocalContext
     from raysdpb.engine import run_trial
-    from raysdpb.models import check_model
-
-    check_model(config.model, config.gguf_file, config.num_layers)  # before anything is written
 
     context = LocalContext(output_dir, resume_from=args.resume, keep=args.keep_checkpoints)
     result = run_trial(config, context)
