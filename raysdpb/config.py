@@ -73,7 +73,7 @@ class TrialConfig(_Strict):
     max_eval_samples: int | None = Field(None, ge=1)
     num_layers: int | None = Field(None, ge=1, description="keep the embeddings and the first k layers")
     lora: LoraConfig | None = None
-    gguf_file: str | None = None
+    gguf_file: str | None = Field(None, description="the GGUF file inside a model folder or hub repo (not with an alias)")
 
     # the method's hyperparameters
     alpha: float = Field(1.0, ge=0)

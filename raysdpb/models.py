@@ -96,6 +96,11 @@ def resolve_model(name: str, gguf_file: str | None = None) -> ModelSource:
             raise UserError(f"model: {name!r} is no folder on this machine; give the folder of a Hugging Face model "
                             f"(config.json and weights), an offline alias ({', '.join(ALIASES)}) or a hub id")
         return ModelSource(name=name, path=name, gguf_file=gguf_file)
+    if gguf_file is not None and gguf_file != alias.gguf_file:  # an alias names its own weights
+        loads = f"its own {alias.gguf_file}" if alias.gguf_file else ("random weights" if alias.random_config
+                                                                        else "a model folder, not a GGUF file")
+        raise UserError(f"gguf_file: {gguf_file!r} does not apply to the alias {name!r}, which loads {loads}; "
+                        "drop gguf_file, or give the folder that holds the GGUF file as model")
     if alias.random_config is not None:
         return ModelSource(name=name, path=name, random_config=alias.random_config,
                            tokenizer=resolve_model(alias.tokenizer_of) if alias.tokenizer_of else None)
@@ -116,8 +121,6 @@ def _missing_model(source: ModelSource, err: Exception) -> UserError:
         f"{hint} A model is an offline alias ({', '.join(ALIASES)}), a local folder holding a Hugging Face model, "
         f"or a hub id on a machine that can reach the hub."
     )
-
-
 
 
 def check_model(name: str, gguf_file: str | None = None, num_layers: int | None = None) -> None:
