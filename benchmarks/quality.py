@@ -117,8 +117,12 @@ def write_config(path: Path, trial: dict, search: dict, sweep: dict, comment: st
     return path
 
 
+def grid_name(task: str) -> str:
+    return f"quality-grid-{_slug(task)}"
+
+
 def grid_config(task: str, args) -> tuple[str, Path]:
-    name = f"quality-grid-{_slug(task)}"
+    name = grid_name(task)
     grid = GRIDS["smoke" if args.smoke else args.grid]
     search = {"method": list(args.methods), **grid, "seed": [0]}
     path = write_config(Path(args.root) / "configs" / f"{name}.yaml", base_trial(task, args), search,
@@ -406,8 +410,11 @@ def main() -> None:
     selection = json.loads(selection_path.read_text()) if selection_path.exists() else {}
     for task in args.tasks:
         if args.stage in ("all", "grid", "seeds"):
-            name, path = grid_config(task, args)
-            rows = run_sweep(name, path, args) if args.stage != "seeds" else _rows(root / name)
+            if args.stage == "seeds":  # stage 1's results as they are; its config stays as stage 1 wrote it
+                rows = _rows(root / grid_name(task))
+            else:
+                name, path = grid_config(task, args)
+                rows = run_sweep(name, path, args)
             if task not in selection or not args.resume:
                 chosen = select(rows, task, args.at)
                 if chosen:
@@ -428,7 +435,7 @@ def main() -> None:
                 run_sweep(name, path, args)
 
     seeds_experiments = [root / f"quality-seeds-{_slug(t)}-{m}" for t in args.tasks for m in args.methods]
-    grid_experiments = [root / f"quality-grid-{_slug(t)}" for t in args.tasks]
+    grid_experiments = [root / grid_name(t) for t in args.tasks]
     reports = {"seeds": run_report(seeds_experiments, root / "report", "results"),
                "grid": run_report(grid_experiments, root / "report-grid", "grid")}
     summary = summarise(root, args.tasks, args.methods, args.at)

@@ -122,3 +122,23 @@ def test_padded_length_is_the_smallest_multiple_at_least_the_longest():
                 assert got == longest
             else:
                 assert got % multiple == 0 and longest <= got < longest + multiple
+
+
+def test_a_seeds_stage_for_some_methods_leaves_stage_1s_config_as_written(quality, tmp_path, monkeypatch):
+    """`--stage seeds --methods X` runs X's seeds from the recorded selection; stage 1's grid config still
+    lists every method it ran (it once got rewritten with X alone)."""
+    _, grid_path = quality.grid_config("glue/rte", _args(quality, tmp_path, "--grid", "small", "--asha"))
+    written = grid_path.read_text()
+    chosen = {"lr": 5e-5, "alpha": 1.0, "tau": 1.0, "score": 0.56, "metric": "best_accuracy"}
+    (tmp_path / "selection.json").write_text(
+        quality.json.dumps({"glue/rte": {m: chosen for m in quality.METHODS}}))
+    ran = []
+    monkeypatch.setattr(quality, "run_sweep", lambda name, path, args: ran.append((name, Path(path))) or [])
+    monkeypatch.setattr("sys.argv", ["quality.py", "--root", str(tmp_path), "--tasks", "glue/rte", "--grid",
+                                     "small", "--stage", "seeds", "--resume", "--methods", "random_dlb"])
+    quality.main()
+    assert grid_path.read_text() == written
+    assert "- dynsdpb" in written and "- finetune" in written
+    assert [name for name, _ in ran] == ["quality-seeds-glue-rte-random_dlb"]
+    seeds = load_experiment(ran[0][1])
+    assert (seeds.trial.method, seeds.trial.lr, seeds.search) == ("random_dlb", 5e-5, {"seed": [0, 1, 2]})
