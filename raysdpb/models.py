@@ -198,9 +198,12 @@ def build_model(source: ModelSource, *, kind: str, num_labels: int | None = None
     if source.random_config is not None:
         model = _random_model(auto_cls, source, vocab_size=len(tokenizer), **extra)
     else:
-        if num_layers is not None:  # against the stored depth: `extra` overrides the loaded config's
-            _check_depth(num_layers, _stored_config(source), source)
-        kwargs = dict(extra)
+        # the config is read once (for a GGUF file, its metadata parse takes seconds), checked against the
+        # stored depth, then overridden and handed to from_pretrained, which loads the weights it names
+        config = _stored_config(source)
+        _check_depth(num_layers, config, source)
+        config.update(extra)
+        kwargs: dict = {"config": config}
         if source.gguf_file:
             kwargs["gguf_file"] = source.gguf_file
         if dtype is not None:
