@@ -118,6 +118,11 @@ class TrialConfig(_Strict):
             raise ValueError("task 'custom' needs a custom_task block (files, text_fields, label_field)")
         if self.custom_task is not None and self.task != "custom":
             raise ValueError("custom_task is given, so task must be 'custom'")
+        from raysdpb.methods import METHODS
+
+        if METHODS[self.method].loader == "overlap" and self.batch_size % 2:
+            raise ValueError(f"{self.method} needs an even batch_size (each batch's first half repeats the previous "
+                             f"batch's second half); got batch_size={self.batch_size}")
         return self
 
     @field_validator("method")

@@ -80,6 +80,19 @@ class WorkerContext:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
+    def gather_to_main(self, obj: Any) -> list | None:
+        """Every rank's `obj` as a list on rank 0 (None on the others); `[obj]` in a single process. A collective:
+        every rank must call it."""
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return [obj]
+        gathered: list | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
     # -- reporting and checkpoints ------------------------------------------------------------------------
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         """Hand metrics (and optionally a checkpoint folder the loop just wrote) to the driver."""
@@ -107,6 +120,14 @@ class LocalContext(WorkerContext):
         self.resume_from = resume_from
         self.keep = keep
         self.reports: list[dict] = []
+        if resume_from is None and self._saved():
+            from raysdpb.errors import UserError
+
+            # a new run here would prune by step number: the earlier run's later checkpoints would outlive
+            # the new run's, and a later `--resume latest` would pick up the earlier run
+            raise UserError(f"{self.output_dir} already holds the checkpoints of an earlier run (newest: "
+                            f"{self._saved()[-1].name}); continue it with --resume latest, or start this run in "
+                            "another --output-dir (or delete that folder)")
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         self.reports.append(dict(metrics))
@@ -126,16 +147,20 @@ class LocalContext(WorkerContext):
         for partial in self.checkpoints.glob("step_*"):
             if not (partial / "COMPLETE").exists():
                 shutil.rmtree(partial, ignore_errors=True)
-        saved = sorted(p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").exists())
+        saved = self._saved()
         keep = max(self.keep - 1, 1) if room_for_one else self.keep
         for old in saved[: max(len(saved) - keep, 0)]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def _saved(self) -> list[Path]:
+        """The complete checkpoints in the output folder, oldest first (by step)."""
+        return sorted(p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").exists())
 
     def latest_checkpoint(self) -> Path | None:
         if self.resume_from is None:
             return None
         if str(self.resume_from) == "latest":
-            saved = sorted(p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").exists())
+            saved = self._saved()
             return saved[-1] if saved else None
         path = Path(self.resume_from)
         if not (path / "COMPLETE").exists():

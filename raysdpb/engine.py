@@ -28,6 +28,7 @@ from raysdpb.checkpoint import (load_checkpoint, load_trainable_state, rng_state
 from raysdpb.config import TrialConfig
 from raysdpb.context import WorkerContext, inject_fault
 from raysdpb.data import collate, pad_multiple_for, tokenize_records
+from raysdpb.errors import UserError
 from raysdpb.methods import ClassOutputs, LogitCache, Method, MethodParams, TokenOutputs, get_method
 from raysdpb.models import build_model, resolve_model, load_tokenizer
 from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
@@ -157,10 +158,38 @@ def load_train_data(cfg: TrialConfig, task, tokenizer):
 
 def make_sampler(method: Method, num_samples: int, batch_size: int, *, seed: int, num_replicas: int = 1,
                  rank: int = 0):
-    """The method's batch sampler: the overlapping stream (DLB, DynSDPB) or plain mini-batches."""
+    """The method's batch sampler: the overlapping stream (DLB, DynSDPB) or plain mini-batches. A training set
+    too small for one batch per rank is a `UserError`."""
     sampler_cls = OverlapBatchSampler if method.loader == "overlap" else ShuffledBatchSampler
-    return sampler_cls(num_samples, batch_size, shuffle=method.shuffle, seed=seed, num_replicas=num_replicas,
-                       rank=rank)
+    try:
+        return sampler_cls(num_samples, batch_size, shuffle=method.shuffle, seed=seed, num_replicas=num_replicas,
+                           rank=rank)
+    except ValueError as err:
+        raise UserError(f"{method.name}: the training set has {num_samples} examples: {err}") from None
+
+
+# what makes a trial what it is: a checkpoint resumes only into a trial with the same values (the rest, such as
+# where the data lives, evaluation, logging, precision and device, may change between attempts)
+RESUME_MUST_MATCH = ("task", "model", "gguf_file", "custom_task", "train_split", "max_train_samples", "num_layers",
+                     "lora", "method", "alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative", "lr",
+                     "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "max_length", "seed")
+
+
+def check_resume_config(saved: dict, cfg: TrialConfig, checkpoint) -> None:
+    """Raise a `UserError` naming every key where the trial `cfg` differs from the one that wrote the checkpoint
+    (its `config`): resuming a dynsdpb checkpoint as finetune, or with another batch size, would silently skip or
+    repeat data."""
+    current = cfg.model_dump()
+    differ = [f"{key}={current[key]!r} (the checkpoint's: {saved[key]!r})" for key in RESUME_MUST_MATCH
+              if key in saved and saved[key] != current[key]]
+    if differ:
+        raise UserError(f"the checkpoint {checkpoint} was written by another trial: {', '.join(differ)}; resume with "
+                        "the checkpoint's values, or start a new run in another output folder")
+
+
+def _initial_of(history: list[dict]) -> dict[str, float]:
+    """The `initial_*` metrics carried in a trial's reports (checkpoints written before "initial" was kept)."""
+    return {k: v for k, v in (history[0] if history else {}).items() if k.startswith("initial_")}
 
 
 def _load_task_data(cfg: TrialConfig, task, tokenizer):
@@ -232,21 +261,37 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
     step, start_epoch, nonfinite_in_row, nonfinite_total = 0, 0, 0, 0
     running = _Running()
     history: list[dict] = []
+    initial: dict[str, float] = {}
     checkpoint = context.latest_checkpoint()
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
+        check_resume_config(state.get("config", {}), cfg, checkpoint)
+        # each rank's own soft targets, random state and running training losses (its batches differ); rank 0's
+        # also stand at the top level, which is all a single-process checkpoint has
+        own = {"cache": state["cache"], "rng": state["rng"], "running": state["running"], "history": state["history"]}
+        if context.world_size > 1:
+            ranks = state.get("ranks") or []
+            if len(ranks) != context.world_size:
+                raise UserError(f"the checkpoint {checkpoint} holds the state of {len(ranks) or 'one'} rank(s), not "
+                                f"of this trial's {context.world_size}; resume with the world size that wrote it "
+                                "(checkpoints written before raysdpb kept every rank's state cannot resume DDP)")
+            own = ranks[context.rank]
         load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        cache.load_state_dict(state["cache"])
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as err:
+            raise UserError(f"the checkpoint {checkpoint} does not fit this trial: {err}") from None
+        cache.load_state_dict(own["cache"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, nonfinite_total = state["step"], state["nonfinite_total"]
-        running, history = state["running"], state["history"]
+        running, history = own["running"], own["history"]
+        initial = state.get("initial") or _initial_of(history)
         elapsed_before = float(state.get("elapsed_s", 0.0))  # checkpoints written before this key: 0
         start_epoch = sampler.epoch
-        set_rng_state(state["rng"])
+        set_rng_state(own["rng"])
         log.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint, sampler.epoch, sampler.state_dict()["position"], step)
 
     def elapsed() -> float:
@@ -255,17 +300,20 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
         return elapsed_before + time.perf_counter() - attempt_start
 
     def save(epoch: int, position: int, reported: bool = True):
-        path = context.new_checkpoint_dir(step, reported=reported)
+        path = context.new_checkpoint_dir(step, reported=reported)  # None on every rank, or a folder on every rank
         if path is None:
             return None
+        own = {"cache": cache.state_dict(), "rng": rng_state(), "running": running, "history": history}
+        ranks = context.gather_to_main(own)  # every rank's, on rank 0 (a collective: every rank gets here)
         if context.is_main:
             save_checkpoint(path, {
                 "model": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "sampler": {**sampler.state_dict(), "epoch": epoch, "position": position},
-                "cache": cache.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "step": step, "nonfinite_total": nonfinite_total, "running": running, "history": history,
-                "elapsed_s": elapsed(), "rng": rng_state(), "config": cfg.model_dump(),
+                **own, "ranks": ranks if context.world_size > 1 else None,
+                "scaler": scaler.state_dict() if scaler else None,
+                "step": step, "nonfinite_total": nonfinite_total,
+                "initial": initial, "elapsed_s": elapsed(), "config": cfg.model_dump(),
             })
         return path
 
@@ -307,9 +355,9 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
     last_metrics: dict[str, float] = history[-1] if history else {}
     last_metrics = {k: v for k, v in last_metrics.items() if k.startswith("eval_")}
     status, message = "completed", ""
-    # the model as loaded, before any step (`eval_before_training`): a baseline carried in every report
-    initial = {k: v for k, v in (history[0] if history else {}).items() if k.startswith("initial_")}
-    if cfg.eval_before_training and not initial:
+    # the model as loaded, before any step (`eval_before_training`): a baseline carried in every report, and
+    # restored with a checkpoint (also one written before the first report)
+    if cfg.eval_before_training and not initial and step == 0:
         initial = {f"initial_{k}": v for k, v in evaluate().items()}
         log.info("before training: %s", ", ".join(f"{k}={v:.4f}" for k, v in initial.items()))
     for epoch in range(start_epoch, total_epochs):

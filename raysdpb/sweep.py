@@ -178,17 +178,19 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
 def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = False) -> None:
     """Read every split the trials will read from local files (a `data_dir` mirror or a custom task's files)
     once, so that a broken file ends the sweep with one `UserError` naming the file, record and field before
-    Ray starts, instead of failing every trial on the workers. Data from the hub is left to the workers; so
-    is a `data_dir` this machine does not have when the sweep runs on a cluster (`cluster`)."""
+    Ray starts, instead of failing every trial on the workers; so does a training set too small for one batch
+    on each worker. Data from the hub is left to the workers; so is a `data_dir` this machine does not have when
+    the sweep runs on a cluster (`cluster`)."""
     from raysdpb.tasks import data_dir_from, load_examples, resolve_task
 
-    seen = set()
+    train_sizes: dict[tuple, int] = {}  # examples in the training split, per data source read here
     for point in plan.points:
         cfg = point.config
         key = (cfg.task, cfg.data_dir, repr(cfg.custom_task), cfg.train_split, cfg.eval_split)
-        if key in seen:
+        if key in train_sizes:
+            _check_train_size(cfg, train_sizes[key], plan.sweep.num_workers, source)
             continue
-        seen.add(key)
+        train_sizes[key] = -1  # not read here (the hub, or a folder only the workers have)
         data_dir = data_dir_from(cfg.data_dir)
         if cfg.task != "custom" and data_dir is None:
             if hub_offline():  # every trial would fail on its workers, one after another
@@ -205,9 +207,26 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
         splits += [cfg.eval_split] if cfg.eval_split else [split for split, _ in task.eval_splits]
         for split in dict.fromkeys(splits):
             try:
-                load_examples(task, split, data_dir, custom=cfg.custom_task)
+                records = load_examples(task, split, data_dir, custom=cfg.custom_task)
             except UserError as err:
                 raise UserError(f"{source}: {err}") from None
+            if split == splits[0]:
+                train_sizes[key] = len(records)
+        _check_train_size(cfg, train_sizes[key], plan.sweep.num_workers, source)
+
+
+def _check_train_size(cfg, size: int, num_workers: int, source: str) -> None:
+    """The trial's training set (after `max_train_samples`) fills one batch on each worker (`make_sampler`'s rule)."""
+    from raysdpb.engine import make_sampler
+    from raysdpb.methods import get_method
+
+    if size < 0:
+        return
+    n = min(size, cfg.max_train_samples or size)
+    try:
+        make_sampler(get_method(cfg.method), n, cfg.batch_size, seed=0, num_replicas=num_workers)
+    except UserError as err:
+        raise UserError(f"{source}: task {cfg.task}: {err}") from None
 
 
 def check_models(plan: SweepPlan, source: str = "<config>", *, cluster: bool = False) -> None:

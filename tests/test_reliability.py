@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,10 +161,48 @@ class Rank(LocalContext):
 
 dist.init_process_group("gloo", init_method=sys.argv[1], rank=Rank.rank, world_size=Rank.world_size)
 cfg = TrialConfig.model_validate(json.loads(sys.argv[2]))
-result = run_trial(cfg, Rank(sys.argv[3] + f"/rank{Rank.rank}"))
+resume = sys.argv[4] if len(sys.argv) > 4 else None  # a checkpoint folder every rank resumes from
+result = run_trial(cfg, Rank(sys.argv[3] + f"/rank{Rank.rank}", resume_from=resume))
 print("RESULT " + json.dumps({"status": result.status, "history": result.history}), flush=True)
 dist.destroy_process_group()
 '''
+
+
+def _ddp_run(cfg, out: Path, env: dict, resume: Path | None = None) -> list[dict]:
+    """`run_trial` on 2 gloo ranks in 2 processes; each rank's result."""
+    init = f"file://{out}.rendezvous"
+    args = [cfg.model_dump_json(), str(out), *([str(resume)] if resume else [])]
+    procs = [subprocess.Popen([sys.executable, "-c", _ddp_script(), init, *args], env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr[-3000:]
+            results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return results
+
+
+@pytest.mark.parametrize("method", ["dynsdpb", "sequential_dlb"])
+def test_ddp_trial_resumes_each_rank_with_its_own_soft_targets(tmp_path, shared_data_dir, method):
+    """Two DDP ranks draw different batches, so each caches different soft targets. A resume from the epoch-1
+    checkpoint must give every rank its own (rank 1 once got rank 0's and stopped: "the cached soft targets are
+    not the first half of this batch") and then train exactly as the uninterrupted run did."""
+    cfg = _config(shared_data_dir, method=method, epochs=2)
+    env = _env(WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    reference = _ddp_run(cfg, tmp_path / "reference", env)
+    saved = sorted((tmp_path / "reference" / "rank0" / "checkpoints").glob("step_*"))
+    assert len(saved) == 2  # the ends of epochs 1 and 2
+    state = load_checkpoint(saved[0])
+    assert len(state["ranks"]) == 2
+    assert not torch.equal(state["ranks"][0]["cache"]["indices"], state["ranks"][1]["cache"]["indices"])
+    resumed = _ddp_run(cfg, tmp_path / "resumed", env, resume=saved[0])
+    for rank in (0, 1):
+        assert resumed[rank]["status"] == "completed"
+        _same_history(resumed[rank]["history"], reference[rank]["history"])
 
 
 def test_ddp_ranks_skip_a_nonfinite_step_together(tmp_path, shared_data_dir):
@@ -214,6 +253,50 @@ def test_killed_local_trial_resumes_from_its_last_checkpoint_with_the_same_metri
     assert resumed.status == reference.status == "completed"
     assert resumed.steps == reference.steps
     _same_history(resumed.history, reference.history)
+
+
+def test_resume_refuses_a_checkpoint_written_by_another_trial(tmp_path, shared_data_dir):
+    """A dynsdpb checkpoint resumed as finetune (or with another batch size) once skipped whole epochs without a
+    word; keys that do not change the training (evaluation, logging) may differ."""
+    cfg = _config(shared_data_dir)
+    out = tmp_path / "out"
+    run_trial(cfg, LocalContext(out))
+    for change, said in [({"method": "finetune"}, "method='finetune' (the checkpoint's: 'dynsdpb')"),
+                         ({"batch_size": 4, "lr": 2e-3}, "lr=0.002 (the checkpoint's: 0.001), batch_size=4 (the "
+                                                         "checkpoint's: 8)")]:
+        with pytest.raises(UserError, match=re.escape(said)):
+            run_trial(cfg.model_copy(update=change), LocalContext(out, resume_from="latest"))
+    again = run_trial(cfg.model_copy(update={"eval_batch_size": 4, "log_every_steps": 1}),
+                      LocalContext(out, resume_from="latest"))
+    assert again.status == "completed"
+
+
+def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp_path, shared_data_dir, capsys):
+    """Checkpoints are pruned by step: an earlier run's later steps would outlive the new run's, and `--resume
+    latest` would then continue the earlier run."""
+    from raysdpb.train import main
+
+    config = tmp_path / "trial.yaml"
+    config.write_text(yaml.safe_dump(_trial(shared_data_dir)))
+    out = tmp_path / "out"
+    assert run_cli(main, [str(config), "--output-dir", str(out), "-q"]) == 0
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert run_cli(main, [str(config), "lr=3e-3", "--output-dir", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"raysdpb: error: {out} already holds the checkpoints of an earlier run (newest: {saved[-1]})" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == saved  # nothing pruned
+
+
+def test_initial_metrics_survive_a_resume_from_a_checkpoint_before_the_first_report(tmp_path, shared_data_dir):
+    cfg = _config(shared_data_dir, eval_before_training=True, checkpoint_every_steps=1)
+    reference = run_trial(cfg, LocalContext(tmp_path / "reference", keep=100))
+    first = tmp_path / "reference" / "checkpoints" / "step_00000001"
+    assert load_checkpoint(first)["history"] == []  # written before the epoch's report
+    resumed = run_trial(cfg, LocalContext(tmp_path / "resumed", resume_from=first))
+    _same_history(resumed.history, reference.history)
+    assert any(k.startswith("initial_eval_") for k in resumed.history[0])
 
 
 # --- a full disk while saving a checkpoint ------------------------------------------------------------------
