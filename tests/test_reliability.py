@@ -211,19 +211,7 @@ def test_ddp_ranks_skip_a_nonfinite_step_together(tmp_path, shared_data_dir):
     cfg = _config(shared_data_dir, method="dynsdpb", max_nonfinite_steps=3)
     env = _env(**{FAULTS_ENV: _faults({"point": "loss", "step": 2, "rank": 0}), "WORLD_SIZE": "2",
                   "OMP_NUM_THREADS": "1"})
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [subprocess.Popen([sys.executable, "-c", _ddp_script(), init, cfg.model_dump_json(), str(tmp_path)],
-                              env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for rank in (0, 1)]
-    results = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=180)
-            assert proc.returncode == 0, err[-3000:]
-            results.append(json.loads(out.split("RESULT ", 1)[1]))
-    finally:
-        for proc in procs:
-            proc.kill()
+    results = _ddp_run(cfg, tmp_path / "run", env)
     for result in results:
         assert result["status"] == "completed"
         assert result["history"][-1]["nonfinite_steps"] == 1  # rank 1's loss was finite; it skipped too
