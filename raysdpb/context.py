@@ -120,13 +120,14 @@ class LocalContext(WorkerContext):
         self.resume_from = resume_from
         self.keep = keep
         self.reports: list[dict] = []
-        if resume_from is None and self._saved():
+        earlier = self._saved() if resume_from is None else []
+        if earlier:
             from raysdpb.errors import UserError
 
             # a new run here would prune by step number: the earlier run's later checkpoints would outlive
             # the new run's, and a later `--resume latest` would pick up the earlier run
             raise UserError(f"{self.output_dir} already holds the checkpoints of an earlier run (newest: "
-                            f"{self._saved()[-1].name}); continue it with --resume latest, or start this run in "
+                            f"{earlier[-1].name}); continue it with --resume latest, or start this run in "
                             "another --output-dir (or delete that folder)")
 
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:

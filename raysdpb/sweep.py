@@ -183,14 +183,16 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
     the sweep runs on a cluster (`cluster`)."""
     from raysdpb.tasks import data_dir_from, load_examples, resolve_task
 
-    train_sizes: dict[tuple, int] = {}  # examples in the training split, per data source read here
+    def source_of(cfg) -> tuple:
+        return cfg.task, cfg.data_dir, repr(cfg.custom_task), cfg.train_split, cfg.eval_split
+
+    train_sizes: dict[tuple, int | None] = {}  # examples in the training split; None: not read here
     for point in plan.points:
         cfg = point.config
-        key = (cfg.task, cfg.data_dir, repr(cfg.custom_task), cfg.train_split, cfg.eval_split)
+        key = source_of(cfg)
         if key in train_sizes:
-            _check_train_size(cfg, train_sizes[key], plan.sweep.num_workers, source)
             continue
-        train_sizes[key] = -1  # not read here (the hub, or a folder only the workers have)
+        train_sizes[key] = None  # the hub, or a folder only the workers have
         data_dir = data_dir_from(cfg.data_dir)
         if cfg.task != "custom" and data_dir is None:
             if hub_offline():  # every trial would fail on its workers, one after another
@@ -212,7 +214,10 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
                 raise UserError(f"{source}: {err}") from None
             if split == splits[0]:
                 train_sizes[key] = len(records)
-        _check_train_size(cfg, train_sizes[key], plan.sweep.num_workers, source)
+    for point in plan.points:
+        size = train_sizes[source_of(point.config)]
+        if size is not None:
+            _check_train_size(point.config, size, plan.sweep.num_workers, source)
 
 
 def _check_train_size(cfg, size: int, num_workers: int, source: str) -> None:
@@ -220,8 +225,6 @@ def _check_train_size(cfg, size: int, num_workers: int, source: str) -> None:
     from raysdpb.engine import make_sampler
     from raysdpb.methods import get_method
 
-    if size < 0:
-        return
     n = min(size, cfg.max_train_samples or size)
     try:
         make_sampler(get_method(cfg.method), n, cfg.batch_size, seed=0, num_replicas=num_workers)
