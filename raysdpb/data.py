@@ -43,7 +43,14 @@ def _count_truncated(name: str, n: int, total: int, max_length: int) -> None:
         log.warning("%s: %d of %d records were longer than max_length=%d tokens and were truncated", name, n, total, max_length)
 
 
-def tokenize_records(records: list[dict], kind: str, tokenizer, max_length: int, *, name: str = "data") -> TokenizedDataset:
+def tokenize_records(records: list[dict], kind: str, tokenizer, max_length: int, *, name: str = "data",
+                     prompts_only: bool = False) -> TokenizedDataset:
+    """Token ids of `records` for a task `kind`, truncated to `max_length` (truncations counted and logged).
+
+    A generation record is prompt + answer + EOS, with `answer_mask` over the answer and `prompt_length`; the
+    prompt gives way (from the left) so that the answer fits. `prompts_only` (an evaluation split, where the
+    model generates after the prompt) keeps the prompt alone, its last `max_length` tokens: what the model is
+    asked then must not depend on the length of the reference answer."""
     if kind == "classification":
         texts = [r["text"] for r in records]
         pairs = [r.get("text_pair") for r in records]
@@ -66,8 +73,11 @@ def tokenize_records(records: list[dict], kind: str, tokenizer, max_length: int,
         items, truncated = [], 0
         for i, r in enumerate(records):
             prompt = tokenizer(r["prompt"], add_special_tokens=True)["input_ids"]
-            answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            answer = answer[: max_length - 1]
+            if prompts_only:
+                answer = []
+            else:
+                answer = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                answer = answer[: max_length - 1]
             room = max_length - len(answer)
             if len(prompt) > room:
                 truncated += 1

@@ -203,8 +203,9 @@ def _load_task_data(cfg: TrialConfig, task, tokenizer):
         records = load_examples(task, split, data_dir, custom=cfg.custom_task)
         if cfg.max_eval_samples:
             records = records[: cfg.max_eval_samples]
+        # a decoder generates after each evaluation prompt: the prompt alone, however long its answer is
         evals.append((prefix, records, tokenize_records(records, task.kind, tokenizer, cfg.max_length,
-                                                        name=f"{task.name}:{split}")))
+                                                        name=f"{task.name}:{split}", prompts_only=True)))
     return train, evals
 
 

@@ -79,6 +79,26 @@ def test_long_examples_are_truncated_from_the_prompt_side_and_counted(tokenizer,
             assert [t for t, m in zip(item["input_ids"], item["answer_mask"]) if m] == answer
 
 
+def test_an_evaluation_prompt_does_not_depend_on_its_reference_answer(tokenizer, gsm8k):
+    """The prompt a decoder generates after is the record's prompt, cut only by max_length (it was once cut
+    to make room for the gold answer, so a longer answer meant a shorter question)."""
+    lengths = [len(tokenizer(r["prompt"])["input_ids"]) for r in gsm8k]
+    max_length = sorted(lengths)[len(lengths) // 2]  # about half the prompts are longer than this
+    variants = [[{**r, "answer": answer} for r in gsm8k] for answer in ("1", "So the total is 2 + 2 = 4. " * 8)]
+    datasets = [tokenize_records(v, "generation", tokenizer, max_length, prompts_only=True) for v in variants]
+    for i, (record, length) in enumerate(zip(gsm8k, lengths)):
+        full = tokenizer(record["prompt"])["input_ids"]
+        for data in datasets:
+            item = data[i]
+            assert item["prompt_length"] == len(item["input_ids"]) == min(length, max_length)
+            assert item["input_ids"] == full[len(full) - item["prompt_length"]:]  # its end, next to the answer
+            assert not any(item["answer_mask"])
+    assert any(length > max_length for length in lengths) and any(length <= max_length for length in lengths)
+    # for training, the same records keep their answers whole and the prompt gives way
+    trained = tokenize_records(variants[1], "generation", tokenizer, max_length + 40)
+    assert all(item["prompt_length"] < len(item["input_ids"]) <= max_length + 40 for item in trained.items)
+
+
 def test_vocabulary_map_of_a_sequence_does_not_depend_on_its_padding(tokenizer, gsm8k):
     model = _tiny_llama(tokenizer).eval()
     data = tokenize_records(gsm8k, "generation", tokenizer, max_length=256)
@@ -133,6 +153,19 @@ def _nlg_config(data_dir, **overrides):
                lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     raw.update(overrides)
     return load_trial_config(None, raw=raw)
+
+
+def test_the_engine_evaluates_a_decoder_on_prompts_alone(shared_data_dir, tokenizer):
+    from raysdpb.engine import _load_task_data
+    from raysdpb.tasks import resolve_task
+
+    cfg = _nlg_config(shared_data_dir, max_length=64, max_eval_samples=8)
+    train, evals = _load_task_data(cfg, resolve_task(cfg), tokenizer)
+    assert all(any(item["answer_mask"]) for item in train.items)  # training keeps the answers
+    [(_, records, data)] = evals
+    for item, record in zip(data.items, records):
+        full = tokenizer(record["prompt"])["input_ids"]
+        assert item["input_ids"] == full[-64:] and item["prompt_length"] == len(item["input_ids"])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
