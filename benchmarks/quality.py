@@ -28,6 +28,14 @@ std over seeds per method and task, and the paired comparisons), and the same ov
 into `<root>/report-grid` (alpha x tau heatmaps). When `raysdpb.report` is missing or fails, this script says
 so and still prints its own table of mean +- std from the Parquet results.
 
+`--grid-per-method`: stage 1 as one sweep per method (`quality-grid-<task>-<method>`) instead of one for the
+task. The trials and ASHA's judgement are the same (the sweep's ASHA already compares a method's trials only
+with each other); each sweep is a smaller unit that finishes on its own. `--archive DIR`: each finished
+sweep's `trials.parquet`, `curves.parquet` and `tensorboard/` (a few hundred KB, no checkpoints) are copied to
+`DIR/<sweep>/`, and a sweep found finished there is read from there and never run again: for a `--root` that
+does not survive (a preemptible node, a new checkout). CoLA ran that way here, its archive committed under
+`benchmarks/results/quality-cola/`.
+
 `--resume`: finished sweeps are skipped, an interrupted one is continued with `python -m raysdpb.sweep
 --resume`, and the selection already saved is kept. Without it, an existing experiment folder is an error.
 Each sweep starts a local Ray (or uses `$RAY_ADDRESS`). Hours on a CPU: on 2 cores CB's small grid with ASHA
@@ -49,6 +57,7 @@ import argparse
 import importlib.util
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,21 +126,42 @@ def write_config(path: Path, trial: dict, search: dict, sweep: dict, comment: st
     return path
 
 
-def grid_name(task: str) -> str:
-    return f"quality-grid-{_slug(task)}"
+def grid_name(task: str, method: str | None = None) -> str:
+    """Stage 1's experiment: one for every method (`quality-grid-<task>`) or, with `--grid-per-method`, one
+    per method (`quality-grid-<task>-<method>`)."""
+    return f"quality-grid-{_slug(task)}" + (f"-{method}" if method else "")
 
 
-def grid_config(task: str, args) -> tuple[str, Path]:
-    name = grid_name(task)
+def grid_config(task: str, args, method: str | None = None) -> tuple[str, Path]:
+    """Stage 1's sweep config: the grid of every method of `args.methods`, or of `method` alone."""
+    name = grid_name(task, method)
     grid = GRIDS["smoke" if args.smoke else args.grid]
-    search = {"method": list(args.methods), **grid, "seed": [0]}
+    search = {"method": [method] if method else list(args.methods), **grid, "seed": [0]}
+    what = f"{method}'s grid" if method else "the grid"
     path = write_config(Path(args.root) / "configs" / f"{name}.yaml", base_trial(task, args), search,
-                        sweep_block(name, args, asha=args.asha), f"stage 1 of the quality benchmark: the grid on {task}")
+                        sweep_block(name, args, asha=args.asha), f"stage 1 of the quality benchmark: {what} on {task}")
     return name, path
 
 
+def grid_configs(task: str, args) -> list[tuple[str, Path]]:
+    """Every stage-1 sweep of a task: one, or one per method with `--grid-per-method` (ASHA then compares a
+    method's configurations with each other only, and each sweep is a unit that finishes, and is archived,
+    on its own)."""
+    if args.grid_per_method:
+        return [grid_config(task, args, method) for method in args.methods]
+    return [grid_config(task, args)]
+
+
+def grid_names(task: str, args) -> list[str]:
+    return [grid_name(task, m) for m in args.methods] if args.grid_per_method else [grid_name(task)]
+
+
+def seeds_name(task: str, method: str) -> str:
+    return f"quality-seeds-{_slug(task)}-{method}"
+
+
 def seeds_config(task: str, method: str, chosen: dict, args) -> tuple[str, Path]:
-    name = f"quality-seeds-{_slug(task)}-{method}"
+    name = seeds_name(task, method)
     trial = {**base_trial(task, args), "method": method, **{k: chosen[k] for k in ("lr", "alpha", "tau")}}
     path = write_config(Path(args.root) / "configs" / f"{name}.yaml", trial, {"seed": list(args.seeds)},
                         sweep_block(name, args),
@@ -157,11 +187,41 @@ def sweep_state(experiment: Path) -> str:
     return "partial"
 
 
+# What a finished sweep's results are, without Tune's state and the checkpoints: the tables and the curves.
+ARCHIVED = ("trials.parquet", "curves.parquet", "tensorboard")
+
+
+def archive_sweep(experiment: Path, archive: Path) -> Path:
+    """Copy a finished sweep's results (`ARCHIVED`) to `<archive>/<sweep>/`: a few hundred KB that a
+    repository or a bucket keeps where `--root` does not survive (a preemptible node, a new checkout)."""
+    target = archive / experiment.name
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in ARCHIVED:
+        source = experiment / entry
+        if source.is_dir():
+            shutil.copytree(source, target / entry, dirs_exist_ok=True)
+        elif source.exists():
+            shutil.copy2(source, target / entry)
+    return target
+
+
+def experiment_dir(name: str, args) -> Path:
+    """Where a sweep's results are read from: its archived copy when `--archive` holds a finished one (the
+    sweep is then never run again), else `<root>/<sweep>`."""
+    if args.archive:
+        kept = Path(args.archive) / name
+        if sweep_state(kept) == "done":
+            return kept
+    return Path(args.root) / name
+
+
 def run_sweep(name: str, config: Path, args) -> list[dict]:
-    experiment = Path(args.root) / name
+    experiment = experiment_dir(name, args)
     state = sweep_state(experiment)
     if state == "done":
-        print(f"[{name}] finished earlier; skipped", flush=True)
+        print(f"[{name}] finished earlier ({experiment}); skipped", flush=True)
+        if args.archive and experiment.parent != Path(args.archive):
+            print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive))}", flush=True)
         return _rows(experiment)
     cmd = [sys.executable, "-m", "raysdpb.sweep", str(config)]
     if state == "partial":
@@ -185,6 +245,8 @@ def run_sweep(name: str, config: Path, args) -> list[dict]:
     if proc.returncode != 0 and not args.keep_going:
         raise SystemExit(f"[{name}] the sweep did not finish cleanly (see {log}); fix the cause and run again "
                          "with --resume")
+    if args.archive and sweep_state(experiment) == "done":
+        print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive))}", flush=True)
     return rows
 
 
@@ -292,11 +354,11 @@ def select(rows: list[dict], task: str, at: str) -> dict[str, dict]:
     return {m: {k: v for k, v in c.items() if k != "_key"} for m, c in chosen.items()}
 
 
-def summarise(root: Path, tasks: list[str], methods: list[str], at: str) -> list[dict]:
-    out = []
-    for task in tasks:
-        for method in methods:
-            rows = _rows(root / f"quality-seeds-{_slug(task)}-{method}")
+def summarise(args) -> list[dict]:
+    out, at = [], args.at
+    for task in args.tasks:
+        for method in args.methods:
+            rows = _rows(experiment_dir(seeds_name(task, method), args))
             column = f"{at}_{main_metric(task)}"
             values = [r[column] for r in rows if r["status"] in FINISHED and r.get(column) is not None]
             out.append({"task": task, "method": method, "metric": column, "seeds": len(values),
@@ -346,6 +408,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=1.0)
     p.add_argument("--asha", action="store_true", help="stage 1 with ASHA (grace 1 epoch, reduction 3)")
+    p.add_argument("--grid-per-method", action="store_true",
+                   help="stage 1 as one sweep per method (same trials and ASHA groups; smaller units that finish)")
+    p.add_argument("--archive", default=None,
+                   help="copy each finished sweep's tables and curves to ARCHIVE/<sweep>/, and take a sweep "
+                        "found there as finished (for a --root that does not survive, e.g. a new checkout)")
     p.add_argument("--resume", action="store_true", help="continue: skip finished sweeps, resume unfinished ones")
     p.add_argument("--keep-going", action="store_true", help="go on after a sweep with errored trials")
     p.add_argument("--stage", choices=["all", "grid", "seeds", "report"], default="all")
@@ -362,6 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke and args.root == p.get_default("root"):
         args.root = str(REPO / "ray_results" / "quality-smoke")
     args.root = str(Path(args.root).resolve())
+    args.archive = str(Path(args.archive).resolve()) if args.archive else None
     return args
 
 
@@ -376,7 +444,7 @@ def main() -> None:
         # every task's grid config through the sweep's own validation (no Ray), and, in a smoke run, every
         # task's data through the loaders
         for task in (TASKS if args.smoke else args.tasks):
-            name, path = grid_config(task, args)
+            name, path = grid_config(task, args)  # the whole grid: one check, one workload, either layout
             proc = subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(path), "--dry-run"], cwd=REPO,
                                   capture_output=True, text=True)
             last = (proc.stdout.strip().splitlines() or ["?"])[-1]
@@ -411,10 +479,9 @@ def main() -> None:
     for task in args.tasks:
         if args.stage in ("all", "grid", "seeds"):
             if args.stage == "seeds":  # stage 1's results as they are; its config stays as stage 1 wrote it
-                rows = _rows(root / grid_name(task))
+                rows = [r for name in grid_names(task, args) for r in _rows(experiment_dir(name, args))]
             else:
-                name, path = grid_config(task, args)
-                rows = run_sweep(name, path, args)
+                rows = [r for name, path in grid_configs(task, args) for r in run_sweep(name, path, args)]
             if task not in selection or not args.resume:
                 chosen = select(rows, task, args.at)
                 if chosen:
@@ -434,11 +501,11 @@ def main() -> None:
                 name, path = seeds_config(task, method, chosen, args)
                 run_sweep(name, path, args)
 
-    seeds_experiments = [root / f"quality-seeds-{_slug(t)}-{m}" for t in args.tasks for m in args.methods]
-    grid_experiments = [root / grid_name(t) for t in args.tasks]
+    seeds_experiments = [experiment_dir(seeds_name(t, m), args) for t in args.tasks for m in args.methods]
+    grid_experiments = [experiment_dir(name, args) for t in args.tasks for name in grid_names(t, args)]
     reports = {"seeds": run_report(seeds_experiments, root / "report", "results"),
                "grid": run_report(grid_experiments, root / "report-grid", "grid")}
-    summary = summarise(root, args.tasks, args.methods, args.at)
+    summary = summarise(args)
     print("\n== validation main metric at the selected configuration, mean +- std over seeds")
     print(table(summary, [("task", "task", ""), ("method", "method", ""), ("metric", "metric", ""),
                           ("seeds", "seeds", "d"), ("mean", "mean", ".4f"), ("std", "std", ".4f")]))

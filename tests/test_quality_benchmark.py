@@ -142,3 +142,70 @@ def test_a_seeds_stage_for_some_methods_leaves_stage_1s_config_as_written(qualit
     assert [name for name, _ in ran] == ["quality-seeds-glue-rte-random_dlb"]
     seeds = load_experiment(ran[0][1])
     assert (seeds.trial.method, seeds.trial.lr, seeds.search) == ("random_dlb", 5e-5, {"seed": [0, 1, 2]})
+
+
+def test_a_grid_per_method_is_the_same_trials_as_the_one_grid(quality, tmp_path):
+    args = _args(quality, tmp_path, "--grid", "small", "--asha", "--grid-per-method")
+    configs = quality.grid_configs("glue/cola", args)
+    assert [name for name, _ in configs] == [f"quality-grid-glue-cola-{m}" for m in quality.METHODS]
+    assert quality.grid_names("glue/cola", args) == [name for name, _ in configs]
+
+    def points(path):
+        experiment = load_experiment(path)
+        assert experiment.sweep.asha is not None and experiment.sweep.name == Path(path).stem
+        return sorted((p.config.method, p.config.lr, p.config.alpha, p.config.tau) for p in expand(experiment))
+
+    split = sorted(x for _, path in configs for x in points(path))
+    for (name, path), method in zip(configs, quality.METHODS):
+        assert {x[0] for x in points(path)} == {method}
+    _, whole = quality.grid_config("glue/cola", _args(quality, tmp_path / "one", "--grid", "small", "--asha"))
+    assert split == points(whole) and len(split) == 32
+
+
+def _finished_experiment(folder: Path, statuses: list[str]) -> None:
+    """An experiment folder as raysdpb.sweep leaves it: the two tables, TensorBoard events, Tune's files."""
+    from raysdpb.results import write_table
+
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    rows = [{"trial_id": f"t{i}", "status": s, "method": "finetune", "lr": 5e-5 * (i + 1), "alpha": 1.0,
+             "tau": 1.0, "label": "", "best_eval_mcc": 0.1 * i} for i, s in enumerate(statuses)]
+    write_table(pa.Table.from_pylist(rows), str(folder / "trials.parquet"))
+    write_table(pa.Table.from_pylist([{"trial_id": "t0", "step": 1, "epoch": 1.0, "eval_mcc": 0.0}]),
+                str(folder / "curves.parquet"))
+    (folder / "tensorboard" / "t0").mkdir(parents=True)
+    (folder / "tensorboard" / "t0" / "events.out.tfevents.1").write_bytes(b"events")
+    (folder / "checkpoint_000001").mkdir()
+    (folder / "checkpoint_000001" / "model.pt").write_bytes(b"weights")
+
+
+def test_an_archived_sweep_is_read_from_the_archive_and_never_run_again(quality, tmp_path, monkeypatch):
+    args = _args(quality, tmp_path / "root", "--archive", str(tmp_path / "kept"), "--resume")
+    name = "quality-grid-glue-cola-finetune"
+    experiment = Path(args.root) / name
+    _finished_experiment(experiment, ["completed", "stopped_by_asha"])
+    launched = []
+    monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: launched.append(a))
+    first = quality.run_sweep(name, Path("unused.yaml"), args)  # finished in --root: archived, not run
+    kept = tmp_path / "kept" / name
+    assert sorted(p.name for p in kept.iterdir()) == ["curves.parquet", "tensorboard", "trials.parquet"]
+    assert (kept / "tensorboard" / "t0" / "events.out.tfevents.1").read_bytes() == b"events"
+    # a new checkout: --root is gone; the archived copy is the sweep, finished
+    quality.shutil.rmtree(args.root)
+    assert quality.experiment_dir(name, args) == kept
+    again = quality.run_sweep(name, Path("unused.yaml"), args)
+    assert launched == [] and again == first and [r["trial_id"] for r in again] == ["t0", "t1"]
+
+
+def test_an_unfinished_sweep_is_not_archived_and_runs_again(quality, tmp_path, monkeypatch):
+    args = _args(quality, tmp_path / "root", "--archive", str(tmp_path / "kept"), "--resume", "--keep-going")
+    name = "quality-grid-glue-cola-dynsdpb"
+    _finished_experiment(Path(args.root) / name, ["completed", "running"])
+    launched = []
+    monkeypatch.setattr(quality.subprocess, "run",
+                        lambda cmd, **k: launched.append(cmd) or quality.subprocess.CompletedProcess(cmd, 1))
+    quality.run_sweep(name, Path("grid.yaml"), args)
+    assert launched and launched[0][-1] == "--resume"  # continued, not skipped
+    assert not (tmp_path / "kept" / name).exists()
+    assert quality.experiment_dir(name, args) == Path(args.root) / name
