@@ -111,7 +111,7 @@ def sweep_block(name: str, args, asha: bool = False) -> dict:
     """The `sweep:` block; `asha` only for stage 1 (stage 2's seeds all train their full epochs)."""
     block = {"name": name, "storage_path": str(Path(args.root).resolve()), "num_workers": 1,
              "keep_checkpoints": 1, "max_failures": 1,
-             "asha": {"mode": "max", "grace_period": 1, "reduction_factor": 3} if asha else None}
+             "asha": {"mode": "max", "grace_period": args.asha_grace, "reduction_factor": 3} if asha else None}
     if args.device == "cuda":
         block.update(use_gpu=True, gpus_per_worker=args.gpus_per_trial, cpus_per_worker=args.cpus_per_trial)
     else:
@@ -407,7 +407,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=1.0)
-    p.add_argument("--asha", action="store_true", help="stage 1 with ASHA (grace 1 epoch, reduction 3)")
+    p.add_argument("--asha", action="store_true", help="stage 1 with ASHA (grace --asha-grace epochs, reduction 3)")
+    p.add_argument("--asha-grace", type=int, default=1,
+                   help="epochs every stage-1 trial trains before ASHA may stop it (CoLA's MCC is about 0 for "
+                        "most configurations after one epoch)")
     p.add_argument("--grid-per-method", action="store_true",
                    help="stage 1 as one sweep per method (same trials and ASHA groups; smaller units that finish)")
     p.add_argument("--archive", default=None,

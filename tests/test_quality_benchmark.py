@@ -32,6 +32,11 @@ def test_asha_applies_to_the_grid_only_never_to_the_seeds(quality, tmp_path, ash
     _, grid_path = quality.grid_config("glue/rte", args)
     grid = load_experiment(grid_path)
     assert (grid.sweep.asha is not None) is asha
+    if asha:
+        assert (grid.sweep.asha.grace_period, grid.sweep.asha.reduction_factor) == (1, 3)
+        _, later = quality.grid_config("glue/cola", _args(quality, tmp_path, "--grid", "small", "--asha",
+                                                          "--asha-grace", "2"))
+        assert load_experiment(later).sweep.asha.grace_period == 2
     chosen = {"lr": 1e-4, "alpha": 0.5, "tau": 2.0}
     _, seeds_path = quality.seeds_config("glue/rte", "dynsdpb", chosen, args)
     seeds = load_experiment(seeds_path)
