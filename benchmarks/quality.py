@@ -16,8 +16,8 @@ Two stages per task, each a `python -m raysdpb.sweep` of configs this script wri
 1. `quality-grid-<task>`: the grid, seed 0: learning rate x alpha x tau (`--grid paper`: lr {2e-5, 5e-5,
    1e-4} x alpha {0.5, 1.0, 1.5} x tau {1.0, 1.5, 2.0}, 96 trials per task; `--grid small`: 2 x 2 x 2, 32
    trials), each method over the hyperparameters it uses. No ASHA by default (every configuration trains its
-   full epochs, as in the paper; `--asha` turns it on for this stage only: stage 2's seeds always train every
-   epoch).
+   full epochs, as in the paper; `--asha` turns it on for this stage only, stopping trials from epoch
+   `--asha-grace` on (default 1): stage 2's seeds always train every epoch).
 2. `quality-seeds-<task>-<method>`: the method's selected configuration (best validation main metric of
    stage 1, `--at best` over the epoch reports or `last`; ties to the smaller learning rate, alpha, tau) with
    every seed of `--seeds` (seed 0 again, so the stage is self-contained). The selection is saved in
