@@ -32,8 +32,9 @@ so and still prints its own table of mean +- std from the Parquet results.
 task. The trials and ASHA's judgement are the same (the sweep's ASHA already compares a method's trials only
 with each other); each sweep is a smaller unit that finishes on its own. `--archive DIR`: each finished
 sweep's `trials.parquet`, `curves.parquet` and `tensorboard/` (a few hundred KB, no checkpoints) are copied to
-`DIR/<sweep>/`, and a sweep found finished there is read from there and never run again: for a `--root` that
-does not survive (a preemptible node, a new checkout). CoLA ran that way here, its archive committed under
+`DIR/<sweep>/` with the sweep's config, and a sweep found finished there is read from there and never run again
+(unless its config asks for other trials: then the script stops and says so): for a `--root` that does not
+survive (a preemptible node, a new checkout). CoLA ran that way here, its archive committed under
 `benchmarks/results/quality-cola/`.
 
 `--resume`: finished sweeps are skipped, an interrupted one is continued with `python -m raysdpb.sweep
@@ -191,9 +192,10 @@ def sweep_state(experiment: Path) -> str:
 ARCHIVED = ("trials.parquet", "curves.parquet", "tensorboard")
 
 
-def archive_sweep(experiment: Path, archive: Path) -> Path:
-    """Copy a finished sweep's results (`ARCHIVED`) to `<archive>/<sweep>/`: a few hundred KB that a
-    repository or a bucket keeps where `--root` does not survive (a preemptible node, a new checkout)."""
+def archive_sweep(experiment: Path, archive: Path, config: Path) -> Path:
+    """Copy a finished sweep's results (`ARCHIVED`) and its config (`config.yaml`) to `<archive>/<sweep>/`:
+    a few hundred KB that a repository or a bucket keeps where `--root` does not survive (a preemptible node,
+    a new checkout)."""
     target = archive / experiment.name
     target.mkdir(parents=True, exist_ok=True)
     for entry in ARCHIVED:
@@ -202,7 +204,29 @@ def archive_sweep(experiment: Path, archive: Path) -> Path:
             shutil.copytree(source, target / entry, dirs_exist_ok=True)
         elif source.exists():
             shutil.copy2(source, target / entry)
+    if config.exists():
+        shutil.copy2(config, target / "config.yaml")
     return target
+
+
+def what_it_trains(config: Path) -> dict:
+    """A sweep config without what does not change its results (where it is stored, the resources)."""
+    body = yaml.safe_load(config.read_text())
+    sweep = body.pop("sweep", None) or {}
+    return {**body, "asha": sweep.get("asha")}
+
+
+def check_archived_config(experiment: Path, config: Path) -> None:
+    """An archived sweep stands for this run only if it trained what this run's config asks for."""
+    kept = experiment / "config.yaml"
+    if not (kept.exists() and config.exists()):
+        return
+    old, new = what_it_trains(kept), what_it_trains(config)
+    if old != new:
+        changed = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        raise SystemExit(f"{experiment} holds a finished run of {experiment.name} with other settings ({changed}); "
+                         "pass another --archive (or remove that folder) to run these")
 
 
 def experiment_dir(name: str, args) -> Path:
@@ -219,9 +243,11 @@ def run_sweep(name: str, config: Path, args) -> list[dict]:
     experiment = experiment_dir(name, args)
     state = sweep_state(experiment)
     if state == "done":
+        if args.archive and experiment.parent == Path(args.archive):
+            check_archived_config(experiment, config)
         print(f"[{name}] finished earlier ({experiment}); skipped", flush=True)
         if args.archive and experiment.parent != Path(args.archive):
-            print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive))}", flush=True)
+            print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive), config)}", flush=True)
         return _rows(experiment)
     cmd = [sys.executable, "-m", "raysdpb.sweep", str(config)]
     if state == "partial":
@@ -246,7 +272,7 @@ def run_sweep(name: str, config: Path, args) -> list[dict]:
         raise SystemExit(f"[{name}] the sweep did not finish cleanly (see {log}); fix the cause and run again "
                          "with --resume")
     if args.archive and sweep_state(experiment) == "done":
-        print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive))}", flush=True)
+        print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive), config)}", flush=True)
     return rows
 
 

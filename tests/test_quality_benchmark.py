@@ -214,3 +214,26 @@ def test_an_unfinished_sweep_is_not_archived_and_runs_again(quality, tmp_path, m
     assert launched and launched[0][-1] == "--resume"  # continued, not skipped
     assert not (tmp_path / "kept" / name).exists()
     assert quality.experiment_dir(name, args) == Path(args.root) / name
+
+
+def test_an_archived_sweep_with_other_settings_is_refused_not_reused(quality, tmp_path, monkeypatch):
+    """The archive lives on (in a repository): a later run that asks for another grid must not take its rows."""
+    archive = tmp_path / "kept"
+    first = _args(quality, tmp_path / "a", "--grid", "small", "--asha", "--grid-per-method", "--archive",
+                  str(archive), "--resume", "--cpus-per-trial", "0.66")
+    name, config = quality.grid_config("glue/cola", first, "dynsdpb")
+    _finished_experiment(Path(first.root) / name, ["completed"])
+    monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: pytest.fail("a sweep was started"))
+    quality.run_sweep(name, config, first)
+    assert (archive / name / "config.yaml").read_text() == config.read_text()
+    # the same trials from another root and other resources: the archive stands for them
+    same = _args(quality, tmp_path / "b", "--grid", "small", "--asha", "--grid-per-method", "--archive",
+                 str(archive), "--resume", "--cpus-per-trial", "1")
+    assert [r["trial_id"] for r in quality.run_sweep(name, quality.grid_config("glue/cola", same, "dynsdpb")[1],
+                                                     same)] == ["t0"]
+    # another grid, or ASHA's grace, under the same sweep name: stopped with what differs
+    for options in (["--grid", "paper", "--asha"], ["--grid", "small", "--asha", "--asha-grace", "2"],
+                    ["--grid", "small", "--asha", "--epochs", "4"]):
+        other = _args(quality, tmp_path / "c", *options, "--grid-per-method", "--archive", str(archive), "--resume")
+        with pytest.raises(SystemExit, match="other settings.*pass another --archive"):
+            quality.run_sweep(name, quality.grid_config("glue/cola", other, "dynsdpb")[1], other)
