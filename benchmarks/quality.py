@@ -144,17 +144,18 @@ def grid_config(task: str, args, method: str | None = None) -> tuple[str, Path]:
     return name, path
 
 
+def _grid_methods(args) -> list[str | None]:
+    """What each stage-1 sweep of a task runs: every method (None), or with `--grid-per-method` one method
+    each (each sweep a unit that finishes, and is archived, on its own)."""
+    return list(args.methods) if args.grid_per_method else [None]
+
+
 def grid_configs(task: str, args) -> list[tuple[str, Path]]:
-    """Every stage-1 sweep of a task: one, or one per method with `--grid-per-method` (ASHA then compares a
-    method's configurations with each other only, and each sweep is a unit that finishes, and is archived,
-    on its own)."""
-    if args.grid_per_method:
-        return [grid_config(task, args, method) for method in args.methods]
-    return [grid_config(task, args)]
+    return [grid_config(task, args, method) for method in _grid_methods(args)]
 
 
 def grid_names(task: str, args) -> list[str]:
-    return [grid_name(task, m) for m in args.methods] if args.grid_per_method else [grid_name(task)]
+    return [grid_name(task, method) for method in _grid_methods(args)]
 
 
 def seeds_name(task: str, method: str) -> str:
@@ -178,14 +179,9 @@ def _rows(experiment: Path) -> list[dict]:
     return read_rows(str(experiment / "trials.parquet"))
 
 
-def sweep_state(experiment: Path) -> str:
-    """"done" (every trial finished), "partial" (started, not finished) or "new"."""
-    if not experiment.exists():
-        return "new"
-    rows = _rows(experiment)
-    if rows and all(r["status"] in FINISHED for r in rows):
-        return "done"
-    return "partial"
+def _finished(rows: list[dict]) -> bool:
+    """Every trial of a sweep (its trials.parquet rows) has finished."""
+    return bool(rows) and all(r["status"] in FINISHED for r in rows)
 
 
 # What a finished sweep's results are, without Tune's state and the checkpoints: the tables and the curves.
@@ -234,23 +230,30 @@ def experiment_dir(name: str, args) -> Path:
     sweep is then never run again), else `<root>/<sweep>`."""
     if args.archive:
         kept = Path(args.archive) / name
-        if sweep_state(kept) == "done":
+        if _finished(_rows(kept)):
             return kept
     return Path(args.root) / name
 
 
 def run_sweep(name: str, config: Path, args) -> list[dict]:
     experiment = experiment_dir(name, args)
-    state = sweep_state(experiment)
-    if state == "done":
-        if args.archive and experiment.parent == Path(args.archive):
+    from_archive = args.archive is not None and experiment.parent == Path(args.archive)
+    rows = _rows(experiment)
+    if _finished(rows):
+        if from_archive:
             check_archived_config(experiment, config)
         print(f"[{name}] finished earlier ({experiment}); skipped", flush=True)
-        if args.archive and experiment.parent != Path(args.archive):
-            print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive), config)}", flush=True)
-        return _rows(experiment)
+    else:
+        rows = _run(name, config, experiment, args)
+    if args.archive and not from_archive and _finished(rows):
+        print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive), config)}", flush=True)
+    return rows
+
+
+def _run(name: str, config: Path, experiment: Path, args) -> list[dict]:
+    """Start the sweep, or continue it (`--resume`) where `experiment` holds an unfinished run; its rows."""
     cmd = [sys.executable, "-m", "raysdpb.sweep", str(config)]
-    if state == "partial":
+    if experiment.exists():
         if not args.resume:
             raise SystemExit(f"{experiment} exists and is not finished; continue it with --resume "
                              "(or choose another --root)")
@@ -271,8 +274,6 @@ def run_sweep(name: str, config: Path, args) -> list[dict]:
     if proc.returncode != 0 and not args.keep_going:
         raise SystemExit(f"[{name}] the sweep did not finish cleanly (see {log}); fix the cause and run again "
                          "with --resume")
-    if args.archive and sweep_state(experiment) == "done":
-        print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive), config)}", flush=True)
     return rows
 
 
