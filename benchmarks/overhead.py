@@ -108,7 +108,8 @@ class Setup:
     load_s: float
 
 
-def build_setup(name: str, spec: dict, device: torch.device, precision: str, max_steps: int) -> Setup:
+def build_setup(name: str, spec: dict, device: torch.device, precision: str, max_steps: int,
+                gradient_checkpointing: bool = False) -> Setup:
     from raysdpb.config import LoraConfig
     from raysdpb.data import collate, tokenize_records
     from raysdpb.engine import _autocast_factory
@@ -129,7 +130,8 @@ def build_setup(name: str, spec: dict, device: torch.device, precision: str, max
     dtype = torch.bfloat16 if decoder and autocast is not None and device.type == "cuda" and not needs_scaler else None
     base = build_model(source, kind=task.kind, num_labels=task.num_labels if task.kind == "classification" else None,
                        lora=LoraConfig() if spec.get("lora") else None, tokenizer=tokenizer, dtype=dtype,
-                       id2label=dict(enumerate(task.labels)) if task.kind == "classification" else None).to(device)
+                       id2label=dict(enumerate(task.labels)) if task.kind == "classification" else None,
+                       gradient_checkpointing=gradient_checkpointing).to(device)
     params = sum(p.numel() for p in base.parameters())
     trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
     # every batch padded to exactly `length` tokens (all items are at most that long after truncation)
@@ -303,7 +305,7 @@ def run_config(name: str, args, budget_s: float) -> dict:
 
     device = torch.device(args.device)
     t_start = time.perf_counter()
-    setup = build_setup(name, CONFIGS[name], device, args.precision, args.max_steps)
+    setup = build_setup(name, CONFIGS[name], device, args.precision, args.max_steps, args.gradient_checkpointing)
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     if "finetune" not in methods:
         methods.insert(0, "finetune")
@@ -455,6 +457,8 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU in TFLOP/s (default: 989 on CUDA, H100/H200 bf16 dense; none on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="every method with the trial option gradient_checkpointing: true (less activation memory)")
     p.add_argument("--json", default=None, help=f"write the figures here (e.g. {RESULTS / 'overhead.json'})")
     p.add_argument("-v", "--verbose", action="store_true", help="print every timed round")
     args = p.parse_args()
@@ -467,6 +471,7 @@ def main() -> None:
         if c not in CONFIGS:
             p.error(f"unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
     results = {"benchmark": "overhead", "device": args.device, "precision": args.precision,
+               "gradient_checkpointing": args.gradient_checkpointing,
                "machine": machine_info(), "budget_s": args.budget_s, "configs": {}}
     t0 = time.perf_counter()
     shares = {c: BUDGET_SHARE.get(c, 1.0) for c in names}

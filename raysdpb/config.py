@@ -95,6 +95,9 @@ class TrialConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the trial stops as diverged")
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward "
+                                                            "pass: less activation memory, about one more forward "
+                                                            "of compute per step; the same gradients")
 
     # decoder-only evaluation
     max_new_tokens: int = Field(256, ge=1)

@@ -89,6 +89,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 
 def _forward(model, batch: dict, kind: str, autocast) -> ClassOutputs | TokenOutputs:
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if kind == "generation":
+        inputs["use_cache"] = False  # a training forward needs no KV cache (nor may it keep one when checkpointing)
     with autocast() if autocast else nullcontext():
         logits = model(**inputs).logits
     if kind == "generation":  # position t predicts token t+1; the loss covers answer tokens only
@@ -233,7 +235,8 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
     dtype = torch.bfloat16 if decoder and autocast is not None and device.type == "cuda" and not needs_scaler else None
     model = build_model(source, kind=task.kind, num_labels=task.num_labels, num_layers=cfg.num_layers,
                         lora=cfg.lora, tokenizer=tokenizer, dtype=dtype,
-                        id2label=dict(enumerate(task.labels)) if task.kind == "classification" else None).to(device)
+                        id2label=dict(enumerate(task.labels)) if task.kind == "classification" else None,
+                        gradient_checkpointing=cfg.gradient_checkpointing).to(device)
     train_model = model
     if context.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -181,8 +181,10 @@ def _random_model(auto_cls, source: ModelSource, vocab_size: int, **config_kwarg
 
 
 def build_model(source: ModelSource, *, kind: str, num_labels: int | None = None, num_layers: int | None = None,
-                lora=None, tokenizer=None, dtype: torch.dtype | None = None, id2label: dict | None = None):
-    """The model for a task kind ("classification", "multiple_choice" or "generation")."""
+                lora=None, tokenizer=None, dtype: torch.dtype | None = None, id2label: dict | None = None,
+                gradient_checkpointing: bool = False):
+    """The model for a task kind ("classification", "multiple_choice" or "generation"), with its layers'
+    activations recomputed in the backward pass when `gradient_checkpointing`."""
     from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, AutoModelForSequenceClassification
 
     auto_cls = {"classification": AutoModelForSequenceClassification, "multiple_choice": AutoModelForMultipleChoice,
@@ -214,9 +216,25 @@ def build_model(source: ModelSource, *, kind: str, num_labels: int | None = None
             raise _missing_model(source, err) from None
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, source)
     if kind == "generation" and lora is not None:
         model = add_lora(model, lora)
     return model
+
+
+def enable_gradient_checkpointing(model, source: ModelSource) -> None:
+    """Transformers' activation (gradient) checkpointing of every layer, non-reentrant: it needs no input that requires
+    grad (frozen embeddings under LoRA) and works under DDP; the dropout masks are replayed, so the gradients
+    are those of the plain backward."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"gradient_checkpointing: the model {source.name} ({type(model).__name__}) does not support "
+                        "it in transformers; set gradient_checkpointing: false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def add_lora(model, lora):

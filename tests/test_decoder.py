@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from raysdpb import losses
-from raysdpb.config import LoraConfig, load_trial_config
+from raysdpb.config import LoraConfig
 from raysdpb.context import LocalContext
 from raysdpb.data import collate, tokenize_records
 from raysdpb.engine import _forward, run_trial
 from raysdpb.methods import METHODS, MethodParams, get_method
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.tasks import load_examples
+from trial_configs import decoder_trial as _nlg_config
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +145,6 @@ def test_vmm_gradients_reach_the_lora_weights_only(tokenizer, gsm8k):
     assert set(grads) <= trainable
     assert any(float(g.abs().sum()) > 0 for n, g in grads.items() if "lora_A" in n)
     assert all(not p.requires_grad and p.grad is None for n, p in model.named_parameters() if n not in trainable)
-
-
-def _nlg_config(data_dir, **overrides):
-    raw = dict(task="nlg/gsm8k", model="tiny-llama", method="dynsdpb", data_dir=str(data_dir), epochs=1,
-               batch_size=2, eval_batch_size=4, max_length=128, lr=5e-3, max_train_samples=12, max_eval_samples=4,
-               max_new_tokens=6, seed=0, progress_bar=False, alpha=1.0, tau=2.0,
-               lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    raw.update(overrides)
-    return load_trial_config(None, raw=raw)
 
 
 def test_the_engine_evaluates_a_decoder_on_prompts_alone(shared_data_dir, tokenizer):

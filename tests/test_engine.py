@@ -16,16 +16,11 @@ from raysdpb.config import load_trial_config
 from raysdpb.context import LocalContext
 from raysdpb.engine import run_trial
 from raysdpb.methods import METHODS
+from trial_configs import encoder_trial as _config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(data_dir, **overrides):
-    raw = dict(task="superglue/cb", model="tiny-bert", method="dynsdpb", data_dir=str(data_dir), epochs=1,
-               batch_size=8, eval_batch_size=16, max_length=64, lr=1e-3, max_train_samples=48, max_eval_samples=24,
-               seed=0, progress_bar=False, alpha=1.0, tau=2.0)
-    raw.update(overrides)
-    return load_trial_config(None, raw=raw)
 
 
 class RecordingContext(LocalContext):

@@ -42,8 +42,9 @@ _BOOKKEEPING = frozenset({
     "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
 })
 # config keys that are not part of "the configuration": what the table's rows and columns already are, the
-# seed (averaged over), and where things lie on a machine (raysdpb.grid.NOT_HASHED)
-_NOT_CONFIG = frozenset({"method", "task", "model", "seed", "data_dir", "output_dir", "progress_bar"})
+# seed (averaged over), and what does not change the results (raysdpb.grid.NOT_HASHED)
+_NOT_CONFIG = frozenset({"method", "task", "model", "seed", "data_dir", "output_dir", "progress_bar",
+                         "gradient_checkpointing"})
 
 
 @dataclass

@@ -1,0 +1,21 @@
+"""Small real trials that test modules share: a tiny random BERT on SuperGLUE CB and a tiny random LLaMA with
+LoRA on GSM8K, both on data from `../shared/data`; `overrides` change any key."""
+
+from __future__ import annotations
+
+from raysdpb.config import TrialConfig, load_trial_config
+
+
+def encoder_trial(data_dir, **overrides) -> TrialConfig:
+    raw = dict(task="superglue/cb", model="tiny-bert", method="dynsdpb", data_dir=str(data_dir), epochs=1,
+               batch_size=8, eval_batch_size=16, max_length=64, lr=1e-3, max_train_samples=48, max_eval_samples=24,
+               seed=0, progress_bar=False, alpha=1.0, tau=2.0)
+    return load_trial_config(None, raw={**raw, **overrides})
+
+
+def decoder_trial(data_dir, **overrides) -> TrialConfig:
+    raw = dict(task="nlg/gsm8k", model="tiny-llama", method="dynsdpb", data_dir=str(data_dir), epochs=1,
+               batch_size=2, eval_batch_size=4, max_length=128, lr=5e-3, max_train_samples=12, max_eval_samples=4,
+               max_new_tokens=6, seed=0, progress_bar=False, alpha=1.0, tau=2.0,
+               lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    return load_trial_config(None, raw={**raw, **overrides})
