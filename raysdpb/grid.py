@@ -20,13 +20,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from raysdpb.config import ExperimentConfig, TrialConfig
+from raysdpb.config import NOT_HASHED, ExperimentConfig, TrialConfig
 from raysdpb.methods import METHODS
 
 __all__ = ["TrialPoint", "expand", "trial_id", "method_hyperparameters", "flatten_config", "NOT_HASHED"]
-
-# trial keys that do not change what is trained
-NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing"})
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,10 @@ _BOOKKEEPING = frozenset({
     "trial_id", "label", "status", "message", "stop_reason", "best_epoch", "epochs_run", "planned_epochs",
     "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
 })
-# config keys that are not part of "the configuration": what the table's rows and columns already are, the
-# seed (averaged over), and what does not change the results (raysdpb.grid.NOT_HASHED)
-_NOT_CONFIG = frozenset({"method", "task", "model", "seed", "data_dir", "output_dir", "progress_bar",
-                         "gradient_checkpointing"})
+# config keys that are not part of "the configuration": what the table's rows and columns already are and the
+# seed (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the
+# config model
+_NOT_CONFIG = frozenset({"method", "task", "model", "seed"})
 
 
 @dataclass
@@ -58,22 +58,26 @@ class Table:
 
 # --- which columns, which metric ---------------------------------------------------------------------------
 
-def _config_fields() -> frozenset[str] | None:
+def _config_fields() -> tuple[frozenset[str] | None, frozenset[str]]:
+    """The trial config's fields and those of them that do not change what is trained (None and empty where
+    the config model cannot be imported)."""
     try:
-        from raysdpb.config import TrialConfig
+        from raysdpb.config import NOT_HASHED, TrialConfig
     except Exception:  # noqa: BLE001 - the report also works where the config model cannot be imported
-        return None
-    return frozenset(TrialConfig.model_fields)
+        return None, frozenset()
+    return frozenset(TrialConfig.model_fields), NOT_HASHED
 
 
 def config_columns(trials: pd.DataFrame) -> list[str]:
     """The columns that make a trial's configuration: config values (nested ones dotted: `lora.r`) other
-    than method, task, model, seed and paths."""
-    fields = _config_fields()
+    than method, task, model, seed and the keys that do not change what is trained (paths, progress bar,
+    gradient checkpointing)."""
+    fields, not_trained = _config_fields()
+    skipped = _NOT_CONFIG | not_trained
     out = []
     for name in trials.columns:
         name = str(name)
-        if name.startswith(("best_", "last_", "_")) or name in _BOOKKEEPING or name in _NOT_CONFIG:
+        if name.startswith(("best_", "last_", "_")) or name in _BOOKKEEPING or name in skipped:
             continue
         if fields is not None and name.split(".")[0] not in fields:
             continue
