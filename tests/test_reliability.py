@@ -29,6 +29,7 @@ from raysdpb.context import FAULTS_ENV, LocalContext, inject_fault
 from raysdpb.engine import run_trial
 from raysdpb.errors import UserError, run_cli
 from raysdpb.results import ResultsRecorder, TrialInfo, read_rows, remove_stale_temporaries, write_json, write_table
+from trial_configs import encoder_raw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 # --- helpers ------------------------------------------------------------------------------------------------
 
 def _trial(data_dir, **overrides) -> dict:
-    raw = dict(task="superglue/cb", model="tiny-bert", method="dynsdpb", data_dir=str(data_dir), epochs=1,
-               batch_size=8, eval_batch_size=16, max_length=32, lr=1e-3, max_train_samples=32, max_eval_samples=16,
-               seed=0, progress_bar=False, alpha=1.0, tau=2.0)
-    raw.update(overrides)
-    return raw
+    """The shared encoder trial, smaller still: these tests run many trials, several in subprocesses."""
+    return encoder_raw(data_dir, **{"max_length": 32, "max_train_samples": 32, "max_eval_samples": 16, **overrides})
 
 
 def _config(data_dir, **overrides):

@@ -6,11 +6,16 @@ from __future__ import annotations
 from raysdpb.config import TrialConfig, load_trial_config
 
 
-def encoder_trial(data_dir, **overrides) -> TrialConfig:
+def encoder_raw(data_dir, **overrides) -> dict:
+    """The encoder trial as the raw mapping a trial YAML holds."""
     raw = dict(task="superglue/cb", model="tiny-bert", method="dynsdpb", data_dir=str(data_dir), epochs=1,
                batch_size=8, eval_batch_size=16, max_length=64, lr=1e-3, max_train_samples=48, max_eval_samples=24,
                seed=0, progress_bar=False, alpha=1.0, tau=2.0)
-    return load_trial_config(None, raw={**raw, **overrides})
+    return {**raw, **overrides}
+
+
+def encoder_trial(data_dir, **overrides) -> TrialConfig:
+    return load_trial_config(None, raw=encoder_raw(data_dir, **overrides))
 
 
 def decoder_trial(data_dir, **overrides) -> TrialConfig:
