@@ -184,11 +184,11 @@ def _ddp_run(cfg, out: Path, env: dict, resume: Path | None = None) -> list[dict
     finally:
         for proc in procs:
             proc.kill()
-    for rank, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
-        # every rank's exit status and stderr, and whether it got as far as its result
-        assert proc.returncode == 0, (f"rank {rank} exited {proc.returncode}, "
-                                      f"{'after' if 'RESULT ' in stdout else 'before'} printing its result:\n"
-                                      + "\n".join(f"--- rank {r} stderr ---\n{err[-2000:]}" for r, (_, err) in enumerate(outputs)))
+    for rank, (proc, (stdout, _)) in enumerate(zip(procs, outputs)):
+        if proc.returncode != 0:  # say whether it got as far as its result, and show every rank's stderr
+            when = "after" if "RESULT " in stdout else "before"
+            stderrs = "\n".join(f"--- rank {r} stderr ---\n{err[-2000:]}" for r, (_, err) in enumerate(outputs))
+            pytest.fail(f"rank {rank} exited {proc.returncode}, {when} printing its result:\n{stderrs}")
     return [json.loads(stdout.split("RESULT ", 1)[1]) for stdout, _ in outputs]
 
 
