@@ -23,7 +23,7 @@ from typing import Any
 from raysdpb.config import NOT_HASHED, ExperimentConfig, TrialConfig
 from raysdpb.methods import METHODS
 
-__all__ = ["TrialPoint", "expand", "trial_id", "method_hyperparameters", "flatten_config", "NOT_HASHED"]
+__all__ = ["TrialPoint", "expand", "trial_id", "method_hyperparameters", "flatten_config"]
 
 
 @dataclass(frozen=True)
