@@ -1,6 +1,7 @@
 """What DynSDPB's extra loss terms cost next to one forward+backward of the model they train.
 
-    python benchmarks/loss_cost.py [--repeats 10] [--json PATH] [--device cpu|cuda]
+    python benchmarks/loss_cost.py [--repeats 10] [--json PATH] [--device cpu|cuda] [--only encoder|decoder]
+                                   [--encoder-model minilm-l6] [--decoder-model smollm2-135m]
 
 Two ratios, each measured in one run on one machine (medians over repeats after a warm-up):
 
@@ -27,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -37,11 +40,11 @@ def _median_time(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def encoder_ratio(repeats: int, device: str) -> dict:
+def encoder_ratio(repeats: int, device: str, model_name: str = "minilm-l6") -> dict:
     from raysdpb.methods import ClassOutputs, METHODS, MethodParams
     from raysdpb.models import build_model, load_tokenizer, resolve_model
 
-    source = resolve_model("minilm-l6")
+    source = resolve_model(model_name)
     tok = load_tokenizer(source)
     model = build_model(source, kind="classification", num_labels=3, tokenizer=tok).to(device)
     model.train()
@@ -78,12 +81,12 @@ def encoder_ratio(repeats: int, device: str) -> dict:
             "extra_terms_s": extra, "ratio": extra / t_model}
 
 
-def decoder_ratio(repeats: int, device: str) -> dict:
+def decoder_ratio(repeats: int, device: str, model_name: str = "smollm2-135m") -> dict:
     from raysdpb.losses import vocabulary_log_map
     from raysdpb.methods import METHODS, MethodParams, TokenOutputs
     from raysdpb.models import build_model, load_tokenizer, resolve_model
 
-    source = resolve_model("smollm2-135m")
+    source = resolve_model(model_name)
     tok = load_tokenizer(source)
     model = build_model(source, kind="generation", tokenizer=tok).to(device)
     model.train()
@@ -138,13 +141,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--only", choices=["encoder", "decoder"], default=None)
+    p.add_argument("--encoder-model", default="minilm-l6", help="an alias, a local HF folder or a hub id")
+    p.add_argument("--decoder-model", default="smollm2-135m",
+                   help="a LLaMA-family causal LM: an alias, a local HF folder or a hub id")
     args = p.parse_args()
     torch.manual_seed(0)
-    results = {"device": args.device, "torch_threads": torch.get_num_threads()}
+    results = {"device": args.device, "torch_threads": torch.get_num_threads(),
+               "models": {"encoder": args.encoder_model, "decoder": args.decoder_model}}
     if args.only in (None, "encoder"):
-        results["encoder"] = encoder_ratio(args.repeats, args.device)
+        results["encoder"] = encoder_ratio(args.repeats, args.device, args.encoder_model)
     if args.only in (None, "decoder"):
-        results["decoder"] = decoder_ratio(args.repeats, args.device)
+        results["decoder"] = decoder_ratio(args.repeats, args.device, args.decoder_model)
     for name in ("encoder", "decoder"):
         if name in results:
             r = results[name]

@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py [--device cpu|cuda] [--configs enc-32x128,enc-8x256,dec-2x256]
                                   [--methods all] [--budget-s 540] [--json PATH] [--peak-tflops 989]
+                                  [--encoder-model minilm-l6] [--decoder-model smollm2-135m]
 
 Configurations (same model, batch and sequence length for every method of a configuration):
 
@@ -305,7 +306,8 @@ def run_config(name: str, args, budget_s: float) -> dict:
 
     device = torch.device(args.device)
     t_start = time.perf_counter()
-    setup = build_setup(name, CONFIGS[name], device, args.precision, args.max_steps, args.gradient_checkpointing)
+    spec = dict(CONFIGS[name], model=args.decoder_model if CONFIGS[name]["kind"] == "generation" else args.encoder_model)
+    setup = build_setup(name, spec, device, args.precision, args.max_steps, args.gradient_checkpointing)
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     if "finetune" not in methods:
         methods.insert(0, "finetune")
@@ -456,6 +458,10 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15, help="operators kept per profile")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU in TFLOP/s (default: 989 on CUDA, H100/H200 bf16 dense; none on CPU)")
+    p.add_argument("--encoder-model", default="minilm-l6",
+                   help="the model of the enc-* configurations: an alias, a local HF folder or a hub id")
+    p.add_argument("--decoder-model", default="smollm2-135m",
+                   help="the model of dec-2x256 (LLaMA-family, with LoRA): an alias, a local HF folder or a hub id")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every method with the trial option gradient_checkpointing: true (less activation memory)")
