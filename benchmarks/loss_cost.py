@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import offline_env  # noqa: E402  (also puts the checkout's raysdpb on the path)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+offline_env()
+
+import torch  # noqa: E402
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
