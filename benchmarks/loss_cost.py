@@ -30,16 +30,15 @@ import torch  # noqa: E402
 
 
 def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()  # the warm-up's queued kernels are not timed
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -5,9 +5,10 @@
 #   bash scripts/gpu_check.sh [OUT_DIR] [DECODER_MODEL]
 #
 #   1. environment: the GPU, bf16 support, torch/transformers/peft versions;
-#   2. encoder trial: `python -m raysdpb.train`, MiniLM-L6 (`minilm-l6`) on GLUE RTE, dynsdpb and finetune with
-#      the configurations and seed 0 of benchmarks/RESULTS.md's RTE table (3 epochs, batch 8 x 256, bf16
-#      autocast): the accuracies to set beside the CPU's fp32 ones (seed 0: dynsdpb 57.4, finetune 54.5);
+#   2. encoder trials: `python -m raysdpb.train`, MiniLM-L6 (`minilm-l6`) on GLUE RTE, dynsdpb (here) and
+#      finetune (last) with the configurations and seed 0 of benchmarks/RESULTS.md's RTE table (3 epochs, batch
+#      8 x 256, bf16 autocast): the accuracies to set beside the CPU's fp32 ones (seed 0: dynsdpb 57.4,
+#      finetune 54.5);
 #   3. decoder trial: `python -m raysdpb.train sweeps/nlg-quickstart.yaml` (LoRA, dynsdpb with vocabulary-map
 #      soft targets, weights in bf16) on DECODER_MODEL (default smollm2-135m);
 #   4. benchmarks/overhead.py --device cuda: step time and peak memory of every method against finetune,
