@@ -189,6 +189,20 @@ def check_resume_config(saved: dict, cfg: TrialConfig, checkpoint) -> None:
                         "the checkpoint's values, or start a new run in another output folder")
 
 
+_RANK_KEYS = ("cache", "rng", "running", "history")
+
+
+def _rank_states(state: dict, checkpoint, world_size: int) -> list[dict]:
+    """Each rank's own part of a checkpoint: its soft targets, random state and running training losses (its
+    batches differ), listed under `ranks`. Checkpoints written before that list held only rank 0's part, at the
+    top level; they resume a single process."""
+    ranks = state.get("ranks") or ([{key: state[key] for key in _RANK_KEYS}] if "cache" in state else [])
+    if len(ranks) != world_size:
+        raise UserError(f"the checkpoint {checkpoint} holds the state of {len(ranks)} rank(s), not of this "
+                        f"trial's {world_size}; resume with the world size that wrote it")
+    return ranks
+
+
 def _initial_of(history: list[dict]) -> dict[str, float]:
     """The `initial_*` metrics carried in a trial's reports (checkpoints written before "initial" was kept)."""
     return {k: v for k, v in (history[0] if history else {}).items() if k.startswith("initial_")}
@@ -270,16 +284,7 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
         check_resume_config(state.get("config", {}), cfg, checkpoint)
-        # each rank's own soft targets, random state and running training losses (its batches differ); rank 0's
-        # also stand at the top level, which is all a single-process checkpoint has
-        own = {"cache": state["cache"], "rng": state["rng"], "running": state["running"], "history": state["history"]}
-        if context.world_size > 1:
-            ranks = state.get("ranks") or []
-            if len(ranks) != context.world_size:
-                raise UserError(f"the checkpoint {checkpoint} holds the state of {len(ranks) or 'one'} rank(s), not "
-                                f"of this trial's {context.world_size}; resume with the world size that wrote it "
-                                "(checkpoints written before raysdpb kept every rank's state cannot resume DDP)")
-            own = ranks[context.rank]
+        own = _rank_states(state, checkpoint, context.world_size)[context.rank]
         load_trainable_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -314,7 +319,7 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
                 "model": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "sampler": {**sampler.state_dict(), "epoch": epoch, "position": position},
-                **own, "ranks": ranks if context.world_size > 1 else None,
+                "ranks": ranks,
                 "scaler": scaler.state_dict() if scaler else None,
                 "step": step, "nonfinite_total": nonfinite_total,
                 "initial": initial, "elapsed_s": elapsed(), "config": cfg.model_dump(),

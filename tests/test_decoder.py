@@ -179,7 +179,7 @@ def test_every_method_trains_a_lora_decoder_and_evaluates_by_generation(method, 
     state = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "state.pt", weights_only=False)
     assert state["model"] and all("lora_" in k for k in state["model"])
     if METHODS[method].distills:
-        assert state["cache"]["target"].shape[-1] == 49152  # the cached vocabulary maps
+        assert state["ranks"][0]["cache"]["target"].shape[-1] == 49152  # the cached vocabulary maps
 
 
 def test_resumed_decoder_trial_matches_an_uninterrupted_one(shared_data_dir, tmp_path):
@@ -188,7 +188,7 @@ def test_resumed_decoder_trial_matches_an_uninterrupted_one(shared_data_dir, tmp
     full = run_trial(cfg, LocalContext(tmp_path / "full", keep=100))
     mid = tmp_path / "full" / "checkpoints" / "step_00000003"
     state = torch.load(mid / "state.pt", weights_only=False)
-    assert state["sampler"]["position"] == 3 and state["cache"]
+    assert state["sampler"]["position"] == 3 and state["ranks"][0]["cache"]
     shutil.copytree(mid, tmp_path / "resumed" / "from")
     resumed = run_trial(cfg, LocalContext(tmp_path / "resumed", resume_from=tmp_path / "resumed" / "from"))
     assert resumed.history == full.history

@@ -15,6 +15,7 @@ import torch
 from raysdpb.config import load_trial_config
 from raysdpb.context import LocalContext
 from raysdpb.engine import run_trial
+from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
 from trial_configs import encoder_trial as _config
 
@@ -83,14 +84,36 @@ def test_resume_mid_epoch_matches_uninterrupted_run(method, shared_data_dir, tmp
     assert (mid / "COMPLETE").exists()
     state = torch.load(mid / "state.pt", weights_only=False)
     assert state["sampler"]["epoch"] == 0 and state["sampler"]["position"] == 4
+    # the rank's own state (soft targets, random state, running losses) is kept once, in the list of ranks
+    assert len(state["ranks"]) == 1 and not {"cache", "rng", "running", "history"} & set(state)
     if METHODS[method].distills:
-        assert state["cache"], "the logit cache is part of the checkpoint"
+        assert state["ranks"][0]["cache"], "the logit cache is part of the checkpoint"
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(mid, resumed_dir / "from")
     resumed = run_trial(cfg, LocalContext(resumed_dir, resume_from=resumed_dir / "from"))
     assert resumed.metrics == full.metrics
     assert resumed.history == full.history
     assert resumed.steps == full.steps
+    # a checkpoint in the layout written before 2026-11-30 (rank 0's state at the top level) resumes the same
+    old_dir = tmp_path / "old-layout"
+    shutil.copytree(mid, old_dir / "from")
+    torch.save({**{k: v for k, v in state.items() if k != "ranks"}, **state["ranks"][0], "ranks": None},
+               old_dir / "from" / "state.pt")
+    resumed_old = run_trial(cfg, LocalContext(old_dir, resume_from=old_dir / "from"))
+    assert resumed_old.history == full.history
+
+
+def test_resume_refuses_a_checkpoint_of_another_world_size(shared_data_dir, tmp_path):
+    """A DDP checkpoint holds one state per rank; resuming it with another number of ranks would hand a rank
+    soft targets of samples it never sees, so it ends in a UserError that says what to do."""
+    cfg = _config(shared_data_dir, method="dynsdpb", epochs=1)
+    run_trial(cfg, LocalContext(tmp_path / "run"))
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    state = torch.load(saved / "state.pt", weights_only=False)
+    torch.save({**state, "ranks": state["ranks"] * 2}, saved / "state.pt")  # as if two ranks had written it
+    with pytest.raises(UserError, match=r"holds the state of 2 rank\(s\), not of this trial's 1; resume with the "
+                                        r"world size that wrote it"):
+        run_trial(cfg, LocalContext(tmp_path / "again", resume_from=saved))
 
 
 def test_elapsed_time_is_reported_and_carried_across_a_resume(shared_data_dir, tmp_path):

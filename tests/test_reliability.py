@@ -239,7 +239,7 @@ def test_killed_local_trial_resumes_from_its_last_checkpoint_with_the_same_metri
     saved = sorted(p.name for p in (out / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
     assert saved == ["step_00000003"]
     state = load_checkpoint(out / "checkpoints" / "step_00000003")
-    assert state["sampler"]["position"] == 3 and state["cache"]  # the sampler position and the logit cache
+    assert state["sampler"]["position"] == 3 and state["ranks"][0]["cache"]  # the position and the logit cache
 
     cfg = load_trial_config(config)
     resumed = run_trial(cfg, LocalContext(out, resume_from="latest"))
@@ -287,7 +287,7 @@ def test_initial_metrics_survive_a_resume_from_a_checkpoint_before_the_first_rep
     cfg = _config(shared_data_dir, eval_before_training=True, checkpoint_every_steps=1)
     reference = run_trial(cfg, LocalContext(tmp_path / "reference", keep=100))
     first = tmp_path / "reference" / "checkpoints" / "step_00000001"
-    assert load_checkpoint(first)["history"] == []  # written before the epoch's report
+    assert load_checkpoint(first)["ranks"][0]["history"] == []  # written before the epoch's report
     resumed = run_trial(cfg, LocalContext(tmp_path / "resumed", resume_from=first))
     _same_history(resumed.history, reference.history)
     assert any(k.startswith("initial_eval_") for k in resumed.history[0])
