@@ -38,7 +38,9 @@ survive (a preemptible node, a new checkout). CoLA ran that way here, its archiv
 `benchmarks/results/quality-cola/`.
 
 `--resume`: finished sweeps are skipped, an interrupted one is continued with `python -m raysdpb.sweep
---resume`, and the selection already saved is kept. Without it, an existing experiment folder is an error.
+--resume`, and the selection already saved is kept, the methods missing from it added (so `--stage seeds
+--resume --methods ...` can run the seeds of the methods whose grid has finished while others' still run).
+Without it, an existing experiment folder is an error.
 Each sweep starts a local Ray (or uses `$RAY_ADDRESS`). Hours on a CPU: on 2 cores CB's small grid with ASHA
 took 88 min (32 trials, 2.85 trial-hours) and its stage 2 about an hour; the paper grid is 3x the trials. On
 RTE, with three trials sharing the 2 cores, a step of 32 x 128 took 7.4-8.2 s: 29 min per finetune trial,
@@ -512,11 +514,13 @@ def main() -> None:
                 rows = [r for name in grid_names(task, args) for r in _rows(experiment_dir(name, args))]
             else:
                 rows = [r for name, path in grid_configs(task, args) for r in run_sweep(name, path, args)]
-            if task not in selection or not args.resume:
-                chosen = select(rows, task, args.at)
-                if chosen:
-                    selection[task] = chosen
-                    selection_path.write_text(json.dumps(selection, indent=2))
+            # a resumed run keeps each method's recorded choice (its stage 2 may have started from it) and
+            # adds the methods whose stage 1 finished since
+            recorded = selection.get(task, {}) if args.resume else {}
+            chosen = {**select(rows, task, args.at), **recorded}
+            if chosen and chosen != selection.get(task):
+                selection[task] = chosen
+                selection_path.write_text(json.dumps(selection, indent=2))
             if task in selection:
                 print(table([{"method": m, **c} for m, c in selection[task].items()],
                             [("method", "method", ""), ("lr", "lr", "g"), ("alpha", "alpha", "g"),

@@ -149,6 +149,36 @@ def test_a_seeds_stage_for_some_methods_leaves_stage_1s_config_as_written(qualit
     assert (seeds.trial.method, seeds.trial.lr, seeds.search) == ("random_dlb", 5e-5, {"seed": [0, 1, 2]})
 
 
+def test_a_resumed_seeds_stage_adds_the_methods_whose_grid_finished_since(quality, tmp_path, monkeypatch):
+    """Stage 2 can run method by method as their stage-1 grids finish: a resume keeps each recorded choice (a
+    method's seeds may have started from it) and selects the methods that had no finished trial before."""
+    recorded = {"lr": 5e-5, "alpha": 1.0, "tau": 1.0, "score": 0.70, "metric": "best_eval_accuracy"}
+    (tmp_path / "selection.json").write_text(quality.json.dumps({"glue/mrpc": {"finetune": recorded}}))
+
+    def row(method, lr, score):
+        return {"trial_id": f"{method}-{lr}", "status": "completed", "method": method, "lr": lr, "alpha": 0.5,
+                "tau": 2.0, "label": "", "best_eval_accuracy": score}
+
+    grids = {"quality-grid-glue-mrpc-finetune": [row("finetune", 5e-5, 0.70), row("finetune", 1e-4, 0.80)],
+             "quality-grid-glue-mrpc-dynsdpb": [row("dynsdpb", 5e-5, 0.82), row("dynsdpb", 1e-4, 0.81)]}
+    monkeypatch.setattr(quality, "_rows", lambda experiment: grids.get(Path(experiment).name, []))
+    ran = []
+    monkeypatch.setattr(quality, "run_sweep", lambda name, path, args: ran.append(load_experiment(path)) or [])
+    options = ["--root", str(tmp_path), "--tasks", "glue/mrpc", "--grid", "small", "--grid-per-method",
+               "--stage", "seeds", "--methods", "finetune", "dynsdpb"]
+    monkeypatch.setattr("sys.argv", ["quality.py", *options, "--resume"])
+    quality.main()
+    saved = quality.json.loads((tmp_path / "selection.json").read_text())["glue/mrpc"]
+    assert saved["finetune"] == recorded  # kept, though 1e-4 now scores higher
+    assert (saved["dynsdpb"]["lr"], saved["dynsdpb"]["score"]) == (5e-5, 0.82)
+    assert [(e.trial.method, e.trial.lr) for e in ran] == [("finetune", 5e-5), ("dynsdpb", 5e-5)]
+    # without --resume the selection is made again from stage 1 as it stands
+    ran.clear()
+    monkeypatch.setattr("sys.argv", ["quality.py", *options])
+    quality.main()
+    assert [(e.trial.method, e.trial.lr) for e in ran] == [("finetune", 1e-4), ("dynsdpb", 5e-5)]
+
+
 def test_a_grid_per_method_is_the_same_trials_as_the_one_grid(quality, tmp_path):
     args = _args(quality, tmp_path, "--grid", "small", "--asha", "--grid-per-method")
     configs = quality.grid_configs("glue/cola", args)
