@@ -189,14 +189,16 @@ def check_resume_config(saved: dict, cfg: TrialConfig, checkpoint) -> None:
                         "the checkpoint's values, or start a new run in another output folder")
 
 
-_RANK_KEYS = ("cache", "rng", "running", "history")
+# what checkpoints written before the `ranks` list held of rank 0 at the top level: a record of that layout,
+# not to follow the per-rank dict `save` writes now
+_OLD_LAYOUT_RANK_KEYS = ("cache", "rng", "running", "history")
 
 
 def _rank_states(state: dict, checkpoint, world_size: int) -> list[dict]:
     """Each rank's own part of a checkpoint: its soft targets, random state and running training losses (its
     batches differ), listed under `ranks`. Checkpoints written before that list held only rank 0's part, at the
     top level; they resume a single process."""
-    ranks = state.get("ranks") or ([{key: state[key] for key in _RANK_KEYS}] if "cache" in state else [])
+    ranks = state.get("ranks") or ([{key: state[key] for key in _OLD_LAYOUT_RANK_KEYS}] if "cache" in state else [])
     if len(ranks) != world_size:
         raise UserError(f"the checkpoint {checkpoint} holds the state of {len(ranks)} rank(s), not of this "
                         f"trial's {world_size}; resume with the world size that wrote it")
