@@ -214,13 +214,23 @@ def prepare_hf(side: Side, ring: Ring, args):
     cuda = args.device.startswith("cuda")
     inner = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if cuda else None)
 
+    in_epoch = [False]  # between on_epoch_begin and on_epoch_end: the Trainer collates training batches only
+    # (not `model.training`: the Trainer collates each epoch's first batch before training_step's model.train(),
+    # while the model is still in eval mode from loading or from the last evaluation)
+
     def collator(features):
         out = inner(features)
-        if model.training:  # not an evaluation batch
+        if in_epoch[0]:  # not an evaluation batch
             side.tokens.append(int(out["input_ids"].numel()))
         return out
 
     class Boundaries(TrainerCallback):
+        def on_epoch_begin(self, targs, state, control, **kw):
+            in_epoch[0] = True
+
+        def on_epoch_end(self, targs, state, control, **kw):
+            in_epoch[0] = False
+
         def on_step_begin(self, targs, state, control, **kw):
             arrived, start = ring.boundary(side.name)
             side.arrivals.append(arrived)
@@ -311,6 +321,9 @@ def main() -> None:
             sys.stderr.write(f"--- {s.name} failed:\n{s.error}\n")
     if any(s.error for s in sides.values()):
         raise SystemExit("a side failed")
+    for s in sides.values():  # every timed step must have its batch's token count, in step order
+        if len(s.tokens) != len(s.starts):
+            raise SystemExit(f"{s.name}: {len(s.tokens)} training batches counted for {len(s.starts)} steps")
 
     from raysdpb.tasks import data_dir_from, get_task, load_examples
 
