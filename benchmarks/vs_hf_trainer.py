@@ -113,7 +113,7 @@ class Side:
         for k in range(min(len(self.starts), len(self.arrivals) - 1)):
             if k < skip or (k + 1) % steps_per_epoch == 0:
                 continue
-            out.append((k, self.arrivals[k + 1] - self.starts[k], self.tokens[k] if k < len(self.tokens) else 0))
+            out.append((k, self.arrivals[k + 1] - self.starts[k], self.tokens[k]))  # main() checked the counts
         return out
 
 

@@ -1,8 +1,8 @@
 """scripts/gpu_check.sh, rehearsed on the CPU (GPU_CHECK_SMOKE=1): every step of the script the GPU sessions run
 must start, finish and write what the closing notes read (the trials' final JSON lines, the benchmarks' JSON
 figures), so that a GPU session's 15 minutes are not spent on a broken script. The steps' time limits are
-raised (GPU_CHECK_TIME_SCALE) so that a busy machine fails nothing here: this checks what runs, not how fast. Slow (several minutes on 2 cores):
-run with `-m slow`."""
+raised (GPU_CHECK_TIME_SCALE) so that a busy machine fails nothing here: this checks what runs, not how fast.
+Slow (several minutes on 2 cores): run with `-m slow`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from raysdpb.methods import METHODS
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["environment", "encoder_dynsdpb", "decoder_dynsdpb", "overhead", "vs_hf_trainer", "loss_cost",
          "encoder_finetune"]
-ENCODER_METHODS = ["finetune", "double_finetune", "sequential_dlb", "random_dlb", "dynamic_finetune", "dynsdpb"]
 
 
 def _final_json(log: Path) -> dict:
@@ -30,7 +31,8 @@ def _final_json(log: Path) -> dict:
 @pytest.mark.slow
 def test_gpu_check_rehearsal_runs_every_step_and_writes_its_figures(tmp_path, shared_data_dir):
     out = tmp_path / "out"
-    env = dict(os.environ, GPU_CHECK_SMOKE="1", GPU_CHECK_TIME_SCALE="40", TMPDIR=str(tmp_path), RAYSDPB_DATA_DIR=str(shared_data_dir))
+    env = dict(os.environ, GPU_CHECK_SMOKE="1", GPU_CHECK_TIME_SCALE="40", TMPDIR=str(tmp_path),
+               RAYSDPB_DATA_DIR=str(shared_data_dir))
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -49,7 +51,7 @@ def test_gpu_check_rehearsal_runs_every_step_and_writes_its_figures(tmp_path, sh
         assert final["method"] == method and final["status"] == "completed", (name, final)
         assert task in final["task"], (name, final)
         scores = {k: v for k, v in final.items() if k.startswith("eval_") and isinstance(v, (int, float))}
-        assert scores, (name, final)
+        assert scores and all(math.isfinite(v) for v in scores.values()), (name, final)
         if metric:
             assert 0.0 <= final[metric] <= 1.0, (name, final)
     assert (tmp_path / "raysdpb-gpu-check" / "rte-dynsdpb").is_dir()
@@ -58,7 +60,7 @@ def test_gpu_check_rehearsal_runs_every_step_and_writes_its_figures(tmp_path, sh
     assert overhead["benchmark"] == "overhead" and overhead["device"] == "cpu"
     assert set(overhead["configs"]) >= {"enc-32x128", "dec-2x256"}
     encoder = overhead["configs"]["enc-32x128"]["methods"]
-    assert set(encoder) == set(ENCODER_METHODS)
+    assert set(encoder) == set(METHODS)
     assert encoder["finetune"]["step_time_ratio"] == 1.0
     for method, row in encoder.items():
         assert math.isfinite(row["step_time_ratio"]) and row["step_time_ratio"] > 0, (method, row)
