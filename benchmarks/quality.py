@@ -534,6 +534,12 @@ def main() -> None:
                     continue
                 name, path = seeds_config(task, method, chosen, args)
                 run_sweep(name, path, args)
+        if args.stage == "report" and task not in selection:
+            # a new checkout: no selection.json under --root, but stage 1's tables (e.g. in --archive) say
+            # what was chosen; the summary JSON reports it rather than an empty selection
+            rows = [r for name in grid_names(task, args) for r in _rows(experiment_dir(name, args))]
+            if chosen := select(rows, task, args.at):
+                selection[task] = chosen
 
     seeds_experiments = [experiment_dir(seeds_name(t, m), args) for t in args.tasks for m in args.methods]
     grid_experiments = [experiment_dir(name, args) for t in args.tasks for name in grid_names(t, args)]

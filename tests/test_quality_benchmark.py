@@ -267,3 +267,29 @@ def test_an_archived_sweep_with_other_settings_is_refused_not_reused(quality, tm
         other = _args(quality, tmp_path / "c", *options, "--grid-per-method", "--archive", str(archive), "--resume")
         with pytest.raises(SystemExit, match="other settings.*pass another --archive"):
             quality.run_sweep(name, quality.grid_config("glue/cola", other, "dynsdpb")[1], other)
+
+
+def test_the_report_stage_on_a_new_checkout_rebuilds_the_selection_from_stage_1(quality, tmp_path, monkeypatch):
+    """`--stage report` with no selection.json under --root (a new checkout, the sweeps archived) reports the
+    configurations stage 1 selects, not an empty selection; a recorded selection is reported as recorded."""
+    def row(method, lr, score):
+        return {"trial_id": f"{method}-{lr}", "status": "completed", "method": method, "lr": lr, "alpha": 1.0,
+                "tau": 1.0, "label": "", "best_eval_accuracy": score}
+
+    grids = {"quality-grid-glue-mrpc-finetune": [row("finetune", 5e-5, 0.79), row("finetune", 1e-4, 0.80)],
+             "quality-grid-glue-mrpc-dynsdpb": [row("dynsdpb", 5e-5, 0.82), row("dynsdpb", 1e-4, 0.75)]}
+    monkeypatch.setattr(quality, "_rows", lambda experiment: grids.get(Path(experiment).name, []))
+    monkeypatch.setattr(quality, "run_report", lambda *a: False)
+    monkeypatch.setattr(quality, "run_sweep", lambda *a: pytest.fail("the report stage ran a sweep"))
+    options = ["quality.py", "--root", str(tmp_path), "--tasks", "glue/mrpc", "--grid", "small",
+               "--grid-per-method", "--methods", "finetune", "dynsdpb", "--stage", "report", "--json",
+               str(tmp_path / "out.json")]
+    monkeypatch.setattr("sys.argv", options)
+    quality.main()
+    selection = quality.json.loads((tmp_path / "out.json").read_text())["selection"]["glue/mrpc"]
+    assert {m: (c["lr"], c["score"]) for m, c in selection.items()} == {"finetune": (1e-4, 0.80),
+                                                                       "dynsdpb": (5e-5, 0.82)}
+    recorded = {"finetune": {"lr": 5e-5, "alpha": 1.0, "tau": 1.0, "score": 0.79, "metric": "best_eval_accuracy"}}
+    (tmp_path / "selection.json").write_text(quality.json.dumps({"glue/mrpc": recorded}))
+    quality.main()
+    assert quality.json.loads((tmp_path / "out.json").read_text())["selection"]["glue/mrpc"] == recorded
