@@ -149,18 +149,22 @@ def test_a_seeds_stage_for_some_methods_leaves_stage_1s_config_as_written(qualit
     assert (seeds.trial.method, seeds.trial.lr, seeds.search) == ("random_dlb", 5e-5, {"seed": [0, 1, 2]})
 
 
+def _grid_row(method: str, lr: float, score: float) -> dict:
+    """One finished stage-1 trial as `_rows` reads it from trials.parquet (MRPC's main metric)."""
+    return {"trial_id": f"{method}-{lr}", "status": "completed", "method": method, "lr": lr, "alpha": 0.5,
+            "tau": 2.0, "label": "", "best_eval_accuracy": score}
+
+
 def test_a_resumed_seeds_stage_adds_the_methods_whose_grid_finished_since(quality, tmp_path, monkeypatch):
     """Stage 2 can run method by method as their stage-1 grids finish: a resume keeps each recorded choice (a
     method's seeds may have started from it) and selects the methods that had no finished trial before."""
     recorded = {"lr": 5e-5, "alpha": 1.0, "tau": 1.0, "score": 0.70, "metric": "best_eval_accuracy"}
     (tmp_path / "selection.json").write_text(quality.json.dumps({"glue/mrpc": {"finetune": recorded}}))
 
-    def row(method, lr, score):
-        return {"trial_id": f"{method}-{lr}", "status": "completed", "method": method, "lr": lr, "alpha": 0.5,
-                "tau": 2.0, "label": "", "best_eval_accuracy": score}
-
-    grids = {"quality-grid-glue-mrpc-finetune": [row("finetune", 5e-5, 0.70), row("finetune", 1e-4, 0.80)],
-             "quality-grid-glue-mrpc-dynsdpb": [row("dynsdpb", 5e-5, 0.82), row("dynsdpb", 1e-4, 0.81)]}
+    grids = {"quality-grid-glue-mrpc-finetune": [_grid_row("finetune", 5e-5, 0.70),
+                                                 _grid_row("finetune", 1e-4, 0.80)],
+             "quality-grid-glue-mrpc-dynsdpb": [_grid_row("dynsdpb", 5e-5, 0.82),
+                                                _grid_row("dynsdpb", 1e-4, 0.81)]}
     monkeypatch.setattr(quality, "_rows", lambda experiment: grids.get(Path(experiment).name, []))
     ran = []
     monkeypatch.setattr(quality, "run_sweep", lambda name, path, args: ran.append(load_experiment(path)) or [])
@@ -272,12 +276,10 @@ def test_an_archived_sweep_with_other_settings_is_refused_not_reused(quality, tm
 def test_the_report_stage_on_a_new_checkout_rebuilds_the_selection_from_stage_1(quality, tmp_path, monkeypatch):
     """`--stage report` with no selection.json under --root (a new checkout, the sweeps archived) reports the
     configurations stage 1 selects, not an empty selection; a recorded selection is reported as recorded."""
-    def row(method, lr, score):
-        return {"trial_id": f"{method}-{lr}", "status": "completed", "method": method, "lr": lr, "alpha": 1.0,
-                "tau": 1.0, "label": "", "best_eval_accuracy": score}
-
-    grids = {"quality-grid-glue-mrpc-finetune": [row("finetune", 5e-5, 0.79), row("finetune", 1e-4, 0.80)],
-             "quality-grid-glue-mrpc-dynsdpb": [row("dynsdpb", 5e-5, 0.82), row("dynsdpb", 1e-4, 0.75)]}
+    grids = {"quality-grid-glue-mrpc-finetune": [_grid_row("finetune", 5e-5, 0.79),
+                                                 _grid_row("finetune", 1e-4, 0.80)],
+             "quality-grid-glue-mrpc-dynsdpb": [_grid_row("dynsdpb", 5e-5, 0.82),
+                                                _grid_row("dynsdpb", 1e-4, 0.75)]}
     monkeypatch.setattr(quality, "_rows", lambda experiment: grids.get(Path(experiment).name, []))
     monkeypatch.setattr(quality, "run_report", lambda *a: False)
     monkeypatch.setattr(quality, "run_sweep", lambda *a: pytest.fail("the report stage ran a sweep"))
