@@ -237,6 +237,11 @@ def experiment_dir(name: str, args) -> Path:
     return Path(args.root) / name
 
 
+def stage1_rows(task: str, args) -> list[dict]:
+    """Stage 1's trials of a task as its finished or interrupted sweeps left them (archived or under --root)."""
+    return [r for name in grid_names(task, args) for r in _rows(experiment_dir(name, args))]
+
+
 def run_sweep(name: str, config: Path, args) -> list[dict]:
     experiment = experiment_dir(name, args)
     from_archive = args.archive is not None and experiment.parent == Path(args.archive)
@@ -511,7 +516,7 @@ def main() -> None:
     for task in args.tasks:
         if args.stage in ("all", "grid", "seeds"):
             if args.stage == "seeds":  # stage 1's results as they are; its config stays as stage 1 wrote it
-                rows = [r for name in grid_names(task, args) for r in _rows(experiment_dir(name, args))]
+                rows = stage1_rows(task, args)
             else:
                 rows = [r for name, path in grid_configs(task, args) for r in run_sweep(name, path, args)]
             # a resumed run keeps each method's recorded choice (its stage 2 may have started from it) and
@@ -537,8 +542,7 @@ def main() -> None:
         if args.stage == "report" and task not in selection:
             # a new checkout: no selection.json under --root, but stage 1's tables (e.g. in --archive) say
             # what was chosen; the summary JSON reports it rather than an empty selection
-            rows = [r for name in grid_names(task, args) for r in _rows(experiment_dir(name, args))]
-            if chosen := select(rows, task, args.at):
+            if chosen := select(stage1_rows(task, args), task, args.at):
                 selection[task] = chosen
 
     seeds_experiments = [experiment_dir(seeds_name(t, m), args) for t in args.tasks for m in args.methods]
