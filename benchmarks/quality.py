@@ -20,8 +20,12 @@ Two stages per task, each a `python -m raysdpb.sweep` of configs this script wri
    `--asha-grace` on (default 1): stage 2's seeds always train every epoch).
 2. `quality-seeds-<task>-<method>`: the method's selected configuration (best validation main metric of
    stage 1, `--at best` over the epoch reports or `last`; ties to the smaller learning rate, alpha, tau) with
-   every seed of `--seeds` (seed 0 again, so the stage is self-contained). The selection is saved in
-   `<root>/selection.json`.
+   every seed of `--seeds`. The selection is saved in `<root>/selection.json`. Seed 0 at the selected
+   configuration is a trial stage 1 already ran (the same config and seed, so the same trial id): where it ran
+   all its epochs, its rows, curves and TensorBoard events are copied into the stage's folder and the sweep
+   takes it as finished, so stage 2 trains only the other seeds (`--rerun-grid-trials` trains it again). On
+   this project's CPU runs a retrained seed 0 gave stage 1's validation metric at every epoch for all 12
+   method-task pairs of CoLA and MRPC (training losses agree to about 1e-7).
 
 Then `python -m raysdpb.report <every stage-2 experiment> --out <root>/report` (the results table: mean +-
 std over seeds per method and task, and the paired comparisons), and the same over the stage-1 experiments
@@ -47,11 +51,12 @@ RTE, with three trials sharing the 2 cores, a step of 32 x 128 took 7.4-8.2 s: 2
 55 min per double_finetune or DLB trial, about 11 hours for the small grid and the seeds. `--dry-run` prints
 every task's workload before anything runs: trials, optimizer steps and padded training tokens of both
 stages (the engine's own samplers and dynamic padding; stage 1 without ASHA) and the hours at
-`--tokens-per-s` (default: the 1,700 tokens/s RTE measured here). Small grid, 2-core CPU: CB 1.6 h (it took
-2.5: short batches cost more per token), RTE 13.7, MRPC 12.7, CoLA 8.2, the SST-2 subset 17.6 (`--asha`
-or a GPU help). On 2 CPUs, `--cpus-per-trial 0.66` runs 3 trials at a time (one
-thread each), so a 3-seed stage 2 sweep has no idle core. On a GPU: `--device cuda` (one GPU per trial, or a
-fraction with `--gpus-per-trial 0.25` to pack MiniLM trials).
+`--tokens-per-s` (default: the 1,700 tokens/s RTE measured here). Small grid, 2-core CPU: CB 1.5 h, RTE 12.2,
+MRPC 11.2, CoLA 7.2, the SST-2 subset 15.6 (with seed 0 trained again in stage 2: 1.6, 13.7, 12.7, 8.2,
+17.6; CB took 2.5 h: short batches cost more per token; `--asha` or a GPU help). On 2 CPUs,
+`--cpus-per-trial 0.66` runs 3 trials at a time (one thread each), and stage 2's two seeds to train keep both
+cores busy. On a GPU: `--device cuda` (one GPU per trial, or a fraction with `--gpus-per-trial 0.25` to pack
+MiniLM trials).
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ GRIDS = {
     "smoke": {"lr": [5.0e-5], "alpha": [1.0], "tau": [2.0]},
 }
 FINISHED = {"completed", "stopped_by_asha", "diverged"}
+GRID_SEED = 0  # stage 1 trains every configuration with this seed
 
 
 def _slug(text: str) -> str:
@@ -139,7 +145,7 @@ def grid_config(task: str, args, method: str | None = None) -> tuple[str, Path]:
     """Stage 1's sweep config: the grid of every method of `args.methods`, or of `method` alone."""
     name = grid_name(task, method)
     grid = GRIDS["smoke" if args.smoke else args.grid]
-    search = {"method": [method] if method else list(args.methods), **grid, "seed": [0]}
+    search = {"method": [method] if method else list(args.methods), **grid, "seed": [GRID_SEED]}
     what = f"{method}'s grid" if method else "the grid"
     path = write_config(Path(args.root) / "configs" / f"{name}.yaml", base_trial(task, args), search,
                         sweep_block(name, args, asha=args.asha), f"stage 1 of the quality benchmark: {what} on {task}")
@@ -242,7 +248,54 @@ def stage1_rows(task: str, args) -> list[dict]:
     return [r for name in grid_names(task, args) for r in _rows(experiment_dir(name, args))]
 
 
-def run_sweep(name: str, config: Path, args) -> list[dict]:
+def reuse_finished_trials(experiment: Path, config: Path, sources: list[Path]) -> list[str]:
+    """Start the experiment folder of `config`'s sweep with the trials that an earlier sweep (`sources`, e.g.
+    stage 1) already ran to the end: the same trial id is the same config and seed. Their rows, curves and
+    TensorBoard events are copied, with the `finished/<trial_id>.json` marker `raysdpb.sweep` leaves for a
+    finished trial, so the sweep announces them instead of training them again; the other trials are listed
+    as pending, as the sweep lists them when it starts (so a run stopped before then is not taken for a
+    finished sweep). Returns the reused ids; with none, nothing is written."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from raysdpb.config import load_experiment
+    from raysdpb.grid import expand
+    from raysdpb.results import write_json, write_table
+
+    points = expand(load_experiment(config))
+    wanted = {p.trial_id for p in points}
+    reused: list[str] = []
+    trials, curves = [], []
+    for source in sources:
+        ids = [r["trial_id"] for r in _rows(source)
+               if r["trial_id"] in wanted and r["status"] == "completed" and r["trial_id"] not in reused]
+        if not ids:
+            continue
+        of_these = pc.is_in(pc.field("trial_id"), pa.array(ids))
+        trials += pq.read_table(source / "trials.parquet").filter(of_these).to_pylist()
+        these = pq.read_table(source / "curves.parquet").filter(of_these)
+        curves.append(these)
+        for trial_id in ids:
+            rows = sorted((r for r in these.to_pylist() if r["trial_id"] == trial_id), key=lambda r: r["step"] or 0)
+            last = {k: v for k, v in (rows[-1] if rows else {}).items() if v is not None}
+            marker = {"status": "completed", "last_result": last}  # as the sweep's own recorder writes it
+            write_json(str(experiment / "finished" / f"{trial_id}.json"), marker)
+            events = source / "tensorboard" / trial_id
+            if events.is_dir():
+                shutil.copytree(events, experiment / "tensorboard" / trial_id, dirs_exist_ok=True)
+        reused += ids
+    if reused:
+        pending = [{"trial_id": p.trial_id, "label": p.label, "status": "pending"} for p in points
+                   if p.trial_id not in reused]
+        write_table(pa.concat_tables(curves, promote_options="default"), str(experiment / "curves.parquet"))
+        write_table(pa.Table.from_pylist(trials + pending), str(experiment / "trials.parquet"))
+    return reused
+
+
+def run_sweep(name: str, config: Path, args, reuse_from: list[Path] | None = None) -> list[dict]:
+    """Run a sweep unless it finished earlier (under --root or in --archive); archive it when it finishes.
+    `reuse_from`: earlier experiments whose finished trials this sweep takes instead of training them again
+    (when it starts)."""
     experiment = experiment_dir(name, args)
     from_archive = args.archive is not None and experiment.parent == Path(args.archive)
     rows = _rows(experiment)
@@ -251,20 +304,30 @@ def run_sweep(name: str, config: Path, args) -> list[dict]:
             check_archived_config(experiment, config)
         print(f"[{name}] finished earlier ({experiment}); skipped", flush=True)
     else:
-        rows = _run(name, config, experiment, args)
+        reused = []
+        if reuse_from and not experiment.exists():
+            reused = reuse_finished_trials(experiment, config, reuse_from)
+            if reused:
+                print(f"[{name}] {', '.join(reused)}: trained to the end in stage 1 (same config and seed); "
+                      "reused, not trained again", flush=True)
+        rows = _run(name, config, experiment, args, started_here=bool(reused))
     if args.archive and not from_archive and _finished(rows):
         print(f"[{name}] archived in {archive_sweep(experiment, Path(args.archive), config)}", flush=True)
     return rows
 
 
-def _run(name: str, config: Path, experiment: Path, args) -> list[dict]:
-    """Start the sweep, or continue it (`--resume`) where `experiment` holds an unfinished run; its rows."""
+def _run(name: str, config: Path, experiment: Path, args, started_here: bool = False) -> list[dict]:
+    """Start the sweep, or continue it (`--resume`) where `experiment` holds an unfinished run; its rows.
+    `started_here`: this run just wrote the folder (the trials it reuses), so it is not an earlier run's."""
     cmd = [sys.executable, "-m", "raysdpb.sweep", str(config)]
     if experiment.exists():
-        if not args.resume:
+        if not (args.resume or started_here):
             raise SystemExit(f"{experiment} exists and is not finished; continue it with --resume "
                              "(or choose another --root)")
-        cmd.append("--resume")
+        # Tune's state (what `Tuner.can_restore` looks for); a folder without it holds only reused trials
+        # (a run stopped before the sweep started), and the sweep starts there, taking them as finished
+        if (experiment / "tuner.pkl").exists():
+            cmd.append("--resume")
     if args.quiet:
         cmd.append("-q")
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
@@ -289,8 +352,8 @@ def _run(name: str, config: Path, experiment: Path, args) -> list[dict]:
 # The training throughput this project's CPU machine measured on RTE's stage 1 (2026-11-29, 2 cores, fp32,
 # three trials at once: each finished trial's padded tokens over its wall time, start-up and evaluation
 # included, 500-595 tokens/s per trial, median 568); `--tokens-per-s` replaces it with a machine's own figure.
-# Small batches of short sequences cost more per token (per-step overhead): CB's estimate is 1.6 h, its
-# small grid with ASHA and its seeds took about 2.5 h.
+# Small batches of short sequences cost more per token (per-step overhead): CB's estimate was 1.6 h (stage 2
+# training seed 0 again), its small grid with ASHA and its seeds took about 2.5 h.
 MEASURED_TOKENS_PER_S = 1700.0
 
 
@@ -356,7 +419,10 @@ def workload(task: str, grid_path: Path, args) -> dict:
 
     grid = [one(p.config.method, p.config.batch_size, p.config.epochs, p.config.seed) for p in expand(experiment)]
     base = base_trial(task, args)
-    seeds = [one(m, base["batch_size"], base["epochs"], s) for m in args.methods for s in args.seeds]
+    # stage 1's own seed at the selected configuration is reused, not trained again (without ASHA it always
+    # ran to the end), unless --rerun-grid-trials
+    seeds = [one(m, base["batch_size"], base["epochs"], s) for m in args.methods for s in args.seeds
+             if args.rerun_grid_trials or s != GRID_SEED]
     grid_tokens, seed_tokens = sum(t for _, t in grid), sum(t for _, t in seeds)
     return {"task": task, "train_examples": len(lengths),
             "mean_tokens": sum(lengths) / len(lengths),
@@ -453,6 +519,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue: skip finished sweeps, resume unfinished ones")
     p.add_argument("--keep-going", action="store_true", help="go on after a sweep with errored trials")
     p.add_argument("--stage", choices=["all", "grid", "seeds", "report"], default="all")
+    p.add_argument("--rerun-grid-trials", action="store_true",
+                   help="stage 2 trains seed 0 at the selected configuration again instead of taking stage 1's "
+                        "trial (the same config and seed)")
     p.add_argument("--smoke", action="store_true", help="16 samples, 1 epoch, a one-point grid: a start-up check")
     p.add_argument("--dry-run", action="store_true",
                    help="write the configs, check them, and print each task's workload (no Ray)")
@@ -498,8 +567,9 @@ def main() -> None:
                           for split in (spec.train_split, *(s for s, _ in spec.eval_splits))}
                 print(f"  data: {counts}", flush=True)
         if args.dry_run:
+            reused = "" if args.rerun_grid_trials else f" (seed {GRID_SEED} is stage 1's trial, not trained again)"
             print(f"\n== the workload: padded training tokens (dynamic padding, the engine's samplers); stage 1 "
-                  f"without ASHA, stage 2 with {len(args.seeds)} seeds; hours at {args.tokens_per_s:,.0f} "
+                  f"without ASHA, stage 2 with {len(args.seeds)} seeds{reused}; hours at {args.tokens_per_s:,.0f} "
                   "tokens/s (--tokens-per-s)")
             shown = [{**w, "grid_mtok": w["grid_tokens"] / 1e6, "seed_mtok": w["seed_tokens"] / 1e6} for w in loads]
             print(table(shown, [("task", "task", ""), ("train_examples", "examples", "d"),
@@ -538,7 +608,8 @@ def main() -> None:
                     print(f"[{task}] {method}: no finished stage-1 trial to select from; stage 2 skipped", flush=True)
                     continue
                 name, path = seeds_config(task, method, chosen, args)
-                run_sweep(name, path, args)
+                stage1 = [experiment_dir(n, args) for n in grid_names(task, args)]
+                run_sweep(name, path, args, reuse_from=None if args.rerun_grid_trials else stage1)
         if args.stage == "report" and task not in selection:
             # a new checkout: no selection.json under --root, but stage 1's tables (e.g. in --archive) say
             # what was chosen; the summary JSON reports it rather than an empty selection

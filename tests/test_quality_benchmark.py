@@ -138,7 +138,7 @@ def test_a_seeds_stage_for_some_methods_leaves_stage_1s_config_as_written(qualit
     (tmp_path / "selection.json").write_text(
         quality.json.dumps({"glue/rte": {m: chosen for m in quality.METHODS}}))
     ran = []
-    monkeypatch.setattr(quality, "run_sweep", lambda name, path, args: ran.append((name, Path(path))) or [])
+    monkeypatch.setattr(quality, "run_sweep", lambda name, path, args, **kw: ran.append((name, Path(path))) or [])
     monkeypatch.setattr("sys.argv", ["quality.py", "--root", str(tmp_path), "--tasks", "glue/rte", "--grid",
                                      "small", "--stage", "seeds", "--resume", "--methods", "random_dlb"])
     quality.main()
@@ -167,7 +167,7 @@ def test_a_resumed_seeds_stage_adds_the_methods_whose_grid_finished_since(qualit
                                                 _grid_row("dynsdpb", 1e-4, 0.81)]}
     monkeypatch.setattr(quality, "_rows", lambda experiment: grids.get(Path(experiment).name, []))
     ran = []
-    monkeypatch.setattr(quality, "run_sweep", lambda name, path, args: ran.append(load_experiment(path)) or [])
+    monkeypatch.setattr(quality, "run_sweep", lambda name, path, args, **kw: ran.append(load_experiment(path)) or [])
     options = ["--root", str(tmp_path), "--tasks", "glue/mrpc", "--grid", "small", "--grid-per-method",
                "--stage", "seeds", "--methods", "finetune", "dynsdpb"]
     monkeypatch.setattr("sys.argv", ["quality.py", *options, "--resume"])
@@ -215,6 +215,7 @@ def _finished_experiment(folder: Path, statuses: list[str]) -> None:
                 str(folder / "curves.parquet"))
     (folder / "tensorboard" / "t0").mkdir(parents=True)
     (folder / "tensorboard" / "t0" / "events.out.tfevents.1").write_bytes(b"events")
+    (folder / "tuner.pkl").write_bytes(b"Tune's state")
     (folder / "checkpoint_000001").mkdir()
     (folder / "checkpoint_000001" / "model.pt").write_bytes(b"weights")
 
@@ -295,3 +296,135 @@ def test_the_report_stage_on_a_new_checkout_rebuilds_the_selection_from_stage_1(
     (tmp_path / "selection.json").write_text(quality.json.dumps({"glue/mrpc": recorded}))
     quality.main()
     assert quality.json.loads((tmp_path / "out.json").read_text())["selection"]["glue/mrpc"] == recorded
+
+
+# --- stage 2 takes stage 1's finished trial of the same config and seed -----------------------------------------
+
+def _stage1_experiment(folder: Path, trials: dict[str, str]) -> None:
+    """A stage-1 experiment as raysdpb.sweep writes it: `trials` maps trial id -> status; two epochs each."""
+    import pyarrow as pa
+
+    from raysdpb.results import write_table
+
+    rows = [{"trial_id": t, "status": s, "label": t, "best_eval_accuracy": 0.5 + 0.01 * i, "finished_at": 100.0 + i}
+            for i, (t, s) in enumerate(trials.items())]
+    curves = [{"trial_id": t, "step": 10 * epoch, "epoch": float(epoch), "eval_accuracy": 0.4 + 0.1 * epoch,
+               "train_loss": 1.0 / epoch, "timestamp": 1000 + epoch, "message": None}
+              for t in trials for epoch in (2, 1)]  # out of order, as several trials' reports interleave
+    write_table(pa.Table.from_pylist(rows), str(folder / "trials.parquet"))
+    write_table(pa.Table.from_pylist(curves), str(folder / "curves.parquet"))
+    for t in trials:
+        (folder / "tensorboard" / t).mkdir(parents=True)
+        (folder / "tensorboard" / t / "events.out.tfevents.1").write_bytes(t.encode())
+
+
+def test_stage_2_reuses_only_stage_1s_trials_that_ran_to_the_end(quality, tmp_path):
+    args = _args(quality, tmp_path, "--grid", "small")
+    chosen = {"lr": 1e-4, "alpha": 0.5, "tau": 2.0}
+    name, config = quality.seeds_config("glue/rte", "dynsdpb", chosen, args)
+    ids = {p.config.seed: p.trial_id for p in expand(load_experiment(config))}
+    assert sorted(ids) == [0, 1, 2]
+    stage1, other = tmp_path / "grid-a", tmp_path / "grid-b"
+    stage1.mkdir(), other.mkdir()
+    # seed 0 of the selected configuration finished; another configuration did too; seed 1 (not in a stage 1,
+    # but as if it were) was stopped early, so it must train
+    _stage1_experiment(stage1, {"dynsdpb-other": "completed", ids[0]: "completed"})
+    _stage1_experiment(other, {ids[1]: "stopped_by_asha"})
+    experiment = tmp_path / name
+    assert quality.reuse_finished_trials(experiment, config, [stage1, other]) == [ids[0]]
+    import pyarrow.parquet as pq
+
+    # the others pending, as the sweep lists them when it starts: the folder is not a finished sweep
+    assert [(r["trial_id"], r["status"]) for r in pq.read_table(experiment / "trials.parquet").to_pylist()] == [
+        (ids[0], "completed"), (ids[1], "pending"), (ids[2], "pending")]
+    assert not quality._finished(quality._rows(experiment))
+    curves = pq.read_table(experiment / "curves.parquet").to_pylist()
+    assert sorted((c["trial_id"], c["epoch"]) for c in curves) == [(ids[0], 1.0), (ids[0], 2.0)]
+    marker = quality.json.loads((experiment / "finished" / f"{ids[0]}.json").read_text())
+    # what the sweep announces for it: its last report (epoch 2), as the recorder's own marker holds it
+    assert marker["status"] == "completed"
+    assert marker["last_result"] == {"trial_id": ids[0], "step": 20, "epoch": 2.0, "eval_accuracy": 0.6000000000000001,
+                                     "train_loss": 0.5, "timestamp": 1002}
+    assert (experiment / "tensorboard" / ids[0] / "events.out.tfevents.1").read_bytes() == ids[0].encode()
+    assert sorted(p.name for p in (experiment / "tensorboard").iterdir()) == [ids[0]]
+    # nothing to reuse: the folder is not created
+    assert quality.reuse_finished_trials(tmp_path / "none", config, [other]) == []
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_seeds_sweep_starts_on_its_reused_trials_and_resumes_only_with_tunes_state(quality, tmp_path, monkeypatch):
+    """The folder the reuse wrote is this run's, so the sweep starts there (no --resume, none needed); a run
+    stopped before Tune wrote its state starts it again; one with Tune's state resumes it."""
+    args = _args(quality, tmp_path / "root", "--grid", "small")
+    name, config = quality.seeds_config("glue/rte", "finetune", {"lr": 1e-4, "alpha": 1.0, "tau": 1.0}, args)
+    seed0 = next(p.trial_id for p in expand(load_experiment(config)) if p.config.seed == 0)
+    stage1 = tmp_path / "grid"
+    stage1.mkdir()
+    _stage1_experiment(stage1, {seed0: "completed"})
+    launched = []
+    monkeypatch.setattr(quality.subprocess, "run",
+                        lambda cmd, **k: launched.append(cmd) or quality.subprocess.CompletedProcess(cmd, 0))
+    quality.run_sweep(name, config, args, reuse_from=[stage1])
+    experiment = Path(args.root) / name
+    assert launched[-1][-1] == str(config) and (experiment / "finished" / f"{seed0}.json").exists()
+    # again without --resume: an existing folder is an error, as for any sweep
+    with pytest.raises(SystemExit, match="exists and is not finished; continue it with --resume"):
+        quality.run_sweep(name, config, args, reuse_from=[stage1])
+    resumed = _args(quality, tmp_path / "root", "--grid", "small", "--resume")
+    quality.run_sweep(name, config, resumed, reuse_from=[stage1])
+    assert launched[-1][-1] == str(config)  # no Tune state yet: started, on the reused trial
+    (experiment / "tuner.pkl").write_bytes(b"state")
+    quality.run_sweep(name, config, resumed, reuse_from=[stage1])
+    assert launched[-1][-1] == "--resume"
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_the_seeds_stage_reuses_stage_1_unless_told_to_rerun(quality, tmp_path, monkeypatch, rerun):
+    recorded = {"lr": 5e-5, "alpha": 1.0, "tau": 1.0, "score": 0.70, "metric": "best_eval_accuracy"}
+    (tmp_path / "selection.json").write_text(quality.json.dumps({"glue/mrpc": {"finetune": recorded}}))
+    calls = []
+    monkeypatch.setattr(quality, "run_sweep", lambda name, path, args, **kw: calls.append((name, kw)) or [])
+    monkeypatch.setattr("sys.argv", ["quality.py", "--root", str(tmp_path), "--tasks", "glue/mrpc", "--grid", "small",
+                                     "--grid-per-method", "--stage", "seeds", "--resume", "--methods", "finetune",
+                                     *(["--rerun-grid-trials"] if rerun else [])])
+    monkeypatch.setattr(quality, "run_report", lambda *a: False)
+    quality.main()
+    assert [name for name, _ in calls] == ["quality-seeds-glue-mrpc-finetune"]
+    assert calls[0][1]["reuse_from"] == (None if rerun else [tmp_path / "quality-grid-glue-mrpc-finetune"])
+
+
+@pytest.mark.slow
+def test_stage_2_on_real_sweeps_trains_only_the_seeds_stage_1_did_not(quality, tmp_path, shared_data_dir):
+    """Real Ray sweeps of a tiny BERT on CB: stage 2's seed 0 is stage 1's trial, announced and not trained
+    again; trained again (`--rerun-grid-trials`) it gives the same validation accuracy at every epoch."""
+    import pyarrow.parquet as pq
+
+    options = ["--smoke", "--model", "tiny-bert", "--tasks", "superglue/cb", "--methods", "finetune",
+               "--data-dir", str(shared_data_dir), "-q"]  # --smoke: 16 examples, 1 epoch
+    args = _args(quality, tmp_path / "root", *options)
+    name, grid = quality.grid_config("superglue/cb", args, "finetune")
+    grid_rows = quality.run_sweep(name, grid, args)
+    chosen = quality.select(grid_rows, "superglue/cb", "best")["finetune"]
+    seeds_name, seeds = quality.seeds_config("superglue/cb", "finetune", chosen, args)
+    rows = {r["seed"]: r for r in quality.run_sweep(seeds_name, seeds, args, reuse_from=[Path(args.root) / name])}
+    assert sorted(rows) == [0, 1] and {r["status"] for r in rows.values()} == {"completed"}
+    first = grid_rows[0]
+    assert rows[0]["trial_id"] == first["trial_id"] == chosen["trial_id"]
+    for key in ("finished_at", "attempts", "best_eval_accuracy", "last_eval_accuracy", "epochs_run"):
+        assert rows[0][key] == first[key], key
+    experiment = Path(args.root) / seeds_name
+    trained = sorted(p.name for p in (experiment / "train_runs").iterdir())
+    assert trained == [rows[1]["trial_id"]]  # only seed 1 trained here
+    assert (experiment / "tensorboard" / first["trial_id"]).is_dir()
+
+    def eval_curve(folder, trial_id):
+        return sorted((c["epoch"], c["eval_accuracy"]) for c in pq.read_table(folder / "curves.parquet").to_pylist()
+                      if c["trial_id"] == trial_id and c.get("eval_accuracy") is not None)
+
+    assert eval_curve(experiment, first["trial_id"]) == eval_curve(Path(args.root) / name, first["trial_id"])
+    assert [epoch for epoch, _ in eval_curve(experiment, first["trial_id"])] == [1]
+    again = _args(quality, tmp_path / "again", *options, "--rerun-grid-trials")
+    name_again, seeds_again = quality.seeds_config("superglue/cb", "finetune", chosen, again)
+    retrained = {r["seed"]: r for r in quality.run_sweep(name_again, seeds_again, again)}
+    assert retrained[0]["finished_at"] != first["finished_at"]
+    assert eval_curve(Path(again.root) / name_again, first["trial_id"]) == eval_curve(experiment, first["trial_id"])
