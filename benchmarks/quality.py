@@ -267,16 +267,17 @@ def reuse_finished_trials(experiment: Path, config: Path, sources: list[Path]) -
     reused: list[str] = []
     trials, curves = [], []
     for source in sources:
-        ids = [r["trial_id"] for r in _rows(source)
-               if r["trial_id"] in wanted and r["status"] == "completed" and r["trial_id"] not in reused]
-        if not ids:
+        found = [r for r in _rows(source)
+                 if r["trial_id"] in wanted and r["status"] == "completed" and r["trial_id"] not in reused]
+        if not found:
             continue
-        of_these = pc.is_in(pc.field("trial_id"), pa.array(ids))
-        trials += pq.read_table(source / "trials.parquet").filter(of_these).to_pylist()
-        these = pq.read_table(source / "curves.parquet").filter(of_these)
+        ids = [r["trial_id"] for r in found]
+        trials += found
+        these = pq.read_table(source / "curves.parquet").filter(pc.is_in(pc.field("trial_id"), pa.array(ids)))
         curves.append(these)
+        curve_rows = these.to_pylist()
         for trial_id in ids:
-            rows = sorted((r for r in these.to_pylist() if r["trial_id"] == trial_id), key=lambda r: r["step"] or 0)
+            rows = sorted((r for r in curve_rows if r["trial_id"] == trial_id), key=lambda r: r["step"] or 0)
             last = {k: v for k, v in (rows[-1] if rows else {}).items() if v is not None}
             marker = {"status": "completed", "last_result": last}  # as the sweep's own recorder writes it
             write_json(str(experiment / "finished" / f"{trial_id}.json"), marker)
@@ -602,13 +603,13 @@ def main() -> None:
                              ("tau", "tau", "g"), ("score", selection[task][next(iter(selection[task]))]["metric"],
                                                    ".4f")]), flush=True)
         if args.stage in ("all", "seeds"):
+            stage1 = [experiment_dir(n, args) for n in grid_names(task, args)]
             for method in args.methods:
                 chosen = selection.get(task, {}).get(method)
                 if chosen is None:
                     print(f"[{task}] {method}: no finished stage-1 trial to select from; stage 2 skipped", flush=True)
                     continue
                 name, path = seeds_config(task, method, chosen, args)
-                stage1 = [experiment_dir(n, args) for n in grid_names(task, args)]
                 run_sweep(name, path, args, reuse_from=None if args.rerun_grid_trials else stage1)
         if args.stage == "report" and task not in selection:
             # a new checkout: no selection.json under --root, but stage 1's tables (e.g. in --archive) say
