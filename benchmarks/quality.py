@@ -260,7 +260,7 @@ def reuse_finished_trials(experiment: Path, config: Path, sources: list[Path]) -
     import pyarrow.parquet as pq
     from raysdpb.config import load_experiment
     from raysdpb.grid import expand
-    from raysdpb.results import write_json, write_table
+    from raysdpb.results import write_finished_marker, write_table
 
     points = expand(load_experiment(config))
     wanted = {p.trial_id for p in points}
@@ -279,8 +279,7 @@ def reuse_finished_trials(experiment: Path, config: Path, sources: list[Path]) -
         for trial_id in ids:
             rows = sorted((r for r in curve_rows if r["trial_id"] == trial_id), key=lambda r: r["step"] or 0)
             last = {k: v for k, v in (rows[-1] if rows else {}).items() if v is not None}
-            marker = {"status": "completed", "last_result": last}  # as the sweep's own recorder writes it
-            write_json(str(experiment / "finished" / f"{trial_id}.json"), marker)
+            write_finished_marker(str(experiment), trial_id, "completed", last)
             events = source / "tensorboard" / trial_id
             if events.is_dir():
                 shutil.copytree(events, experiment / "tensorboard" / trial_id, dirs_exist_ok=True)

@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 __all__ = [
     "STATUSES", "TERMINAL", "FINISHED", "curve_row", "metric_direction", "summarize_trial", "to_table", "write_table",
     "read_rows", "best_per_method", "format_table", "ResultsRecorder", "TrialInfo", "filesystem", "join",
-    "read_json", "write_json", "remove_stale_temporaries",
+    "read_json", "write_json", "remove_stale_temporaries", "finished_marker_path", "write_finished_marker",
+    "read_finished_marker",
 ]
 
 STATUSES = ("pending", "running", "completed", "stopped_by_asha", "diverged", "errored", "interrupted")
@@ -165,6 +166,21 @@ def read_json(path: str) -> Any | None:
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
         return json.loads(f.read().decode())
+
+
+# A trial that finished leaves `<experiment>/finished/<trial_id>.json` with its status and last result: a sweep
+# resumed after its Tune state was lost announces that result instead of training the trial again.
+def finished_marker_path(experiment_path: str, trial_id: str) -> str:
+    return join(experiment_path, "finished", f"{trial_id}.json")
+
+
+def write_finished_marker(experiment_path: str, trial_id: str, status: str, last_result: dict) -> None:
+    write_json(finished_marker_path(experiment_path, trial_id), {"status": status, "last_result": last_result})
+
+
+def read_finished_marker(experiment_path: str, trial_id: str) -> dict | None:
+    """The marker `{"status", "last_result"}` of a finished trial, None if it has not finished."""
+    return read_json(finished_marker_path(experiment_path, trial_id))
 
 
 # --- rows ------------------------------------------------------------------------------------------------
@@ -354,7 +370,7 @@ class ResultsRecorder:
         return join(self.experiment_path, "curves.parquet")
 
     def marker_path(self, trial_id: str) -> str:
-        return join(self.experiment_path, "finished", f"{trial_id}.json")
+        return finished_marker_path(self.experiment_path, trial_id)
 
     # resume: what an earlier run of the sweep already recorded
     def load(self) -> None:
@@ -425,7 +441,7 @@ class ResultsRecorder:
             state.stop_reason = f"ended after {epochs_run:g} of {state.info.planned_epochs:g} epochs"
         state.finished_at = time.time()
         if state.status in FINISHED:
-            write_json(self.marker_path(trial_id), {"status": state.status, "last_result": last})
+            write_finished_marker(self.experiment_path, trial_id, state.status, last)
         self.write()
 
     def on_error(self, trial_id: str, message: str) -> None:

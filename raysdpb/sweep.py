@@ -53,7 +53,7 @@ from raysdpb.grid import TrialPoint, expand, flatten_config  # noqa: E402
 from raysdpb.methods import METHODS  # noqa: E402
 from raysdpb.scheduler import GroupedASHA, group_key  # noqa: E402
 from raysdpb.results import (ResultsRecorder, TrialInfo, best_per_method, filesystem, format_table,  # noqa: E402
-                             join, read_json, read_rows, write_json)
+                             join, read_finished_marker, read_json, read_rows, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -606,7 +606,7 @@ def trial_driver(config: dict, settings: dict) -> None:
     trial_id = config["trial_id"]
     experiment = settings["experiment_path"]
     trial_config = read_json(join(experiment, "grid.json"))["trials"][trial_id]
-    finished = read_json(join(experiment, "finished", f"{trial_id}.json"))
+    finished = read_finished_marker(experiment, trial_id)
     if finished is not None:
         # finished in an earlier run whose Tune state was lost (a killed driver): announce, do not retrain
         ray.tune.report({**finished["last_result"], "replayed": 1})
