@@ -9,11 +9,18 @@ only after the first epoch would be stopped at the first rung by a finetune tria
 the model, its depth and the method), so that a rung only ever compares the hyperparameters (lr, alpha, tau,
 seed, ...) of one method on one task with one model. Trials report `score` (their own task's main metric),
 so a grid over tasks with different main metrics needs no common metric.
+
+Its ASHAs know a trial by the sweep's own trial id (a hash of its config), not by Tune's, so that a resumed
+sweep decides as the uninterrupted one would: Tune does not save a scheduler's rungs, so on `--resume` the
+sweep hands back every result it recorded (`record_past_results`), and a resumed trial re-sending its reports
+up to its checkpoint finds them already in the rungs it passed, instead of being judged again against rungs
+that filled in a different order (which stopped a trial that had passed its first rung before the resume).
 """
 
 from __future__ import annotations
 
-from typing import Hashable
+from types import SimpleNamespace
+from typing import Hashable, Iterable
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -22,7 +29,8 @@ from raysdpb.config import ASHA_GROUP_BY
 
 class GroupedASHA(FIFOScheduler):
     """An `ASHAScheduler` per group; `group_of` maps each trial id (the `trial_id` entry of the Tune trial
-    config, as `raysdpb.sweep` sets it) to its group. Plain data, so Tune can pickle the scheduler."""
+    config, as `raysdpb.sweep` sets it) to its group (one group for all: ASHA over the whole grid). Plain
+    data, so Tune can pickle the scheduler."""
 
     def __init__(self, group_of: dict[str, Hashable], **asha_kwargs):
         super().__init__()
@@ -39,28 +47,47 @@ class GroupedASHA(FIFOScheduler):
         self._mode = self._mode or mode
         return all(s.set_search_properties(metric, mode, **spec) for s in self.groups.values())
 
-    def scheduler_of(self, trial) -> ASHAScheduler:
-        key = self.group_of[trial.config["trial_id"]]
+    def scheduler_of(self, trial_id: str) -> ASHAScheduler:
+        key = self.group_of[trial_id]
         if key not in self.groups:
             scheduler = ASHAScheduler(**self.asha_kwargs)
             scheduler.set_search_properties(self._metric, self._mode)
             self.groups[key] = scheduler
         return self.groups[key]
 
+    def _inner(self, trial) -> tuple[ASHAScheduler, SimpleNamespace]:
+        """The trial's group's ASHA, and the trial as that ASHA knows it: by the sweep's trial id."""
+        trial_id = trial.config["trial_id"]
+        return self.scheduler_of(trial_id), SimpleNamespace(trial_id=trial_id)
+
+    def record_past_results(self, trial_id: str, results: Iterable[dict]) -> None:
+        """On a resume: put the results a trial reported before (in order) into its rungs, as if just
+        reported; their decisions were taken then. A later report at a rung it is in continues the trial."""
+        scheduler = self.scheduler_of(trial_id)
+        trial = SimpleNamespace(trial_id=trial_id)
+        scheduler.on_trial_add(None, trial)
+        for result in results:
+            scheduler.on_trial_result(None, trial, result)
+
     def on_trial_add(self, tune_controller, trial) -> None:
-        self.scheduler_of(trial).on_trial_add(tune_controller, trial)
+        scheduler, key = self._inner(trial)
+        scheduler.on_trial_add(tune_controller, key)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        return self.scheduler_of(trial).on_trial_result(tune_controller, trial, result)
+        scheduler, key = self._inner(trial)
+        return scheduler.on_trial_result(tune_controller, key, result)
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        self.scheduler_of(trial).on_trial_complete(tune_controller, trial, result)
+        scheduler, key = self._inner(trial)
+        scheduler.on_trial_complete(tune_controller, key, result)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self.scheduler_of(trial).on_trial_remove(tune_controller, trial)
+        scheduler, key = self._inner(trial)
+        scheduler.on_trial_remove(tune_controller, key)
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        self.scheduler_of(trial).on_trial_error(tune_controller, trial)
+        scheduler, key = self._inner(trial)
+        scheduler.on_trial_error(tune_controller, key)
 
     def debug_string(self) -> str:
         return f"GroupedASHA: {len(self.groups)} group(s)\n" + "\n".join(

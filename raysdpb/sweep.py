@@ -727,12 +727,19 @@ class ResultsCallback(Callback):
         self.recorder.load()
         self.recorder.write()
         if self.scheduler is not None:
-            self._replay_finished_trials()
+            self._replay_recorded_results()
 
-    def _replay_finished_trials(self) -> None:
-        """On --resume: Tune does not save its scheduler's state, so ASHA would start with empty rungs and
-        stop nothing until new trials fill them. Feed it the recorded results of the finished trials, through
-        its public hooks, as if they had just run."""
+    def _replay_recorded_results(self) -> None:
+        """On --resume: Tune does not save its scheduler's state, so ASHA would start with empty rungs: it
+        would stop nothing until new trials filled them, and judge a resumed trial's reports again against
+        rungs filled in another order. Give it every result recorded before, of finished and unfinished
+        trials, keyed by the sweep's trial ids (see raysdpb.scheduler)."""
+        if isinstance(self.scheduler, GroupedASHA):
+            for trial_id in self.recorder.trials:
+                self.scheduler.record_past_results(trial_id, self.recorder.curves_of(trial_id))
+            return
+        # a plain ASHAScheduler, pickled by a sweep started before GroupedASHA took every ASHA sweep: it knows
+        # trials by Tune's ids, so only the finished trials' results can be given back, under stand-in ids
         from types import SimpleNamespace
 
         for trial_id, state in self.recorder.trials.items():
@@ -834,7 +841,6 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
     """Run (or resume) the sweep on the connected Ray; returns the rows of trials.parquet."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged trial's last report may lack the metric
     nodes = ray.nodes()
@@ -867,7 +873,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
             asha = dict(time_attr=sweep.asha.time_attr, max_t=plan.max_t, grace_period=sweep.asha.grace_period,
                         reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
             # one ASHA per group of comparable trials (raysdpb.scheduler), or one over the grid (group_by: [])
-            scheduler = GroupedASHA(plan.asha_groups, **asha) if plan.asha_groups else ASHAScheduler(**asha)
+            scheduler = GroupedASHA(plan.asha_groups or {p.trial_id: () for p in plan.points}, **asha)
         callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
                                    sweep.asha.time_attr if sweep.asha else "epoch", scheduler)
         tuner = tune.Tuner(

@@ -86,3 +86,115 @@ def test_group_key_and_config(tmp_path):
     raw["sweep"]["asha"]["group_by"] = ["tsak"]
     with pytest.raises(UserError, match=r"sweep\.asha\.group_by: unknown trial key\(s\) 'tsak'; allowed: .*task"):
         load_experiment(None, raw=raw)
+
+
+# --- a resumed sweep decides as the uninterrupted one would ------------------------------------------------
+
+def _run(scheduler, reports, tune_ids, added, stopped):
+    """Deliver (trial_id, epoch, score) reports as Tune would, a stopped trial's later reports dropped; the
+    (report, decision) pairs. `tune_ids`: Tune's own id for each trial (a new one in every Tune run);
+    `added`, `stopped`: the trials Tune has added to the scheduler, and those it stopped, in this run."""
+    out = []
+    for trial_id, epoch, score in reports:
+        if trial_id in stopped:
+            continue
+        trial = SimpleNamespace(trial_id=tune_ids[trial_id], config={"trial_id": trial_id})
+        if trial_id not in added:
+            added.add(trial_id)
+            scheduler.on_trial_add(None, trial)
+        decision = scheduler.on_trial_result(None, trial, {"epoch": epoch, "score": score})
+        out.append(((trial_id, epoch, score), decision))
+        if decision == TrialScheduler.STOP:
+            stopped.add(trial_id)
+    return out
+
+
+def test_a_resumed_sweep_takes_the_decisions_of_the_uninterrupted_one():
+    """Many random sweeps cut at a random report: the results recorded before the cut go back into a fresh
+    scheduler (Tune's state of it is not saved), every unfinished trial first re-sends its reports up to its
+    checkpoint, then the sweep goes on. Every re-sent report continues its trial, and every later report gets
+    the decision it got in the uninterrupted run."""
+    rng = random.Random(1)
+    for case in range(200):
+        groups = {f"t{i}": rng.choice("XY") for i in range(rng.randint(2, 9))}
+        queues = {t: [(t, epoch, round(rng.random(), 2)) for epoch in (1, 2, 3, 4)] for t in groups}
+        reports = []  # trials overlap at random, each in its own epoch order
+        while any(queues.values()):
+            reports.append(queues[rng.choice([t for t in groups if queues[t]])].pop(0))
+
+        whole = _run(_grouped(groups), reports, {t: f"a{t}" for t in groups}, set(), set())
+        cut = rng.randint(1, len(whole) - 1)
+        before, after = whole[:cut], whole[cut:]
+        recorded = {t: [{"epoch": e, "score": s} for (tt, e, s), _ in before if tt == t] for t in groups}
+        stopped = {r[0] for r, d in before if d == TrialScheduler.STOP}
+
+        resumed = pickle.loads(pickle.dumps(_grouped(groups)))  # as Tune restores it: no rungs
+        for trial_id, results in recorded.items():
+            resumed.record_past_results(trial_id, results)
+        tune_ids, added = {t: f"b{t}" for t in groups}, set()  # the restored run's Tune ids differ
+        resent = set()
+        for (trial_id, epoch, score), decision in after:
+            if trial_id not in resent and recorded[trial_id]:
+                resent.add(trial_id)
+                replays = _run(resumed, [(trial_id, r["epoch"], r["score"]) for r in recorded[trial_id]],
+                               tune_ids, added, set())
+                assert {d for _, d in replays} == {TrialScheduler.CONTINUE}, (case, trial_id)
+            (_, got), = _run(resumed, [(trial_id, epoch, score)], tune_ids, added, stopped)
+            assert got == decision, (case, trial_id, epoch)
+
+
+def test_a_trial_that_passed_a_rung_before_a_resume_is_not_judged_again_there():
+    """SST-2's dynsdpb grid (reduction factor 3): three trials reach the first rung in the order t1, t0, t2 and
+    all pass; resumed, they re-send their first epoch in another order, t0, t2, t1. Judged again, t1 would be
+    stopped (82.91 below the cutoff of 82.91 and 83.37); taken from the rungs, it goes on."""
+    asha = dict(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=3, stop_last_trials=False)
+    groups = {"t0": "G", "t1": "G", "t2": "G"}
+    first = [("t1", 1, 0.8291), ("t0", 1, 0.8291), ("t2", 1, 0.8337)]
+    again = [("t0", 1, 0.8291), ("t2", 1, 0.8337), ("t1", 1, 0.8291)]
+    fresh = GroupedASHA(groups, **asha)
+    fresh.set_search_properties("score", "max")
+    passed = _run(fresh, first, {t: t for t in groups}, set(), set())
+    assert [d for _, d in passed] == [TrialScheduler.CONTINUE] * 3
+    rejudged = GroupedASHA(groups, **asha)
+    rejudged.set_search_properties("score", "max")
+    assert [d for _, d in _run(rejudged, again, {t: t for t in groups}, set(), set())][-1] == TrialScheduler.STOP
+    resumed = GroupedASHA(groups, **asha)
+    resumed.set_search_properties("score", "max")
+    for trial_id, epoch, score in first:
+        resumed.record_past_results(trial_id, [{"epoch": epoch, "score": score}])
+    assert [d for _, d in _run(resumed, again, {t: "new-" + t for t in groups}, set(), set())] == \
+        [TrialScheduler.CONTINUE] * 3
+
+
+def test_the_sweeps_resume_hands_every_recorded_result_to_asha(tmp_path):
+    """`raysdpb.sweep.ResultsCallback` on --resume: the results a killed run recorded (trials.parquet and
+    curves.parquet) of finished and unfinished trials go into the restored (empty) GroupedASHA, so the resumed
+    trial's re-sent first epoch continues it where judging it again would stop it."""
+    from raysdpb.results import ResultsRecorder, TrialInfo
+    from raysdpb.sweep import ResultsCallback
+
+    asha = dict(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=3, stop_last_trials=False)
+    trials = [TrialInfo(t, t, {}, 3) for t in ("t0", "t1", "t2", "t3")]
+    groups = {t.trial_id: ("G",) for t in trials}
+    first = ResultsRecorder(str(tmp_path), trials, metric="score")
+    for trial_id, score in (("t1", 0.8291), ("t0", 0.8291), ("t2", 0.8337)):  # all passed the first rung
+        first.on_start(trial_id)
+        first.on_result(trial_id, {"epoch": 1.0, "step": 157, "score": score})
+    first.on_start("t3")  # finished at epoch 3, below the others at epoch 1
+    for epoch in (1, 2, 3):
+        first.on_result("t3", {"epoch": float(epoch), "step": 157 * epoch, "score": 0.80})
+    first.on_complete("t3")
+    first.write()  # the run is killed here
+
+    scheduler = GroupedASHA(groups, **asha)  # Tune restores the scheduler it pickled at the start: no rungs
+    scheduler.set_search_properties("score", "max")
+    callback = ResultsCallback(str(tmp_path), trials, "score", "max", "epoch", scheduler)
+    callback.setup()
+    rung = scheduler.groups[("G",)]._brackets[0]._rungs
+    assert {m: dict(r) for m, r in rung} == {3: {"t3": 0.80}, 1: {"t1": 0.8291, "t0": 0.8291, "t2": 0.8337,
+                                                                   "t3": 0.80}}
+    for trial_id, score in (("t0", 0.8291), ("t2", 0.8337), ("t1", 0.8291)):  # re-sent in another order
+        trial = SimpleNamespace(trial_id=f"restored_{trial_id}", config={"trial_id": trial_id})
+        scheduler.on_trial_add(None, trial)
+        assert scheduler.on_trial_result(None, trial, {"epoch": 1.0, "step": 157, "score": score,
+                                                       "replayed": 1}) == TrialScheduler.CONTINUE
