@@ -52,8 +52,8 @@ from raysdpb.errors import UserError, run_cli  # noqa: E402
 from raysdpb.grid import TrialPoint, expand, flatten_config  # noqa: E402
 from raysdpb.methods import METHODS  # noqa: E402
 from raysdpb.scheduler import GroupedASHA, group_key  # noqa: E402
-from raysdpb.results import (ResultsRecorder, TrialInfo, best_per_method, filesystem, format_table,  # noqa: E402
-                             join, read_finished_marker, read_json, read_rows, write_json)
+from raysdpb.results import (FINISHED, ResultsRecorder, TrialInfo, best_per_method, filesystem,  # noqa: E402
+                             format_table, join, read_finished_marker, read_json, read_rows, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -743,7 +743,7 @@ class ResultsCallback(Callback):
         from types import SimpleNamespace
 
         for trial_id, state in self.recorder.trials.items():
-            if state.status not in ("completed", "stopped_by_asha", "diverged"):
+            if state.status not in FINISHED:
                 continue
             stub = SimpleNamespace(trial_id=f"finished:{trial_id}", config={"trial_id": trial_id})
             curves = self.recorder.curves_of(trial_id)

@@ -14,6 +14,7 @@ from raysdpb.errors import UserError
 from raysdpb.scheduler import GroupedASHA, group_key
 
 ASHA = dict(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, stop_last_trials=False)
+ASHA_SST2 = dict(ASHA, max_t=3, reduction_factor=3)  # the quality benchmark's grids: 3 epochs, rungs at 1 and 3
 
 
 def _trial(trial_id: str):
@@ -32,8 +33,8 @@ def _decisions(scheduler, reports):
     return out
 
 
-def _grouped(groups):
-    scheduler = GroupedASHA(groups, **ASHA)
+def _grouped(groups, asha=ASHA):
+    scheduler = GroupedASHA(groups, **asha)
     scheduler.set_search_properties("score", "max")
     return scheduler
 
@@ -147,19 +148,15 @@ def test_a_trial_that_passed_a_rung_before_a_resume_is_not_judged_again_there():
     """SST-2's dynsdpb grid (reduction factor 3): three trials reach the first rung in the order t1, t0, t2 and
     all pass; resumed, they re-send their first epoch in another order, t0, t2, t1. Judged again, t1 would be
     stopped (82.91 below the cutoff of 82.91 and 83.37); taken from the rungs, it goes on."""
-    asha = dict(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=3, stop_last_trials=False)
     groups = {"t0": "G", "t1": "G", "t2": "G"}
     first = [("t1", 1, 0.8291), ("t0", 1, 0.8291), ("t2", 1, 0.8337)]
     again = [("t0", 1, 0.8291), ("t2", 1, 0.8337), ("t1", 1, 0.8291)]
-    fresh = GroupedASHA(groups, **asha)
-    fresh.set_search_properties("score", "max")
+    fresh = _grouped(groups, ASHA_SST2)
     passed = _run(fresh, first, {t: t for t in groups}, set(), set())
     assert [d for _, d in passed] == [TrialScheduler.CONTINUE] * 3
-    rejudged = GroupedASHA(groups, **asha)
-    rejudged.set_search_properties("score", "max")
+    rejudged = _grouped(groups, ASHA_SST2)
     assert [d for _, d in _run(rejudged, again, {t: t for t in groups}, set(), set())][-1] == TrialScheduler.STOP
-    resumed = GroupedASHA(groups, **asha)
-    resumed.set_search_properties("score", "max")
+    resumed = _grouped(groups, ASHA_SST2)
     for trial_id, epoch, score in first:
         resumed.record_past_results(trial_id, [{"epoch": epoch, "score": score}])
     assert [d for _, d in _run(resumed, again, {t: "new-" + t for t in groups}, set(), set())] == \
@@ -173,7 +170,6 @@ def test_the_sweeps_resume_hands_every_recorded_result_to_asha(tmp_path):
     from raysdpb.results import ResultsRecorder, TrialInfo
     from raysdpb.sweep import ResultsCallback
 
-    asha = dict(time_attr="epoch", max_t=3, grace_period=1, reduction_factor=3, stop_last_trials=False)
     trials = [TrialInfo(t, t, {}, 3) for t in ("t0", "t1", "t2", "t3")]
     groups = {t.trial_id: ("G",) for t in trials}
     first = ResultsRecorder(str(tmp_path), trials, metric="score")
@@ -186,8 +182,7 @@ def test_the_sweeps_resume_hands_every_recorded_result_to_asha(tmp_path):
     first.on_complete("t3")
     first.write()  # the run is killed here
 
-    scheduler = GroupedASHA(groups, **asha)  # Tune restores the scheduler it pickled at the start: no rungs
-    scheduler.set_search_properties("score", "max")
+    scheduler = _grouped(groups, ASHA_SST2)  # Tune restores the scheduler it pickled at the start: no rungs
     callback = ResultsCallback(str(tmp_path), trials, "score", "max", "epoch", scheduler)
     callback.setup()
     rung = scheduler.groups[("G",)]._brackets[0]._rungs
