@@ -193,3 +193,33 @@ def test_the_sweeps_resume_hands_every_recorded_result_to_asha(tmp_path):
         scheduler.on_trial_add(None, trial)
         assert scheduler.on_trial_result(None, trial, {"epoch": 1.0, "step": 157, "score": score,
                                                        "replayed": 1}) == TrialScheduler.CONTINUE
+
+
+def test_a_plain_asha_pickled_by_an_older_sweep_gets_the_finished_trials_back(tmp_path):
+    """The legacy branch of `ResultsCallback` on --resume: a sweep started before GroupedASHA took every ASHA
+    sweep pickled a plain ASHAScheduler, which knows trials only by Tune's ids. It gets the finished trials'
+    results under stand-in ids, so its rungs are not empty, and nothing of the trials --resume runs again (an
+    errored or unfinished one: their re-sent reports come under new Tune ids and would be counted twice)."""
+    from raysdpb.results import ResultsRecorder, TrialInfo
+    from raysdpb.sweep import ResultsCallback
+
+    trials = [TrialInfo(t, t, {}, 4) for t in ("done", "stopped", "failed", "running")]
+    first = ResultsRecorder(str(tmp_path), trials, metric="score")
+    for trial_id, scores in (("done", (0.6, 0.7, 0.8, 0.9)), ("stopped", (0.2,)), ("failed", (0.5, 0.55)),
+                             ("running", (0.95,))):
+        first.on_start(trial_id)
+        for epoch, score in enumerate(scores, start=1):
+            first.on_result(trial_id, {"epoch": float(epoch), "score": score},
+                            stopped=trial_id == "stopped")
+    first.on_complete("done")
+    first.on_complete("stopped")
+    first.on_error("failed", "RuntimeError: out of memory")
+    first.write()  # killed with "running" unfinished
+
+    scheduler = _plain()
+    ResultsCallback(str(tmp_path), trials, "score", "max", "epoch", scheduler).setup()
+    rungs = {m: dict(r) for m, r in scheduler._brackets[0]._rungs}
+    assert rungs == {4: {"finished:done": 0.9}, 2: {"finished:done": 0.7},
+                     1: {"finished:done": 0.6, "finished:stopped": 0.2}}
+    # the replayed rungs decide: a new trial below the first rung's cutoff is stopped there
+    assert _decisions(scheduler, [("new", 1, 0.1)]) == [TrialScheduler.STOP]
