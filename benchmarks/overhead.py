@@ -14,10 +14,10 @@ Configurations (same model, batch and sequence length for every method of a conf
 The step is the engine's training step (`raysdpb.engine.run_trial` has no reusable step function, so it
 is written out here with the engine's own calls, in the engine's order): collate the batch, `engine._forward`,
 `LogitCache.take` of the first half, `method.loss`, the finiteness check, backward, gradient clipping
-(max_grad_norm 1.0), AdamW (`engine.make_optimizer`: fused where the device has it), the linear schedule, `zero_grad`, `LogitCache.put` of
-`method.teacher_state` of the second half, `engine._Running.add`. Left out: TensorBoard scalars (every 10
-steps) and per-layer gradient norms (every 50 steps), the same for every method. On CUDA the engine's
-precision rules apply (bf16 autocast; a decoder's weights loaded in bf16).
+(max_grad_norm 1.0), AdamW (`engine.make_optimizer`: fused where the device has it), the linear schedule,
+`zero_grad`, `LogitCache.put` of `method.teacher_state` of the second half, `engine._Running.add`. Left out:
+TensorBoard scalars (every 10 steps) and per-layer gradient norms (every 50 steps), the same for every method.
+On CUDA the engine's precision rules apply (bf16 autocast; a decoder's weights loaded in bf16).
 
 Fair comparison on a shared machine: every method has its own model copy (identical initial weights; LoRA
 copies share the frozen base weights), optimizer, sampler and cache, and all methods step round-robin (one
@@ -54,7 +54,7 @@ import copy
 import itertools
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -306,7 +306,8 @@ def run_config(name: str, args, budget_s: float) -> dict:
 
     device = torch.device(args.device)
     t_start = time.perf_counter()
-    spec = dict(CONFIGS[name], model=args.decoder_model if CONFIGS[name]["kind"] == "generation" else args.encoder_model)
+    model = args.decoder_model if CONFIGS[name]["kind"] == "generation" else args.encoder_model
+    spec = dict(CONFIGS[name], model=model)
     setup = build_setup(name, spec, device, args.precision, args.max_steps, args.gradient_checkpointing)
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     if "finetune" not in methods:
@@ -406,7 +407,8 @@ def run_config(name: str, args, budget_s: float) -> dict:
                              "dynsdpb_extra_top": diff[:args.top]}
     _print_config(name, result, rows, phases_on, device)
     # free this configuration's models before the next one
-    del runners, setup
+    runners.clear()  # (one_round holds the list too)
+    del setup
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

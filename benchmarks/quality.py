@@ -3,7 +3,8 @@
     python benchmarks/quality.py [--root ray_results/quality] [--tasks ...] [--seeds 0 1 2] [--grid paper|small]
                                  [--device cpu|cuda] [--resume] [--json PATH]
     python benchmarks/quality.py --smoke            # tiny sample counts: checks that everything starts and ends
-    python benchmarks/quality.py --dry-run          # write and check the configs, print each task's workload; start nothing
+    python benchmarks/quality.py --dry-run          # write and check the configs, print each task's workload;
+                                                    # start nothing
 
 Tasks: SuperGLUE CB, GLUE RTE, MRPC, CoLA and an SST-2 subset (`--sst2-samples`, default 10000 of 67349
 training sentences; validation whole). Methods: finetune, double_finetune, sequential_dlb, random_dlb,

@@ -363,8 +363,9 @@ def main() -> None:
         "elapsed_s": elapsed,
     }
     if "ours_unfused" in summary:
-        result["unfused_throughput_ratio"] = summary["ours_unfused"]["samples_per_s"] / summary["hf"]["samples_per_s"]
-        result["unfused_token_throughput_ratio"] = summary["ours_unfused"]["tokens_per_s"] / summary["hf"]["tokens_per_s"]
+        unfused, hf = summary["ours_unfused"], summary["hf"]
+        result["unfused_throughput_ratio"] = unfused["samples_per_s"] / hf["samples_per_s"]
+        result["unfused_token_throughput_ratio"] = unfused["tokens_per_s"] / hf["tokens_per_s"]
         result["unfused_paired_ratio"] = summary["ours_unfused"]["paired_speedup_vs_hf"]
     print(f"\n== finetune of {MODEL} on {args.task} ({n_train} samples): batch {args.batch_size}, max_length "
           f"{args.max_length}, {args.epochs} epoch(s), {args.device}; lockstep, {elapsed:.0f}s")

@@ -20,7 +20,8 @@ import torch
 
 from raysdpb.errors import UserError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "trainable_state_dict", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "trainable_state_dict",
+           "CheckpointError"]
 
 
 class CheckpointError(UserError):

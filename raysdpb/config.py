@@ -73,7 +73,8 @@ class TrialConfig(_Strict):
     max_eval_samples: int | None = Field(None, ge=1)
     num_layers: int | None = Field(None, ge=1, description="keep the embeddings and the first k layers")
     lora: LoraConfig | None = None
-    gguf_file: str | None = Field(None, description="the GGUF file inside a model folder or hub repo (not with an alias)")
+    gguf_file: str | None = Field(None, description="the GGUF file inside a model folder or hub repo "
+                                                      "(not with an alias)")
 
     # the method's hyperparameters
     alpha: float = Field(1.0, ge=0)
@@ -94,7 +95,8 @@ class TrialConfig(_Strict):
     seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, Python and the sampler")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the trial stops as diverged")
+    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the trial stops "
+                                                           "as diverged")
     gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward "
                                                             "pass: less activation memory, about one more forward "
                                                             "of compute per step; the same gradients")
@@ -110,7 +112,8 @@ class TrialConfig(_Strict):
     log_every_steps: int = Field(10, ge=1)
     grad_norm_every_steps: int = Field(50, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)
-    output_dir: str | None = Field(None, description="local mode: TensorBoard events and checkpoints; default runs/<name>")
+    output_dir: str | None = Field(None, description="local mode: TensorBoard events and checkpoints; "
+                                                       "default runs/<name>")
     progress_bar: bool = True
 
     @model_validator(mode="after")
@@ -285,7 +288,8 @@ def _read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_experiment(path: str | Path | None, overrides: list[str] | None = None, *, raw: dict | None = None) -> ExperimentConfig:
+def load_experiment(path: str | Path | None, overrides: list[str] | None = None, *,
+                    raw: dict | None = None) -> ExperimentConfig:
     """Read, override and validate a config file (or a `raw` dict). Raises `UserError` naming the bad key."""
     source = str(path) if path is not None else "<config>"
     data = _read_yaml(path) if raw is None else copy.deepcopy(raw)
@@ -325,7 +329,8 @@ def _absolute_paths(data: dict) -> None:
         data["data_dir"] = absolute_path(data["data_dir"], "data_dir")
     custom = data.get("custom_task")
     if isinstance(custom, dict) and isinstance(custom.get("files"), dict):
-        custom["files"] = {split: absolute_path(f, f"custom_task.files.{split}") for split, f in custom["files"].items()}
+        custom["files"] = {split: absolute_path(f, f"custom_task.files.{split}")
+                           for split, f in custom["files"].items()}
     sweep = data.get("sweep")
     if isinstance(sweep, dict) and "storage_path" in sweep:
         sweep["storage_path"] = absolute_path(sweep["storage_path"], "sweep.storage_path")
@@ -349,6 +354,7 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     return keys
 
 
-def load_trial_config(path: str | Path | None, overrides: list[str] | None = None, *, raw: dict | None = None) -> TrialConfig:
+def load_trial_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                      raw: dict | None = None) -> TrialConfig:
     """The single trial `python -m raysdpb.train` runs: searched keys take their first value."""
     return load_experiment(path, overrides, raw=raw).first_point()

@@ -40,7 +40,8 @@ class TokenizedDataset(Dataset):
 
 def _count_truncated(name: str, n: int, total: int, max_length: int) -> None:
     if n:
-        log.warning("%s: %d of %d records were longer than max_length=%d tokens and were truncated", name, n, total, max_length)
+        log.warning("%s: %d of %d records were longer than max_length=%d tokens and were truncated",
+                    name, n, total, max_length)
 
 
 def tokenize_records(records: list[dict], kind: str, tokenizer, max_length: int, *, name: str = "data",

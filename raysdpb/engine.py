@@ -303,7 +303,8 @@ def run_trial(config: TrialConfig | dict, context: WorkerContext) -> TrialResult
         elapsed_before = float(state.get("elapsed_s", 0.0))  # checkpoints written before this key: 0
         start_epoch = sampler.epoch
         set_rng_state(own["rng"])
-        log.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint, sampler.epoch, sampler.state_dict()["position"], step)
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint, sampler.epoch,
+                 sampler.state_dict()["position"], step)
 
     def elapsed() -> float:
         """Seconds this trial has run: set-up, training and evaluation, over every attempt up to now (work

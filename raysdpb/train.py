@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from raysdpb.errors import UserError, run_cli
+from raysdpb.errors import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a YAML config (e.g. sweeps/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=random_dlb lr=3e-5 seed=1")
     p.add_argument("--output-dir", default=None, help="where TensorBoard events and checkpoints go")
-    p.add_argument("--resume", default=None, help="'latest' (newest checkpoint in the output dir) or a checkpoint folder")
+    p.add_argument("--resume", default=None,
+                   help="'latest' (newest checkpoint in the output dir) or a checkpoint folder")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     return p

@@ -40,6 +40,12 @@ def _tiny_llama(tokenizer, lora=True, seed=0):
                        lora=LoraConfig(r=4, alpha=8, dropout=0.0) if lora else None)
 
 
+def _last_predictions(output_dir):
+    """The rows of the newest predictions file an evaluation wrote under `output_dir`."""
+    newest = sorted((output_dir / "predictions").glob("*.jsonl"))[-1]
+    return [json.loads(line) for line in newest.read_text().splitlines()]
+
+
 def test_answer_mask_covers_exactly_the_answer_tokens(tokenizer, gsm8k):
     data = tokenize_records(gsm8k, "generation", tokenizer, max_length=512)
     for item, record in zip(data.items, gsm8k):
@@ -47,7 +53,8 @@ def test_answer_mask_covers_exactly_the_answer_tokens(tokenizer, gsm8k):
         answer_ids = [t for t, m in zip(ids, mask) if m]
         prompt_ids = [t for t, m in zip(ids, mask) if not m]
         # the answer tokens are the answer text plus EOS, and nothing of the prompt
-        assert answer_ids == tokenizer(record["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(record["answer"], add_special_tokens=False)["input_ids"]
+        assert answer_ids == answer + [tokenizer.eos_token_id]
         assert tokenizer.decode(prompt_ids, skip_special_tokens=True) == record["prompt"]
         assert mask == [0] * item["prompt_length"] + [1] * (len(ids) - item["prompt_length"])
     # after the causal shift, the positions the loss covers predict exactly the answer tokens
@@ -200,7 +207,7 @@ def test_loglikelihood_scoring_of_hellaswag_endings(shared_data_dir, tmp_path):
                       eval_split="validation[-6:]", choice_scoring="loglikelihood", method="finetune",
                       max_eval_samples=None)
     result = run_trial(cfg, LocalContext(tmp_path / "run"))
-    rows = [json.loads(line) for line in sorted((tmp_path / "run" / "predictions").glob("*.jsonl"))[-1].read_text().splitlines()]
+    rows = _last_predictions(tmp_path / "run")
     assert len(rows) == 6 and all(r["prediction"] in "ABCD" for r in rows)
     assert result.metrics["eval_exact_match"] == pytest.approx(sum(r["correct"] for r in rows) / 6)
 
@@ -215,7 +222,7 @@ def test_smollm2_lora_steps_and_generation_on_real_gsm8k(shared_data_dir, tmp_pa
 
     assert result.status == "completed"
     assert result.steps == OverlapBatchSampler(8, 2, shuffle=True).total_batches(1)
-    rows = [json.loads(line) for line in sorted((tmp_path / "run" / "predictions").glob("*.jsonl"))[-1].read_text().splitlines()]
+    rows = _last_predictions(tmp_path / "run")
     references = [r["reference"] for r in load_examples("nlg/gsm8k", "test", str(shared_data_dir))[:3]]
     assert [r["reference"] for r in rows] == references
     # a real language model writes words about the problem (not the random model's repeated tokens)

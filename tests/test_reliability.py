@@ -307,7 +307,8 @@ def test_a_real_full_disk_raises_a_clear_checkpoint_error(monkeypatch, tmp_path)
         return builtins.open("/dev/full" if str(path).endswith(".tmp") else path, mode, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "open", full_disk_open, raising=False)
-    with pytest.raises(CheckpointError, match=r"step 7 .*No space left on device.*previous checkpoint is intact") as err:
+    expected = r"step 7 .*No space left on device.*previous checkpoint is intact"
+    with pytest.raises(CheckpointError, match=expected) as err:
         save_checkpoint(tmp_path / "ck", {"step": 7, "weights": torch.zeros(100_000)})
     assert isinstance(err.value, UserError)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == []  # nothing half-written left behind

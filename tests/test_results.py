@@ -20,11 +20,14 @@ def _report(epoch, acc, loss, **extra):
 
 
 def _infos():
-    return [TrialInfo("finetune-aaaa0001", "method=finetune", {"method": "finetune", "lr": 1e-4, "lora.r": None}, 3),
-            TrialInfo("dynsdpb-bbbb0002", "method=dynsdpb", {"method": "dynsdpb", "lr": 1e-4, "lora.r": None}, 3),
-            TrialInfo("dynsdpb-cccc0003", "method=dynsdpb,lr=0.5", {"method": "dynsdpb", "lr": 0.5, "lora.r": None}, 3),
-            TrialInfo("finetune-dddd0004", "method=finetune,lr=0.9", {"method": "finetune", "lr": 0.9, "lora.r": None}, 3),
-            TrialInfo("finetune-eeee0005", "method=finetune,seed=1", {"method": "finetune", "lr": 1e-4, "lora.r": None}, 3)]
+    def config(method, lr):
+        return {"method": method, "lr": lr, "lora.r": None}
+
+    return [TrialInfo("finetune-aaaa0001", "method=finetune", config("finetune", 1e-4), 3),
+            TrialInfo("dynsdpb-bbbb0002", "method=dynsdpb", config("dynsdpb", 1e-4), 3),
+            TrialInfo("dynsdpb-cccc0003", "method=dynsdpb,lr=0.5", config("dynsdpb", 0.5), 3),
+            TrialInfo("finetune-dddd0004", "method=finetune,lr=0.9", config("finetune", 0.9), 3),
+            TrialInfo("finetune-eeee0005", "method=finetune,seed=1", config("finetune", 1e-4), 3)]
 
 
 def test_curve_row_drops_tune_bookkeeping():

@@ -75,7 +75,8 @@ def test_plan_rejects_a_metric_not_every_trial_reports(tmp_path, shared_data_dir
     assert plan.metric == "score"
     assert sorted(plan.score_metrics.values()) == ["eval_accuracy", "eval_matthews"]
     assert len(set(plan.asha_groups.values())) == 2
-    assert "score = each trial's main metric (glue/cola: eval_matthews, superglue/cb: eval_accuracy)" in describe_asha(plan)
+    assert ("score = each trial's main metric (glue/cola: eval_matthews, superglue/cb: eval_accuracy)"
+            in describe_asha(plan))
     raw["sweep"]["asha"] = {"metric": "eval_accuracy"}  # both report accuracy
     assert plan_sweep(load_experiment(None, raw=raw)).metric == "eval_accuracy"
     raw["sweep"]["asha"] = {"metric": "eval_f1"}
@@ -306,7 +307,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     assert len([k for k in before_curves if k[0] == long["trial_id"]]) >= 1
 
 
-@pytest.mark.parametrize("name, trials, metric", [("quickstart", 10, "eval_accuracy"), ("superglue", 1305, "eval_accuracy"),
+@pytest.mark.parametrize("name, trials, metric", [("quickstart", 10, "eval_accuracy"),
+                                                  ("superglue", 1305, "eval_accuracy"),
                                                   ("glue", 1764, "score"), ("heatmap", 60, "eval_accuracy"),
                                                   ("nlg", 600, "eval_exact_match"),
                                                   ("nlg-quickstart", 6, "eval_exact_match")])
@@ -356,7 +358,8 @@ def test_a_missing_model_stops_the_sweep_before_ray_unless_a_cluster_worker_may_
         check_models(plan, cluster=True)
     from transformers import BertConfig
 
-    BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64).save_pretrained(model_dir)
+    tiny = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    tiny.save_pretrained(model_dir)
     check_models(plan)  # its config reads: fine
     deeper = plan_sweep(load_experiment(None, raw={**raw, "num_layers": 3}))
     with pytest.raises(UserError, match="num_layers=3 exceeds the 2 layers of"):

@@ -147,7 +147,8 @@ def test_cola_validation_is_in_domain_then_out_of_domain_dev(shared_data_dir):
 
 def test_mrpc_bom_and_raw_quotes(shared_data_dir):
     first = load_examples("glue/mrpc", "train", str(shared_data_dir))[0]
-    assert first["label"] == 1 and first["text"].startswith("Amrozi accused his brother, whom he called \"the witness\"")
+    assert first["label"] == 1
+    assert first["text"].startswith("Amrozi accused his brother, whom he called \"the witness\"")
     assert first["text_pair"].startswith("Referring to him as only \"the witness\"")
 
 
@@ -235,14 +236,16 @@ def generated_mirror(tmp_path) -> Path:
     nli3 = ["entailment", "neutral", "contradiction"]
     write_tsv(tmp_path / "glue/mnli/train.tsv", MNLI_TRAIN_HEADER, [mnli_row(i, nli3[i % 3], False) for i in range(9)])
     for name in ("dev_matched", "dev_mismatched"):
-        write_tsv(tmp_path / f"glue/mnli/{name}.tsv", MNLI_DEV_HEADER, [mnli_row(i, nli3[i % 3], True) for i in range(6)])
+        write_tsv(tmp_path / f"glue/mnli/{name}.tsv", MNLI_DEV_HEADER,
+                  [mnli_row(i, nli3[i % 3], True) for i in range(6)])
     for name, n in (("train", 8), ("dev", 4)):
         write_tsv(tmp_path / f"glue/qnli/{name}.tsv", ["index", "question", "sentence", "label"],
                   [[i, f"What is {i}?", f"It is \"{i}\".", ["entailment", "not_entailment"][i % 2]] for i in range(n)])
         write_tsv(tmp_path / f"glue/qqp/{name}.tsv", ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
                   [[i, 2 * i, 2 * i + 1, f"How {i}?", f"Why {i}?", i % 2] for i in range(n)])
     write_jsonl(tmp_path / "superglue/boolq/train.jsonl",
-                [{"question": f"is it {i}", "passage": f"Passage {i}.", "idx": i, "label": i % 3 == 0} for i in range(6)])
+                [{"question": f"is it {i}", "passage": f"Passage {i}.", "idx": i, "label": i % 3 == 0}
+                 for i in range(6)])
     return tmp_path
 
 
@@ -385,7 +388,8 @@ def test_empty_split(tmp_path):
 
 def test_unreadable_rows(tmp_path):
     (tmp_path / "superglue/cb").mkdir(parents=True)
-    (tmp_path / "superglue/cb/train.jsonl").write_text('{"premise": "P.", "hypothesis": "H.", "label": 0}\n{"premise": \n')
+    (tmp_path / "superglue/cb/train.jsonl").write_text('{"premise": "P.", "hypothesis": "H.", "label": 0}\n'
+                                                       '{"premise": \n')
     with pytest.raises(UserError, match=r"train\.jsonl, record 2 \(line 2\): unreadable row: not valid JSON"):
         load_examples("superglue/cb", "train", str(tmp_path))
     write_tsv(tmp_path / "glue/rte/train.tsv", ["index", "sentence1", "sentence2", "label"],
@@ -457,7 +461,8 @@ def test_custom_task_label_order_and_relative_paths(tmp_path, monkeypatch):
     assert all(r["text_pair"] is None for r in load_examples(spec, "test"))
     given = CustomTaskConfig(files={"train": "train.csv", "test": "test.csv"}, text_fields=["review"],
                              label_field="sentiment", labels=["10", "2", "7"])
-    spec = resolve_task(load_trial_config(None, raw={"task": "custom", "model": "m", "custom_task": given.model_dump()}))
+    raw = {"task": "custom", "model": "m", "custom_task": given.model_dump()}
+    spec = resolve_task(load_trial_config(None, raw=raw))
     assert spec.labels == ("10", "2", "7") and [r["label"] for r in load_examples(spec, "train")] == [0, 1, 1]
 
 
@@ -472,7 +477,8 @@ def test_custom_task_errors(tmp_path):
         load_examples("custom", "train", custom=spec_for(csv_path, text_fields=["nope"], labels=["neg", "pos"]))
     with pytest.raises(UserError, match=r"t\.csv, record 1 \(line 2\): field 'label': missing"):
         load_examples("custom", "train", custom=spec_for(csv_path, label_field="label"))
-    with pytest.raises(UserError, match=r"record 2 \(line 3\): field 'sentiment': label 'neg' is outside the label set \['pos', 'x'\]"):
+    with pytest.raises(UserError, match=r"record 2 \(line 3\): field 'sentiment': "
+                                        r"label 'neg' is outside the label set \['pos', 'x'\]"):
         load_examples("custom", "train", custom=spec_for(csv_path, labels=["pos", "x"]))
     empty = tmp_path / "empty.csv"
     empty.write_text("review,sentiment\n")
@@ -505,7 +511,8 @@ TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blackli
 
 
 @SETTINGS
-@given(rows=st.lists(st.tuples(TEXT, TEXT, st.sampled_from(["neg", "pos", "so so", "0", "1"])), min_size=1, max_size=12),
+@given(rows=st.lists(st.tuples(TEXT, TEXT, st.sampled_from(["neg", "pos", "so so", "0", "1"])),
+                    min_size=1, max_size=12),
        sep=st.sampled_from([",", "\t"]))
 def test_custom_csv_round_trips(rows, sep):
     with tempfile.TemporaryDirectory() as tmp:
