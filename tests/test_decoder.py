@@ -179,8 +179,7 @@ def test_every_method_trains_a_lora_decoder_and_evaluates_by_generation(method, 
     assert all(torch.isfinite(torch.tensor(entry[k])) for k in ("train_loss", "train_ce"))
     assert ("train_distill" in entry) == METHODS[method].distills
     # the predictions are saved per example, readable by a person
-    written = sorted((tmp_path / "run" / "predictions").glob("*.jsonl"))
-    rows = [json.loads(line) for line in written[-1].read_text().splitlines()]
+    rows = _last_predictions(tmp_path / "run")
     assert len(rows) == 4 and {"idx", "output", "prediction", "reference", "correct"} <= set(rows[0])
     # the checkpoint holds the adapter, not the base model
     state = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "state.pt", weights_only=False)
