@@ -29,10 +29,7 @@ from raysdpb.context import FAULTS_ENV, LocalContext, inject_fault
 from raysdpb.engine import run_trial
 from raysdpb.errors import UserError, run_cli
 from raysdpb.results import ResultsRecorder, TrialInfo, read_rows, remove_stale_temporaries, write_json, write_table
-from trial_configs import encoder_raw
-
-REPO = Path(__file__).resolve().parents[1]
-
+from trial_configs import encoder_raw, sweep_env
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
@@ -47,14 +44,6 @@ def _config(data_dir, **overrides):
 
 def _faults(*faults: dict) -> str:
     return json.dumps(list(faults))
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", FAULTS_ENV)}
-    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
 
 
 def _close(a, b, rel=1e-5) -> bool:
@@ -198,7 +187,7 @@ def test_ddp_trial_resumes_each_rank_with_its_own_soft_targets(tmp_path, shared_
     checkpoint must give every rank its own (rank 1 once got rank 0's and stopped: "the cached soft targets are
     not the first half of this batch") and then train exactly as the uninterrupted run did."""
     cfg = _config(shared_data_dir, method=method, epochs=2)
-    env = _env(WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    env = sweep_env(WORLD_SIZE="2", OMP_NUM_THREADS="1")
     reference = _ddp_run(cfg, tmp_path / "reference", env)
     saved = sorted((tmp_path / "reference" / "rank0" / "checkpoints").glob("step_*"))
     assert len(saved) == 2  # the ends of epochs 1 and 2
@@ -215,7 +204,7 @@ def test_ddp_ranks_skip_a_nonfinite_step_together(tmp_path, shared_data_dir):
     """A non-finite loss on rank 0 only: both ranks must skip that step. Before `WorkerContext.all_ranks`, rank 0
     skipped its backward alone and hung in the next all-reduce while rank 1 waited in the one it skipped."""
     cfg = _config(shared_data_dir, method="dynsdpb", max_nonfinite_steps=3)
-    env = _env(**{FAULTS_ENV: _faults({"point": "loss", "step": 2, "rank": 0}), "WORLD_SIZE": "2",
+    env = sweep_env(**{FAULTS_ENV: _faults({"point": "loss", "step": 2, "rank": 0}), "WORLD_SIZE": "2",
                   "OMP_NUM_THREADS": "1"})
     results = _ddp_run(cfg, tmp_path / "run", env)
     for result in results:
@@ -232,7 +221,7 @@ def test_killed_local_trial_resumes_from_its_last_checkpoint_with_the_same_metri
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     # the process SIGKILLs itself right after optimizer step 5; the newest checkpoint is step 3's (mid-epoch)
-    env = _env(**{FAULTS_ENV: _faults({"point": "after_step", "step": 5})})
+    env = sweep_env(**{FAULTS_ENV: _faults({"point": "after_step", "step": 5})})
     killed = subprocess.run([sys.executable, "-m", "raysdpb.train", str(config), "--output-dir", str(out), "-q"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -492,59 +481,55 @@ def _checkpoints_per_trial(experiment: Path) -> dict[str, int]:
     return {run.name: len(list(run.glob("checkpoint_step_*"))) for run in (experiment / "train_runs").iterdir()}
 
 
-def test_sweep_survives_a_killed_worker_and_a_diverged_trial(tmp_path, shared_data_dir):
-    """Three trials that train the same thing (they differ in log_every_steps only): A runs undisturbed; B's Ray
-    Train worker SIGKILLs itself after step 5 (its last checkpoint is step 3's, mid-epoch, with the sampler
-    position and DynSDPB's logit cache); C gets two non-finite losses at step 1 (skipped, counted) and three in
-    a row at step 4 (diverged). B must resume from step 3 and end exactly as A; C is recorded as diverged with
-    its reason; nothing is lost, nothing is recorded twice, checkpoints and scratch space stay bounded."""
-    storage, scratch = tmp_path / "results", tmp_path / "scratch"
-    config = _write(tmp_path, _sweep_raw(shared_data_dir, storage, "faults", {"log_every_steps": [4, 5, 6]}))
-    env = _env(RAYSDPB_SCRATCH_DIR=str(scratch), **{FAULTS_ENV: _faults(
-        {"point": "after_step", "step": 5, "where": {"log_every_steps": 5}, "marker": str(tmp_path / "killed")},
-        {"point": "loss", "step": 1, "times": 2, "where": {"log_every_steps": 6}},
-        {"point": "loss", "step": 4, "times": 3, "where": {"log_every_steps": 6}})})
-    out = _run_sweep(config, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    killed_pid = int((tmp_path / "killed").read_text())  # the hook really fired, in that worker
+def test_sweep_survives_a_killed_worker_and_a_diverged_trial(faulty_sweep):
+    """The shared faulty sweep (conftest.py): finetune seeds 0 and 1 undisturbed; B = dynsdpb seed 1, whose Ray
+    Train worker SIGKILLed itself after step 5 (its last checkpoint is step 3's, mid-epoch, with the sampler
+    position and DynSDPB's logit cache); C = dynsdpb seed 0, two non-finite losses at step 1 (skipped, counted)
+    and three in a row at step 4 (diverged). B must resume from step 3 and end exactly as an uninterrupted run of
+    its config; C is recorded as diverged with its reason; nothing is lost, nothing is recorded twice,
+    checkpoints and scratch space stay bounded."""
+    exp, out = faulty_sweep.experiment, faulty_sweep.out
+    killed_pid = int(faulty_sweep.killed.read_text())  # the hook really fired, in that worker
 
-    exp = storage / "faults"
-    trials = {r["log_every_steps"]: r for r in _rows(exp / "trials.parquet")}
-    assert len(_rows(exp / "trials.parquet")) == 3 and set(trials) == {4, 5, 6}
-    a, b, c = trials[4], trials[5], trials[6]
-    assert a["status"] == b["status"] == "completed" and b["attempts"] == 1
+    rows = _rows(exp / "trials.parquet")
+    trials = {(r["method"], r["seed"]): r for r in rows}
+    assert len(rows) == 4 and set(trials) == {(m, s) for m in ("finetune", "dynsdpb") for s in (0, 1)}
+    b, c = trials["dynsdpb", 1], trials["dynsdpb", 0]
+    assert trials["finetune", 0]["status"] == trials["finetune", 1]["status"] == b["status"] == "completed"
+    assert b["attempts"] == 1  # Ray Train restarted the worker group; the trial itself was not retried
 
     curves = _rows(exp / "curves.parquet")
     keys = [(r["trial_id"], r["step"], r["epoch"]) for r in curves]
     assert len(keys) == len(set(keys))  # no report recorded twice
-    by_trial = {t: sorted((r for r in curves if r["trial_id"] == t), key=lambda r: (r["step"], r["epoch"]))
-                for t in (a["trial_id"], b["trial_id"], c["trial_id"])}
+    by_trial = {r["trial_id"]: sorted((c for c in curves if c["trial_id"] == r["trial_id"]),
+                                      key=lambda c: (c["step"], c["epoch"])) for r in rows}
     # B: the reports up to the kill came from the killed worker (or were replayed from the checkpoint), the
     # rest from a new worker that resumed from step 3, not from the start
     after = [r for r in by_trial[b["trial_id"]] if r["step"] > 3]
     assert after and all(r["worker_pid"] != killed_pid and r["resumed_from_step"] == 3 for r in after)
-    # ... and B ended exactly as the undisturbed A, report by report
-    assert [r["step"] for r in by_trial[b["trial_id"]]] == [r["step"] for r in by_trial[a["trial_id"]]] \
-        == [3, 6, 7, 9, 12, 15]
-    for rb, ra in zip(by_trial[b["trial_id"]], by_trial[a["trial_id"]]):
+    # ... and B ended exactly as an uninterrupted run of its config, report by report
+    reference = _reference_curves(exp, b["trial_id"])
+    assert [r["step"] for r in by_trial[b["trial_id"]]] == [r["step"] for r in reference] == [3, 6, 7, 9, 12, 15]
+    for got, want in zip(by_trial[b["trial_id"]], reference):
         for key in ("epoch", "eval_accuracy", "eval_macro_f1", "train_loss", "train_distill", "alpha_mean", "lr"):
-            assert _close(rb[key], ra[key]), (rb["step"], key, rb[key], ra[key])
-    for key in ("last_eval_accuracy", "last_train_loss", "best_eval_accuracy", "steps", "epochs_run"):
-        assert _close(b[key], a[key]), key
+            assert _close(got[key], want[key], rel=1e-4), (got["step"], key, got[key], want[key])
+    assert b["steps"] == reference[-1]["step"] and b["epochs_run"] == reference[-1]["epoch"] == 2
+    assert _close(b["last_eval_accuracy"], reference[-1]["eval_accuracy"], rel=1e-4)
+    assert _close(b["best_eval_accuracy"], max(r["eval_accuracy"] for r in reference), rel=1e-4)
 
-    # C: skipped and counted, then diverged with its reason; the sweep went on with A and B
+    # C: skipped and counted, then diverged with its reason; the sweep went on with the others
     assert c["status"] == "diverged" and c["message"] == "3 non-finite losses in a row at step 4"
     assert c["stop_reason"].startswith("diverged at epoch") and c["last_nonfinite_steps"] == 5
     # C's reports: step 3 (mid-epoch, 2 skipped so far), step 4 at the epoch's end (the first of the three in a
     # row was that epoch's last batch), and the diverged report at step 4 in the second epoch
     assert [(r["step"], r["nonfinite_steps"], r["status"]) for r in by_trial[c["trial_id"]]] == [
         (3, 2, None), (4, 3, None), (4, 5, "diverged")]
-    assert "1 diverged" in out.stdout and "2 completed" in out.stdout
+    assert "1 diverged" in out.stdout and "3 completed" in out.stdout
 
     # disk: keep_checkpoints=1 per trial on the storage, and no worker's scratch folder left behind (not even
     # the killed one's), no temporary files
-    assert _checkpoints_per_trial(exp) == {a["trial_id"]: 1, b["trial_id"]: 1, c["trial_id"]: 1}
-    assert list(scratch.iterdir()) == []
+    assert _checkpoints_per_trial(exp) == {r["trial_id"]: 1 for r in rows}
+    assert list(faulty_sweep.scratch.iterdir()) == []
     _no_temporaries(exp)
 
 
@@ -584,7 +569,7 @@ def test_killed_or_interrupted_sweep_resumes_without_losing_or_repeating_trials(
     config = _write(tmp_path, _sweep_raw(shared_data_dir, storage, "killed", {"epochs": [1, 6]}, method="dynsdpb",
                                          eval_every_steps=None))
     exp = storage / "killed"
-    env = _env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch"))
+    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch"))
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=env,
                              start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -658,7 +643,7 @@ def test_a_full_disk_on_a_worker_errors_that_trial_only_and_resume_continues_it(
     storage = tmp_path / "results"
     config = _write(tmp_path, _sweep_raw(shared_data_dir, storage, "disk", {"log_every_steps": [4, 5]},
                                          sweep={"max_failures": 0}))
-    env = _env(**{FAULTS_ENV: _faults({"point": "save", "step": 6, "where": {"log_every_steps": 5},
+    env = sweep_env(**{FAULTS_ENV: _faults({"point": "save", "step": 6, "where": {"log_every_steps": 5},
                                        "marker": str(tmp_path / "full")})})
     out = _run_sweep(config, env=env)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
@@ -701,7 +686,7 @@ def test_the_same_sweep_twice_gives_the_same_metrics_and_bounded_storage(tmp_pat
     for name in ("one", "two"):
         storage = tmp_path / name
         config = _write(tmp_path, _sweep_raw(shared_data_dir, storage, name, search, eval_every_steps=2))
-        out = _run_sweep(config, env=_env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch")))
+        out = _run_sweep(config, env=sweep_env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch")))
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         runs[name] = {r["trial_id"]: r for r in _rows(storage / name / "trials.parquet")}
     one, two = runs["one"], runs["two"]

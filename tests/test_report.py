@@ -15,16 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from scipy import stats
 
 from raysdpb.errors import UserError, run_cli
 from raysdpb.report import build_report, main
 from raysdpb.report.tables import (alpha_tau_grid, cost_table, paired_comparisons, prepare, results_table,
                                    select_configs)
-
-REPO = Path(__file__).resolve().parents[1]
-
+from trial_configs import sweep_env
 
 def _trials(rows: list[dict], **common) -> pd.DataFrame:
     """Trial rows as trials.parquet has them (only the columns the report reads)."""
@@ -297,50 +294,40 @@ def test_a_folder_without_trials_parquet_is_one_clear_error(tmp_path, capsys):
 
 # --- a real sweep ------------------------------------------------------------------------------------------
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
 @pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory, shared_data_dir):
-    """finetune and dynsdpb, two seeds each, on 32 CB examples with tiny-bert: four trials on a local Ray, all at
-    once (half a CPU each: their start-up, most of their time, overlaps)."""
-    root = tmp_path_factory.mktemp("report-sweep")
-    raw = dict(task="superglue/cb", model="tiny-bert", method="dynsdpb", data_dir=str(shared_data_dir), epochs=2,
-               batch_size=8, eval_batch_size=16, max_length=64, max_train_samples=32, max_eval_samples=16,
-               lr=1e-4, alpha=1.0, tau=2.0, seed=0, log_every_steps=1, grad_norm_every_steps=1,
-               search={"method": ["finetune", "dynsdpb"], "seed": [0, 1]},
-               sweep={"name": "tiny", "storage_path": str(root / "results"), "num_workers": 1,
-                      "cpus_per_worker": 0.5, "keep_checkpoints": 1, "max_failures": 0, "asha": None})
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=root, env=_env(),
-                         capture_output=True, text=True, timeout=480)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root / "results" / "tiny"
+def tiny_sweep(faulty_sweep, tmp_path_factory):
+    """The shared real sweep of conftest.py (finetune and dynsdpb, two seeds each, on 32 CB examples with
+    tiny-bert; one dynsdpb trial diverged, another lost its worker and resumed), copied, since the report
+    writes into the experiment folder."""
+    copy = tmp_path_factory.mktemp("report-sweep") / faulty_sweep.experiment.name
+    shutil.copytree(faulty_sweep.experiment, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")
 def tiny_report(tiny_sweep):
-    out = subprocess.run([sys.executable, "-m", "raysdpb.report", str(tiny_sweep)], env=_env(),
+    out = subprocess.run([sys.executable, "-m", "raysdpb.report", str(tiny_sweep)], env=sweep_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.startswith(f"report: {tiny_sweep / 'report' / 'report.md'}")
     return tiny_sweep / "report"
 
 
+def _all_cells(md: str, first: str) -> list[list[str]]:
+    """The cells of every table row of `md` whose first cell is `first`, in order."""
+    return [[c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+            for line in md.splitlines() if line.startswith(f"| {first} |")]
+
+
 def _cells(md: str, first: str) -> list[str]:
-    line = next(x for x in md.splitlines() if x.startswith(f"| {first} |"))
-    return [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+    return _all_cells(md, first)[0]
 
 
 def test_report_of_a_real_sweep_matches_its_parquet(tiny_sweep, tiny_report):
     trials = pd.read_parquet(tiny_sweep / "trials.parquet")
-    assert len(trials) == 4 and set(trials.status) == {"completed"}
+    status = trials.set_index(["method", "seed"])["status"]
+    assert len(trials) == 4 and status["dynsdpb", 0] == "diverged"  # a finished trial: it counts, with its score
+    assert [status[key] for key in (("finetune", 0), ("finetune", 1), ("dynsdpb", 1))] == ["completed"] * 3
     md = (tiny_report / "report.md").read_text()
 
     # the results table, computed here straight from trials.parquet
@@ -350,10 +337,11 @@ def test_report_of_a_real_sweep_matches_its_parquet(tiny_sweep, tiny_report):
         assert _cells(md, method)[1] == expected
     # the cost table
     for method, group in trials.groupby("method"):
-        cells = _cells(md, method)
-        if len(cells) == 11:  # the cost table's row (the results table's has 2 cells)
-            assert cells[1:8] == ["2", "2", "0", "0", "4", "4", "0%"]
-            assert cells[8] == f"{group.wall_time_s.sum() / 3600:.3f}"
+        (cells,) = [row for row in _all_cells(md, method) if len(row) >= 11]  # the cost table's row
+        completed = int((group.status == "completed").sum())
+        other = "diverged 1" if method == "dynsdpb" else "0"
+        assert cells[1:8] == ["2", str(completed), "0", other, f"{group.epochs_run.sum():g}", "4", "0%"]
+        assert cells[8] == f"{group.wall_time_s.sum() / 3600:.3f}"
     # paired: two seeds, a mean difference but no p-value
     line = next(x for x in md.splitlines() if x.startswith("| superglue/cb | dynsdpb | finetune |"))
     acc = trials.set_index(["method", "seed"])["best_eval_accuracy"]

@@ -1,5 +1,6 @@
 """The sweep on real Ray: planning and validation (no Ray), then real sweeps of a tiny BERT on SuperGLUE CB:
-two DDP workers per trial with ASHA stopping a trial, a two-node cluster, and an interrupted sweep resumed."""
+two DDP workers per trial with ASHA stopping a trial, an interrupted sweep resumed, and (slow, `-m slow`) a
+two-node cluster and a LoRA decoder sweep."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 from raysdpb.config import load_experiment
 from raysdpb.errors import UserError
 from raysdpb.sweep import check_resources, describe_asha, max_concurrent_trials, plan_sweep
+from trial_configs import sweep_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,17 +42,9 @@ def _write(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **extra)
-    # the checkout under test, whatever an editable install elsewhere points at
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
 def _sweep(config: Path, *args: str, env: dict | None = None, timeout: float = 480) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(config), "-q", *args], cwd=config.parent,
-                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
+                          env=env or sweep_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -207,7 +201,7 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
 @pytest.fixture
 def two_node_cluster(tmp_path):
     """A Ray head (1 CPU) and a second node (1 CPU) on this machine, each a `ray start --block` process group."""
-    env = _env(RAY_AUTH_MODE="token")
+    env = sweep_env(RAY_AUTH_MODE="token")
     port = _free_port()
     common = ["--num-cpus=1", "--num-gpus=0", "--block", "--disable-usage-stats"]
     procs = []
@@ -242,6 +236,8 @@ def _nodes_line(address: str, env: dict) -> str:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout
 
 
+# slow (~100 s: two Ray nodes and their trials); the default suite's sweeps all run on one local node
+@pytest.mark.slow
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, shared_data_dir, two_node_cluster):
     storage = tmp_path / "shared-storage"  # one folder both nodes see (a stand-in for NFS or S3)
     raw = _raw(shared_data_dir, storage, "cluster", {"task": ["glue/cola", "superglue/cb"]}, method="finetune",
@@ -268,7 +264,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     config = _write(tmp_path, _raw(shared_data_dir, storage, "resume", {"epochs": [1, 10]}, method="finetune",
                                    sweep={"asha": None}))
     exp = storage / "resume"
-    first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=_env(),
+    first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=sweep_env(),
                              start_new_session=True, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
@@ -366,6 +362,8 @@ def test_a_missing_model_stops_the_sweep_before_ray_unless_a_cluster_worker_may_
         check_models(deeper)
 
 
+# slow (~85 s): the decoder trial's loop, LoRA and predictions are in test_decoder's in-process tests
+@pytest.mark.slow
 def test_a_decoder_sweep_saves_its_predictions_and_the_before_score(tmp_path, shared_data_dir):
     """A LoRA decoder trial on Ray: exact match before and after training in trials.parquet, and every
     generated answer of both evaluations under <experiment>/artifacts/<trial_id>/predictions."""

@@ -3,7 +3,13 @@ LoRA on GSM8K, both on data from `../shared/data`; `overrides` change any key.""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from raysdpb.config import TrialConfig, load_trial_config
+from raysdpb.context import FAULTS_ENV
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def encoder_raw(data_dir, **overrides) -> dict:
@@ -24,3 +30,13 @@ def decoder_trial(data_dir, **overrides) -> TrialConfig:
                max_new_tokens=6, seed=0, progress_bar=False, alpha=1.0, tau=2.0,
                lora=dict(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
     return load_trial_config(None, raw={**raw, **overrides})
+
+
+def sweep_env(**extra) -> dict:
+    """The environment a test's `python -m raysdpb.sweep` runs in: offline, a local Ray (no RAY_ADDRESS), no
+    injected faults unless `extra` sets them, and the checkout under test first on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", FAULTS_ENV)}
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
