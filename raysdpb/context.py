@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,8 @@ def inject_fault(point: str, step: int, config: Any = None, rank: int = 0) -> bo
     * `point: "loss"` (the training loop, before it checks the loss): returns True, and the loop treats the
       step's loss as non-finite;
     * `point: "after_step"` (the loop, right after optimizer step N): SIGKILLs this process (a worker dying
-      for real: no `finally`, no flush);
+      for real: no `finally`, no flush); with `until` (a file path), holds the process there instead until
+      that file exists (a trial kept at a known step, after its reports so far, while a test acts);
     * `point: "save"` (`save_checkpoint`, before writing the checkpoint of step N): raises
       `OSError(ENOSPC)`, a full disk.
 
@@ -236,7 +238,10 @@ def inject_fault(point: str, step: int, config: Any = None, rank: int = 0) -> bo
             os.close(fd)
         _fired[i] = _fired.get(i, 0) + 1
         log.warning("fault injection (%s): %s at step %d", FAULTS_ENV, point, step)
-        if point == "after_step":
+        if point == "after_step" and fault.get("until"):
+            while not os.path.exists(fault["until"]):
+                time.sleep(0.2)
+        elif point == "after_step":
             os.kill(os.getpid(), signal.SIGKILL)
         if point == "save":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")

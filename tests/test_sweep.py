@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from raysdpb.config import load_experiment
+from raysdpb.context import FAULTS_ENV
 from raysdpb.errors import UserError
 from raysdpb.sweep import check_resources, describe_asha, max_concurrent_trials, plan_sweep
 from trial_configs import sweep_env
@@ -257,14 +258,19 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, shared_data_dir, t
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared_data_dir):
-    """Two trials side by side, of 1 and 10 (short) epochs. The sweep is killed (driver and local Ray at once) when the
+    """Two trials side by side, of 1 and 3 (short) epochs. The sweep is killed (driver and local Ray at once) when the
     short one has finished and the long one has reported (and checkpointed) its first epoch; `--resume` must
-    leave the finished trial alone and continue the other from its checkpoint."""
+    leave the finished trial alone and continue the other from its checkpoint. The long trial is held after step
+    5, the first of its second epoch (`$RAYSDPB_FAULTS`), so it cannot run ahead while Ray Train shuts the short
+    one down (up to 12 s on 2 busy cores); the resumed run gets past it."""
     storage = tmp_path / "results"
-    config = _write(tmp_path, _raw(shared_data_dir, storage, "resume", {"epochs": [1, 10]}, method="finetune",
+    config = _write(tmp_path, _raw(shared_data_dir, storage, "resume", {"epochs": [1, 3]}, method="finetune",
                                    sweep={"asha": None}))
     exp = storage / "resume"
-    first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=sweep_env(),
+    release = tmp_path / "release"
+    env = sweep_env(**{FAULTS_ENV: json.dumps([{"point": "after_step", "step": 5, "where": {"epochs": 3},
+                                                 "until": str(release)}])})
+    first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=env,
                              start_new_session=True, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
@@ -275,28 +281,29 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
             if not (exp / "trials.parquet").exists():
                 continue
             before = {r["epochs"]: r for r in _rows(exp / "trials.parquet")}
-            if before[1]["status"] == "completed" and before[10]["reports"] >= 1:
+            if before[1]["status"] == "completed" and before[3]["reports"] >= 1:
                 break
         before_curves = {(c["trial_id"], c["step"]): c["timestamp"] for c in _rows(exp / "curves.parquet")}
     finally:
         # a crash: the driver and the local Ray it started die at once, with no chance to save anything
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(30)
-    short, long = before[1], before[10]
-    assert long["status"] == "running" and long["epochs_run"] < 10
+    short, long = before[1], before[3]
+    assert long["status"] == "running" and long["epochs_run"] == 1
 
-    out = _sweep(config, "--resume")
+    release.touch()
+    out = _sweep(config, "--resume", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = {r["epochs"]: r for r in _rows(exp / "trials.parquet")}
     assert len(_rows(exp / "trials.parquet")) == 2  # every trial once
-    assert rows[1]["status"] == rows[10]["status"] == "completed" and rows[10]["epochs_run"] == 10
+    assert rows[1]["status"] == rows[3]["status"] == "completed" and rows[3]["epochs_run"] == 3
     # the finished trial was not trained again: same row, same reports
     assert rows[1]["attempts"] == 1 and rows[1]["finished_at"] == short["finished_at"]
     # the other continued from its checkpoint: its first attempt's reports stand, it did not redo them
-    assert rows[10]["attempts"] == 2
+    assert rows[3]["attempts"] == 2
     curves = _rows(exp / "curves.parquet")
     assert sorted((c["trial_id"], c["epoch"]) for c in curves) == sorted(
-        [(short["trial_id"], 1)] + [(long["trial_id"], e) for e in range(1, 11)])
+        [(short["trial_id"], 1)] + [(long["trial_id"], e) for e in range(1, 4)])
     for c in curves:
         if (c["trial_id"], c["step"]) in before_curves:
             assert before_curves[(c["trial_id"], c["step"])] == c["timestamp"]
