@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -32,23 +31,18 @@ def faulty_sweep(tmp_path_factory, shared_data_dir):
     test_reliability checks how the sweep came through the faults, test_report the report of it (on a copy).
     Returns the experiment folder, the sweep's CompletedProcess, the `killed` marker and the scratch folder."""
     from raysdpb.context import FAULTS_ENV
-    from trial_configs import encoder_raw, sweep_env
+    from trial_configs import faults_json, sweep_env, sweep_raw
 
     root = tmp_path_factory.mktemp("faulty-sweep")
-    raw = encoder_raw(shared_data_dir, max_length=32, max_train_samples=32, max_eval_samples=16, epochs=2,
-                      lr=1e-4, max_nonfinite_steps=3, eval_every_steps=3, log_every_steps=1,
-                      grad_norm_every_steps=1)
-    raw.pop("progress_bar")
-    raw["search"] = {"method": ["finetune", "dynsdpb"], "seed": [0, 1]}
-    raw["sweep"] = {"name": "faults", "storage_path": str(root / "results"), "num_workers": 1,
-                    "cpus_per_worker": 1, "keep_checkpoints": 1, "max_failures": 1, "asha": None}
+    raw = sweep_raw(shared_data_dir, root / "results", "faults", {"method": ["finetune", "dynsdpb"], "seed": [0, 1]},
+                    log_every_steps=1, grad_norm_every_steps=1)
     config = root / "faults.yaml"
     config.write_text(yaml.safe_dump(raw))
     killed, scratch = root / "killed", root / "scratch"
-    faults = [{"point": "after_step", "step": 5, "where": {"method": "dynsdpb", "seed": 1}, "marker": str(killed)},
-              {"point": "loss", "step": 1, "times": 2, "where": {"method": "dynsdpb", "seed": 0}},
-              {"point": "loss", "step": 4, "times": 3, "where": {"method": "dynsdpb", "seed": 0}}]
-    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(scratch), **{FAULTS_ENV: json.dumps(faults)})
+    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(scratch), **{FAULTS_ENV: faults_json(
+        {"point": "after_step", "step": 5, "where": {"method": "dynsdpb", "seed": 1}, "marker": str(killed)},
+        {"point": "loss", "step": 1, "times": 2, "where": {"method": "dynsdpb", "seed": 0}},
+        {"point": "loss", "step": 4, "times": 3, "where": {"method": "dynsdpb", "seed": 0}})})
     out = subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -29,21 +29,12 @@ from raysdpb.context import FAULTS_ENV, LocalContext, inject_fault
 from raysdpb.engine import run_trial
 from raysdpb.errors import UserError, run_cli
 from raysdpb.results import ResultsRecorder, TrialInfo, read_rows, remove_stale_temporaries, write_json, write_table
-from trial_configs import encoder_raw, sweep_env
+from trial_configs import faults_json, small_encoder_raw, sweep_env, sweep_raw
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
-def _trial(data_dir, **overrides) -> dict:
-    """The shared encoder trial, smaller still: these tests run many trials, several in subprocesses."""
-    return encoder_raw(data_dir, **{"max_length": 32, "max_train_samples": 32, "max_eval_samples": 16, **overrides})
-
-
 def _config(data_dir, **overrides):
-    return load_trial_config(None, raw=_trial(data_dir, **overrides))
-
-
-def _faults(*faults: dict) -> str:
-    return json.dumps(list(faults))
+    return load_trial_config(None, raw=small_encoder_raw(data_dir, **overrides))
 
 
 def _close(a, b, rel=1e-5) -> bool:
@@ -66,7 +57,7 @@ def test_fault_hook_is_inert_unless_asked_and_fires_where_and_as_often_as_told(m
     monkeypatch.delenv(FAULTS_ENV, raising=False)
     assert inject_fault("loss", 1) is False
     cfg = _config(shared_data_dir, seed=3)
-    monkeypatch.setenv(FAULTS_ENV, _faults(
+    monkeypatch.setenv(FAULTS_ENV, faults_json(
         {"point": "loss", "step": 2, "times": 2, "where": {"seed": 3}},
         {"point": "loss", "step": 5, "rank": 1},
         {"point": "loss", "step": 7, "marker": str(tmp_path / "once")},
@@ -83,7 +74,7 @@ def test_fault_hook_is_inert_unless_asked_and_fires_where_and_as_often_as_told(m
 
 def test_fault_hook_holds_a_step_until_its_file_exists(monkeypatch, tmp_path, shared_data_dir):
     release = tmp_path / "release"
-    monkeypatch.setenv(FAULTS_ENV, _faults({"point": "after_step", "step": 3, "until": str(release)}))
+    monkeypatch.setenv(FAULTS_ENV, faults_json({"point": "after_step", "step": 3, "until": str(release)}))
     cfg = _config(shared_data_dir)
     held = threading.Thread(target=inject_fault, args=("after_step", 3, cfg))
     held.start()
@@ -98,7 +89,7 @@ def test_fault_hook_holds_a_step_until_its_file_exists(monkeypatch, tmp_path, sh
 
 def test_nonfinite_losses_are_skipped_and_counted_then_the_trial_diverges(monkeypatch, tmp_path, shared_data_dir):
     # two in a row (fewer than max_nonfinite_steps=3): skipped, counted, and the trial completes
-    monkeypatch.setenv(FAULTS_ENV, _faults({"point": "loss", "step": 2, "times": 2}))
+    monkeypatch.setenv(FAULTS_ENV, faults_json({"point": "loss", "step": 2, "times": 2}))
     cfg = _config(shared_data_dir, max_nonfinite_steps=3, epochs=2)
     context = LocalContext(tmp_path / "skipped")
     result = run_trial(cfg, context)
@@ -138,8 +129,8 @@ def test_train_cli_reports_a_diverged_trial_in_one_line(monkeypatch, tmp_path, s
     from raysdpb.train import main
 
     config = tmp_path / "trial.yaml"
-    config.write_text(yaml.safe_dump(_trial(shared_data_dir, max_nonfinite_steps=2)))
-    monkeypatch.setenv(FAULTS_ENV, _faults({"point": "loss", "step": 1, "times": 2}))
+    config.write_text(yaml.safe_dump(small_encoder_raw(shared_data_dir, max_nonfinite_steps=2)))
+    monkeypatch.setenv(FAULTS_ENV, faults_json({"point": "loss", "step": 1, "times": 2}))
     assert run_cli(main, [str(config), "--output-dir", str(tmp_path / "out"), "-q"]) == 3
     captured = capsys.readouterr()
     last = json.loads(captured.out.strip().splitlines()[-1])
@@ -218,7 +209,7 @@ def test_ddp_ranks_skip_a_nonfinite_step_together(tmp_path, shared_data_dir):
     """A non-finite loss on rank 0 only: both ranks must skip that step. Before `WorkerContext.all_ranks`, rank 0
     skipped its backward alone and hung in the next all-reduce while rank 1 waited in the one it skipped."""
     cfg = _config(shared_data_dir, method="dynsdpb", max_nonfinite_steps=3)
-    env = sweep_env(**{FAULTS_ENV: _faults({"point": "loss", "step": 2, "rank": 0}), "WORLD_SIZE": "2",
+    env = sweep_env(**{FAULTS_ENV: faults_json({"point": "loss", "step": 2, "rank": 0}), "WORLD_SIZE": "2",
                   "OMP_NUM_THREADS": "1"})
     results = _ddp_run(cfg, tmp_path / "run", env)
     for result in results:
@@ -230,12 +221,12 @@ def test_ddp_ranks_skip_a_nonfinite_step_together(tmp_path, shared_data_dir):
 # --- a killed process resumes where it stopped (local mode) ------------------------------------------------
 
 def test_killed_local_trial_resumes_from_its_last_checkpoint_with_the_same_metrics(tmp_path, shared_data_dir):
-    raw = _trial(shared_data_dir, epochs=2, checkpoint_every_steps=3)
+    raw = small_encoder_raw(shared_data_dir, epochs=2, checkpoint_every_steps=3)
     config = tmp_path / "trial.yaml"
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     # the process SIGKILLs itself right after optimizer step 5; the newest checkpoint is step 3's (mid-epoch)
-    env = sweep_env(**{FAULTS_ENV: _faults({"point": "after_step", "step": 5})})
+    env = sweep_env(**{FAULTS_ENV: faults_json({"point": "after_step", "step": 5})})
     killed = subprocess.run([sys.executable, "-m", "raysdpb.train", str(config), "--output-dir", str(out), "-q"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -274,7 +265,7 @@ def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp
     from raysdpb.train import main
 
     config = tmp_path / "trial.yaml"
-    config.write_text(yaml.safe_dump(_trial(shared_data_dir)))
+    config.write_text(yaml.safe_dump(small_encoder_raw(shared_data_dir)))
     out = tmp_path / "out"
     assert run_cli(main, [str(config), "--output-dir", str(out), "-q"]) == 0
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -354,7 +345,7 @@ def test_out_of_space_fails_the_trial_clearly_and_keeps_the_previous_checkpoint(
     calls.append(1)  # the first save fails
     monkeypatch.setattr(torch, "save", save)
     config = tmp_path / "trial.yaml"
-    config.write_text(yaml.safe_dump(_trial(shared_data_dir)))
+    config.write_text(yaml.safe_dump(small_encoder_raw(shared_data_dir)))
     capsys.readouterr()
     assert run_cli(main, [str(config), "--output-dir", str(tmp_path / "cli"), "-q"]) == 2
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -461,16 +452,6 @@ def test_scratch_of_killed_workers_is_removed(monkeypatch, tmp_path):
 
 
 # --- real sweeps on Ray -----------------------------------------------------------------------------------------
-
-def _sweep_raw(data_dir, storage, name, search, sweep=None, **trial) -> dict:
-    raw = _trial(data_dir, epochs=2, lr=1e-4, max_nonfinite_steps=3, eval_every_steps=3)
-    raw.pop("progress_bar")
-    raw.update(trial)
-    raw["search"] = search
-    raw["sweep"] = {"name": name, "storage_path": str(storage), "num_workers": 1, "cpus_per_worker": 1,
-                    "keep_checkpoints": 1, "max_failures": 1, "asha": None, **(sweep or {})}
-    return raw
-
 
 def _write(tmp_path: Path, raw: dict) -> Path:
     path = tmp_path / f"{raw['sweep']['name']}.yaml"
@@ -580,14 +561,14 @@ def test_killed_or_interrupted_sweep_resumes_without_losing_or_repeating_trials(
     sweep: every trial once in trials.parquet, every report once in curves.parquet, the finished trial not
     trained again, the interrupted one ending as an uninterrupted run does."""
     storage = tmp_path / "results"
-    config = _write(tmp_path, _sweep_raw(shared_data_dir, storage, "killed", {"epochs": [1, 6]}, method="dynsdpb",
+    config = _write(tmp_path, sweep_raw(shared_data_dir, storage, "killed", {"epochs": [1, 6]}, method="dynsdpb",
                                          eval_every_steps=None))
     exp = storage / "killed"
     # the long trial is held after step 8, the first of its second epoch (DynSDPB's first epoch on 32 examples is
     # 7 steps), so the kill comes after its epoch-1 report, however long the short trial takes to be recorded
     # as completed (Ray Train's shutdown of a run can take 12 s on 2 busy cores)
     release = tmp_path / "release"
-    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch"), **{FAULTS_ENV: _faults(
+    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch"), **{FAULTS_ENV: faults_json(
         {"point": "after_step", "step": 8, "where": {"epochs": 6}, "until": str(release)})})
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=env,
@@ -661,9 +642,9 @@ def test_a_full_disk_on_a_worker_errors_that_trial_only_and_resume_continues_it(
     naming the failed trial. With room again, `--resume` retries the errored trial from step 3, and it ends as the
     other one did."""
     storage = tmp_path / "results"
-    config = _write(tmp_path, _sweep_raw(shared_data_dir, storage, "disk", {"log_every_steps": [4, 5]},
+    config = _write(tmp_path, sweep_raw(shared_data_dir, storage, "disk", {"log_every_steps": [4, 5]},
                                          sweep={"max_failures": 0}))
-    env = sweep_env(**{FAULTS_ENV: _faults({"point": "save", "step": 6, "where": {"log_every_steps": 5},
+    env = sweep_env(**{FAULTS_ENV: faults_json({"point": "save", "step": 6, "where": {"log_every_steps": 5},
                                        "marker": str(tmp_path / "full")})})
     out = _run_sweep(config, env=env)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
@@ -705,7 +686,7 @@ def test_the_same_sweep_twice_gives_the_same_metrics_and_bounded_storage(tmp_pat
     runs = {}
     for name in ("one", "two"):
         storage = tmp_path / name
-        config = _write(tmp_path, _sweep_raw(shared_data_dir, storage, name, search, eval_every_steps=2))
+        config = _write(tmp_path, sweep_raw(shared_data_dir, storage, name, search, eval_every_steps=2))
         out = _run_sweep(config, env=sweep_env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch")))
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         runs[name] = {r["trial_id"]: r for r in _rows(storage / name / "trials.parquet")}
@@ -760,7 +741,7 @@ def test_soak_many_short_trials_keep_the_driver_flat(tmp_path, shared_data_dir):
     from raysdpb.sweep import _connect, plan_sweep, run_sweep
 
     n = int(os.environ.get("RAYSDPB_SOAK_TRIALS", "24"))
-    raw = _sweep_raw(shared_data_dir, tmp_path / "results", "soak", {"seed": list(range(n))}, method="dynsdpb",
+    raw = sweep_raw(shared_data_dir, tmp_path / "results", "soak", {"seed": list(range(n))}, method="dynsdpb",
                      epochs=1, max_train_samples=16, max_eval_samples=8, eval_every_steps=None,
                      sweep={"report_every_steps": 1})
     plan = plan_sweep(load_experiment(None, raw=raw))

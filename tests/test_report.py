@@ -23,6 +23,7 @@ from raysdpb.report.tables import (alpha_tau_grid, cost_table, paired_comparison
                                    select_configs)
 from trial_configs import sweep_env
 
+
 def _trials(rows: list[dict], **common) -> pd.DataFrame:
     """Trial rows as trials.parquet has them (only the columns the report reads)."""
     base = dict(task="superglue/cb", model="tiny-bert", lr=1e-4, alpha=1.0, tau=2.0, seed=0, status="completed",

@@ -21,7 +21,7 @@ from raysdpb.config import load_experiment
 from raysdpb.context import FAULTS_ENV
 from raysdpb.errors import UserError
 from raysdpb.sweep import check_resources, describe_asha, max_concurrent_trials, plan_sweep
-from trial_configs import sweep_env
+from trial_configs import faults_json, sweep_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,8 +268,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
                                    sweep={"asha": None}))
     exp = storage / "resume"
     release = tmp_path / "release"
-    env = sweep_env(**{FAULTS_ENV: json.dumps([{"point": "after_step", "step": 5, "where": {"epochs": 3},
-                                                 "until": str(release)}])})
+    env = sweep_env(**{FAULTS_ENV: faults_json({"point": "after_step", "step": 5, "where": {"epochs": 3},
+                                                "until": str(release)})})
     first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=env,
                              start_new_session=True, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     try:

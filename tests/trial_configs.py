@@ -3,6 +3,7 @@ LoRA on GSM8K, both on data from `../shared/data`; `overrides` change any key.""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,30 @@ def encoder_raw(data_dir, **overrides) -> dict:
                batch_size=8, eval_batch_size=16, max_length=64, lr=1e-3, max_train_samples=48, max_eval_samples=24,
                seed=0, progress_bar=False, alpha=1.0, tau=2.0)
     return {**raw, **overrides}
+
+
+def small_encoder_raw(data_dir, **overrides) -> dict:
+    """The encoder trial, smaller still (32 training examples of 32 tokens, 16 to evaluate), for tests that run
+    many trials, several in subprocesses or on Ray."""
+    return encoder_raw(data_dir, **{"max_length": 32, "max_train_samples": 32, "max_eval_samples": 16, **overrides})
+
+
+def sweep_raw(data_dir, storage, name, search, sweep=None, **trial) -> dict:
+    """A sweep YAML's mapping over the small encoder trial (2 epochs at lr 1e-4, an evaluation and a checkpoint
+    every 3 steps, diverged after 3 non-finite losses in a row): `search` as given, one 1-CPU worker per trial,
+    one checkpoint kept, one retry, no ASHA; `sweep` overrides that block, `trial` the trial's keys."""
+    raw = small_encoder_raw(data_dir, epochs=2, lr=1e-4, max_nonfinite_steps=3, eval_every_steps=3)
+    raw.pop("progress_bar")
+    raw.update(trial)
+    raw["search"] = search
+    raw["sweep"] = {"name": name, "storage_path": str(storage), "num_workers": 1, "cpus_per_worker": 1,
+                    "keep_checkpoints": 1, "max_failures": 1, "asha": None, **(sweep or {})}
+    return raw
+
+
+def faults_json(*faults: dict) -> str:
+    """The value of `$RAYSDPB_FAULTS` (raysdpb.context.inject_fault) for these faults."""
+    return json.dumps(list(faults))
 
 
 def encoder_trial(data_dir, **overrides) -> TrialConfig:
