@@ -1,18 +1,20 @@
 """The methods registry (section 5 of docs/method.md) and the per-rank cache of soft targets.
 
 A method is one `Method` entry: which batch sampler it needs, its epoch multiplier, and its loss given the
-batch's model outputs and the teacher state cached at the previous step. The training loop is the same
-for all of them:
+batch's model outputs and the teacher state cached at the previous step. Every loss is composed from the
+pure functions of `raysdpb.losses` (`lmbc_loss`, `vmm_loss`, `dynamic_ce_loss`, `uncertainty_weights`,
+`temperature_from_losses`, ...), so the documented functions are the ones that train. The training step
+(`raysdpb.recipe.Recipe.train_step`) is the same for all of them:
 
     teacher = cache.take(first_half_indices, device)   # None on the first step of a run
     terms = method.loss(outputs, teacher, params)      # LossTerms: total, ce, distill, alpha_i, tau_i
     terms.total.backward()
     cache.put(method.teacher_state(outputs.slice(slice(half, None)), second_half_indices, params))
 
-`outputs` is a `ClassOutputs` (encoders: `(B, C)` logits) or a `TokenOutputs` (decoders: `(B, T, V)`
-logits, labels and an answer mask); both expose the same per-sample signals, so every method works for
-both kinds of model. For decoders the cached soft target is the vocabulary map (section 4), V floats per
-sequence, not T x V logits.
+`outputs` is a `ClassOutputs` (encoders: `(B, C)` logits, distilled with LMBC) or a `TokenOutputs` (decoders:
+`(B, T, V)` logits, labels and an answer mask, distilled with VMM); both expose the same per-sample signals,
+so every method works for both kinds of model. For decoders the cached soft target is the vocabulary map
+(section 4), V floats per sequence, not T x V logits.
 
 Adding a method means adding one `register(Method(...))` entry below.
 """
@@ -67,12 +69,16 @@ class ClassOutputs:
     def uncertainty(self) -> torch.Tensor:
         return losses.uncertainty_weights(self.logits)
 
+    # LMBC compares the logits themselves; the KL tempers them with each sample's tau
+    distill_loss = staticmethod(losses.lmbc_loss)
+
+    def student_target(self, tau: torch.Tensor) -> torch.Tensor:
+        """What `distill_loss` compares with the cached soft targets: the logits (keeps the graph)."""
+        return self.logits
+
     def soft_target(self, tau: torch.Tensor) -> torch.Tensor:
         # logits are cached as they are; the KL tempers them with the cached per-sample tau
         return self.logits.detach().float()
-
-    def distill_kl(self, target: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        return losses.kl_per_sample(self.logits, target, tau)
 
 
 @dataclass
@@ -99,13 +105,18 @@ class TokenOutputs:
     def uncertainty(self) -> torch.Tensor:
         return losses.sequence_uncertainty_weights(self.logits, self.mask)
 
+    # VMM compares log vocabulary maps, already tempered at each sample's tau
+    distill_loss = staticmethod(losses.vmm_loss)
+
+    def student_target(self, tau: torch.Tensor) -> torch.Tensor:
+        """What `distill_loss` compares with the cached soft targets: the log vocabulary maps at `tau` (keeps
+        the graph)."""
+        return losses.vocabulary_log_map(self.logits, self.mask, tau)
+
     def soft_target(self, tau: torch.Tensor) -> torch.Tensor:
         # the teacher's vocabulary map at its own tau_i (known now: its loss is the current loss)
         with torch.no_grad():
             return losses.vocabulary_log_map(self.logits.detach(), self.mask, tau)
-
-    def distill_kl(self, target: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        return losses.vmm_kl_per_sample(losses.vocabulary_log_map(self.logits, self.mask, tau), target)
 
 
 Outputs = ClassOutputs | TokenOutputs
@@ -152,11 +163,14 @@ def _self_distillation(dynamic: bool) -> Callable[[Outputs, TeacherState | None,
         if teacher is None:  # first step of a run: no previous mini-batch yet
             return LossTerms(total=ce, ce=ce.detach())
         first = outputs.slice(slice(0, len(teacher.indices)))
-        kl = first.distill_kl(teacher.target, teacher.tau)
-        alpha = params.alpha * (first.uncertainty() if dynamic else torch.ones_like(kl))
-        distill = (alpha * teacher.tau.pow(2) * kl).mean()
-        return LossTerms(total=ce + distill, ce=ce.detach(), distill=(teacher.tau.pow(2) * kl).mean().detach(),
-                         alpha=alpha.detach(), tau=teacher.tau)
+        student = first.student_target(teacher.tau)
+        # alpha_i: DynSDPB's uncertainty weights (section 3), DLB's constant alpha
+        alpha = params.alpha * (first.uncertainty() if dynamic else torch.ones_like(teacher.tau))
+        distill = first.distill_loss(student, teacher.target, teacher.tau, alpha)
+        with torch.no_grad():  # the term before alpha, for the logs: cheap next to the student's map
+            unweighted = first.distill_loss(student.detach(), teacher.target, teacher.tau)
+        return LossTerms(total=ce + distill, ce=ce.detach(), distill=unweighted, alpha=alpha.detach(),
+                         tau=teacher.tau)
 
     return loss
 
@@ -165,7 +179,9 @@ def fixed_temperature(outputs: Outputs, params: MethodParams) -> torch.Tensor:
     return torch.full((len(outputs),), float(params.tau), device=outputs.logits.device)
 
 
-def loss_scaled_temperature(outputs: Outputs, params: MethodParams) -> torch.Tensor:
+def teacher_loss_temperature(outputs: Outputs, params: MethodParams) -> torch.Tensor:
+    """DynSDPB's tau_i of the soft targets cached now: scaled by each sample's loss at this step (the teacher's
+    loss when the targets are used), `losses.temperature_from_losses`."""
     return losses.temperature_from_losses(outputs.per_sample_ce().detach(), params.tau, params.tau_min_scale,
                                           params.tau_max_scale, params.tau_relative)
 
@@ -231,7 +247,7 @@ register(Method("dynamic_finetune", loader="plain", shuffle=True, epoch_multipli
                 hyperparameters=("alpha",),
                 description="CE reweighted per sample by (1 + alpha * uncertainty); no soft targets"))
 register(Method("dynsdpb", loader="overlap", shuffle=True, epoch_multiplier=1,
-                loss=_self_distillation(dynamic=True), teacher_temperature=loss_scaled_temperature,
+                loss=_self_distillation(dynamic=True), teacher_temperature=teacher_loss_temperature,
                 hyperparameters=("alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative"),
                 description="CE + per-sample alpha_i (uncertainty) and tau_i (teacher loss) LMBC, or VMM for decoders"))
 
