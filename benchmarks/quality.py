@@ -260,7 +260,7 @@ def reuse_finished_trials(experiment: Path, config: Path, sources: list[Path]) -
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from raysdpb.config import load_experiment
-    from raysdpb.grid import expand
+    from raysdpb.sweep.grid import expand
     from raysdpb.results import write_finished_marker, write_table
 
     points = expand(load_experiment(config))
@@ -374,7 +374,7 @@ def padded_tokens(lengths, batches, choices: int = 1, pad_to_multiple_of: int | 
 def trial_workload(lengths, method: str, batch_size: int, epochs: int, seed: int,
                    choices: int = 1, pad_to_multiple_of: int | None = None) -> tuple[int, int]:
     """(optimizer steps, padded training tokens) of one trial: the engine's own sampler over every epoch."""
-    from raysdpb.engine import make_sampler
+    from raysdpb.recipe.components import make_sampler
     from raysdpb.methods import METHODS as REGISTRY
 
     spec = REGISTRY[method]
@@ -390,7 +390,7 @@ def trial_workload(lengths, method: str, batch_size: int, epochs: int, seed: int
 def train_lengths(cfg) -> tuple[list[int], int]:
     """The token count of every training example a sweep's trials see (the engine's loading and tokenizer),
     and the sequences per example (a multiple-choice item's choices; their longest is its length)."""
-    from raysdpb.engine import load_train_data
+    from raysdpb.recipe.components import load_train_data
     from raysdpb.models import load_tokenizer, resolve_model
     from raysdpb.tasks import resolve_task
 
@@ -405,7 +405,7 @@ def workload(task: str, grid_path: Path, args) -> dict:
     """Trials, steps and padded tokens of both stages of one task (stage 1 without ASHA: an upper bound)."""
     from raysdpb.config import load_experiment
     from raysdpb.data import pad_multiple_for
-    from raysdpb.grid import expand
+    from raysdpb.sweep.grid import expand
 
     experiment = load_experiment(grid_path)
     lengths, choices = train_lengths(experiment.trial)

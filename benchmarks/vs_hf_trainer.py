@@ -1,4 +1,4 @@
-"""Samples/s of our finetune (local mode, `raysdpb.engine.run_trial`) against a plain Hugging Face Trainer.
+"""Samples/s of our finetune (local mode, `raysdpb.recipe.run_trial`) against a plain Hugging Face Trainer.
 
     python benchmarks/vs_hf_trainer.py [--task superglue/cb] [--batch-size 8] [--max-length 128] [--epochs 2]
                                        [--device cpu|cuda] [--no-unfused] [--json PATH]
@@ -7,19 +7,19 @@ Both fine-tune MiniLM-L6 (`minilm-l6`, the same folder) on the same records (`ra
 from the local mirror), tokenized the same way (the same fast tokenizer, truncation to `--max-length`), with
 the same batch size, epochs, learning rate, linear schedule and warm-up steps, weight decay, gradient
 clipping (1.0) and precision (fp32 on CPU; bf16 autocast on CUDA). Both pad every batch dynamically to its
-longest sequence (ours: the engine's collator, which pads to a multiple of 8 on CUDA only; HF:
+longest sequence (ours: the recipe's collator, which pads to a multiple of 8 on CUDA only; HF:
 `DataCollatorWithPadding`, the same multiple on CUDA), both use no DataLoader workers, both evaluate on the
 validation split and save a checkpoint (model and optimizer) at the end of every epoch, and both log every 10
 steps (ours: TensorBoard scalars, HF: its log history). The HF side is left at its defaults otherwise
-("plain"); its optimizer is `adamw_torch_fused`, and ours is fused AdamW too (`engine.make_optimizer`).
+("plain"); its optimizer is `adamw_torch_fused`, and ours is fused AdamW too (`raysdpb.recipe.components.make_optimizer`).
 
 Lockstep, so that a noisy neighbour cannot favour one side: the sides run in one process, each in its own
 thread, and take turns one training step at a time (ours step k, HF step k, ours_unfused step k, ours step
-k+1, ...); only the side holding the turn computes. A step is measured from its start (ours: the engine's
+k+1, ...); only the side holding the turn computes. A step is measured from its start (ours: the recipe's
 collator is called for the batch; HF: `on_step_begin`, after its batch is fetched) to the start of the next
 step, so it includes everything the loop does per step (logging, the next fetch). Steps that end an epoch
-(evaluation and checkpoint fall in them) and the first `--skip` steps are left out. The engine is not
-modified: the benchmark wraps `raysdpb.engine.collate` to get its boundaries.
+(evaluation and checkpoint fall in them) and the first `--skip` steps are left out. The recipe is not
+modified: the benchmark wraps the recipe's `collate` to get its boundaries.
 
 Per side: `samples_per_s` (batch size over the median step time), `tokens_per_s` (median over steps of
 padded tokens / step time: not sensitive to the sides drawing different batches, hence different padding),
@@ -28,8 +28,8 @@ tokens/s and MFU on CUDA (6 x parameters x tokens/s over `--peak-tflops`). `thro
 samples/s, and `paired_ratio` the median over k of ours' step k time over HF's step k time, inverted (so >1
 means ours is faster), with its interquartile range.
 
-A third side, `ours_unfused` (`--no-unfused` leaves it out), is our engine with torch's default AdamW
-(`fused=None`: a per-parameter loop on CPU, foreach on CUDA) patched in for its thread only: what the engine
+A third side, `ours_unfused` (`--no-unfused` leaves it out), is our recipe with torch's default AdamW
+(`fused=None`: a per-parameter loop on CPU, foreach on CUDA) patched in for its thread only: what the recipe
 ran before `make_optimizer` (this benchmark found the gap: ours was 0.83x HF on CB, 2 CPU cores).
 """
 
@@ -118,7 +118,7 @@ class Side:
 
 
 class BoundaryCollator:
-    """The engine's collator, with a turn boundary before every training batch (not evaluation batches)."""
+    """The recipe's collator, with a turn boundary before every training batch (not evaluation batches)."""
 
     def __init__(self, inner, side: Side, ring: Ring) -> None:
         self.inner, self.side, self.ring = inner, side, ring
@@ -135,16 +135,16 @@ class BoundaryCollator:
 
 
 def _install_hooks(ring: Ring, sides: dict[str, Side]) -> None:
-    """Patch, for this process: the engine's collator factory (boundaries), AdamW (not fused in ours_unfused)."""
-    import raysdpb.engine as engine
+    """Patch, for this process: the recipe's collator factory (boundaries), AdamW (not fused in ours_unfused)."""
+    import raysdpb.recipe.recipe as recipe
 
-    original = engine.collate
+    original = recipe.collate
 
     def collate(*a, **k):
         side = sides[threading.current_thread().name]
         return BoundaryCollator(original(*a, **k), side, ring)
 
-    engine.collate = collate
+    recipe.collate = collate
 
     class ThreadAwareAdamW(torch.optim.AdamW):
         def __init__(self, params, *a, **k):
@@ -157,8 +157,8 @@ def _install_hooks(ring: Ring, sides: dict[str, Side]) -> None:
 
 def run_ours(side: Side, ring: Ring, args) -> None:
     from raysdpb.config import TrialConfig
-    from raysdpb.context import LocalContext
-    from raysdpb.engine import run_trial
+    from raysdpb.recipe import run_trial
+    from raysdpb.recipe.context import LocalContext
 
     try:
         ring.wait(side.name)
@@ -294,8 +294,8 @@ def main() -> None:
     quiet_libraries()
     torch.manual_seed(args.seed)
     # what run_trial imports lazily, imported before any clock starts (the HF side imports Trainer up front)
-    import raysdpb.engine  # noqa: F401
-    import raysdpb.evaluation  # noqa: F401
+    import raysdpb.recipe  # noqa: F401
+    import raysdpb.recipe.evaluation  # noqa: F401
     import raysdpb.tasks  # noqa: F401
     importlib.import_module("torch.utils.tensorboard")
     from transformers import AutoModelForSequenceClassification, Trainer, get_linear_schedule_with_warmup  # noqa: F401
@@ -380,7 +380,7 @@ def main() -> None:
           f"{result['token_throughput_ratio']:.3f}; paired {result['paired_ratio']:.3f}; active time (HF/ours) "
           f"{result['active_time_ratio']:.3f}; target >= 1: {'MET' if result['throughput_ratio'] >= 1 else 'MISSED'}")
     if "unfused_throughput_ratio" in result:
-        print(f"with torch's default AdamW in the engine (ours_unfused/HF): samples/s "
+        print(f"with torch's default AdamW in the recipe (ours_unfused/HF): samples/s "
               f"{result['unfused_throughput_ratio']:.3f}; "
               f"tokens/s {result['unfused_token_throughput_ratio']:.3f}; paired {result['unfused_paired_ratio']:.3f}")
     write_json(args.json, result)

@@ -154,11 +154,11 @@ class TrialConfig(_Strict):
 
 
 # trial keys that do not change what is trained: where things lie, how progress shows, what memory it takes
-# (left out of the trial id, raysdpb.grid, and of a report's configuration columns, raysdpb.report.tables)
+# (left out of the trial id, raysdpb.sweep.grid, and of a report's configuration columns, raysdpb.report.tables)
 NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing"})
 
 
-# ASHA's default groups: one method on one task with one model of one depth (see raysdpb/scheduler.py)
+# ASHA's default groups: one method on one task with one model of one depth (see raysdpb/sweep/scheduler.py)
 ASHA_GROUP_BY = ("task", "model", "num_layers", "method")
 
 

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_trial_config(args.config, overrides)
     output_dir = args.output_dir or config.output_dir or os.path.join("runs", config.run_name())
 
-    from raysdpb.context import LocalContext
-    from raysdpb.engine import run_trial
+    from raysdpb.recipe import run_trial
+    from raysdpb.recipe.context import LocalContext
 
     context = LocalContext(output_dir, resume_from=args.resume, keep=args.keep_checkpoints)
     result = run_trial(config, context)

@@ -55,7 +55,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run, log, report the exit status and w
 step environment 60 env DEVICE=$DEVICE "$PY" -c '
 import os, torch, transformers, peft
 print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__)
-from raysdpb.engine import _autocast_factory
+from raysdpb.recipe.components import autocast_factory as _autocast_factory
 if os.environ["DEVICE"] == "cuda":
     assert torch.cuda.is_available(), "no CUDA device"
     print(torch.cuda.get_device_name(0), "bf16:", torch.cuda.is_bf16_supported(),

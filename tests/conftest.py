@@ -17,8 +17,8 @@ def shared_data_dir():
 
 @pytest.fixture(scope="session")
 def faulty_sweep(tmp_path_factory, shared_data_dir):
-    """A real sweep on a local Ray, as a user runs it, with two faults injected (`$RAYSDPB_FAULTS`): finetune
-    and dynsdpb, seeds 0 and 1, on 32 SuperGLUE CB examples with tiny-bert, 2 epochs, an evaluation and a
+    """A real sweep on a local Ray, as a user runs it, with two faults injected (tests/faults.py):
+    finetune and dynsdpb, seeds 0 and 1, on 32 SuperGLUE CB examples with tiny-bert, 2 epochs, an evaluation and a
     checkpoint every 3 steps, one CPU per trial (two at a time).
 
     * finetune seeds 0 and 1 run undisturbed;
@@ -30,8 +30,7 @@ def faulty_sweep(tmp_path_factory, shared_data_dir):
     One sweep serves two test modules because each Ray trial costs ~35 s of start-up on 2 cores:
     test_reliability checks how the sweep came through the faults, test_report the report of it (on a copy).
     Returns the experiment folder, the sweep's CompletedProcess, the `killed` marker and the scratch folder."""
-    from raysdpb.context import FAULTS_ENV
-    from trial_configs import faults_json, sweep_env, sweep_raw
+    from trial_configs import fault_env, sweep_env, sweep_raw
 
     root = tmp_path_factory.mktemp("faulty-sweep")
     raw = sweep_raw(shared_data_dir, root / "results", "faults", {"method": ["finetune", "dynsdpb"], "seed": [0, 1]},
@@ -39,10 +38,10 @@ def faulty_sweep(tmp_path_factory, shared_data_dir):
     config = root / "faults.yaml"
     config.write_text(yaml.safe_dump(raw))
     killed, scratch = root / "killed", root / "scratch"
-    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(scratch), **{FAULTS_ENV: faults_json(
+    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(scratch), **fault_env(
         {"point": "after_step", "step": 5, "where": {"method": "dynsdpb", "seed": 1}, "marker": str(killed)},
         {"point": "loss", "step": 1, "times": 2, "where": {"method": "dynsdpb", "seed": 0}},
-        {"point": "loss", "step": 4, "times": 3, "where": {"method": "dynsdpb", "seed": 0}})})
+        {"point": "loss", "step": 4, "times": 3, "where": {"method": "dynsdpb", "seed": 0}}))
     out = subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

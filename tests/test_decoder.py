@@ -15,9 +15,10 @@ import torch
 
 from raysdpb import losses
 from raysdpb.config import LoraConfig
-from raysdpb.context import LocalContext
+from raysdpb.recipe.checkpoint import CHECKPOINT_PREFIX, checkpoint_name, load_state
+from raysdpb.recipe.context import LocalContext
 from raysdpb.data import collate, tokenize_records
-from raysdpb.engine import _forward, run_trial
+from raysdpb.recipe import forward_outputs as _forward, run_trial
 from raysdpb.methods import METHODS, MethodParams, get_method
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.tasks import load_examples
@@ -66,7 +67,7 @@ def test_answer_mask_covers_exactly_the_answer_tokens(tokenizer, gsm8k):
 
 
 class TokenOutputsProbe:
-    """What `engine._forward` builds for a decoder batch, without running a model."""
+    """What `raysdpb.recipe.forward_outputs` builds for a decoder batch, without running a model."""
 
     @staticmethod
     def from_batch(batch):
@@ -154,12 +155,13 @@ def test_vmm_gradients_reach_the_lora_weights_only(tokenizer, gsm8k):
     assert all(not p.requires_grad and p.grad is None for n, p in model.named_parameters() if n not in trainable)
 
 
-def test_the_engine_evaluates_a_decoder_on_prompts_alone(shared_data_dir, tokenizer):
-    from raysdpb.engine import _load_task_data
+def test_the_recipe_evaluates_a_decoder_on_prompts_alone(shared_data_dir, tokenizer):
+    from raysdpb.recipe.components import load_eval_data, load_train_data
     from raysdpb.tasks import resolve_task
 
     cfg = _nlg_config(shared_data_dir, max_length=64, max_eval_samples=8)
-    train, evals = _load_task_data(cfg, resolve_task(cfg), tokenizer)
+    task = resolve_task(cfg)
+    train, evals = load_train_data(cfg, task, tokenizer), load_eval_data(cfg, task, tokenizer)
     assert all(any(item["answer_mask"]) for item in train.items)  # training keeps the answers
     [(_, records, data)] = evals
     for item, record in zip(data.items, records):
@@ -182,7 +184,7 @@ def test_every_method_trains_a_lora_decoder_and_evaluates_by_generation(method, 
     rows = _last_predictions(tmp_path / "run")
     assert len(rows) == 4 and {"idx", "output", "prediction", "reference", "correct"} <= set(rows[0])
     # the checkpoint holds the adapter, not the base model
-    state = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "state.pt", weights_only=False)
+    state = load_state(sorted((tmp_path / "run" / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[-1])
     assert state["model"] and all("lora_" in k for k in state["model"])
     if METHODS[method].distills:
         assert state["ranks"][0]["cache"]["target"].shape[-1] == 49152  # the cached vocabulary maps
@@ -192,8 +194,8 @@ def test_resumed_decoder_trial_matches_an_uninterrupted_one(shared_data_dir, tmp
     cfg = _nlg_config(shared_data_dir, method="dynsdpb", epochs=1, checkpoint_every_steps=3, max_eval_samples=2,
                       lora=dict(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
     full = run_trial(cfg, LocalContext(tmp_path / "full", keep=100))
-    mid = tmp_path / "full" / "checkpoints" / "step_00000003"
-    state = torch.load(mid / "state.pt", weights_only=False)
+    mid = tmp_path / "full" / "checkpoints" / checkpoint_name(3)
+    state = load_state(mid)
     assert state["sampler"]["position"] == 3 and state["ranks"][0]["cache"]
     shutil.copytree(mid, tmp_path / "resumed" / "from")
     resumed = run_trial(cfg, LocalContext(tmp_path / "resumed", resume_from=tmp_path / "resumed" / "from"))

@@ -1,4 +1,4 @@
-"""The training engine end to end: real trials of a tiny random BERT and of MiniLM-L6 on real SuperGLUE CB."""
+"""The training recipe end to end: real trials of a tiny random BERT and of MiniLM-L6 on real SuperGLUE CB."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from raysdpb.config import load_trial_config
-from raysdpb.context import LocalContext
-from raysdpb.engine import run_trial
+from raysdpb.recipe.checkpoint import CHECKPOINT_PREFIX, checkpoint_name, is_complete_folder, load_state, mark_complete
+from raysdpb.recipe.context import LocalContext
+from raysdpb.recipe import run_trial
 from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
 from trial_configs import encoder_trial as _config
@@ -80,9 +81,9 @@ def test_resume_mid_epoch_matches_uninterrupted_run(method, shared_data_dir, tmp
     full_ctx = LocalContext(tmp_path / "full", keep=100)
     full = run_trial(cfg, full_ctx)
     # a checkpoint taken mid-epoch (step 4 of the first epoch): keep a copy and resume from it
-    mid = tmp_path / "full" / "checkpoints" / "step_00000004"
-    assert (mid / "COMPLETE").exists()
-    state = torch.load(mid / "state.pt", weights_only=False)
+    mid = tmp_path / "full" / "checkpoints" / checkpoint_name(4)
+    assert is_complete_folder(mid)
+    state = load_state(mid)
     assert state["sampler"]["epoch"] == 0 and state["sampler"]["position"] == 4
     # the rank's own state (soft targets, random state, running losses) is kept once, in the list of ranks
     assert len(state["ranks"]) == 1 and not {"cache", "rng", "running", "history"} & set(state)
@@ -94,13 +95,26 @@ def test_resume_mid_epoch_matches_uninterrupted_run(method, shared_data_dir, tmp
     assert resumed.metrics == full.metrics
     assert resumed.history == full.history
     assert resumed.steps == full.steps
-    # a checkpoint in the layout written before 2026-11-30 (rank 0's state at the top level) resumes the same
-    old_dir = tmp_path / "old-layout"
-    shutil.copytree(mid, old_dir / "from")
-    torch.save({**{k: v for k, v in state.items() if k != "ranks"}, **state["ranks"][0], "ranks": None},
-               old_dir / "from" / "state.pt")
-    resumed_old = run_trial(cfg, LocalContext(old_dir, resume_from=old_dir / "from"))
-    assert resumed_old.history == full.history
+
+
+def test_a_checkpoint_of_an_older_raysdpb_is_one_clear_message(shared_data_dir, tmp_path):
+    """Before a release there is no old format to load: a checkpoint of another format (here the one written
+    before the recipe: no format key, the rank's state at the top level) and an output folder in the old layout
+    (`step_<n>` folders) each end in one message naming what to do."""
+    cfg = _config(shared_data_dir, method="dynsdpb", epochs=1)
+    run_trial(cfg, LocalContext(tmp_path / "run"))
+    saved = sorted((tmp_path / "run" / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[-1]
+    state = load_state(saved)
+    older = {k: v for k, v in state.items() if k not in ("ranks", "format")} | state["ranks"][0]
+    torch.save(older, saved / "state.pt")
+    mark_complete(saved)
+    with pytest.raises(UserError, match=r"written by an older raysdpb \(format 1\).*start the trial again"):
+        run_trial(cfg, LocalContext(tmp_path / "again", resume_from=saved))
+    old_layout = tmp_path / "old" / "checkpoints" / "step_00000004"
+    old_layout.mkdir(parents=True)
+    (old_layout / "COMPLETE").touch()
+    with pytest.raises(UserError, match="holds checkpoints of an older raysdpb"):
+        LocalContext(tmp_path / "old", resume_from="latest")
 
 
 def test_resume_refuses_a_checkpoint_of_another_world_size(shared_data_dir, tmp_path):
@@ -108,9 +122,10 @@ def test_resume_refuses_a_checkpoint_of_another_world_size(shared_data_dir, tmp_
     soft targets of samples it never sees, so it ends in a UserError that says what to do."""
     cfg = _config(shared_data_dir, method="dynsdpb", epochs=1)
     run_trial(cfg, LocalContext(tmp_path / "run"))
-    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
-    state = torch.load(saved / "state.pt", weights_only=False)
+    saved = sorted((tmp_path / "run" / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[-1]
+    state = load_state(saved)
     torch.save({**state, "ranks": state["ranks"] * 2}, saved / "state.pt")  # as if two ranks had written it
+    mark_complete(saved)
     with pytest.raises(UserError, match=r"holds the state of 2 rank\(s\), not of this trial's 1; resume with the "
                                         r"world size that wrote it"):
         run_trial(cfg, LocalContext(tmp_path / "again", resume_from=saved))
@@ -130,13 +145,14 @@ def test_elapsed_time_is_reported_and_carried_across_a_resume(shared_data_dir, t
     clocks = [r["elapsed_s"] for r in full_ctx.reports]
     assert len(clocks) == 2 and 0 < clocks[0] < clocks[1] <= wall
     assert not any("elapsed_s" in entry for entry in full.history)
-    mid = tmp_path / "full" / "checkpoints" / "step_00000004"
-    state = torch.load(mid / "state.pt", weights_only=False)
+    mid = tmp_path / "full" / "checkpoints" / checkpoint_name(4)
+    state = load_state(mid)
     assert 0 < state["elapsed_s"] < clocks[0]
     # the checkpoint as if its trial had already run for 1000 s
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(mid, resumed_dir / "from")
     torch.save({**state, "elapsed_s": 1000.0}, resumed_dir / "from" / "state.pt")
+    mark_complete(resumed_dir / "from")
     ctx = LocalContext(resumed_dir, resume_from=resumed_dir / "from")
     t0 = time.perf_counter()
     resumed = run_trial(cfg, ctx)
@@ -149,8 +165,8 @@ def test_elapsed_time_is_reported_and_carried_across_a_resume(shared_data_dir, t
 def test_checkpoints_on_disk_are_bounded(shared_data_dir, tmp_path):
     cfg = _config(shared_data_dir, method="finetune", epochs=2, checkpoint_every_steps=1)
     run_trial(cfg, LocalContext(tmp_path / "run", keep=2))
-    kept = list((tmp_path / "run" / "checkpoints").glob("step_*"))
-    assert len(kept) == 2
+    kept = list((tmp_path / "run" / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))
+    assert len(kept) == 2 and all(is_complete_folder(k) for k in kept)
 
 
 def _run_cli(args, **kwargs):
@@ -232,9 +248,9 @@ def test_eval_before_training_scores_the_model_as_loaded_and_survives_a_resume(s
     model with the same seed by hand), carried as initial_eval_* in every report and in the result, also
     after a resume from a mid-run checkpoint."""
     from raysdpb.data import collate, tokenize_records
-    from raysdpb.evaluation import evaluate_split
+    from raysdpb.recipe.evaluation import evaluate_split
     from raysdpb.models import build_model, load_tokenizer, resolve_model
-    from raysdpb.engine import seed_everything
+    from raysdpb.recipe.components import seed_everything
     from raysdpb.tasks import get_task, load_examples
 
     cfg = _config(shared_data_dir, eval_before_training=True, epochs=2, max_eval_samples=56)
@@ -256,6 +272,6 @@ def test_eval_before_training_scores_the_model_as_loaded_and_survives_a_resume(s
 
     # resumed from the checkpoint of epoch 1: the initial metrics come from the checkpoint (no new evaluation:
     # the trained model would score differently), the run ends as the uninterrupted one did
-    epoch_one = sorted((tmp_path / "a" / "checkpoints").glob("step_*"))[0]
+    epoch_one = sorted((tmp_path / "a" / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"))[0]
     resumed = run_trial(cfg, LocalContext(tmp_path / "b", resume_from=epoch_one))
     assert resumed.metrics == result.metrics

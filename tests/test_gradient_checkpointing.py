@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raysdpb.context import LocalContext
-from raysdpb.engine import _forward, run_trial
+from raysdpb.recipe.context import LocalContext
+from raysdpb.recipe import forward_outputs as _forward, run_trial
 from raysdpb.errors import UserError
-from raysdpb.grid import trial_id
+from raysdpb.sweep.grid import trial_id
 from raysdpb.methods import MethodParams, get_method
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from trial_configs import decoder_trial, encoder_trial

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raysdpb.config import load_experiment
-from raysdpb.grid import expand, flatten_config, method_hyperparameters, trial_id
+from raysdpb.sweep.grid import expand, flatten_config, method_hyperparameters, trial_id
 from raysdpb.methods import METHODS
 
 BASE = {"task": "superglue/cb", "model": "tiny-bert", "method": "dynsdpb", "alpha": 1.0, "tau": 2.0, "lr": 5e-5,

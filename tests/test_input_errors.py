@@ -1,7 +1,7 @@
 """A user's mistakes in configs, overrides and data files: each ends in one clear `raysdpb: error: ...` line and
 exit code 2, with no traceback, and nothing is written to the results folder (a sweep's storage, a trial's
 output folder). Broken inputs by hand (table below) and fuzzed ones (hypothesis), through the in-process
-entry points (`run_cli` with `raysdpb.train.main` / `raysdpb.sweep.main`, and the loaders `load_experiment`,
+entry points (`run_cli` with `raysdpb.train.main` / `raysdpb.sweep.cli.main`, and the loaders `load_experiment`,
 `load_trial_config`, `load_examples`); a few through `python -m` for real."""
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from raysdpb import sweep as sweep_cli
+from raysdpb.sweep import cli as sweep_cli
 from raysdpb import train as train_cli
 from raysdpb.config import TrialConfig, load_experiment, load_trial_config
 from raysdpb.errors import UserError, run_cli
 from raysdpb.models import resolve_model
-from raysdpb.sweep import check_data, check_models, plan_sweep
+from raysdpb.sweep.checks import check_data, check_models
+from raysdpb.sweep.plan import plan_sweep
 from raysdpb.tasks import custom_task_spec, get_task, load_examples
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,19 +1,24 @@
 """The methods registry (section 5 of docs/method.md), the per-rank LogitCache and each method's loss, by hand
-and inside a tiny training loop (classifier and decoder-style token model) driven by the right sampler."""
+and through the recipe's own `train_step` on toy models (a classifier and a decoder-style token model) driven
+by the method's sampler."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import default_collate
 
 from raysdpb import methods as M
+from raysdpb.config import TrialConfig
+from raysdpb.data import TokenizedDataset
 from raysdpb.errors import UserError
 from raysdpb.methods import METHODS, ClassOutputs, LogitCache, MethodParams, TeacherState, TokenOutputs, get_method
-from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
+from raysdpb.recipe import Recipe
+from raysdpb.sampler import ShuffledBatchSampler
 
 # method -> (loader, shuffle, epoch multiplier, distills), the table of section 5
 TABLE = {
@@ -309,72 +314,85 @@ def _class_data():
 
 
 def _token_data():
+    """Sequences whose next token follows from the current one (x_{t+1} = 3 x_t + 1 mod V), with a random span of
+    answer positions (at least one after the first token, which predicts nothing)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, V, (N_TOK, T), generator=g)
-    y = (3 * x + 1) % V
-    mask = torch.zeros(N_TOK, T, dtype=torch.bool)
-    starts = torch.randint(0, 3, (N_TOK,), generator=g)
-    lengths = torch.randint(1, T - 2, (N_TOK,), generator=g)
+    x = torch.zeros(N_TOK, T, dtype=torch.long)
+    x[:, 0] = torch.randint(0, V, (N_TOK,), generator=g)
+    for t in range(1, T):
+        x[:, t] = (3 * x[:, t - 1] + 1) % V
+    mask = torch.zeros(N_TOK, T, dtype=torch.long)
+    starts = torch.randint(1, 4, (N_TOK,), generator=g)
+    lengths = torch.randint(1, T - 3, (N_TOK,), generator=g)
     for i in range(N_TOK):
-        mask[i, starts[i]:starts[i] + lengths[i]] = True
-    return x, y, mask
+        mask[i, starts[i]:starts[i] + lengths[i]] = 1
+    return x, mask
+
+
+class _ClassModel(torch.nn.Module):
+    """A tiny classifier with a Hugging Face model's call: `model(input_ids=...).logits` (features here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(DIM, 32), torch.nn.Tanh(), torch.nn.Linear(32, CLASSES))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.net(input_ids))
 
 
 class _TokenModel(torch.nn.Module):
+    """A tiny causal token model with a Hugging Face model's call: `model(input_ids=..., use_cache=...).logits`."""
+
     def __init__(self):
         super().__init__()
         self.emb = torch.nn.Embedding(V, 24)
         self.pos = torch.nn.Parameter(torch.zeros(T, 24))
         self.out = torch.nn.Linear(24, V)
 
-    def forward(self, x):
-        return self.out(torch.tanh(self.emb(x) + self.pos))
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return SimpleNamespace(logits=self.out(torch.tanh(self.emb(input_ids) + self.pos)))
+
+
+def _recipe(name: str, kind: str, params: MethodParams, epochs: int) -> Recipe:
+    """The real recipe, set up step by step with a toy model and data in its format (items with `index`)."""
+    task = "superglue/cb" if kind == "class" else "nlg/gsm8k"  # a classification and a generation task
+    cfg = TrialConfig(task=task, model="tiny-bert", method=name, alpha=params.alpha, tau=params.tau,
+                      tau_min_scale=params.tau_min_scale, tau_max_scale=params.tau_max_scale, lr=0.02,
+                      weight_decay=0.0, max_grad_norm=None, batch_size=BATCH, epochs=epochs, seed=1,
+                      progress_bar=False)
+    recipe = Recipe(cfg)
+    recipe.setup_runtime()
+    if kind == "class":
+        x, y = _class_data()
+        items = [{"input_ids": x[i], "labels": y[i], "index": i} for i in range(N_CLASS)]
+        model = _ClassModel()
+    else:
+        x, mask = _token_data()
+        items = [{"input_ids": x[i], "attention_mask": torch.ones(T, dtype=torch.long), "answer_mask": mask[i],
+                  "index": i} for i in range(N_TOK)]
+        model = _TokenModel()
+    recipe.setup_data(TokenizedDataset(items, "toy"), [])
+    recipe.setup_model(model)
+    recipe.setup_loader(default_collate)
+    recipe.setup_optimization()
+    return recipe
 
 
 def _train(name: str, kind: str, params: MethodParams = PARAMS, steps: int = STEPS):
-    method = METHODS[name]
+    """`steps` of `Recipe.train_step` over the recipe's own loader (the method's sampler), across epochs."""
     torch.manual_seed(0)
-    if kind == "class":
-        x, y = _class_data()
-        tensors = (torch.arange(N_CLASS), x, y)
-        model = torch.nn.Sequential(torch.nn.Linear(DIM, 32), torch.nn.Tanh(), torch.nn.Linear(32, CLASSES))
-        n = N_CLASS
-    else:
-        x, y, mask = _token_data()
-        tensors = (torch.arange(N_TOK), x, y, mask)
-        model = _TokenModel()
-        n = N_TOK
-    if method.loader == "overlap":
-        sampler = OverlapBatchSampler(n, BATCH, shuffle=method.shuffle, seed=1)
-    else:
-        sampler = ShuffledBatchSampler(n, BATCH, shuffle=method.shuffle, seed=1)
-    loader = DataLoader(TensorDataset(*tensors), batch_sampler=sampler)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    cache = LogitCache()
-    log, epoch_of_step, epoch = [], [], 0
-    while len(log) < steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            idx = batch[0]
-            if kind == "class":
-                outputs = ClassOutputs(model(batch[1]), batch[2])
-            else:
-                outputs = TokenOutputs(model(batch[1]), batch[2], batch[3])
-            half = len(idx) // 2
-            teacher = cache.take(idx[:half]) if method.distills else None
-            assert (teacher is None) == (not method.distills or not log)
-            terms = method.loss(outputs, teacher, params)
-            opt.zero_grad()
-            terms.total.backward()
-            opt.step()
-            if method.distills:
-                cache.put(method.teacher_state(outputs.slice(slice(half, None)), idx[half:], params))
+    recipe = _recipe(name, kind, params, epochs=8)  # more than enough epochs for `steps` of every method
+    log, epoch_of_step = [], []
+    for epoch in range(recipe.total_epochs):
+        recipe.sampler.set_epoch(epoch)
+        for batch in recipe.loader:
+            terms = recipe.train_step(batch)
+            assert terms is not None
             log.append(terms)
             epoch_of_step.append(epoch)
             if len(log) >= steps:
-                break
-        epoch += 1
-    return method, log, epoch_of_step
+                return recipe.method, log, epoch_of_step
+    raise AssertionError(f"{name}: {len(log)} steps in {recipe.total_epochs} epochs, fewer than {steps}")
 
 
 def _check_run(name, kind, params=PARAMS):

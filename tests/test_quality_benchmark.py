@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raysdpb.config import load_experiment
-from raysdpb.grid import expand
+from raysdpb.sweep.grid import expand
 
 QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
 
@@ -91,7 +91,7 @@ def test_workload_counts_what_the_engines_sampler_and_collator_produce(quality, 
     from torch.utils.data import DataLoader
 
     from raysdpb.data import TokenizedDataset, collate, pad_multiple_for
-    from raysdpb.engine import make_sampler
+    from raysdpb.recipe.components import make_sampler
     from raysdpb.methods import METHODS
 
     rng = random.Random(7)

@@ -1,7 +1,7 @@
 """Reliability: trials and sweeps that survive killed workers, killed drivers, non-finite losses, full disks and
-long runs without losing work. Faults are real (a SIGKILL, a full disk from /dev/full) or injected through the
-one test-only hook, `raysdpb.context.inject_fault` (`$RAYSDPB_FAULTS`). docs/reliability.md lists the failure
-modes and the test of each."""
+long runs without losing work. Faults are real (a SIGKILL, a full disk from /dev/full) or injected from the
+outside by `tests/faults.py` (`FaultyRecipe`, a Recipe subclass that `$RAYSDPB_RECIPE` puts in place, reading
+`$RAYSDPB_FAULTS`). docs/reliability.md lists the failure modes and the test of each."""
 
 from __future__ import annotations
 
@@ -23,15 +23,28 @@ import pytest
 import torch
 import yaml
 
-from raysdpb.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from faults import FAULTS_ENV, Faults
 from raysdpb.config import load_trial_config
-from raysdpb.context import FAULTS_ENV, LocalContext, inject_fault
-from raysdpb.engine import run_trial
 from raysdpb.errors import UserError, run_cli
+from raysdpb.recipe import Recipe, run_trial
+from raysdpb.recipe.checkpoint import (CheckpointError, checkpoint_name, complete_checkpoints, load_state,
+                                       mark_complete, write_state)
+from raysdpb.recipe.context import LocalContext
 from raysdpb.results import ResultsRecorder, TrialInfo, read_rows, remove_stale_temporaries, write_json, write_table
-from trial_configs import faults_json, small_encoder_raw, sweep_env, sweep_raw
+from trial_configs import fault_env, small_encoder_raw, sweep_env, sweep_raw
 
 # --- helpers ------------------------------------------------------------------------------------------------
+
+def _inject(monkeypatch, *faults: dict) -> None:
+    """These faults in this process's trials (`run_trial` and the CLIs run `FaultyRecipe`)."""
+    for key, value in fault_env(*faults).items():
+        monkeypatch.setenv(key, value)
+
+
+def _saved(checkpoints: Path) -> list[str]:
+    """The names of the whole checkpoints in a folder, oldest first."""
+    return [Path(path).name for _, path in complete_checkpoints(checkpoints)]
+
 
 def _config(data_dir, **overrides):
     return load_trial_config(None, raw=small_encoder_raw(data_dir, **overrides))
@@ -51,32 +64,29 @@ def _same_history(got: list[dict], want: list[dict]) -> None:
         assert not bad, f"step {w['step']}: {bad}"
 
 
-# --- the fault hook itself --------------------------------------------------------------------------------
+# --- the fault injection itself (tests/faults.py) -----------------------------------------------------------
 
-def test_fault_hook_is_inert_unless_asked_and_fires_where_and_as_often_as_told(monkeypatch, tmp_path, shared_data_dir):
-    monkeypatch.delenv(FAULTS_ENV, raising=False)
-    assert inject_fault("loss", 1) is False
+def test_faults_are_inert_unless_asked_and_fire_where_and_as_often_as_told(tmp_path, shared_data_dir):
+    assert Faults("").fire("loss", 1) is False
     cfg = _config(shared_data_dir, seed=3)
-    monkeypatch.setenv(FAULTS_ENV, faults_json(
+    faults = Faults(json.dumps([
         {"point": "loss", "step": 2, "times": 2, "where": {"seed": 3}},
         {"point": "loss", "step": 5, "rank": 1},
         {"point": "loss", "step": 7, "marker": str(tmp_path / "once")},
-        {"point": "save", "step": 4}))
-    assert not inject_fault("loss", 1, cfg)
-    assert [inject_fault("loss", 2, cfg) for _ in range(3)] == [True, True, False]  # twice, then no more
-    assert not inject_fault("loss", 2, _config(shared_data_dir, seed=4))  # another trial
-    assert not inject_fault("loss", 5, cfg, rank=0) and inject_fault("loss", 5, cfg, rank=1)
-    assert inject_fault("loss", 7, cfg) and (tmp_path / "once").read_text() == str(os.getpid())
-    with pytest.raises(OSError) as err:
-        inject_fault("save", 4, cfg.model_dump())
-    assert err.value.errno == errno.ENOSPC
+        {"point": "save", "step": 4}]))
+    assert not faults.fire("loss", 1, cfg)
+    assert [faults.fire("loss", 2, cfg) for _ in range(3)] == [True, True, False]  # twice, then no more
+    assert not faults.fire("loss", 2, _config(shared_data_dir, seed=4))  # another trial
+    assert not faults.fire("loss", 5, cfg, rank=0) and faults.fire("loss", 5, cfg, rank=1)
+    assert faults.fire("loss", 7, cfg) and (tmp_path / "once").read_text() == str(os.getpid())
+    assert not Faults(json.dumps(faults.faults)).fire("loss", 7, cfg)  # the marker: once across processes
+    assert faults.fire("save", 4, cfg.model_dump()) and not faults.fire("save", 4, cfg.model_dump())
 
 
-def test_fault_hook_holds_a_step_until_its_file_exists(monkeypatch, tmp_path, shared_data_dir):
+def test_a_fault_holds_a_step_until_its_file_exists(tmp_path, shared_data_dir):
     release = tmp_path / "release"
-    monkeypatch.setenv(FAULTS_ENV, faults_json({"point": "after_step", "step": 3, "until": str(release)}))
-    cfg = _config(shared_data_dir)
-    held = threading.Thread(target=inject_fault, args=("after_step", 3, cfg))
+    faults = Faults(json.dumps([{"point": "after_step", "step": 3, "until": str(release)}]))
+    held = threading.Thread(target=faults.fire, args=("after_step", 3, _config(shared_data_dir)))
     held.start()
     held.join(1.0)
     assert held.is_alive()  # held at step 3 (a SIGKILL would have ended this test process)
@@ -85,11 +95,27 @@ def test_fault_hook_holds_a_step_until_its_file_exists(monkeypatch, tmp_path, sh
     assert not held.is_alive()
 
 
+def test_faults_come_in_through_the_recipe_class_only(monkeypatch, shared_data_dir):
+    """Without `$RAYSDPB_RECIPE` the production recipe runs, whatever `$RAYSDPB_FAULTS` says; with it, the
+    faulty one; a name that is not a Recipe is one clear error."""
+    from raysdpb.recipe import recipe_class
+
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([{"point": "loss", "step": 0}]))
+    monkeypatch.delenv("RAYSDPB_RECIPE", raising=False)
+    assert recipe_class() is Recipe
+    _inject(monkeypatch, {"point": "loss", "step": 0})
+    assert recipe_class().__name__ == "FaultyRecipe"
+    for bad in ("faults:Faults", "nosuchmodule:X", "faults"):
+        monkeypatch.setenv("RAYSDPB_RECIPE", bad)
+        with pytest.raises(UserError, match="RAYSDPB_RECIPE"):
+            recipe_class()
+
+
 # --- non-finite losses --------------------------------------------------------------------------------------
 
 def test_nonfinite_losses_are_skipped_and_counted_then_the_trial_diverges(monkeypatch, tmp_path, shared_data_dir):
     # two in a row (fewer than max_nonfinite_steps=3): skipped, counted, and the trial completes
-    monkeypatch.setenv(FAULTS_ENV, faults_json({"point": "loss", "step": 2, "times": 2}))
+    _inject(monkeypatch, {"point": "loss", "step": 2, "times": 2})
     cfg = _config(shared_data_dir, max_nonfinite_steps=3, epochs=2)
     context = LocalContext(tmp_path / "skipped")
     result = run_trial(cfg, context)
@@ -98,11 +124,7 @@ def test_nonfinite_losses_are_skipped_and_counted_then_the_trial_diverges(monkey
     # 7 + 8 batches in the two epochs, 2 of them skipped (no optimizer step, no soft targets from them)
     assert result.steps == result.history[-1]["step"] == 13
 
-    # a loss that really is NaN (not only the hook): a method whose loss breaks on its 4th..6th call
-    import raysdpb.engine as engine
-
-    real = engine.get_method
-
+    # a loss that really is NaN (not only the injected fault): a method whose loss breaks on its 4th..6th call
     class Broken:
         def __init__(self, method):
             self._method, self.calls = method, 0
@@ -117,9 +139,12 @@ def test_nonfinite_losses_are_skipped_and_counted_then_the_trial_diverges(monkey
                 terms.total = terms.total * float("nan")
             return terms
 
-    monkeypatch.delenv(FAULTS_ENV)
-    monkeypatch.setattr(engine, "get_method", lambda name: Broken(real(name)))
-    diverged = run_trial(cfg, LocalContext(tmp_path / "diverged"))
+    class BrokenRecipe(Recipe):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.method = Broken(self.method)
+
+    diverged = run_trial(cfg, LocalContext(tmp_path / "diverged"), recipe=BrokenRecipe)
     assert diverged.status == "diverged"
     assert diverged.message == "3 non-finite losses in a row at step 3"
     assert diverged.steps == 3
@@ -130,7 +155,7 @@ def test_train_cli_reports_a_diverged_trial_in_one_line(monkeypatch, tmp_path, s
 
     config = tmp_path / "trial.yaml"
     config.write_text(yaml.safe_dump(small_encoder_raw(shared_data_dir, max_nonfinite_steps=2)))
-    monkeypatch.setenv(FAULTS_ENV, faults_json({"point": "loss", "step": 1, "times": 2}))
+    _inject(monkeypatch, {"point": "loss", "step": 1, "times": 2})
     assert run_cli(main, [str(config), "--output-dir", str(tmp_path / "out"), "-q"]) == 3
     captured = capsys.readouterr()
     last = json.loads(captured.out.strip().splitlines()[-1])
@@ -144,8 +169,8 @@ def _ddp_script() -> str:
 import json, os, sys
 import torch.distributed as dist
 from raysdpb.config import TrialConfig
-from raysdpb.context import LocalContext
-from raysdpb.engine import run_trial
+from raysdpb.recipe.context import LocalContext
+from raysdpb.recipe import run_trial
 
 class Rank(LocalContext):
     rank = int(os.environ["RANK"]); world_size = int(os.environ["WORLD_SIZE"]); local_rank = 0
@@ -194,9 +219,9 @@ def test_ddp_trial_resumes_each_rank_with_its_own_soft_targets(tmp_path, shared_
     cfg = _config(shared_data_dir, method=method, epochs=2)
     env = sweep_env(WORLD_SIZE="2", OMP_NUM_THREADS="1")
     reference = _ddp_run(cfg, tmp_path / "reference", env)
-    saved = sorted((tmp_path / "reference" / "rank0" / "checkpoints").glob("step_*"))
+    saved = [Path(p) for _, p in complete_checkpoints(tmp_path / "reference" / "rank0" / "checkpoints")]
     assert len(saved) == 2  # the ends of epochs 1 and 2
-    state = load_checkpoint(saved[0])
+    state = load_state(saved[0])
     assert len(state["ranks"]) == 2
     assert not torch.equal(state["ranks"][0]["cache"]["indices"], state["ranks"][1]["cache"]["indices"])
     resumed = _ddp_run(cfg, tmp_path / "resumed", env, resume=saved[0])
@@ -209,8 +234,7 @@ def test_ddp_ranks_skip_a_nonfinite_step_together(tmp_path, shared_data_dir):
     """A non-finite loss on rank 0 only: both ranks must skip that step. Before `WorkerContext.all_ranks`, rank 0
     skipped its backward alone and hung in the next all-reduce while rank 1 waited in the one it skipped."""
     cfg = _config(shared_data_dir, method="dynsdpb", max_nonfinite_steps=3)
-    env = sweep_env(**{FAULTS_ENV: faults_json({"point": "loss", "step": 2, "rank": 0}), "WORLD_SIZE": "2",
-                  "OMP_NUM_THREADS": "1"})
+    env = sweep_env(**fault_env({"point": "loss", "step": 2, "rank": 0}), WORLD_SIZE="2", OMP_NUM_THREADS="1")
     results = _ddp_run(cfg, tmp_path / "run", env)
     for result in results:
         assert result["status"] == "completed"
@@ -226,13 +250,12 @@ def test_killed_local_trial_resumes_from_its_last_checkpoint_with_the_same_metri
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     # the process SIGKILLs itself right after optimizer step 5; the newest checkpoint is step 3's (mid-epoch)
-    env = sweep_env(**{FAULTS_ENV: faults_json({"point": "after_step", "step": 5})})
+    env = sweep_env(**fault_env({"point": "after_step", "step": 5}))
     killed = subprocess.run([sys.executable, "-m", "raysdpb.train", str(config), "--output-dir", str(out), "-q"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    saved = sorted(p.name for p in (out / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
-    assert saved == ["step_00000003"]
-    state = load_checkpoint(out / "checkpoints" / "step_00000003")
+    assert _saved(out / "checkpoints") == [checkpoint_name(3)]
+    state = load_state(out / "checkpoints" / checkpoint_name(3))
     assert state["sampler"]["position"] == 3 and state["ranks"][0]["cache"]  # the position and the logit cache
 
     cfg = load_trial_config(config)
@@ -280,8 +303,8 @@ def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp
 def test_initial_metrics_survive_a_resume_from_a_checkpoint_before_the_first_report(tmp_path, shared_data_dir):
     cfg = _config(shared_data_dir, eval_before_training=True, checkpoint_every_steps=1)
     reference = run_trial(cfg, LocalContext(tmp_path / "reference", keep=100))
-    first = tmp_path / "reference" / "checkpoints" / "step_00000001"
-    assert load_checkpoint(first)["ranks"][0]["history"] == []  # written before the epoch's report
+    first = tmp_path / "reference" / "checkpoints" / checkpoint_name(1)
+    assert load_state(first)["ranks"][0]["history"] == []  # written before the epoch's report
     resumed = run_trial(cfg, LocalContext(tmp_path / "resumed", resume_from=first))
     _same_history(resumed.history, reference.history)
     assert any(k.startswith("initial_eval_") for k in resumed.history[0])
@@ -295,7 +318,7 @@ def test_a_real_full_disk_raises_a_clear_checkpoint_error(monkeypatch, tmp_path)
         pytest.skip("no /dev/full")
     import builtins
 
-    import raysdpb.checkpoint as checkpoint
+    import raysdpb.recipe.checkpoint as checkpoint
 
     def full_disk_open(path, mode="r", *args, **kwargs):
         return builtins.open("/dev/full" if str(path).endswith(".tmp") else path, mode, *args, **kwargs)
@@ -303,7 +326,7 @@ def test_a_real_full_disk_raises_a_clear_checkpoint_error(monkeypatch, tmp_path)
     monkeypatch.setattr(checkpoint, "open", full_disk_open, raising=False)
     expected = r"step 7 .*No space left on device.*previous checkpoint is intact"
     with pytest.raises(CheckpointError, match=expected) as err:
-        save_checkpoint(tmp_path / "ck", {"step": 7, "weights": torch.zeros(100_000)})
+        write_state(tmp_path / "ck", {"step": 7, "weights": torch.zeros(100_000)})
     assert isinstance(err.value, UserError)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == []  # nothing half-written left behind
 
@@ -329,8 +352,8 @@ def test_out_of_space_fails_the_trial_clearly_and_keeps_the_previous_checkpoint(
     assert "could not save the checkpoint of step 4" in message and "No space left on device" in message
     assert "previous checkpoint is intact" in message
     folders = {p.name: sorted(f.name for f in p.iterdir()) for p in (out / "checkpoints").iterdir()}
-    assert folders == {"step_00000002": ["COMPLETE", "state.pt"], "step_00000004": []}
-    assert load_checkpoint(out / "checkpoints" / "step_00000002")["step"] == 2
+    assert folders == {checkpoint_name(2): ["raysdpb_manifest.json", "state.pt"], checkpoint_name(4): []}
+    assert load_state(out / "checkpoints" / checkpoint_name(2))["step"] == 2
 
     # the disk has room again: the trial resumes from the intact checkpoint and ends as an uninterrupted one
     monkeypatch.setattr(torch, "save", real_save)
@@ -405,7 +428,8 @@ def test_a_resumed_trial_stopped_by_asha_on_a_replayed_report_is_stopped_by_asha
 # --- checkpoints on the storage and scratch space (no Ray needed) -------------------------------------------
 
 def test_stored_checkpoints_whole_only_and_unregistered_ones_pruned(tmp_path):
-    from raysdpb.sweep import MANIFEST_FILE, prune_unregistered_checkpoints, stored_checkpoints, write_manifest
+    from raysdpb.recipe.checkpoint import MANIFEST_FILE
+    from raysdpb.sweep.driver import prune_unregistered_checkpoints
 
     run = tmp_path / "run"
 
@@ -413,7 +437,7 @@ def test_stored_checkpoints_whole_only_and_unregistered_ones_pruned(tmp_path):
         folder = run / f"checkpoint_step_{step:08d}"
         folder.mkdir(parents=True)
         (folder / "state.pt").write_bytes(b"x" * 100)
-        write_manifest(folder)
+        mark_complete(folder)
         if not whole:  # the upload stopped halfway
             (folder / "state.pt").write_bytes(b"x" * 40)
 
@@ -421,7 +445,7 @@ def test_stored_checkpoints_whole_only_and_unregistered_ones_pruned(tmp_path):
         checkpoint(step)
     checkpoint(12, whole=False)
     (run / "checkpoint_step_00000015").mkdir()  # no manifest at all
-    assert [s for s, _ in stored_checkpoints(str(run))] == [3, 6, 9]
+    assert [s for s, _ in complete_checkpoints(str(run))] == [3, 6, 9]
     assert json.loads((run / "checkpoint_step_00000003" / MANIFEST_FILE).read_text()) == {"state.pt": 100}
     # Ray Train registered step 6 only (3 was registered and deleted by Train; here it was never registered)
     (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
@@ -437,7 +461,7 @@ def test_stored_checkpoints_whole_only_and_unregistered_ones_pruned(tmp_path):
 
 
 def test_scratch_of_killed_workers_is_removed(monkeypatch, tmp_path):
-    from raysdpb.sweep import SCRATCH_ENV, worker_scratch
+    from raysdpb.sweep.worker import SCRATCH_ENV, worker_scratch
 
     monkeypatch.setenv(SCRATCH_ENV, str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -568,8 +592,8 @@ def test_killed_or_interrupted_sweep_resumes_without_losing_or_repeating_trials(
     # 7 steps), so the kill comes after its epoch-1 report, however long the short trial takes to be recorded
     # as completed (Ray Train's shutdown of a run can take 12 s on 2 busy cores)
     release = tmp_path / "release"
-    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch"), **{FAULTS_ENV: faults_json(
-        {"point": "after_step", "step": 8, "where": {"epochs": 6}, "until": str(release)})})
+    env = sweep_env(RAYSDPB_SCRATCH_DIR=str(tmp_path / "scratch"), **fault_env(
+        {"point": "after_step", "step": 8, "where": {"epochs": 6}, "until": str(release)}))
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=env,
                              start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -644,8 +668,8 @@ def test_a_full_disk_on_a_worker_errors_that_trial_only_and_resume_continues_it(
     storage = tmp_path / "results"
     config = _write(tmp_path, sweep_raw(shared_data_dir, storage, "disk", {"log_every_steps": [4, 5]},
                                          sweep={"max_failures": 0}))
-    env = sweep_env(**{FAULTS_ENV: faults_json({"point": "save", "step": 6, "where": {"log_every_steps": 5},
-                                       "marker": str(tmp_path / "full")})})
+    env = sweep_env(**fault_env({"point": "save", "step": 6, "where": {"log_every_steps": 5},
+                                 "marker": str(tmp_path / "full")}))
     out = _run_sweep(config, env=env)
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     exp = storage / "disk"
@@ -655,9 +679,8 @@ def test_a_full_disk_on_a_worker_errors_that_trial_only_and_resume_continues_it(
     assert "could not save the checkpoint of step 6" in full["message"]
     assert "No space left on device" in full["stop_reason"]
     assert f"raysdpb: trial {full['trial_id']} (log_every_steps=5) failed:" in out.stderr
-    from raysdpb.sweep import stored_checkpoints
 
-    assert [step for step, _ in stored_checkpoints(str(exp / "train_runs" / full["trial_id"]))] == [3]
+    assert [step for step, _ in complete_checkpoints(str(exp / "train_runs" / full["trial_id"]))] == [3]
 
     resumed = _run_sweep(config, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -738,7 +761,8 @@ def test_soak_many_short_trials_keep_the_driver_flat(tmp_path, shared_data_dir):
     import ray
 
     from raysdpb.config import load_experiment
-    from raysdpb.sweep import _connect, plan_sweep, run_sweep
+    from raysdpb.sweep.driver import connect, run_sweep
+    from raysdpb.sweep.plan import plan_sweep
 
     n = int(os.environ.get("RAYSDPB_SOAK_TRIALS", "24"))
     raw = sweep_raw(shared_data_dir, tmp_path / "results", "soak", {"seed": list(range(n))}, method="dynsdpb",
@@ -768,7 +792,7 @@ def test_soak_many_short_trials_keep_the_driver_flat(tmp_path, shared_data_dir):
                             "store": _object_store_bytes(), "ray_processes": workers})
 
     os.environ.setdefault("RAYSDPB_SCRATCH_DIR", str(tmp_path / "scratch"))
-    _connect(None)
+    connect(None)
     monitor = threading.Thread(target=sample, daemon=True)
     started = time.monotonic()
     monitor.start()

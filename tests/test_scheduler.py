@@ -11,7 +11,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from raysdpb.config import load_experiment
 from raysdpb.errors import UserError
-from raysdpb.scheduler import GroupedASHA, group_key
+from raysdpb.sweep.scheduler import GroupedASHA, group_key
 
 ASHA = dict(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2, stop_last_trials=False)
 ASHA_SST2 = dict(ASHA, max_t=3, reduction_factor=3)  # the quality benchmark's grids: 3 epochs, rungs at 1 and 3
@@ -164,11 +164,11 @@ def test_a_trial_that_passed_a_rung_before_a_resume_is_not_judged_again_there():
 
 
 def test_the_sweeps_resume_hands_every_recorded_result_to_asha(tmp_path):
-    """`raysdpb.sweep.ResultsCallback` on --resume: the results a killed run recorded (trials.parquet and
+    """`raysdpb.sweep.callback.ResultsCallback` on --resume: the results a killed run recorded (trials.parquet and
     curves.parquet) of finished and unfinished trials go into the restored (empty) GroupedASHA, so the resumed
     trial's re-sent first epoch continues it where judging it again would stop it."""
     from raysdpb.results import ResultsRecorder, TrialInfo
-    from raysdpb.sweep import ResultsCallback
+    from raysdpb.sweep.callback import ResultsCallback
 
     trials = [TrialInfo(t, t, {}, 3) for t in ("t0", "t1", "t2", "t3")]
     groups = {t.trial_id: ("G",) for t in trials}
@@ -193,33 +193,3 @@ def test_the_sweeps_resume_hands_every_recorded_result_to_asha(tmp_path):
         scheduler.on_trial_add(None, trial)
         assert scheduler.on_trial_result(None, trial, {"epoch": 1.0, "step": 157, "score": score,
                                                        "replayed": 1}) == TrialScheduler.CONTINUE
-
-
-def test_a_plain_asha_pickled_by_an_older_sweep_gets_the_finished_trials_back(tmp_path):
-    """The legacy branch of `ResultsCallback` on --resume: a sweep started before GroupedASHA took every ASHA
-    sweep pickled a plain ASHAScheduler, which knows trials only by Tune's ids. It gets the finished trials'
-    results under stand-in ids, so its rungs are not empty, and nothing of the trials --resume runs again (an
-    errored or unfinished one: their re-sent reports come under new Tune ids and would be counted twice)."""
-    from raysdpb.results import ResultsRecorder, TrialInfo
-    from raysdpb.sweep import ResultsCallback
-
-    trials = [TrialInfo(t, t, {}, 4) for t in ("done", "stopped", "failed", "running")]
-    first = ResultsRecorder(str(tmp_path), trials, metric="score")
-    for trial_id, scores in (("done", (0.6, 0.7, 0.8, 0.9)), ("stopped", (0.2,)), ("failed", (0.5, 0.55)),
-                             ("running", (0.95,))):
-        first.on_start(trial_id)
-        for epoch, score in enumerate(scores, start=1):
-            first.on_result(trial_id, {"epoch": float(epoch), "score": score},
-                            stopped=trial_id == "stopped")
-    first.on_complete("done")
-    first.on_complete("stopped")
-    first.on_error("failed", "RuntimeError: out of memory")
-    first.write()  # killed with "running" unfinished
-
-    scheduler = _plain()
-    ResultsCallback(str(tmp_path), trials, "score", "max", "epoch", scheduler).setup()
-    rungs = {m: dict(r) for m, r in scheduler._brackets[0]._rungs}
-    assert rungs == {4: {"finished:done": 0.9}, 2: {"finished:done": 0.7},
-                     1: {"finished:done": 0.6, "finished:stopped": 0.2}}
-    # the replayed rungs decide: a new trial below the first rung's cutoff is stopped there
-    assert _decisions(scheduler, [("new", 1, 0.1)]) == [TrialScheduler.STOP]

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from raysdpb.config import load_experiment
-from raysdpb.context import FAULTS_ENV
 from raysdpb.errors import UserError
-from raysdpb.sweep import check_resources, describe_asha, max_concurrent_trials, plan_sweep
-from trial_configs import faults_json, sweep_env
+from raysdpb.sweep.checks import check_resources, max_concurrent_trials
+from raysdpb.sweep.plan import describe_asha, plan_sweep
+from trial_configs import fault_env, sweep_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,8 +268,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
                                    sweep={"asha": None}))
     exp = storage / "resume"
     release = tmp_path / "release"
-    env = sweep_env(**{FAULTS_ENV: faults_json({"point": "after_step", "step": 5, "where": {"epochs": 3},
-                                                "until": str(release)})})
+    env = sweep_env(**fault_env({"point": "after_step", "step": 5, "where": {"epochs": 3}, "until": str(release)}))
     first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=env,
                              start_new_session=True, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
@@ -323,7 +322,7 @@ def test_the_shipped_sweep_files_plan(name, trials, metric):
 
 
 def test_an_offline_hub_without_a_mirror_stops_the_sweep_before_ray(tmp_path, shared_data_dir, monkeypatch):
-    from raysdpb.sweep import check_data
+    from raysdpb.sweep.checks import check_data
 
     raw = _raw(shared_data_dir, tmp_path, "offline", {})
     del raw["data_dir"]
@@ -346,7 +345,7 @@ def test_a_missing_model_stops_the_sweep_before_ray_unless_a_cluster_worker_may_
                                                                                        caplog):
     """Each distinct model of the grid is checked once, by its config: the first missing one is the error; on a
     cluster a local folder this machine lacks is a warning (the workers have their own disks)."""
-    from raysdpb.sweep import check_models
+    from raysdpb.sweep.checks import check_models
 
     model_dir = tmp_path / "my-model"
     raw = _raw(shared_data_dir, tmp_path, "models", {"model": ["tiny-bert", "minilm-l6", str(model_dir)]})

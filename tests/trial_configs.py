@@ -3,12 +3,12 @@ LoRA on GSM8K, both on data from `../shared/data`; `overrides` change any key.""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from raysdpb.config import TrialConfig, load_trial_config
-from raysdpb.context import FAULTS_ENV
+from raysdpb.recipe.recipe import RECIPE_ENV
+from faults import FAULTS_ENV, fault_env  # noqa: F401 (fault_env: for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,11 +40,6 @@ def sweep_raw(data_dir, storage, name, search, sweep=None, **trial) -> dict:
     return raw
 
 
-def faults_json(*faults: dict) -> str:
-    """The value of `$RAYSDPB_FAULTS` (raysdpb.context.inject_fault) for these faults."""
-    return json.dumps(list(faults))
-
-
 def encoder_trial(data_dir, **overrides) -> TrialConfig:
     return load_trial_config(None, raw=encoder_raw(data_dir, **overrides))
 
@@ -60,8 +55,9 @@ def decoder_trial(data_dir, **overrides) -> TrialConfig:
 def sweep_env(**extra) -> dict:
     """The environment a test's `python -m raysdpb.sweep` runs in: offline, a local Ray (no RAY_ADDRESS), no
     injected faults unless `extra` sets them, and the checkout under test first on the path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", FAULTS_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", FAULTS_ENV, RECIPE_ENV)}
     env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # the checkout under test first, and tests/ for the faults a test injects (`faults.FaultyRecipe`)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")]))
     return env

@@ -1,27 +1,26 @@
-"""What the training loop needs from where it runs: rank and world size, a device, a place for
-TensorBoard events, reporting of metrics (with a checkpoint) and the checkpoint to resume from.
+"""What the recipe needs from where it runs: rank and world size, a device, a place for TensorBoard events,
+reporting of metrics (with a checkpoint), where checkpoints go and the checkpoint to resume from.
 
-`LocalContext` is one process on one device (`python -m raysdpb.train`). The Ray Train context lives in
-`raysdpb.sweep` so that nothing here imports Ray.
+`LocalContext` is one process on one device (`python -m raysdpb.train`). The Ray Train context,
+`raysdpb.sweep.worker.RayTrainContext`, lives with the sweep so that nothing here imports Ray.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from raysdpb.errors import UserError
+from raysdpb.recipe.checkpoint import CHECKPOINT_PREFIX, checkpoint_name, complete_checkpoints, is_complete_folder
+
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkerContext", "LocalContext", "inject_fault", "FAULTS_ENV"]
+__all__ = ["WorkerContext", "LocalContext"]
 
 
 class WorkerContext:
@@ -41,12 +40,15 @@ class WorkerContext:
         return self.rank == 0
 
     def device(self, preference: str = "auto") -> torch.device:
+        """The CPU for `cpu`, or for `auto` where no CUDA GPU is visible; else this rank's GPU (`gpu()`)."""
         if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
             return torch.device("cpu")
         if not torch.cuda.is_available():
-            from raysdpb.errors import UserError
-
             raise UserError("device: cuda was asked for, but no CUDA GPU is visible; use device=auto or device=cpu")
+        return self.gpu()
+
+    def gpu(self) -> torch.device:
+        """This rank's GPU: the one of its local rank."""
         return torch.device("cuda", self.local_rank)
 
     # -- TensorBoard (rank 0 only) ----------------------------------------------------------------------
@@ -121,10 +123,12 @@ class LocalContext(WorkerContext):
         self.resume_from = resume_from
         self.keep = keep
         self.reports: list[dict] = []
+        older = sorted(p.name for p in self.checkpoints.glob("step_*") if p.is_dir())
+        if older:  # the layout before checkpoint format 2: `step_<n>` folders with a COMPLETE marker
+            raise UserError(f"{self.checkpoints} holds checkpoints of an older raysdpb ({older[-1]}, ...), which this "
+                            "version cannot resume; start this run in another --output-dir (or delete that folder)")
         earlier = self._saved() if resume_from is None else []
         if earlier:
-            from raysdpb.errors import UserError
-
             # a new run here would prune by step number: the earlier run's later checkpoints would outlive
             # the new run's, and a later `--resume latest` would pick up the earlier run
             raise UserError(f"{self.output_dir} already holds the checkpoints of an earlier run (newest: "
@@ -139,24 +143,23 @@ class LocalContext(WorkerContext):
 
     def new_checkpoint_dir(self, step: int, reported: bool = True) -> Path:
         self._prune(room_for_one=True)
-        path = self.checkpoints / f"step_{step:08d}"
+        path = self.checkpoints / checkpoint_name(step)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
     def _prune(self, room_for_one: bool = False) -> None:
-        """Keep the newest `keep` complete checkpoints (one fewer when a new one is about to be written);
-        incomplete folders (a crash mid-save) are removed."""
-        for partial in self.checkpoints.glob("step_*"):
-            if not (partial / "COMPLETE").exists():
-                shutil.rmtree(partial, ignore_errors=True)
+        """Keep the newest `keep` whole checkpoints (one fewer when a new one is about to be written); folders
+        that are not whole (a crash mid-save) are removed."""
         saved = self._saved()
+        for partial in set(self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*")) - set(saved):
+            shutil.rmtree(partial, ignore_errors=True)
         keep = max(self.keep - 1, 1) if room_for_one else self.keep
         for old in saved[: max(len(saved) - keep, 0)]:
             shutil.rmtree(old, ignore_errors=True)
 
     def _saved(self) -> list[Path]:
-        """The complete checkpoints in the output folder, oldest first (by step)."""
-        return sorted(p for p in self.checkpoints.glob("step_*") if (p / "COMPLETE").exists())
+        """The whole checkpoints in the output folder, oldest first (by step)."""
+        return [Path(path) for _, path in complete_checkpoints(self.checkpoints)]
 
     def latest_checkpoint(self) -> Path | None:
         if self.resume_from is None:
@@ -165,85 +168,6 @@ class LocalContext(WorkerContext):
             saved = self._saved()
             return saved[-1] if saved else None
         path = Path(self.resume_from)
-        if not (path / "COMPLETE").exists():
-            from raysdpb.errors import UserError
-
-            raise UserError(f"resume_from: {path} is not a complete raysdpb checkpoint folder")
+        if not is_complete_folder(path):
+            raise UserError(f"resume_from: {self.resume_from} is not a complete raysdpb checkpoint folder")
         return path
-
-
-# --- fault injection, for the reliability tests --------------------------------------------------------------
-
-FAULTS_ENV = "RAYSDPB_FAULTS"
-_fired: dict[int, int] = {}  # fault index -> times it fired in this process
-_parsed: tuple[str, list] = ("", [])  # the variable's last value and its faults
-
-
-def _faults() -> list[dict]:
-    global _parsed
-    raw = os.environ.get(FAULTS_ENV)
-    if not raw:
-        return []
-    if _parsed[0] != raw:
-        faults = json.loads(raw)
-        _parsed = (raw, faults if isinstance(faults, list) else [faults])
-        _fired.clear()
-    return _parsed[1]
-
-
-def _config_value(config: Any, key: str) -> Any:
-    if isinstance(config, dict):
-        return config.get(key)
-    return getattr(config, key, None)
-
-
-def inject_fault(point: str, step: int, config: Any = None, rank: int = 0) -> bool:
-    """Test-only fault injection; does nothing unless `$RAYSDPB_FAULTS` is set (a JSON list of faults).
-
-    A fault is `{"point": ..., "step": N, ...}`; at its `point` and `step` it:
-
-    * `point: "loss"` (the training loop, before it checks the loss): returns True, and the loop treats the
-      step's loss as non-finite;
-    * `point: "after_step"` (the loop, right after optimizer step N): SIGKILLs this process (a worker dying
-      for real: no `finally`, no flush); with `until` (a file path), holds the process there instead until
-      that file exists (a trial kept at a known step, after its reports so far, while a test acts);
-    * `point: "save"` (`save_checkpoint`, before writing the checkpoint of step N): raises
-      `OSError(ENOSPC)`, a full disk.
-
-    Optional keys: `times` (fire on the first `times` calls at that step in this process; default 1),
-    `where` (a dict of trial config values that must match, to pick one trial of a sweep), `rank` (only on
-    that rank), `marker` (a file path: fire only if this call creates the file, so at most once across
-    processes and restarts; the file holds the pid that fired). The variable travels to Ray workers with the
-    other `RAYSDPB_*` variables.
-    """
-    faults = _faults()
-    if not faults:
-        return False
-    hit = False
-    for i, fault in enumerate(faults):
-        if fault.get("point") != point or int(fault.get("step", -1)) != int(step):
-            continue
-        if fault.get("rank") is not None and int(fault["rank"]) != int(rank):
-            continue
-        if any(_config_value(config, k) != v for k, v in (fault.get("where") or {}).items()):
-            continue
-        if _fired.get(i, 0) >= int(fault.get("times", 1)):
-            continue
-        if fault.get("marker"):
-            try:
-                fd = os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                continue
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-        _fired[i] = _fired.get(i, 0) + 1
-        log.warning("fault injection (%s): %s at step %d", FAULTS_ENV, point, step)
-        if point == "after_step" and fault.get("until"):
-            while not os.path.exists(fault["until"]):
-                time.sleep(0.2)
-        elif point == "after_step":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if point == "save":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
-        hit = True
-    return hit

@@ -29,7 +29,7 @@ from raysdpb.config import ASHA_GROUP_BY
 
 class GroupedASHA(FIFOScheduler):
     """An `ASHAScheduler` per group; `group_of` maps each trial id (the `trial_id` entry of the Tune trial
-    config, as `raysdpb.sweep` sets it) to its group (one group for all: ASHA over the whole grid). Plain
+    config, as `raysdpb.sweep.driver` sets it) to its group (one group for all: ASHA over the whole grid). Plain
     data, so Tune can pickle the scheduler."""
 
     def __init__(self, group_of: dict[str, Hashable], **asha_kwargs):

@@ -1,0 +1,201 @@
+"""Trial checkpoints: what a checkpoint folder holds, how it is written, and when it is whole.
+
+A checkpoint is a folder `checkpoint_step_<step:08d>` holding `state.pt` (the `Recipe.state_dict()`: the
+trainable weights only, so a LoRA checkpoint holds the adapter and not the base model; the optimizer; the
+scheduler; the sampler position; each rank's logit cache, RNG states and running sums; the loop counters;
+the trial's config) and, written last, `raysdpb_manifest.json`: the size of every other file. A folder is a
+checkpoint only when its files have the sizes its manifest records (`is_complete`, the one rule for local
+folders and object stores alike, where a half-uploaded folder can look whole). `state.pt` is written to a
+temporary file, flushed to disk and renamed, so a failure while saving (a full disk, say) leaves no
+half-written checkpoint and the previous one intact; it is raised as `CheckpointError`, a `UserError` (the
+trial stops with one clear line saying where and why, no traceback).
+
+`state.pt` holds plain data (tensors, dicts, lists, numbers) and a `format` number: a checkpoint of another
+format (one written by an older raysdpb) is refused with one clear message, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raysdpb.errors import UserError
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_PREFIX", "STATE_FILE", "MANIFEST_FILE", "CheckpointError",
+           "checkpoint_name", "checkpoint_step", "write_state", "mark_complete", "is_complete", "is_complete_folder",
+           "complete_checkpoints",
+           "load_state", "rng_state", "set_rng_state", "trainable_state_dict", "load_trainable_state",
+           "RESUME_MUST_MATCH", "check_resume_config"]
+
+CHECKPOINT_FORMAT = 2  # 1: raysdpb before the recipe (pickled loop objects, no format key)
+CHECKPOINT_PREFIX = "checkpoint_step_"
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "raysdpb_manifest.json"
+
+
+class CheckpointError(UserError):
+    """Saving a checkpoint failed (a full disk, no permission); the previous checkpoint is intact."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step in a checkpoint folder's name (`checkpoint_step_00000042` -> 42; -1 for other names)."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1]
+    try:
+        return int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) else -1
+    except ValueError:
+        return -1
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+
+def write_state(path: Path, state: dict) -> Path:
+    """Write `state` as `path/state.pt` (via a temporary file, fsynced, renamed). Raises `CheckpointError`
+    (nothing of the new checkpoint is left behind). The folder is not a checkpoint until `mark_complete`."""
+    path = Path(path)
+    tmp = path / f"{STATE_FILE}.tmp"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # through a Python file object: a full disk then raises OSError(ENOSPC); torch.save(state, a_path)
+        # raises an opaque RuntimeError from its C++ writer instead
+        with open(tmp, "wb") as f:
+            torch.save({**state, "format": CHECKPOINT_FORMAT}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / STATE_FILE)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        (path / STATE_FILE).unlink(missing_ok=True)
+        if not isinstance(err, OSError):
+            raise
+        reason = err.strerror or str(err)
+        todo = "free some disk space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        raise CheckpointError(f"could not save the checkpoint of step {state.get('step')} to {path}: {reason}; "
+                              f"{todo} (or write checkpoints elsewhere: --output-dir, sweep.storage_path); the "
+                              "previous checkpoint is intact") from err
+    return path
+
+
+def mark_complete(path: Path) -> None:
+    """Record the size of every file of a checkpoint folder, as the last file written into it."""
+    path = Path(path)
+    sizes = {f.name: f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != MANIFEST_FILE}
+    (path / MANIFEST_FILE).write_text(json.dumps(sizes, sort_keys=True))
+
+
+# --- reading: local folders and object stores alike ------------------------------------------------------------
+
+def is_complete(fs, path: str) -> bool:
+    """Whether the checkpoint folder `path` on the pyarrow filesystem `fs` is whole: its manifest exists and
+    every file it lists has the recorded size."""
+    import pyarrow.fs as pafs
+
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as f:
+            sizes = json.loads(f.read().decode())
+        files = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(path))}
+    except (OSError, ValueError):
+        return False
+    return all(files.get(name) == size for name, size in sizes.items())
+
+
+def is_complete_folder(path: str | Path) -> bool:
+    """`is_complete` for a local folder (whatever its name)."""
+    import pyarrow.fs as pafs
+
+    return is_complete(pafs.LocalFileSystem(), str(Path(path).resolve()))
+
+
+def complete_checkpoints(root: str | Path) -> list[tuple[int, str]]:
+    """`(step, path)` of the whole checkpoints directly under `root` (a local folder or a URI), oldest first.
+    A half-written or half-uploaded one is left out."""
+    import pyarrow.fs as pafs
+
+    from raysdpb.results.storage import filesystem
+
+    fs, base = filesystem(str(root))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return []
+    found = [(checkpoint_step(i.path), i.path) for i in infos
+             if i.type == pafs.FileType.Directory and checkpoint_step(i.path) >= 0]
+    return sorted((step, path) for step, path in found if is_complete(fs, path))
+
+
+def _older(path: Path, why: str) -> UserError:
+    return UserError(f"the checkpoint {path} was written by an older raysdpb ({why}); this version reads checkpoint "
+                     f"format {CHECKPOINT_FORMAT} only: start the trial again (a new --output-dir, or a new "
+                     "sweep.name), or resume it with the raysdpb version that wrote it")
+
+
+def load_state(path: Path) -> dict:
+    """The state a checkpoint folder holds; a `UserError` for one written in another format."""
+    path = Path(path)
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as err:  # it pickled classes this version no longer has
+        raise _older(path, f"it refers to {err}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format", 1) if isinstance(state, dict) else "unknown"
+        raise _older(path, f"format {found}")
+    return state
+
+
+# --- the pieces of a state ----------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    unknown = [k for k in weights if k not in params]
+    missing = [k for k, p in params.items() if p.requires_grad and k not in weights]
+    if unknown or missing:
+        raise RuntimeError(f"checkpoint does not match the model: unknown {unknown[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+# what makes a trial what it is: a checkpoint resumes only into a trial with the same values (the rest, such as
+# where the data lives, evaluation, logging, precision and device, may change between attempts)
+RESUME_MUST_MATCH = ("task", "model", "gguf_file", "custom_task", "train_split", "max_train_samples", "num_layers",
+                     "lora", "method", "alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative", "lr",
+                     "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "max_length", "seed")
+
+
+def check_resume_config(saved: dict, current: dict, checkpoint) -> None:
+    """Raise a `UserError` naming every key where the trial config `current` (a dump) differs from `saved`, the one
+    that wrote the checkpoint: resuming a dynsdpb checkpoint as finetune, or with another batch size, would
+    silently skip or repeat data."""
+    differ = [f"{key}={current[key]!r} (the checkpoint's: {saved[key]!r})" for key in RESUME_MUST_MATCH
+              if key in saved and saved[key] != current[key]]
+    if differ:
+        raise UserError(f"the checkpoint {checkpoint} was written by another trial: {', '.join(differ)}; resume with "
+                        "the checkpoint's values, or start a new run in another output folder")

@@ -1,0 +1,102 @@
+"""The pieces a recipe is set up from, each a plain function of the config: seeds, precision, data, the batch
+sampler and the optimizer."""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+
+import numpy as np
+import torch
+
+from raysdpb.config import TrialConfig
+from raysdpb.data import TokenizedDataset, tokenize_records
+from raysdpb.errors import UserError
+from raysdpb.methods import Method
+from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
+
+__all__ = ["seed_everything", "autocast_factory", "load_train_data", "load_eval_data", "make_sampler",
+           "make_optimizer"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_factory(precision: str, device: torch.device):
+    """(autocast context factory or None, whether a GradScaler is needed): `auto` is bf16 on GPUs that have it,
+    fp16 with a scaler on those that do not, fp32 on the CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None, False
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), precision == "fp16"
+
+
+def load_train_data(cfg: TrialConfig, task, tokenizer) -> TokenizedDataset:
+    """The trial's tokenized training set (its split, `max_train_samples`, `max_length`)."""
+    from raysdpb.tasks import data_dir_from, load_examples
+
+    split = train_split(cfg, task)
+    train_records = load_examples(task, split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
+    if cfg.max_train_samples:
+        train_records = train_records[: cfg.max_train_samples]
+    return tokenize_records(train_records, task.kind, tokenizer, cfg.max_length, name=f"{task.name}:{split}")
+
+
+def train_split(cfg: TrialConfig, task) -> str:
+    """The split a trial trains on: `train_split` when set, else the task's."""
+    return cfg.train_split or task.train_split
+
+
+def eval_splits(cfg: TrialConfig, task) -> tuple[tuple[str, str], ...]:
+    """The `(split, metric-key prefix)` pairs a trial evaluates on: `eval_split` alone when set, else the task's."""
+    return ((cfg.eval_split, ""),) if cfg.eval_split else tuple(task.eval_splits)
+
+
+def load_eval_data(cfg: TrialConfig, task, tokenizer) -> list[tuple[str, list[dict], TokenizedDataset]]:
+    """`(prefix, records, tokenized prompts)` of every evaluation split (`max_eval_samples` each)."""
+    from raysdpb.tasks import data_dir_from, load_examples
+
+    evals = []
+    for split, prefix in eval_splits(cfg, task):
+        records = load_examples(task, split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
+        if cfg.max_eval_samples:
+            records = records[: cfg.max_eval_samples]
+        # a decoder generates after each evaluation prompt: the prompt alone, however long its answer is
+        evals.append((prefix, records, tokenize_records(records, task.kind, tokenizer, cfg.max_length,
+                                                        name=f"{task.name}:{split}", prompts_only=True)))
+    return evals
+
+
+def make_sampler(method: Method, num_samples: int, batch_size: int, *, seed: int, num_replicas: int = 1,
+                 rank: int = 0):
+    """The method's batch sampler: the overlapping stream (DLB, DynSDPB) or plain mini-batches. A training set
+    too small for one batch per rank is a `UserError`."""
+    sampler_cls = OverlapBatchSampler if method.loader == "overlap" else ShuffledBatchSampler
+    try:
+        return sampler_cls(num_samples, batch_size, shuffle=method.shuffle, seed=seed, num_replicas=num_replicas,
+                           rank=rank)
+    except ValueError as err:
+        raise UserError(f"{method.name}: the training set has {num_samples} examples: {err}") from None
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norms, with torch's fused kernel
+    where the device has one (CPU, CUDA; the HF Trainer's default too). On the CPU the default AdamW is a
+    per-parameter loop: for MiniLM-L6 (22.7M parameters) its step takes 154 ms against 25 ms fused."""
+    groups = _decay_groups(model, weight_decay)
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, fused=True if fused else None)

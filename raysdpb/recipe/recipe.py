@@ -1,0 +1,387 @@
+"""The training recipe: one trial of one method on one task, on one rank.
+
+Read it top to bottom, as torchtune's recipes: `setup()` builds the data, the model, the batch sampler, the
+optimizer, the schedule and the soft-target cache from the config and restores the context's checkpoint if it
+has one; `train_step(batch)` is one optimizer step of the method; `evaluate()` scores the validation split(s);
+`state_dict()` / `load_state_dict()` are what a checkpoint holds; `train()` is the loop over those. The same
+recipe runs in local mode (`python -m raysdpb.train`, `LocalContext`) and on every Ray Train worker of a sweep
+(`raysdpb.sweep.worker`): all that differs is the `context`. Benchmarks and tests call the same `train_step`.
+Nothing here imports Ray.
+
+`$RAYSDPB_RECIPE` (`module:Class`) runs a subclass instead, in both places (the reliability tests inject
+their faults that way: `tests/faults.py`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from raysdpb.config import TrialConfig
+from raysdpb.data import TokenizedDataset, collate, pad_multiple_for
+from raysdpb.errors import UserError
+from raysdpb.methods import ClassOutputs, LogitCache, LossTerms, MethodParams, TokenOutputs, get_method
+from raysdpb.models import build_model, load_tokenizer, resolve_model
+from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_trainable_state, mark_complete,
+                                       rng_state, set_rng_state, trainable_state_dict, write_state)
+from raysdpb.recipe.components import (autocast_factory, load_eval_data, load_train_data, make_optimizer,
+                                       make_sampler, seed_everything)
+from raysdpb.recipe.context import WorkerContext
+from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, step_scalars
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Recipe", "run_trial", "forward_outputs", "recipe_class", "RECIPE_ENV"]
+
+RECIPE_ENV = "RAYSDPB_RECIPE"
+
+
+def forward_outputs(model, batch: dict, kind: str, autocast=None) -> ClassOutputs | TokenOutputs:
+    """The model's outputs on a training batch, as the methods' losses take them: a decoder's logits shifted so
+    that position t predicts token t+1, with the loss on the answer tokens only."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if kind == "generation":
+        inputs["use_cache"] = False  # a training forward needs no KV cache (nor may it keep one when checkpointing)
+    with autocast() if autocast else nullcontext():
+        logits = model(**inputs).logits
+    if kind == "generation":
+        return TokenOutputs(logits[:, :-1], batch["input_ids"][:, 1:], batch["answer_mask"][:, 1:].bool())
+    return ClassOutputs(logits, batch["labels"])
+
+
+class Recipe:
+    """One trial: `Recipe(config, context).setup()`, then `train()`. Benchmarks and tests that bring their own
+    model or data call the set-up steps one by one (`setup_runtime`, `setup_data`, `setup_model`,
+    `setup_loader`, `setup_optimization`) and then `train_step`."""
+
+    def __init__(self, config: TrialConfig | dict, context: WorkerContext | None = None) -> None:
+        self.cfg = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
+        self.context = context if context is not None else WorkerContext()
+        self.method = get_method(self.cfg.method)
+        self.params = MethodParams(self.cfg.alpha, self.cfg.tau, self.cfg.tau_min_scale, self.cfg.tau_max_scale,
+                                   self.cfg.tau_relative)
+        # the loop's counters and records: what a checkpoint restores
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.epoch_stats = EpochStats()
+        self.history: list[dict] = []  # every report's entry (its timing goes with the report only)
+        self.initial: dict[str, float] = {}  # `eval_before_training`: the model as loaded
+        self.grad_norms: dict[str, float] | None = None  # per-layer gradient norms of the last step, when measured
+        # the trial's own clock: this attempt's time from here, plus what the checkpoint it resumes from had run
+        # (Tune's time_this_iter_s restarts with each attempt and misses a resumed trial's earlier time)
+        self._attempt_start = time.perf_counter()
+        self._elapsed_before = 0.0
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    def setup(self) -> "Recipe":
+        """Everything from the config, in an order that draws the same random numbers every time; then the
+        checkpoint to resume from, if the context has one."""
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        self.setup_runtime()
+        source = resolve_model(cfg.model, cfg.gguf_file)
+        self.tokenizer = load_tokenizer(source)
+        self.setup_data(load_train_data(cfg, self.task, self.tokenizer),
+                        load_eval_data(cfg, self.task, self.tokenizer))
+        self.setup_model(self.build_model(source))
+        self.setup_loader(collate(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple_for(self.device.type)))
+        self.setup_optimization()
+        self.resume()
+        return self
+
+    def setup_runtime(self) -> None:
+        """The task, the device and the precision."""
+        from raysdpb.tasks import resolve_task
+
+        self.task = resolve_task(self.cfg)
+        self.device = self.context.device(self.cfg.device)
+        self.autocast, self.needs_scaler = autocast_factory(self.cfg.precision, self.device)
+
+    def setup_data(self, train_data: TokenizedDataset, eval_sets: list) -> None:
+        self.train_data, self.eval_sets = train_data, eval_sets
+
+    def build_model(self, source):
+        task, cfg = self.task, self.cfg
+        decoder_bf16 = (task.kind == "generation" and self.autocast is not None and self.device.type == "cuda"
+                        and not self.needs_scaler)
+        return build_model(source, kind=task.kind, num_labels=task.num_labels, num_layers=cfg.num_layers,
+                           lora=cfg.lora, tokenizer=self.tokenizer, dtype=torch.bfloat16 if decoder_bf16 else None,
+                           id2label=dict(enumerate(task.labels)) if task.kind == "classification" else None,
+                           gradient_checkpointing=cfg.gradient_checkpointing)
+
+    def setup_model(self, model: torch.nn.Module) -> None:
+        """The model on this rank's device, wrapped in DDP when the context has several ranks."""
+        self.model = model.to(self.device)
+        self.train_model = self.model
+        if self.context.world_size > 1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def setup_loader(self, collator) -> None:
+        """The method's batch sampler over this rank's share of the training set, and its loader. The sampler is
+        the loader's `batch_sampler` and is never handed to Ray's `prepare_data_loader`, which would replace it
+        with a `DistributedSampler`; no loader workers, so the sampler's position is what was consumed. The
+        loader has its own generator: each new iterator draws a base seed from it, and drawing from the global
+        one instead would shift dropout after a resume (the iterator is created at another point)."""
+        cfg = self.cfg
+        self.sampler = make_sampler(self.method, len(self.train_data), cfg.batch_size, seed=cfg.seed,
+                                    num_replicas=self.context.world_size, rank=self.context.rank)
+        self.collator = collator
+        self.loader = DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=collator, num_workers=0,
+                                 pin_memory=self.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(cfg.seed))
+
+    def setup_optimization(self) -> None:
+        """AdamW, the linear schedule over the trial's steps, a gradient scaler for fp16, the soft-target cache."""
+        from transformers import get_linear_schedule_with_warmup
+
+        cfg = self.cfg
+        self.total_epochs = cfg.epochs * self.method.epoch_multiplier
+        total_steps = self.sampler.total_batches(self.total_epochs)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * total_steps),
+                                                         total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.needs_scaler else None
+        self.cache = LogitCache()
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> LossTerms | None:
+        """One optimizer step of the method on `batch` (on this rank's device): the forward pass, the method's
+        loss against the soft targets cached at the previous step, backward, clipping, the optimizer and the
+        schedule, then the soft targets of the batch's second half cached for the next step. Returns the loss
+        terms, or None when the loss was not finite on some rank: every rank then skips the step together (no
+        update, no soft targets from a broken forward; a rank that skipped alone would hang the others'
+        all-reduce)."""
+        outputs = forward_outputs(self.train_model, batch, self.task.kind, self.autocast)
+        half = len(batch["index"]) // 2
+        teacher = self.cache.take(batch["index"][:half], self.device) if self.method.distills else None
+        terms = self.method.loss(outputs, teacher, self.params)
+        if not self.context.all_ranks(self.loss_is_finite(terms)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            log.warning("non-finite loss at step %d (%d in a row); step skipped", self.step, self.nonfinite_in_row)
+            return None
+        self.nonfinite_in_row = 0
+        (self.scaler.scale(terms.total) if self.scaler else terms.total).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        measure = self.context.is_main and self.step % self.cfg.grad_norm_every_steps == 0
+        self.grad_norms = layer_grad_norms(self.model) if measure else None
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.method.distills:
+            self.cache.put(self.method.teacher_state(outputs.slice(slice(half, None)), batch["index"][half:],
+                                                     self.params))
+        self.step += 1
+        return terms
+
+    def loss_is_finite(self, terms: LossTerms) -> bool:
+        return bool(torch.isfinite(terms.total))
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """`eval_<prefix><metric>` of every evaluation split; a decoder's generated answers are saved too."""
+        from raysdpb.recipe.evaluation import evaluate_generation, evaluate_split
+
+        metrics: dict[str, float] = {}
+        rank, world, artifacts = self.context.rank, self.context.world_size, self.context.artifacts_dir
+        for prefix, records, data in self.eval_sets:
+            if self.task.kind == "generation":
+                name = f"{prefix or 'eval'}_step{self.step:08d}.jsonl"
+                where = artifacts / "predictions" / name if artifacts else None
+                metrics |= evaluate_generation(self.model, self.tokenizer, self.task, data, records,
+                                               batch_size=self.cfg.eval_batch_size,
+                                               max_new_tokens=self.cfg.max_new_tokens, scoring=self.cfg.choice_scoring,
+                                               device=self.device, prefix=prefix, rank=rank, world_size=world,
+                                               autocast=self.autocast, predictions_path=where)
+            else:
+                metrics |= evaluate_split(self.model, self.task, data, records, batch_size=self.cfg.eval_batch_size,
+                                          collator=self.collator, device=self.device, prefix=prefix, rank=rank,
+                                          world_size=world, autocast=self.autocast)
+        return metrics
+
+    # ---- state: what a checkpoint holds ----------------------------------------------------------------------
+    def rank_state(self) -> dict:
+        """This rank's own part of a checkpoint: its soft targets, random state, running sums and history (each
+        rank's batches differ)."""
+        return {"cache": self.cache.state_dict(), "rng": rng_state(), "running": self.epoch_stats.state_dict(),
+                "history": self.history}
+
+    def state_dict(self, epoch: int, position: int, ranks: list[dict]) -> dict:
+        """The checkpoint's state at `position` batches into `epoch`; `ranks`: every rank's `rank_state()`."""
+        return {
+            "model": trainable_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": {**self.sampler.state_dict(), "epoch": epoch, "position": position},
+            "ranks": ranks,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "step": self.step, "nonfinite_total": self.nonfinite_total,
+            "initial": self.initial, "elapsed_s": self.elapsed(), "config": self.cfg.model_dump(),
+        }
+
+    def load_state_dict(self, state: dict, checkpoint: Path | str = "the checkpoint") -> None:
+        check_resume_config(state["config"], self.cfg.model_dump(), checkpoint)
+        if len(state["ranks"]) != self.context.world_size:
+            raise UserError(f"the checkpoint {checkpoint} holds the state of {len(state['ranks'])} rank(s), not of "
+                            f"this trial's {self.context.world_size}; resume with the world size that wrote it")
+        own = state["ranks"][self.context.rank]
+        load_trainable_state(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as err:
+            raise UserError(f"the checkpoint {checkpoint} does not fit this trial: {err}") from None
+        self.cache.load_state_dict(own["cache"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
+        self.epoch_stats, self.history = EpochStats.from_state(own["running"]), own["history"]
+        self.initial, self._elapsed_before = state["initial"], float(state["elapsed_s"])
+        set_rng_state(own["rng"])
+
+    def resume(self) -> None:
+        """Restore the checkpoint the context hands over, if any."""
+        checkpoint = self.context.latest_checkpoint()
+        if checkpoint is None:
+            return
+        self.load_state_dict(load_state(checkpoint), checkpoint)
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", checkpoint, self.sampler.epoch,
+                 self.sampler.state_dict()["position"], self.step)
+
+    def save_checkpoint(self, epoch: int, position: int, reported: bool = True) -> Path | None:
+        """A checkpoint where the context keeps them (None where it keeps none). A collective: every rank's part
+        is gathered to rank 0, which writes the folder."""
+        path = self.context.new_checkpoint_dir(self.step, reported=reported)  # None on every rank, or a folder
+        if path is None:
+            return None
+        ranks = self.context.gather_to_main(self.rank_state())
+        if self.context.is_main:
+            self.write_checkpoint(path, self.state_dict(epoch, position, ranks))
+        return path
+
+    def write_checkpoint(self, path: Path, state: dict) -> None:
+        write_state(path, state)
+        mark_complete(path)
+
+    def elapsed(self) -> float:
+        """Seconds this trial has run: set-up, training and evaluation, over every attempt up to now (work lost
+        after a checkpoint to a failure is not counted)."""
+        return self._elapsed_before + time.perf_counter() - self._attempt_start
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> TrialResult:
+        """Every epoch's batches through `train_step`; an evaluation, a report and a checkpoint at the end of each
+        epoch (and every `eval_every_steps`; a checkpoint alone every `checkpoint_every_steps`). After
+        `max_nonfinite_steps` non-finite losses in a row the trial stops as diverged."""
+        cfg = self.cfg
+        bar = self._progress_bar()
+        self.model.train()
+        last = {k: v for k, v in (self.history[-1] if self.history else {}).items() if k.startswith("eval_")}
+        status, message, position = "completed", "", 0
+        # the model as loaded, before any step: a baseline carried in every report, restored with a checkpoint
+        # (also one written before the first report)
+        if cfg.eval_before_training and not self.initial and self.step == 0:
+            self.initial = {f"initial_{k}": v for k, v in self.evaluate().items()}
+            log.info("before training: %s", ", ".join(f"{k}={v:.4f}" for k, v in self.initial.items()))
+        for epoch in range(self.sampler.epoch, self.total_epochs):
+            self.sampler.set_epoch(epoch)
+            position = self.sampler.state_dict()["position"]
+            if position == 0:
+                self.epoch_stats = EpochStats()
+            for batch in self.loader:
+                position += 1
+                terms = self.train_step({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+                if terms is None:
+                    if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
+                        status = "diverged"
+                        message = f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}"
+                        break
+                    continue
+                self.epoch_stats.add(terms)
+                self._log_step(terms, bar)
+                mid_epoch = position < len(self.sampler)
+                if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and mid_epoch:
+                    last = self.evaluate()
+                    self.report(epoch + position / max(len(self.sampler), 1), last, epoch, position)
+                elif cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and mid_epoch:
+                    self.save_checkpoint(epoch, position, reported=False)
+            if status == "diverged":
+                break
+            last = self.evaluate()
+            self.report(epoch + 1, last, epoch + 1, 0)
+        if bar is not None:
+            bar.close()
+        if status == "diverged":
+            log.error("trial diverged: %s", message)
+            self.context.report({"epoch": round(self.sampler.epoch + position / max(len(self.sampler), 1), 4),
+                                 "step": self.step, **last, "status": "diverged", "message": message,
+                                 "nonfinite_steps": self.nonfinite_total, "elapsed_s": self.elapsed()}, None)
+        self.context.close()
+        return TrialResult(status=status, metrics=last | self.initial,
+                           epochs_run=self.history[-1]["epoch"] if self.history else 0.0, steps=self.step,
+                           message=message, history=self.history)
+
+    def report(self, epoch_progress: float, metrics: dict, epoch: int, position: int) -> None:
+        """Record an evaluation in the history, checkpoint (so the checkpoint holds its own report), report."""
+        entry = {"epoch": round(epoch_progress, 4), "step": self.step, **metrics, **self.initial,
+                 **self.epoch_stats.summary(), "lr": self.scheduler.get_last_lr()[0],
+                 "nonfinite_steps": self.nonfinite_total}
+        self.history.append(entry)
+        checkpoint_dir = self.save_checkpoint(epoch, position)
+        self.context.log_scalars(self.step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
+        self.context.report({**entry, "elapsed_s": self.elapsed()}, checkpoint_dir)
+
+    def _log_step(self, terms: LossTerms, bar) -> None:
+        if self.context.is_main and self.step % self.cfg.log_every_steps == 0:
+            self.context.log_scalars(self.step, step_scalars(terms, self.scheduler.get_last_lr()[0]))
+        if self.grad_norms:
+            self.context.log_scalars(self.step, {f"grad_norm/{k}": v for k, v in self.grad_norms.items()})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(terms.total.detach()):.4f}", refresh=False)
+
+    def _progress_bar(self):
+        if not (self.cfg.progress_bar and self.context.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.sampler.total_batches(self.total_epochs), initial=self.step,
+                    desc=f"{self.cfg.method} {self.task.name}", unit="step", leave=False)
+
+
+def recipe_class() -> type[Recipe]:
+    """The recipe to run: `Recipe`, or the subclass `$RAYSDPB_RECIPE` names as `module:Class`."""
+    name = os.environ.get(RECIPE_ENV)
+    if not name:
+        return Recipe
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise UserError(f"${RECIPE_ENV}={name!r}: cannot import it ({err}); give module:Class of a Recipe "
+                        "subclass, or unset it") from None
+    if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+        raise UserError(f"${RECIPE_ENV}={name!r} is not a subclass of raysdpb.recipe.Recipe")
+    return cls
+
+
+def run_trial(config: TrialConfig | dict, context: WorkerContext, recipe: type[Recipe] | None = None) -> TrialResult:
+    """Set up and train one trial with `recipe` (default: `recipe_class()`)."""
+    return (recipe or recipe_class())(config, context).setup().train()

@@ -1,0 +1,89 @@
+"""The Tune callback: Tune's trial events into the sweep's Parquet results (`raysdpb.results.recorder`), ASHA's
+past results back on `--resume`, and stopped trials' placement groups released."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.tune import Callback
+
+from raysdpb.results.recorder import ResultsRecorder, TrialInfo
+from raysdpb.sweep.placement import PlacementGroupReaper
+
+__all__ = ["ResultsCallback", "trial_name"]
+
+
+def trial_name(trial) -> str:
+    """The sweep's own id of a Tune trial (stable across Tune runs, unlike Tune's)."""
+    return trial.config["trial_id"]
+
+
+def _error_message(trial) -> str:
+    try:
+        error = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be gone; the row must still be written
+        error = None
+    text = str(error) if error is not None else ""
+    if not text and trial.error_file:
+        try:
+            text = Path(trial.error_file).read_text()
+        except OSError:
+            text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    # the innermost "SomeError: message" line says most; keep the tail of the traceback for context
+    headline = next((line.strip() for line in reversed(lines) if "Error:" in line or "Exception:" in line),
+                    lines[-1].strip() if lines else "unknown error")
+    return headline if len(lines) <= 1 else f"{headline}\n" + "\n".join(lines[-20:])
+
+class ResultsCallback(Callback):
+    """Forwards Tune's trial events to a `ResultsRecorder` (the Parquet files). Tune pickles it into the
+    experiment state; the rows are not pickled, `setup` reloads them from the Parquet files on `--resume`."""
+
+    def __init__(self, experiment_path: str, trials: list[TrialInfo], metric: str, mode: str, time_attr: str,
+                 scheduler=None):
+        self.args = (experiment_path, trials, metric, mode, time_attr)
+        self.scheduler = scheduler  # the sweep's ASHA: pickled with this callback, so the same object on resume
+        self.recorder: ResultsRecorder | None = None
+        self.reaper: PlacementGroupReaper | None = None
+
+    def setup(self, **info):
+        experiment_path, trials, metric, mode, time_attr = self.args
+        self.reaper = PlacementGroupReaper()
+        self.recorder = ResultsRecorder(experiment_path, trials, metric=metric, mode=mode, time_attr=time_attr)
+        self.recorder.load()
+        self.recorder.write()
+        if self.scheduler is not None:
+            self._replay_recorded_results()
+
+    def _replay_recorded_results(self) -> None:
+        """On --resume: Tune does not save its scheduler's state, so ASHA would start with empty rungs: it
+        would stop nothing until new trials filled them, and judge a resumed trial's reports again against
+        rungs filled in another order. Give it every result recorded before, of finished and unfinished
+        trials, keyed by the sweep's trial ids (see raysdpb.sweep.scheduler)."""
+        for trial_id in self.recorder.trials:
+            self.scheduler.record_past_results(trial_id, self.recorder.curves_of(trial_id))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.recorder.on_start(trial_name(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        # Tune sets `done` on a result when the scheduler (ASHA) stops the trial on it
+        self.recorder.on_result(trial_name(trial), result, stopped=bool(result.get("done")))
+        self.reaper.seen(trial_name(trial), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.recorder.on_complete(trial_name(trial))
+        self.reaper.trial_ended(trial_name(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.recorder.on_error(trial_name(trial), _error_message(trial))
+        self.reaper.trial_ended(trial_name(trial))
+
+    def on_step_end(self, iteration, trials, **info):
+        self.reaper.reap()
+
+    def on_experiment_end(self, trials, **info):
+        self.recorder.close()
+
+    def __getstate__(self):
+        return {"args": self.args, "scheduler": self.scheduler, "recorder": None, "reaper": None}

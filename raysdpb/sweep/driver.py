@@ -1,0 +1,209 @@
+"""The Tune driver of a sweep and its trials: `run_sweep` runs (or resumes) the plan's grid as Tune trials on the
+connected Ray; each Tune trial is `trial_driver`, a thin driver that builds a `ray.train.torch.TorchTrainer` for
+its config (workers per trial, CPUs and GPUs per worker) and calls `fit()`; every worker runs
+`raysdpb.sweep.worker.train_worker`. The driver itself reserves no CPU (only a little memory), so a trial's
+CPUs and GPUs are exactly its Train workers'."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from raysdpb.config import TrialConfig, absolute_path
+from raysdpb.errors import UserError
+from raysdpb.recipe.checkpoint import checkpoint_step, complete_checkpoints
+from raysdpb.results.recorder import read_finished_marker
+from raysdpb.results.storage import filesystem, join, read_json, read_rows, write_json
+from raysdpb.sweep.callback import ResultsCallback, trial_name
+from raysdpb.sweep.checks import check_experiment, check_resources, max_concurrent_trials
+from raysdpb.sweep.plan import SWEEP_FORMAT, SweepPlan
+from raysdpb.sweep.scheduler import GroupedASHA
+from raysdpb.sweep.worker import train_worker
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_sweep", "trial_driver", "connect", "localize", "prune_unregistered_checkpoints"]
+
+# what each Tune trial (the Train driver) reserves: no CPU, so that the trial's CPUs are its workers'
+DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+# environment variables a worker on any node needs to see as the driver does
+_PROPAGATED_ENV_PREFIXES = ("RAYSDPB_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "RAY_TRAIN_V2_ENABLED")
+
+
+# --- the Tune trial: a thin driver of one Train run ---------------------------------------------------------
+
+def trial_driver(config: dict, settings: dict) -> None:
+    """One Tune trial: a `TorchTrainer` for the trial's config, its results forwarded to Tune."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = config["trial_id"]
+    experiment = settings["experiment_path"]
+    trial_config = read_json(join(experiment, "grid.json"))["trials"][trial_id]
+    finished = read_finished_marker(experiment, trial_id)
+    if finished is not None:
+        # finished in an earlier run whose Tune state was lost (a killed driver): announce, do not retrain
+        ray.tune.report({**finished["last_result"], "replayed": 1})
+        return
+    resources = {"CPU": settings["cpus_per_worker"]}
+    if settings["use_gpu"]:
+        resources["GPU"] = settings["gpus_per_worker"]
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"trial": trial_config, "trial_id": trial_id,
+                           "score_metric": settings["score_metrics"].get(trial_id),
+                           "tensorboard_path": join(experiment, "tensorboard", trial_id),
+                           "run_path": join(experiment, "train_runs", trial_id),
+                           "artifacts_path": join(experiment, "artifacts", trial_id)},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings["num_workers"], use_gpu=settings["use_gpu"],
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            # same (storage_path, name) on every attempt: Train resumes from the trial's latest checkpoint
+            name=trial_id,
+            storage_path=join(experiment, "train_runs"),
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings["keep_checkpoints"],
+                                                         checkpoint_score_attribute=settings["metric"],
+                                                         checkpoint_score_order=settings["mode"]),
+            failure_config=ray.train.FailureConfig(max_failures=settings["max_failures"]),
+        ),
+    )
+    try:
+        trainer.fit()
+    finally:
+        removed = prune_unregistered_checkpoints(join(experiment, "train_runs", trial_id))
+        if removed:
+            log.info("removed %d checkpoint(s) Ray Train never registered: %s", len(removed), ", ".join(removed))
+
+
+# --- the sweep: Ray, then Tune over the grid ------------------------------------------------------------------
+
+def connect(address: str | None) -> None:
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATED_ENV_PREFIXES)}
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        try:
+            context = ray.init(address=address, runtime_env=runtime_env)
+        except ConnectionError as err:
+            raise UserError(f"could not connect to the Ray cluster at {address!r} ({err}); start it "
+                            "(`ray up cluster.yaml`, `ray start --head`) or unset RAY_ADDRESS / sweep.address "
+                            "for a local Ray") from None
+    else:
+        log.info("starting a local Ray instance")
+        # "local": a new instance, never a cluster some earlier `ray start` left recorded in /tmp/ray
+        context = ray.init(address="local", runtime_env=runtime_env)
+    if not getattr(context, "dashboard_url", None):
+        log.warning("the Ray dashboard is not running (pip install 'ray[default]'): Ray Train's placement-group "
+                    "cleaner cannot see stopped trials, so each trial ASHA stops leaves an idle Ray process "
+                    "until the sweep ends (its CPUs/GPUs are released by raysdpb)")
+
+
+def localize(config: TrialConfig) -> dict:
+    """The trial config as the workers run it: local paths absolute (workers run in their own folder), no
+    progress bars in the worker logs. None of these keys is part of the trial id."""
+    data = config.model_dump(mode="json")
+    data["progress_bar"] = False
+    # (load_experiment made the top-level paths absolute already; these may come from the search block)
+    data["data_dir"] = absolute_path(data.get("data_dir"), "data_dir")
+    if data.get("custom_task"):
+        data["custom_task"]["files"] = {k: absolute_path(v, f"custom_task.files.{k}")
+                                        for k, v in data["custom_task"]["files"].items()}
+    if os.path.isdir(data["model"]):
+        data["model"] = os.path.abspath(data["model"])
+    return data
+
+
+def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>", verbose: int = 1) -> list[dict]:
+    """Run (or resume) the sweep on the connected Ray; returns the rows of trials.parquet."""
+    import ray
+    from ray import tune
+
+    # a diverged trial's last report may lack the metric
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    nodes = ray.nodes()
+    check_resources(plan.sweep, nodes, source)
+    concurrent = max_concurrent_trials(plan.sweep, nodes)
+    if sum(1 for n in nodes if n.get("Alive")) > 1 and "://" not in plan.storage_path:
+        log.warning("sweep.storage_path %s is a local path on a multi-node cluster: it must be a shared "
+                    "file system (NFS), or use a cloud URI (s3://...)", plan.storage_path)
+    check_experiment(plan, resume, source)
+    if not resume:
+        # the trials' configs as the workers run them; Tune's own trial config is just the id and label
+        write_json(join(plan.experiment_path, "grid.json"),
+                   {"format": SWEEP_FORMAT, "trial_ids": [p.trial_id for p in plan.points],
+                    "trials": {p.trial_id: localize(p.config) for p in plan.points}})
+
+    sweep = plan.sweep
+    settings = {"experiment_path": plan.experiment_path, "num_workers": sweep.num_workers, "use_gpu": sweep.use_gpu,
+                "cpus_per_worker": sweep.cpus_per_worker, "gpus_per_worker": sweep.gpus_per_worker,
+                "keep_checkpoints": sweep.keep_checkpoints, "max_failures": sweep.max_failures,
+                "metric": plan.metric, "mode": plan.mode, "score_metrics": plan.score_metrics}
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings), DRIVER_RESOURCES)
+    if resume:
+        tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+    else:
+        scheduler = None
+        if sweep.asha is not None:
+            # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it there would
+            # end its Train run abruptly (see PlacementGroupReaper)
+            asha = dict(time_attr=sweep.asha.time_attr, max_t=plan.max_t, grace_period=sweep.asha.grace_period,
+                        reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
+            # one ASHA per group of comparable trials (raysdpb.sweep.scheduler), or one over the grid (group_by: [])
+            scheduler = GroupedASHA(plan.asha_groups or {p.trial_id: () for p in plan.points}, **asha)
+        callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
+                                   sweep.asha.time_attr if sweep.asha else "epoch", scheduler)
+        tuner = tune.Tuner(
+            trainable,
+            # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid)
+            param_space={"trial_id": tune.grid_search([p.trial_id for p in plan.points])},
+            tune_config=tune.TuneConfig(metric=plan.metric, mode=plan.mode, scheduler=scheduler,
+                                        max_concurrent_trials=concurrent, trial_name_creator=trial_name,
+                                        trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=plan.storage_path,
+                                      failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                      callbacks=[callback], verbose=verbose),
+        )
+    log.info("%d trials, at most %d at a time, %d worker(s) each; results in %s", len(plan.points), concurrent,
+             sweep.num_workers, plan.experiment_path)
+    tuner.fit()
+    return read_rows(join(plan.experiment_path, "trials.parquet"))
+
+
+def prune_unregistered_checkpoints(run_path: str) -> list[str]:
+    """Remove the checkpoint folders of a Train run that its checkpoint manager does not know (one a worker
+    uploaded just before it died, which Train never registered and so never deletes) once a newer registered
+    one supersedes them, and half-uploaded ones; so a trial keeps about `keep_checkpoints` on the storage. An
+    unregistered checkpoint newer than every registered one stays: it is what a retry resumes from (see
+    `RayTrainContext.latest_checkpoint`). Returns the removed paths."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(run_path)
+    snapshot = read_json(join(run_path, "checkpoint_manager_snapshot.json"))
+    if not isinstance(snapshot, dict):
+        return []
+    results = list(snapshot.get("checkpoint_results") or []) + [snapshot.get("latest_checkpoint_result") or {}]
+    registered = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)} - {None}
+    newest_registered = max((checkpoint_step(name) for name in registered), default=-1)
+    whole = {path for _, path in complete_checkpoints(run_path)}
+    removed = []
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return []
+    for info in infos:
+        step = checkpoint_step(info.path)
+        if info.type != pafs.FileType.Directory or step < 0 or info.base_name in registered:
+            continue
+        if step < newest_registered or info.path not in whole:
+            try:
+                fs.delete_dir(info.path)
+                removed.append(info.path)
+            except OSError as err:
+                log.warning("could not remove the unregistered checkpoint %s: %s", info.path, err)
+    return removed

@@ -1,0 +1,131 @@
+"""The plan of a sweep: its grid, its metric, ASHA's groups and time scale, and where the experiment lives, all
+from the validated config (no Ray), so `--dry-run` and the tests can look at it alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raysdpb.config import ExperimentConfig, SweepConfig, TrialConfig, absolute_path
+from raysdpb.errors import UserError
+from raysdpb.methods import METHODS
+from raysdpb.results.recorder import TrialInfo
+from raysdpb.results.schema import SCORE_KEY, TRAIN_METRICS, eval_metric_keys, main_metric
+from raysdpb.results.storage import join
+from raysdpb.sweep.grid import TrialPoint, expand, flatten_config
+from raysdpb.sweep.scheduler import group_key
+
+__all__ = ["SweepPlan", "plan_sweep", "planned_epochs", "describe_asha", "SWEEP_FORMAT"]
+
+# what `grid.json` records as the layout of the experiment folder; a sweep of another format (one started by an
+# older raysdpb) is not resumed (raysdpb.sweep.checks.check_experiment)
+SWEEP_FORMAT = 2
+
+
+@dataclass
+class SweepPlan:
+    experiment: ExperimentConfig
+    sweep: SweepConfig
+    points: list[TrialPoint]
+    metric: str
+    mode: str
+    max_t: float | None           # ASHA's max_t (None without ASHA)
+    storage_path: str              # absolute local path or URI
+    experiment_path: str           # <storage_path>/<name>
+    score_metrics: dict[str, str] = field(default_factory=dict)  # trial id -> its task's main metric (`score`)
+    asha_groups: dict[str, tuple] = field(default_factory=dict)  # trial id -> its ASHA group (see scheduler.py)
+
+    @property
+    def trials(self) -> list[TrialInfo]:
+        # what each trial holds, for the report's cost table (GPU-hours)
+        gpus = self.sweep.num_workers * self.sweep.gpus_per_worker if self.sweep.use_gpu else 0.0
+        held = {"gpus_per_trial": float(gpus), "cpus_per_trial": self.sweep.num_workers * self.sweep.cpus_per_worker}
+        return [TrialInfo(p.trial_id, p.label, flatten_config(p.config) | held, planned_epochs(p.config),
+                          main_metric=self.score_metrics.get(p.trial_id)) for p in self.points]
+
+
+def planned_epochs(config: TrialConfig) -> int:
+    return config.epochs * METHODS[config.method].epoch_multiplier
+
+
+def _metrics_of(config: TrialConfig) -> tuple[str, list[str]]:
+    """The main metric key a trial reports (`eval_<metric>`) and every eval key it reports."""
+    from raysdpb.tasks import resolve_task
+
+    try:
+        task = resolve_task(config)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a task that cannot be resolved is the user's config
+        raise UserError(f"task: {config.task!r} could not be set up: {err}") from None
+    return main_metric(task, config.eval_split), eval_metric_keys(task, config.eval_split)
+
+
+def _storage(path: str) -> str:
+    return absolute_path(path, "sweep.storage_path")
+
+
+def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepPlan:
+    """Everything the sweep needs that follows from the config alone; `UserError` naming the key otherwise."""
+    sweep = experiment.sweep
+    if sweep is None:
+        raise UserError(f"{source}: sweep: a sweep needs a `sweep:` block with at least `name:` "
+                        "(see sweeps/quickstart.yaml)")
+    points = expand(experiment, report_every_steps=sweep.report_every_steps)
+    for point in points:
+        if point.config.device == "cuda" and not sweep.use_gpu:
+            raise UserError(f"{source}: device: cuda needs sweep.use_gpu: true (the workers reserve no GPU otherwise)")
+
+    # the metric: ASHA's, the checkpoint score and the summary's (one look at each distinct task). Every trial
+    # also reports `score`, its own task's main metric: the metric of a grid whose tasks have different ones.
+    asha = sweep.asha
+    by_task: dict[tuple, tuple[str, list[str]]] = {}
+    score_metrics = {}
+    for p in points:
+        key = (p.config.task, p.config.eval_split, p.config.data_dir, repr(p.config.custom_task))
+        if key not in by_task:
+            by_task[key] = _metrics_of(p.config)
+        score_metrics[p.trial_id] = by_task[key][0]
+    reported = list(by_task.values())
+    common = set.intersection(*(set(keys) for _, keys in reported)) | {SCORE_KEY}
+    metric = asha.metric if asha is not None and asha.metric else None
+    if metric is None:
+        mains = {main for main, _ in reported}
+        metric = mains.pop() if len(mains) == 1 else SCORE_KEY
+    elif metric not in common and metric not in TRAIN_METRICS:
+        raise UserError(f"{source}: sweep.asha.metric: {metric!r} is not reported by every trial; allowed: "
+                        f"{', '.join(sorted(common) + list(TRAIN_METRICS))}")
+    asha_groups = {}
+    if asha is not None and asha.group_by:
+        asha_groups = {p.trial_id: group_key(p.config.model_dump(), asha.group_by) for p in points}
+    mode = asha.mode if asha is not None else "max"
+
+    max_t = None
+    if asha is not None:
+        max_t = asha.max_t
+        if max_t is None:
+            if asha.time_attr == "training_iteration" and any(p.config.eval_every_steps for p in points):
+                raise UserError(f"{source}: sweep.asha.max_t: with time_attr training_iteration and reports every "
+                                "N steps, set max_t (in reports), or use time_attr: epoch")
+            max_t = max(planned_epochs(p.config) for p in points)
+        if asha.grace_period > max_t:
+            raise UserError(f"{source}: sweep.asha.grace_period: {asha.grace_period} exceeds max_t={max_t:g}; "
+                            f"allowed: 1..{max_t:g}")
+    storage = _storage(sweep.storage_path)
+    return SweepPlan(experiment, sweep, points, metric, mode, max_t, storage, join(storage, sweep.name),
+                     score_metrics, asha_groups)
+
+
+
+def describe_asha(plan: SweepPlan) -> str:
+    """One line on how ASHA runs: its groups, its rungs and what `score` is."""
+    asha = plan.sweep.asha
+    if asha is None:
+        return "ASHA: off (every trial runs all its epochs)"
+    groups = (f"{len(set(plan.asha_groups.values()))} group(s) by {'/'.join(asha.group_by)}" if plan.asha_groups
+              else "one group (the whole grid)")
+    line = (f"ASHA: {groups}; grace_period {asha.grace_period}, reduction_factor {asha.reduction_factor:g}, "
+            f"max_t {plan.max_t:g} ({asha.time_attr})")
+    if plan.metric == SCORE_KEY:
+        mains = sorted({f"{p.config.task}: {plan.score_metrics[p.trial_id]}" for p in plan.points})
+        line += f"; score = each trial's main metric ({', '.join(mains)})"
+    return line
