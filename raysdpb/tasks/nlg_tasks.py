@@ -1,17 +1,18 @@
-"""The decoder-only (NLG) tasks' registrations: prompt + answer records built by `raysdpb.nlg`'s example
-builders, evaluated by generation."""
+"""The decoder-only (NLG) tasks' registrations: prompt + answer records built by the example builders of
+`raysdpb.tasks.nlg`, evaluated by generation."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from raysdpb.tasks import nlg
 from raysdpb.tasks.fields import _RowError
 from raysdpb.tasks.readers import _hellaswag_reader, _json_records_reader, _sliced, jsonl_reader
 from raysdpb.tasks.spec import Converter, HubSource, LocalFiles, LocalSource, TaskSpec, register
 
 
 def _nlg(example: Callable[[dict], dict], hub_row: Callable[[dict], dict] | None = None) -> Converter:
-    """A converter from one of `raysdpb.nlg`'s example builders; a missing or bad field names itself."""
+    """A converter from one of `raysdpb.tasks.nlg`'s example builders; a missing or bad field names itself."""
 
     def convert(row: Mapping[str, Any], spec: TaskSpec) -> dict:
         try:
@@ -27,8 +28,6 @@ def _nlg(example: Callable[[dict], dict], hub_row: Callable[[dict], dict] | None
 
 
 def _register_nlg() -> None:
-    from raysdpb import nlg
-
     gsm8k, svamp = _nlg(nlg.gsm8k_example), _nlg(nlg.svamp_example)
     aqua, mathqa = _nlg(nlg.aqua_example), _nlg(nlg.mathqa_example)
     hellaswag = _nlg(nlg.hellaswag_example)

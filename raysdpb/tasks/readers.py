@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from raysdpb.errors import UserError
 from raysdpb.tasks.fields import _where
+from raysdpb.tasks.nlg import hellaswag_rows
 from raysdpb.tasks.spec import RawRow, Reader, TaskSpec
 
 # the package's logger: log lines keep the name they had when the tasks were one module
@@ -110,7 +111,7 @@ def wic_text_reader(paths: Sequence[Path]) -> Iterator[RawRow]:
 
 
 def records_reader(read: Callable[[Path], list[dict]]) -> Reader:
-    """Adapt a reader that returns finished records per file (e.g. `raysdpb.nlg.read_gsm8k`); use it with
+    """Adapt a reader that returns finished records per file (e.g. `raysdpb.tasks.nlg.read_gsm8k`); use it with
     `convert=as_is`."""
 
     def reader(paths: Sequence[Path]) -> Iterator[RawRow]:
@@ -149,8 +150,6 @@ def _json_records_reader(paths: Sequence[Path]) -> Iterator[RawRow]:
 
 
 def _hellaswag_reader(paths: Sequence[Path]) -> Iterator[RawRow]:
-    from raysdpb.nlg import hellaswag_rows
-
     for path in paths:
         try:
             rows = hellaswag_rows(path)
