@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from raysdpb import nlg
+from raysdpb.tasks import nlg
 
 
 @pytest.fixture

@@ -110,7 +110,7 @@ def evaluate_generation(model, tokenizer, task, dataset: TokenizedDataset, recor
                         max_new_tokens: int, scoring: str, device, prefix: str = "", rank: int = 0,
                         world_size: int = 1, autocast=None, predictions_path=None) -> dict[str, float]:
     """Exact-match accuracy of the extracted answers; every prediction is written to `predictions_path` (JSONL)."""
-    from raysdpb import nlg
+    from raysdpb.tasks import nlg
 
     shard = list(range(rank, len(dataset), world_size))
     prompts = [dataset[i]["input_ids"][: dataset[i]["prompt_length"]] for i in shard]

@@ -6,6 +6,8 @@ extracted answer with `reference` (a canonical number string, or an option lette
 
 Answers always end with "The answer is X." so that extraction has one pattern to look for first; it
 falls back to GSM8K's `#### X`, then to the last number (or option letter) in the text.
+
+The tasks built from these (`nlg/gsm8k`, ...) are registered in `nlg_tasks.py`.
 """
 
 from __future__ import annotations
