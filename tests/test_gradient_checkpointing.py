@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raysdpb.recipe.context import LocalContext
-from raysdpb.recipe import forward_outputs as _forward, run_trial
+from raysdpb.config import TrialConfig
+from raysdpb.data import TokenizedDataset
 from raysdpb.errors import UserError
-from raysdpb.sweep.grid import trial_id
-from raysdpb.methods import MethodParams, get_method
 from raysdpb.models import build_model, load_tokenizer, resolve_model
+from raysdpb.recipe import Recipe, run_trial
+from raysdpb.recipe.context import LocalContext
+from raysdpb.sweep.grid import trial_id
 from trial_configs import decoder_trial, encoder_trial
 
 
@@ -24,11 +25,12 @@ def _build(name: str, kind: str, checkpointing: bool, lora=None):
     return model, tokenizer
 
 
-def _batch(kind: str, vocab: int, generator: torch.Generator) -> dict:
+def _batch(kind: str, vocab: int, generator: torch.Generator, step: int) -> dict:
     ids = torch.randint(5, vocab, (4, 24), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, 18:] = 0  # one padded row
-    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.arange(4)}
+    # the overlapping stream's indices: each batch's first half is the previous batch's second half
+    batch = {"input_ids": ids, "attention_mask": mask, "index": torch.arange(2 * step, 2 * step + 4)}
     if kind == "generation":
         answer = torch.zeros_like(ids)
         answer[:, 10:18] = 1
@@ -45,6 +47,31 @@ def _layer_part(model, kind: str) -> torch.nn.Module:
     return base.bert.encoder.layer[0].intermediate if kind == "classification" else base.model.layers[0].mlp
 
 
+class _GradientRecorder(torch.optim.SGD):
+    """An optimizer that changes nothing and keeps the gradients each step hands it."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.seen: list[dict] = []
+
+    def step(self, closure=None):
+        self.seen.append({id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None})
+
+
+def _recipe_for(model, kind: str) -> Recipe:
+    """The real recipe around `model` (dynsdpb, no clipping), its optimizer a gradient recorder."""
+    task = "superglue/cb" if kind == "classification" else "nlg/gsm8k"
+    recipe = Recipe(TrialConfig(task=task, model="tiny-bert", method="dynsdpb", alpha=1.0, tau=2.0, batch_size=4,
+                                max_grad_norm=None, progress_bar=False))
+    recipe.setup_runtime()
+    recipe.setup_data(TokenizedDataset([{"index": i} for i in range(8)], kind), [])
+    recipe.setup_model(model)
+    recipe.setup_loader(None)
+    recipe.setup_optimization()
+    recipe.optimizer = _GradientRecorder(model.parameters())
+    return recipe
+
+
 @pytest.mark.parametrize("name,kind,lora", [
     ("tiny-bert", "classification", None),
     ("tiny-llama", "generation", dict(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"])),
@@ -56,29 +83,25 @@ def test_checkpointed_layers_recompute_and_give_the_plain_gradients(name, kind, 
     plain, tokenizer = _build(name, kind, False, lora)
     checkpointed, _ = _build(name, kind, True, lora)
     checkpointed.load_state_dict(plain.state_dict())
-    method, params = get_method("dynsdpb"), MethodParams(alpha=1.0, tau=2.0)
     generator = torch.Generator().manual_seed(1)
-    batches = [_batch(kind, len(tokenizer), generator) for _ in range(3)]
+    batches = [_batch(kind, len(tokenizer), generator, step) for step in range(3)]
 
     grads, calls = {}, {}
     for label, model in (("plain", plain), ("checkpointed", checkpointed)):
+        recipe = _recipe_for(model, kind)
         model.train()  # dropout on: the recompute must replay the same masks
         count = [0]
         _layer_part(model, kind).register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-        teacher, per_step = None, []
         for step, batch in enumerate(batches):
             torch.manual_seed(100 + step)
-            outputs = _forward(model, batch, kind, None)
-            terms = method.loss(outputs, teacher, params)
-            model.zero_grad(set_to_none=True)
-            terms.total.backward()
-            per_step.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-            half = len(batch["index"]) // 2
-            teacher = method.teacher_state(outputs.slice(slice(half, None)), batch["index"][half:], params)
-        grads[label], calls[label] = per_step, count[0]
+            assert recipe.train_step(batch) is not None
+        names = {id(p): n for n, p in model.named_parameters()}
+        grads[label] = [{names[k]: g for k, g in seen.items()} for seen in recipe.optimizer.seen]
+        calls[label] = count[0]
 
     assert calls["plain"] == len(batches)
     assert calls["checkpointed"] == 2 * len(batches)  # each layer ran again in the backward pass
+    assert len(grads["plain"]) == len(batches)
     for plain_step, ckpt_step in zip(grads["plain"], grads["checkpointed"]):
         assert plain_step.keys() == ckpt_step.keys() and plain_step
         for key in plain_step:
