@@ -1,4 +1,5 @@
-"""The Parquet results of a sweep, without Ray: rows from reports, statuses, atomic files, resume."""
+"""The Parquet results of a sweep, without Ray: the schema's rules, rows from reports, statuses, atomic files,
+resume."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from raysdpb.results import (ResultsRecorder, TrialInfo, best_per_method, curve_row, format_table, metric_direction,
-                             read_json, read_rows, summarize_trial, to_table, write_table)
+import raysdpb.results
+from raysdpb.results.recorder import ResultsRecorder, TrialInfo, curve_row, format_table, summarize_trial, to_table
+from raysdpb.results.schema import best_per_method, eval_metric_keys, main_metric, metric_direction
+from raysdpb.results.storage import read_json, read_rows, write_table
+from raysdpb.tasks import get_task
 
 
 def _report(epoch, acc, loss, **extra):
@@ -41,6 +45,28 @@ def test_metric_direction():
     assert metric_direction("train_loss") == "min" and metric_direction("train_ce") == "min"
     assert metric_direction("lr") is None and metric_direction("alpha_mean") is None
     assert metric_direction("train_loss", main_metric="train_loss", main_mode="max") == "max"
+
+
+def test_main_metric_of_registered_tasks():
+    # MNLI: the matched split has no prefix, the mismatched one `mm_`
+    assert main_metric(get_task("glue/mnli")) == "eval_accuracy"
+    assert eval_metric_keys(get_task("glue/mnli")) == ["eval_accuracy", "eval_mm_accuracy"]
+    assert main_metric(get_task("superglue/cb")) == "eval_accuracy"
+    assert eval_metric_keys(get_task("superglue/cb")) == ["eval_accuracy", "eval_macro_f1"]
+    assert main_metric(get_task("glue/cola")) == "eval_matthews"
+    # one evaluation split asked for: evaluated without a prefix
+    assert main_metric(get_task("glue/mnli"), "validation_mismatched") == "eval_accuracy"
+    assert eval_metric_keys(get_task("glue/mnli"), "validation_mismatched") == ["eval_accuracy"]
+    assert main_metric(get_task("glue/cola"), "validation") == "eval_matthews"
+
+
+def test_the_package_keeps_every_name_of_the_old_module():
+    old = ["STATUSES", "TERMINAL", "FINISHED", "curve_row", "metric_direction", "summarize_trial", "to_table",
+           "write_table", "read_rows", "best_per_method", "format_table", "ResultsRecorder", "TrialInfo",
+           "filesystem", "join", "read_json", "write_json", "remove_stale_temporaries", "finished_marker_path",
+           "write_finished_marker", "read_finished_marker"]
+    assert set(old) <= set(raysdpb.results.__all__)
+    assert all(hasattr(raysdpb.results, name) for name in raysdpb.results.__all__)
 
 
 def test_summarize_trial_best_and_last():
