@@ -81,6 +81,22 @@ def test_summarize_trial_best_and_last():
     assert row["wall_time_s"] == pytest.approx(6.0)
 
 
+def test_each_trial_row_names_its_own_main_metric(tmp_path):
+    """`main_metric`: the trial's own task's main metric (what the report scores it by), null when not given;
+    the sweep's metric (`score` on a grid of tasks with different ones) picks best_epoch."""
+    cola = TrialInfo("finetune-cola0001", "task=glue/cola", {"method": "finetune", "task": "glue/cola"}, 3,
+                     main_metric="eval_matthews")
+    curves = [curve_row(cola.trial_id, {**_report(e, 0.5, 1.0), "eval_matthews": m, "score": m})
+              for e, m in ((1, 0.2), (2, 0.4), (3, 0.3))]
+    row = summarize_trial(cola, curves, status="completed", main_metric="score")
+    assert row["main_metric"] == "eval_matthews" and row["best_eval_matthews"] == 0.4 and row["best_epoch"] == 2.0
+    assert summarize_trial(_infos()[0], [], status="pending")["main_metric"] is None
+
+    rec = ResultsRecorder(str(tmp_path / "exp"), [cola, _infos()[0]], metric="score", flush_every_s=0)
+    rec.write()
+    assert [r["main_metric"] for r in read_rows(rec.trials_path)] == ["eval_matthews", None]
+
+
 def test_wall_time_is_the_trial_clock_across_a_resume():
     """Tune's time_this_iter_s restarts with each attempt (a resumed trial's first report once said 2 s for
     a 17-minute epoch); the engine's elapsed_s, carried in its checkpoints, is the trial's time."""

@@ -38,8 +38,8 @@ FINISHED = ("completed", "stopped_by_asha", "diverged")
 
 # trial-row columns that are not config values (raysdpb.results.summarize_trial)
 _BOOKKEEPING = frozenset({
-    "trial_id", "label", "status", "message", "stop_reason", "best_epoch", "epochs_run", "planned_epochs",
-    "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
+    "trial_id", "label", "status", "message", "stop_reason", "main_metric", "best_epoch", "epochs_run",
+    "planned_epochs", "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
 })
 # config keys that are not part of "the configuration": what the table's rows and columns already are and the
 # seed (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the

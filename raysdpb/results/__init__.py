@@ -4,6 +4,7 @@
   Tune iteration and times).
 * `<experiment>/trials.parquet`: one row per trial of the grid, in grid order: every config value as its own
   column (nested keys dotted, `lora.r`), `trial_id`, `label`, `status`, `message`, `stop_reason`,
+  `main_metric` (the trial's own task's main metric, `eval_<metric>`; null where the sweep did not say),
   `best_<metric>` and `last_<metric>` of every reported metric, `epochs_run`, `planned_epochs`, `steps`,
   `wall_time_s` (the trial's own clock, `elapsed_s`, which its checkpoints carry across a resume), `attempts`.
 

@@ -78,16 +78,18 @@ class TrialInfo:
     label: str
     config: dict           # flat config columns
     planned_epochs: float  # epochs x the method's epoch multiplier
+    main_metric: str | None = None  # its own task's main metric (schema.main_metric), the report's score
 
 
 def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message: str = "", stop_reason: str = "",
                     main_metric: str | None = None, mode: str = "max", attempts: int = 0,
                     finished_at: float | None = None) -> dict:
-    """The trial's row: config columns, status, best/last of every metric, epochs, wall time."""
+    """The trial's row: config columns, status, its task's main metric (`info.main_metric`), best/last of every
+    metric, epochs, wall time. `main_metric` and `mode`: the sweep's metric, which `best_epoch` follows."""
     curves = sorted(curves, key=lambda r: (r.get("step") or 0, r.get("training_iteration") or 0))
     row: dict[str, Any] = dict(info.config)
     row |= {"trial_id": info.trial_id, "label": info.label, "status": status, "message": message,
-            "stop_reason": stop_reason}
+            "stop_reason": stop_reason, "main_metric": info.main_metric}
     names: list[str] = []
     for curve in curves:
         names += [k for k in curve if k not in _NOT_METRICS and k not in names]
