@@ -381,8 +381,8 @@ def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
     if wall is None:
         notes.append("No hours: the trials have no `wall_time_s` column.")
     else:
-        notes.append("Trial-hours are the trials' wall times (the sum of their reports' `time_this_iter_s`, "
-                     "start-up included) in hours.")
+        notes.append("Trial-hours are the trials' wall times (`wall_time_s`: the trial's own clock at its last "
+                     "report, set-up, training and evaluation over every attempt) in hours.")
         if workers is not None:
             notes.append("Worker-hours are wall time × the Ray Train workers the trial ran (`last_world_size`): "
                          "the CPU or GPU slots it held.")

@@ -124,12 +124,10 @@ def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message
 
 
 def _wall_time(curves: list[dict]) -> float:
-    """A trial's seconds: the engine's `elapsed_s` (carried across resumes in its checkpoints) at its last
-    report, plus Tune's `time_this_iter_s` (which restarts with each attempt) of the reports before the
-    engine had that clock (a trial resumed from a checkpoint written without it starts its clock at 0)."""
-    clocks = [c["elapsed_s"] for c in curves if is_number(c.get("elapsed_s"))]
-    before = sum(c.get("time_this_iter_s") or 0.0 for c in curves if not is_number(c.get("elapsed_s")))
-    return float(before + (clocks[-1] if clocks else 0.0))
+    """A trial's seconds: the engine's clock `elapsed_s` at its last report (every report carries it; its
+    checkpoints carry it across resumes, where Tune's own times restart with each attempt); 0.0 before any."""
+    clock = curves[-1].get("elapsed_s") if curves else None
+    return float(clock) if is_number(clock) else 0.0
 
 
 def _column(values: list) -> pa.Array:
