@@ -21,6 +21,7 @@ from raysdpb.errors import UserError, run_cli
 from raysdpb.report import build_report, main
 from raysdpb.report.tables import (alpha_tau_grid, cost_table, method_order, paired_comparisons, prepare,
                                    results_table, select_configs)
+from raysdpb.results.schema import best_per_method
 from trial_configs import sweep_env
 
 
@@ -124,6 +125,20 @@ def test_a_trial_s_metric_is_its_main_metric_column_else_its_registered_task_s_e
             in md)
     assert "never reported their metric" not in md
     assert "| finetune | **30.00 (n=1/1)** |" in md and "| dynsdpb |" not in md.split("## Cost")[0]
+
+
+def test_the_sweep_and_the_report_break_a_tie_alike_by_grid_order():
+    """The quickstart's finetune trials tie at 0.6964: both pick the first in grid order, not the first label
+    (`lr=0.0001` < `lr=5e-05`)."""
+    for lrs in ((5e-5, 1e-4), (1e-4, 5e-5)):
+        trials = _trials([dict(method="finetune", lr=lr, best_eval_accuracy=0.6964) for lr in lrs]
+                         + [dict(method="dynsdpb", lr=lr, best_eval_accuracy=0.5 + lr) for lr in lrs])
+        rows = trials.to_dict("records")
+        sweep = {r["method"]: r["trial_id"] for r in best_per_method(rows, "eval_accuracy", "max")}
+        report = select_configs(prepare(trials)).set_index("method")["best_trial_id"].to_dict()
+        assert sweep == report
+        assert sweep["finetune"] == trials.trial_id[0]  # the first of the grid
+        assert sweep["dynsdpb"] == trials.trial_id[2 + lrs.index(1e-4)]  # no tie: the better one
 
 
 def test_a_newly_registered_method_follows_the_paper_s_six_in_order():
@@ -272,7 +287,7 @@ def test_report_draws_the_grid_and_curves_of_hand_made_trials(tmp_path):
     assert "mean over seeds {0, 1} and over lr ∈ {0.0001, 0.0003}" in md
     assert "No grid (one alpha and one tau) for: finetune on superglue/cb." in md
     assert "No alpha_i / tau_i traces" in md and "Left out: no gradient norms." in md
-    # the best configuration: alpha 2, tau 4, either lr (equal means: the first by label)
+    # the best configuration: alpha 2, tau 4, either lr (equal means: the first in grid order)
     assert "| superglue/cb | dynsdpb | lr=0.0001, alpha=2, tau=4 | 0, 1 | 12 |" in md
 
 

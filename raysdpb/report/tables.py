@@ -187,7 +187,8 @@ def _short(value: Any) -> str:
 
 def select_configs(prepared: pd.DataFrame) -> pd.DataFrame:
     """Per (column, method): the configuration with the best mean of `_value` over its seeds, among the
-    finished trials with a value. Ties go to the configuration with more seeds, then to the first by label.
+    finished trials with a value. Ties go to the configuration with more seeds, then to the one whose first
+    trial comes first in the frame (grid order, as `raysdpb.results.schema.best_per_method` breaks ties).
 
     Columns: `column`, `method`, `metric`, `config` (the key), `label` (the searched values that pick it out),
     `mean`, `std` (sample std over seeds, ddof=1; NaN for one seed), `n` (trials at this configuration),
@@ -206,8 +207,8 @@ def select_configs(prepared: pd.DataFrame) -> pd.DataFrame:
             mean = float(values.mean())
             candidates.append((config, trials, seeds, mean, _label(config, keys)))
         sign = 1.0 if better == "max" else -1.0
-        config, trials, seeds, mean, label = sorted(
-            candidates, key=lambda c: (-sign * c[3], -len(c[1]), c[4]))[0]
+        config, trials, seeds, mean, label = min(
+            candidates, key=lambda c: (-sign * c[3], -len(c[1]), c[1].index.min()))
         values = trials["_value"].to_numpy(dtype=float)
         pick = trials["_value"].idxmax() if better == "max" else trials["_value"].idxmin()
         rows.append({
