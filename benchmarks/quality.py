@@ -80,6 +80,8 @@ offline_env()
 
 import yaml  # noqa: E402
 
+from raysdpb.results.schema import FINISHED  # noqa: E402
+
 METHODS = ["finetune", "double_finetune", "sequential_dlb", "random_dlb", "dynamic_finetune", "dynsdpb"]
 TASKS = ["superglue/cb", "glue/rte", "glue/mrpc", "glue/cola", "glue/sst2"]
 GRIDS = {
@@ -87,7 +89,6 @@ GRIDS = {
     "small": {"lr": [5.0e-5, 1.0e-4], "alpha": [0.5, 1.0], "tau": [1.0, 2.0]},
     "smoke": {"lr": [5.0e-5], "alpha": [1.0], "tau": [2.0]},
 }
-FINISHED = {"completed", "stopped_by_asha", "diverged"}
 GRID_SEED = 0  # stage 1 trains every configuration with this seed
 
 
@@ -183,7 +184,7 @@ def seeds_config(task: str, method: str, chosen: dict, args) -> tuple[str, Path]
 # --- running sweeps, resumably -----------------------------------------------------------------------------
 
 def _rows(experiment: Path) -> list[dict]:
-    from raysdpb.results import read_rows
+    from raysdpb.results.storage import read_rows
 
     return read_rows(str(experiment / "trials.parquet"))
 
@@ -260,8 +261,9 @@ def reuse_finished_trials(experiment: Path, config: Path, sources: list[Path]) -
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from raysdpb.config import load_experiment
+    from raysdpb.results.recorder import write_finished_marker
+    from raysdpb.results.storage import write_table
     from raysdpb.sweep.grid import expand
-    from raysdpb.results import write_finished_marker, write_table
 
     points = expand(load_experiment(config))
     wanted = {p.trial_id for p in points}
@@ -435,9 +437,10 @@ def workload(task: str, grid_path: Path, args) -> dict:
 # --- selection and the summary -----------------------------------------------------------------------------
 
 def main_metric(task: str) -> str:
+    from raysdpb.results import schema
     from raysdpb.tasks import get_task
 
-    return f"eval_{get_task(task).metrics[0]}"
+    return schema.main_metric(get_task(task))
 
 
 def select(rows: list[dict], task: str, at: str) -> dict[str, dict]:

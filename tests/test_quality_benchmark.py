@@ -203,7 +203,7 @@ def test_a_grid_per_method_is_the_same_trials_as_the_one_grid(quality, tmp_path)
 
 def _finished_experiment(folder: Path, statuses: list[str]) -> None:
     """An experiment folder as raysdpb.sweep leaves it: the two tables, TensorBoard events, Tune's files."""
-    from raysdpb.results import write_table
+    from raysdpb.results.storage import write_table
 
     import pyarrow as pa
 
@@ -304,7 +304,7 @@ def _stage1_experiment(folder: Path, trials: dict[str, str]) -> None:
     """A stage-1 experiment as raysdpb.sweep writes it: `trials` maps trial id -> status; two epochs each."""
     import pyarrow as pa
 
-    from raysdpb.results import write_table
+    from raysdpb.results.storage import write_table
 
     rows = [{"trial_id": t, "status": s, "label": t, "best_eval_accuracy": 0.5 + 0.01 * i, "finished_at": 100.0 + i}
             for i, (t, s) in enumerate(trials.items())]

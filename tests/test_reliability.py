@@ -379,7 +379,7 @@ def test_out_of_space_fails_the_trial_clearly_and_keeps_the_previous_checkpoint(
 # --- the results files --------------------------------------------------------------------------------------
 
 def test_parquet_and_json_writes_are_atomic_and_leftovers_are_cleaned(monkeypatch, tmp_path):
-    import raysdpb.results as results
+    from raysdpb.results import storage as results
 
     path = str(tmp_path / "trials.parquet")
     write_table(pa.table({"trial_id": ["a"], "x": [1.0]}), path)

@@ -19,8 +19,9 @@ from scipy import stats
 
 from raysdpb.errors import UserError, run_cli
 from raysdpb.report import build_report, main
-from raysdpb.report.tables import (alpha_tau_grid, cost_table, paired_comparisons, prepare, results_table,
-                                   select_configs)
+from raysdpb.report.tables import (alpha_tau_grid, cost_table, method_order, paired_comparisons, prepare,
+                                   results_table, select_configs)
+from raysdpb.results.schema import best_per_method
 from trial_configs import sweep_env
 
 
@@ -90,7 +91,7 @@ def test_each_task_its_main_metric_and_models_as_columns():
         [dict(method="finetune", task="glue/cola", best_eval_matthews=0.30, best_eval_accuracy=0.70),
          dict(method="finetune", task="glue/mnli", best_eval_accuracy=0.80, best_eval_mm_accuracy=0.10),
          dict(method="finetune", task="glue/mnli", eval_split="validation_mismatched", best_eval_accuracy=0.75),
-         dict(method="finetune", task="custom", **{"custom_task.metric": "macro_f1"}, best_eval_macro_f1=0.40)])
+         dict(method="finetune", task="custom", main_metric="eval_macro_f1", best_eval_macro_f1=0.40)])
     prepared = prepare(trials)
     assert list(prepared["_metric"]) == ["eval_matthews", "eval_accuracy", "eval_accuracy", "eval_macro_f1"]
     assert list(prepared["_value"]) == [0.30, 0.80, 0.75, 0.40]
@@ -102,6 +103,62 @@ def test_each_task_its_main_metric_and_models_as_columns():
     assert table.columns[1:] == ["bert-base / superglue/cb (eval_accuracy)",
                                  "minilm-l6 / superglue/cb (eval_accuracy)"]
     assert table.rows == [["finetune", "60.00 ± 14.14 (n=2/2)", "70.00 ± 14.14 (n=2/2)"]]
+
+
+def test_a_trial_s_metric_is_its_main_metric_column_else_its_registered_task_s_else_none(tmp_path):
+    with_column = _trials([dict(method="finetune", main_metric="eval_macro_f1", best_eval_macro_f1=0.40,
+                                best_eval_accuracy=0.90),
+                           dict(method="finetune", task="custom", main_metric="eval_f1", best_eval_f1=0.55)])
+    without = _trials([dict(method="finetune", task="glue/cola", best_eval_matthews=0.30, best_eval_accuracy=0.70),
+                       dict(method="dynsdpb", task="custom", best_eval_accuracy=0.99),     # metric unknown
+                       dict(method="dynsdpb", task="no/such", best_eval_accuracy=0.98)])   # metric unknown
+    # an older sweep's trials (no column) next to a newer one's: the column's null rows fall back
+    prepared = prepare(pd.concat([with_column, without], ignore_index=True))
+    assert list(prepared["_metric"][:3]) == ["eval_macro_f1", "eval_f1", "eval_matthews"]
+    assert list(prepared["_value"][:3]) == [0.40, 0.55, 0.30]
+    assert prepared["_metric"][3:].isna().all() and prepared["_value"][3:].isna().all()  # not eval_accuracy
+    assert prepare(without, metric="eval_accuracy")["_value"].tolist() == [0.70, 0.99, 0.98]
+
+    md = build_report([str(_write(tmp_path / "exp", without))])["markdown"].read_text()
+    assert ("2 trial(s) had no known main metric (no `main_metric` in trials.parquet and a task that is not "
+            "registered, e.g. `custom`), so they have no score; `--metric eval_<name>` picks one for every trial."
+            in md)
+    assert "never reported their metric" not in md
+    assert "| finetune | **30.00 (n=1/1)** |" in md and "| dynsdpb |" not in md.split("## Cost")[0]
+
+
+def test_the_sweep_and_the_report_break_a_tie_alike_by_grid_order():
+    """The quickstart's finetune trials tie at 0.6964: both pick the first in grid order, not the first label
+    (`lr=0.0001` < `lr=5e-05`)."""
+    for lrs in ((5e-5, 1e-4), (1e-4, 5e-5)):
+        trials = _trials([dict(method="finetune", lr=lr, best_eval_accuracy=0.6964) for lr in lrs]
+                         + [dict(method="dynsdpb", lr=lr, best_eval_accuracy=0.5 + lr) for lr in lrs])
+        rows = trials.to_dict("records")
+        sweep = {r["method"]: r["trial_id"] for r in best_per_method(rows, "eval_accuracy", "max")}
+        report = select_configs(prepare(trials)).set_index("method")["best_trial_id"].to_dict()
+        assert sweep == report
+        assert sweep["finetune"] == trials.trial_id[0]  # the first of the grid
+        assert sweep["dynsdpb"] == trials.trial_id[2 + lrs.index(1e-4)]  # no tie: the better one
+
+
+def test_a_newly_registered_method_follows_the_paper_s_six_in_order():
+    import dataclasses
+
+    from raysdpb.methods import METHODS, register
+    from raysdpb.report.figures import method_color, method_marker
+
+    paper = ["finetune", "double_finetune", "sequential_dlb", "random_dlb", "dynamic_finetune", "dynsdpb"]
+    register(dataclasses.replace(METHODS["dynsdpb"], name="a_new_method"))
+    try:
+        methods = ["zz_unregistered", "a_new_method", *reversed(paper)]
+        assert method_order(methods) == [*paper, "a_new_method", "zz_unregistered"]
+        trials = _trials([dict(method=m, best_eval_accuracy=0.5) for m in methods])
+        assert [row[0] for row in results_table(select_configs(prepare(trials))).rows] == method_order(methods)
+        # its own colour and marker, none of the paper's six
+        assert method_color("a_new_method") not in {method_color(m) for m in paper}
+        assert method_marker("a_new_method") not in {method_marker(m) for m in paper}
+    finally:
+        METHODS.pop("a_new_method")
 
 
 def test_paired_t_test_by_seed_at_the_selected_configurations():
@@ -230,7 +287,7 @@ def test_report_draws_the_grid_and_curves_of_hand_made_trials(tmp_path):
     assert "mean over seeds {0, 1} and over lr ∈ {0.0001, 0.0003}" in md
     assert "No grid (one alpha and one tau) for: finetune on superglue/cb." in md
     assert "No alpha_i / tau_i traces" in md and "Left out: no gradient norms." in md
-    # the best configuration: alpha 2, tau 4, either lr (equal means: the first by label)
+    # the best configuration: alpha 2, tau 4, either lr (equal means: the first in grid order)
     assert "| superglue/cb | dynsdpb | lr=0.0001, alpha=2, tau=4 | 0, 1 | 12 |" in md
 
 

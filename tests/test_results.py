@@ -1,4 +1,5 @@
-"""The Parquet results of a sweep, without Ray: rows from reports, statuses, atomic files, resume."""
+"""The Parquet results of a sweep, without Ray: the schema's rules, rows from reports, statuses, atomic files,
+resume."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from raysdpb.results import (ResultsRecorder, TrialInfo, best_per_method, curve_row, format_table, metric_direction,
-                             read_json, read_rows, summarize_trial, to_table, write_table)
+import raysdpb.results
+from raysdpb.results.recorder import ResultsRecorder, TrialInfo, curve_row, format_table, summarize_trial, to_table
+from raysdpb.results.schema import best_per_method, eval_metric_keys, main_metric, metric_direction
+from raysdpb.results.storage import read_json, read_rows, write_table
+from raysdpb.tasks import get_task
 
 
 def _report(epoch, acc, loss, **extra):
     return {"epoch": float(epoch), "step": int(epoch * 4), "eval_accuracy": acc, "eval_macro_f1": acc / 2,
             "train_loss": loss, "lr": 1e-4, "training_iteration": int(epoch), "time_this_iter_s": 2.0,
-            "time_total_s": 2.0 * epoch, "timestamp": 1000 + epoch, "config": {"point": {"x": 1}},
-            "hostname": "h", "pid": 1, "done": False, "trial_id": "tune_0001", **extra}
+            "time_total_s": 2.0 * epoch, "elapsed_s": 2.0 * epoch, "timestamp": 1000 + epoch,
+            "config": {"point": {"x": 1}}, "hostname": "h", "pid": 1, "done": False, "trial_id": "tune_0001", **extra}
 
 
 def _infos():
@@ -43,6 +47,28 @@ def test_metric_direction():
     assert metric_direction("train_loss", main_metric="train_loss", main_mode="max") == "max"
 
 
+def test_main_metric_of_registered_tasks():
+    # MNLI: the matched split has no prefix, the mismatched one `mm_`
+    assert main_metric(get_task("glue/mnli")) == "eval_accuracy"
+    assert eval_metric_keys(get_task("glue/mnli")) == ["eval_accuracy", "eval_mm_accuracy"]
+    assert main_metric(get_task("superglue/cb")) == "eval_accuracy"
+    assert eval_metric_keys(get_task("superglue/cb")) == ["eval_accuracy", "eval_macro_f1"]
+    assert main_metric(get_task("glue/cola")) == "eval_matthews"
+    # one evaluation split asked for: evaluated without a prefix
+    assert main_metric(get_task("glue/mnli"), "validation_mismatched") == "eval_accuracy"
+    assert eval_metric_keys(get_task("glue/mnli"), "validation_mismatched") == ["eval_accuracy"]
+    assert main_metric(get_task("glue/cola"), "validation") == "eval_matthews"
+
+
+def test_the_package_keeps_every_name_of_the_old_module():
+    old = ["STATUSES", "TERMINAL", "FINISHED", "curve_row", "metric_direction", "summarize_trial", "to_table",
+           "write_table", "read_rows", "best_per_method", "format_table", "ResultsRecorder", "TrialInfo",
+           "filesystem", "join", "read_json", "write_json", "remove_stale_temporaries", "finished_marker_path",
+           "write_finished_marker", "read_finished_marker"]
+    assert set(old) <= set(raysdpb.results.__all__)
+    assert all(hasattr(raysdpb.results, name) for name in raysdpb.results.__all__)
+
+
 def test_summarize_trial_best_and_last():
     info = _infos()[0]
     curves = [curve_row(info.trial_id, _report(e, a, l)) for e, a, l in ((1, 0.5, 1.0), (2, 0.8, 0.7), (3, 0.6, 0.4))]
@@ -55,6 +81,22 @@ def test_summarize_trial_best_and_last():
     assert row["wall_time_s"] == pytest.approx(6.0)
 
 
+def test_each_trial_row_names_its_own_main_metric(tmp_path):
+    """`main_metric`: the trial's own task's main metric (what the report scores it by), null when not given;
+    the sweep's metric (`score` on a grid of tasks with different ones) picks best_epoch."""
+    cola = TrialInfo("finetune-cola0001", "task=glue/cola", {"method": "finetune", "task": "glue/cola"}, 3,
+                     main_metric="eval_matthews")
+    curves = [curve_row(cola.trial_id, {**_report(e, 0.5, 1.0), "eval_matthews": m, "score": m})
+              for e, m in ((1, 0.2), (2, 0.4), (3, 0.3))]
+    row = summarize_trial(cola, curves, status="completed", main_metric="score")
+    assert row["main_metric"] == "eval_matthews" and row["best_eval_matthews"] == 0.4 and row["best_epoch"] == 2.0
+    assert summarize_trial(_infos()[0], [], status="pending")["main_metric"] is None
+
+    rec = ResultsRecorder(str(tmp_path / "exp"), [cola, _infos()[0]], metric="score", flush_every_s=0)
+    rec.write()
+    assert [r["main_metric"] for r in read_rows(rec.trials_path)] == ["eval_matthews", None]
+
+
 def test_wall_time_is_the_trial_clock_across_a_resume():
     """Tune's time_this_iter_s restarts with each attempt (a resumed trial's first report once said 2 s for
     a 17-minute epoch); the engine's elapsed_s, carried in its checkpoints, is the trial's time."""
@@ -63,21 +105,12 @@ def test_wall_time_is_the_trial_clock_across_a_resume():
     reports = [_report(1, 0.5, 1.0, time_this_iter_s=100.0, elapsed_s=100.0),
                _report(2, 0.6, 0.8, time_this_iter_s=2.0, elapsed_s=195.0),
                _report(3, 0.7, 0.6, time_this_iter_s=90.0, elapsed_s=285.0)]
-    row = summarize_trial(info, [curve_row(info.trial_id, r) for r in reports], status="completed",
-                          main_metric="eval_accuracy", attempts=2)
+    # in any order: the last report is the one of the last step
+    curves = [curve_row(info.trial_id, r) for r in (reports[2], reports[0], reports[1])]
+    row = summarize_trial(info, curves, status="completed", main_metric="eval_accuracy", attempts=2)
     assert row["wall_time_s"] == pytest.approx(285.0)
     assert not any(k.endswith("elapsed_s") for k in row if k != "wall_time_s")  # not a metric column
-    # results written before the engine reported elapsed_s: Tune's sum, as before
-    old = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in reports]
-    row = summarize_trial(info, [curve_row(info.trial_id, r) for r in old], status="completed",
-                          main_metric="eval_accuracy", attempts=2)
-    assert row["wall_time_s"] == pytest.approx(192.0)
-    # resumed from a checkpoint written before the engine kept the clock: epoch 1's Tune time, then the new
-    # attempt's clock (which started at 0 with it)
-    mixed = [old[0], {**reports[1], "elapsed_s": 95.0}, {**reports[2], "elapsed_s": 185.0}]
-    row = summarize_trial(info, [curve_row(info.trial_id, r) for r in mixed], status="completed",
-                          main_metric="eval_accuracy", attempts=2)
-    assert row["wall_time_s"] == pytest.approx(285.0)
+    assert summarize_trial(info, [], status="pending")["wall_time_s"] == 0.0
 
 
 def test_to_table_handles_missing_and_mixed_columns():

@@ -36,9 +36,10 @@ from raysdpb.errors import UserError
 from raysdpb.report import figures
 from raysdpb.report.load import load_experiments, read_scalars, resolve, tensorboard_dir
 from raysdpb.report.render import Figure, Section, to_html, to_markdown
-from raysdpb.report.tables import (BASELINES, FINISHED, alpha_tau_grid, comparison_table, cost_table,
-                                   method_order, paired_comparisons, prepare, results_table, select_configs,
-                                   selection_table, value_scale)
+from raysdpb.report.tables import (BASELINES, alpha_tau_grid, comparison_table, cost_table, method_order,
+                                   paired_comparisons, prepare, results_table, select_configs, selection_table,
+                                   value_scale)
+from raysdpb.results.schema import FINISHED, STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -114,19 +115,24 @@ class _Report:
         p = self.prepared
         status = p["status"].value_counts() if "status" in p else pd.Series({"completed": len(p)})
         counts = ", ".join(f"{n} {s}" for s, n in status.items())
-        metrics = sorted(set(p["_metric"])) if len(p) else []
+        metrics = sorted(set(p["_metric"].dropna())) if len(p) else []
         blocks = ["Experiments:", "\n".join(f"- `{path}`" for path in paths),
                   f"{len(p)} trial{'s' if len(p) != 1 else ''}: {counts}." if len(p) else "No trials yet."]
         if metrics:
             what = "the best value over its reports" if self.at == "best" else "its last report's value"
             blocks.append(f"Each trial's score is its validation {', '.join(f'`{m}`' for m in metrics)} "
                           f"({what}, `{self.at}_<metric>` in trials.parquet). The tables use the finished trials "
-                          f"({', '.join(FINISHED)}) that have a score.")
+                          f"({', '.join(s for s in STATUSES if s in FINISHED)}) that have a score.")
+        unknown = int(p["_metric"].isna().sum()) if len(p) else 0
+        if unknown:
+            blocks.append(f"{unknown} trial(s) had no known main metric (no `main_metric` in trials.parquet "
+                          "and a task that is not registered, e.g. `custom`), so they have no score; "
+                          "`--metric eval_<name>` picks one for every trial.")
         left_out = p[~p["_finished"]] if len(p) else p
         if len(left_out):
             blocks.append(f"{len(left_out)} trial(s) not finished ({', '.join(sorted(set(left_out['status'])))}) "
                           "are left out of the results; they count in the cost table.")
-        no_value = p[p["_finished"] & p["_value"].isna()] if len(p) else p
+        no_value = p[p["_finished"] & p["_value"].isna() & p["_metric"].notna()] if len(p) else p
         if len(no_value):
             blocks.append(f"{len(no_value)} finished trial(s) never reported their metric and are left out.")
         blocks += notes
@@ -137,11 +143,11 @@ class _Report:
         if self.selection.empty:
             finished = self.prepared[self.prepared["_finished"]] if len(self.prepared) else self.prepared
             if len(finished):
-                wanted = sorted({f"{self.at}_{m}" for m in finished["_metric"]})
+                wanted = ", ".join(sorted({f"{self.at}_{m}" for m in finished["_metric"].dropna()}))
                 have = sorted(c for c in self.trials.columns if str(c).startswith(f"{self.at}_eval_"))
-                section.blocks.append(f"No finished trial has a validation score ({', '.join(wanted)}), so there is "
-                                      f"no results table. Scores in trials.parquet: {', '.join(have) or 'none'} "
-                                      "(choose one with --metric).")
+                section.blocks.append(f"No finished trial has a validation score ({wanted or 'no known metric'}), so "
+                                      f"there is no results table. Scores in trials.parquet: "
+                                      f"{', '.join(have) or 'none'} (choose one with --metric).")
             else:
                 section.blocks.append("No finished trial has a validation score yet, so there is no results table.")
             return section

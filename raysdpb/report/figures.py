@@ -13,27 +13,33 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from raysdpb.report.tables import METHOD_ORDER, Grid, _direction
+from raysdpb.methods import METHODS
+from raysdpb.report.tables import Grid, _direction
 
 __all__ = ["method_color", "heatmap_figure", "curves_figure", "dynamics_figure", "grad_norm_figure"]
 
 DPI = 110
 
 
+def _style(method: str, styles: list[str]) -> str:
+    """The i-th style for the i-th registered method (the registry's order, the paper's rows); a method past
+    the styles or not registered gets one of the styles left over, by its name (the same in every figure)."""
+    order = list(METHODS)
+    if method in order and order.index(method) < len(styles):
+        return styles[order.index(method)]
+    free = min(len(order), len(styles) - 1)  # the first style no registered method has (the last at least)
+    return styles[free + sum(map(ord, method)) % (len(styles) - free)]
+
+
 def method_color(method: str) -> str:
-    """One colour per method, the same in every figure (tab10, in the paper's row order)."""
-    palette = ["#1f77b4", "#ff7f0e", "#8c564b", "#2ca02c", "#9467bd", "#d62728", "#17becf", "#bcbd22",
-               "#e377c2", "#7f7f7f"]
-    if method in METHOD_ORDER:
-        return palette[METHOD_ORDER.index(method)]
-    return palette[len(METHOD_ORDER) + sum(map(ord, method)) % (len(palette) - len(METHOD_ORDER))]
+    """One colour per method, the same in every figure (tab10, in the registry's order)."""
+    return _style(method, ["#1f77b4", "#ff7f0e", "#8c564b", "#2ca02c", "#9467bd", "#d62728", "#17becf", "#bcbd22",
+                           "#e377c2", "#7f7f7f"])
 
 
 def method_marker(method: str) -> str:
     """One marker per method, so that lines lying on top of each other stay told apart."""
-    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
-    index = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER) + sum(map(ord, method)) % 2
-    return markers[index]
+    return _style(method, ["o", "s", "^", "D", "v", "P", "X", "*"])
 
 
 def _save(fig: Figure, path: Path) -> None:

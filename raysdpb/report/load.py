@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysdpb.errors import UserError
-from raysdpb.results import filesystem, join
+from raysdpb.results.storage import exists, filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,9 @@ __all__ = ["load_experiments", "read_scalars", "resolve", "tensorboard_dir"]
 
 
 def _read(path: str) -> pd.DataFrame | None:
-    fs, p = filesystem(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+    if not exists(path):
         return None
+    fs, p = filesystem(path)
     return pq.read_table(p, filesystem=fs).to_pandas()
 
 

@@ -5,13 +5,15 @@ The frames are `trials.parquet` and `curves.parquet` as pandas reads them (`rays
 
 * `_column`: the table column a trial belongs to: its task, or `<model> / <task>` when the trials come
   from more than one model;
-* `_metric` / `_value`: the task's main validation metric (`eval_accuracy`, `eval_matthews`, ...) and the
-  trial's value of it (`best_<metric>`: the best value over the trial's reports, or `last_<metric>`);
+* `_metric` / `_value`: the trial's main validation metric (`eval_accuracy`, `eval_matthews`, ...; see
+  `trial_metric`) and the trial's value of it (`best_<metric>`: the best value over the trial's reports, or
+  `last_<metric>`); both empty where the metric cannot be told;
 * `_seed`, `_config` (the configuration: every config value but the seed, as a hashable key) and
   `_finished` (completed, stopped by ASHA or diverged: the trials the tables use).
 
 `select_configs` picks, per column and method, the configuration with the best mean over seeds; the
-results table, the paired comparisons, the heatmaps and the curves all start from that choice.
+results table, the paired comparisons, the heatmaps and the curves all start from that choice. The rules
+(statuses, main metric, direction) are `raysdpb.results.schema`'s; the methods' order is the registry's.
 """
 
 from __future__ import annotations
@@ -24,22 +26,22 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from raysdpb.methods import METHODS
+from raysdpb.results import schema
+from raysdpb.tasks import TASKS
+
 __all__ = [
-    "METHOD_ORDER", "BASELINES", "FINISHED", "Table", "Grid", "config_columns", "main_metric", "prepare",
-    "method_order", "select_configs", "results_table", "selection_table", "cost_table", "alpha_tau_grid",
-    "paired_comparisons", "holm_adjusted", "comparison_table", "format_value", "value_scale",
+    "BASELINES", "Table", "Grid", "config_columns", "trial_metric", "prepare", "method_order", "select_configs",
+    "results_table", "selection_table", "cost_table", "alpha_tau_grid", "paired_comparisons", "holm_adjusted",
+    "comparison_table", "format_value", "value_scale",
 ]
 
-# the rows of the paper's tables, in its order (docs/method.md section 5); other methods follow by name.
-# (Not read from raysdpb.methods: that registry imports torch, which the report does not need.)
-METHOD_ORDER = ("finetune", "double_finetune", "sequential_dlb", "random_dlb", "dynamic_finetune", "dynsdpb")
 BASELINES = ("finetune", "double_finetune")
-FINISHED = ("completed", "stopped_by_asha", "diverged")
 
 # trial-row columns that are not config values (raysdpb.results.summarize_trial)
 _BOOKKEEPING = frozenset({
-    "trial_id", "label", "status", "message", "stop_reason", "best_epoch", "epochs_run", "planned_epochs",
-    "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
+    "trial_id", "label", "status", "message", "stop_reason", "main_metric", "best_epoch", "epochs_run",
+    "planned_epochs", "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
 })
 # config keys that are not part of "the configuration": what the table's rows and columns already are and the
 # seed (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the
@@ -85,32 +87,28 @@ def config_columns(trials: pd.DataFrame) -> list[str]:
     return out
 
 
-def main_metric(task: Any, eval_split: Any = None, custom_metric: Any = None) -> str:
-    """The main validation metric a trial of `task` reports, as its curve key: `eval_<metric>` of the task's
-    first metric on its first evaluation split (prefix-less when `eval_split` is set, as the engine does)."""
-    if task == "custom":
-        return f"eval_{custom_metric if isinstance(custom_metric, str) and custom_metric else 'accuracy'}"
-    try:
-        from raysdpb.tasks import TASKS
-    except Exception:  # noqa: BLE001
-        TASKS = {}
+def trial_metric(main_metric: Any, task: Any, eval_split: Any = None) -> str | None:
+    """A trial's main metric: its `main_metric` column (the sweep wrote its task's); without one, the rule of
+    `raysdpb.results.schema.main_metric` for a registered task; else None: a custom or unknown task's metric
+    cannot be told, and guessing `eval_accuracy` would score the trial by a metric it may not report."""
+    if isinstance(main_metric, str) and main_metric:
+        return main_metric
     spec = TASKS.get(task) if isinstance(task, str) else None
     if spec is None:
-        return "eval_accuracy"
-    prefix = "" if isinstance(eval_split, str) and eval_split else spec.eval_splits[0][1]
-    return f"eval_{prefix}{spec.metrics[0]}"
+        return None
+    return schema.main_metric(spec, eval_split if isinstance(eval_split, str) and eval_split else None)
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
+    """The methods in the registry's order (`raysdpb.methods.METHODS` registers the paper's rows in its
+    order, docs/method.md section 5), then those not registered, by name."""
     methods = list(dict.fromkeys(methods))
-    known = [m for m in METHOD_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+    known = [m for m in METHODS if m in methods]
+    return known + sorted(m for m in methods if m not in METHODS)
 
 
 def _direction(metric: str) -> str:
-    from raysdpb.results import metric_direction
-
-    return metric_direction(metric) or "max"
+    return schema.metric_direction(metric) or "max"
 
 
 def _hashable(value: Any) -> Any:
@@ -144,13 +142,15 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
     if metric:
         df["_metric"] = metric
     else:
-        eval_split = df["eval_split"] if "eval_split" in df else pd.Series(None, index=df.index)
-        custom = df["custom_task.metric"] if "custom_task.metric" in df else pd.Series(None, index=df.index)
-        df["_metric"] = [main_metric(t, s, c) for t, s, c in zip(tasks, eval_split, custom)]
+        none = pd.Series(None, index=df.index, dtype=object)
+        own = df["main_metric"] if "main_metric" in df else none
+        eval_split = df["eval_split"] if "eval_split" in df else none
+        df["_metric"] = pd.Series([trial_metric(m, t, s) for m, t, s in zip(own, tasks, eval_split)],
+                                  index=df.index, dtype=object)
     values = []
     for i, name in enumerate(df["_metric"]):
         column = f"{at}_{name}"
-        values.append(df.at[i, column] if column in df else None)
+        values.append(df.at[i, column] if isinstance(name, str) and column in df else None)
     df["_value"] = pd.to_numeric(pd.Series(values, index=df.index, dtype=object), errors="coerce")
     df.loc[~np.isfinite(df["_value"].astype(float)), "_value"] = np.nan
     df["_seed"] = df["seed"] if "seed" in df else 0
@@ -158,7 +158,7 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
     df["_config"] = [tuple((c, _hashable(v)) for c, v in zip(columns, row))
                      for row in df[columns].itertuples(index=False, name=None)] if columns else [()] * len(df)
     status = df["status"] if "status" in df else pd.Series("completed", index=df.index)
-    df["_finished"] = status.isin(FINISHED)
+    df["_finished"] = status.isin(schema.FINISHED)
     return df
 
 
@@ -187,7 +187,8 @@ def _short(value: Any) -> str:
 
 def select_configs(prepared: pd.DataFrame) -> pd.DataFrame:
     """Per (column, method): the configuration with the best mean of `_value` over its seeds, among the
-    finished trials with a value. Ties go to the configuration with more seeds, then to the first by label.
+    finished trials with a value. Ties go to the configuration with more seeds, then to the one whose first
+    trial comes first in the frame (grid order, as `raysdpb.results.schema.best_per_method` breaks ties).
 
     Columns: `column`, `method`, `metric`, `config` (the key), `label` (the searched values that pick it out),
     `mean`, `std` (sample std over seeds, ddof=1; NaN for one seed), `n` (trials at this configuration),
@@ -206,8 +207,8 @@ def select_configs(prepared: pd.DataFrame) -> pd.DataFrame:
             mean = float(values.mean())
             candidates.append((config, trials, seeds, mean, _label(config, keys)))
         sign = 1.0 if better == "max" else -1.0
-        config, trials, seeds, mean, label = sorted(
-            candidates, key=lambda c: (-sign * c[3], -len(c[1]), c[4]))[0]
+        config, trials, seeds, mean, label = min(
+            candidates, key=lambda c: (-sign * c[3], -len(c[1]), c[1].index.min()))
         values = trials["_value"].to_numpy(dtype=float)
         pick = trials["_value"].idxmax() if better == "max" else trials["_value"].idxmin()
         rows.append({
@@ -381,8 +382,8 @@ def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
     if wall is None:
         notes.append("No hours: the trials have no `wall_time_s` column.")
     else:
-        notes.append("Trial-hours are the trials' wall times (the sum of their reports' `time_this_iter_s`, "
-                     "start-up included) in hours.")
+        notes.append("Trial-hours are the trials' wall times (`wall_time_s`: the trial's own clock at its last "
+                     "report, set-up, training and evaluation over every attempt) in hours.")
         if workers is not None:
             notes.append("Worker-hours are wall time × the Ray Train workers the trial ran (`last_world_size`): "
                          "the CPU or GPU slots it held.")

@@ -1,47 +1,25 @@
-"""A sweep's results as two Parquet files, written as trials finish and complete at the end.
-
-* `<experiment>/curves.parquet`: one row per report (`trial_id`, `step`, `epoch`, every reported metric, the
-  Tune iteration and times).
-* `<experiment>/trials.parquet`: one row per trial of the grid: every config value as its own column (nested
-  keys dotted, `lora.r`), `trial_id`, `label`, `status`, `message`, `stop_reason`, `best_<metric>` and
-  `last_<metric>` of every reported metric, `epochs_run`, `planned_epochs`, `steps`, `wall_time_s` (the
-  trial's own clock, `elapsed_s`, which its checkpoints carry across a resume), `attempts`.
-
-Statuses: `pending` (not started yet), `running`, `completed`, `stopped_by_asha`, `diverged`, `errored`,
-`interrupted` (the sweep ended before the trial did; `--resume` continues it). A failed trial keeps its row
-with the error; nothing is dropped.
-
-The tables are built by pure functions over plain dict rows; `ResultsRecorder` keeps the rows of one sweep
-(and reloads them on `--resume`) and writes both files atomically (a temporary file renamed over the old
-one; on object stores, one PUT), so a reader never sees half a file. No Ray here: the Tune callback in
-`raysdpb.sweep` only forwards Tune's events.
+"""Recording a sweep: each trial's reports as curve rows, its summary row, and `ResultsRecorder`, which keeps
+the rows of one sweep (and reloads them on `--resume`) and writes trials.parquet and curves.parquet atomically
+(`raysdpb.results.storage`). The rows are built by pure functions over plain dicts. No Ray here: the Tune
+callback in `raysdpb.sweep` only forwards Tune's events.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+
+from raysdpb.results.schema import FINISHED, TERMINAL, is_number, metric_direction
+from raysdpb.results.storage import join, read_json, read_rows, remove_stale_temporaries, write_json, write_table
 
 __all__ = [
-    "STATUSES", "TERMINAL", "FINISHED", "curve_row", "metric_direction", "summarize_trial", "to_table", "write_table",
-    "read_rows", "best_per_method", "format_table", "ResultsRecorder", "TrialInfo", "filesystem", "join",
-    "read_json", "write_json", "remove_stale_temporaries", "finished_marker_path", "write_finished_marker",
-    "read_finished_marker",
+    "TrialInfo", "curve_row", "summarize_trial", "to_table", "ResultsRecorder", "finished_marker_path",
+    "write_finished_marker", "read_finished_marker", "format_table",
 ]
-
-STATUSES = ("pending", "running", "completed", "stopped_by_asha", "diverged", "errored", "interrupted")
-TERMINAL = frozenset({"completed", "stopped_by_asha", "diverged", "errored"})
-# finished for good: never trained again (an errored trial is retried by `--resume`)
-FINISHED = frozenset({"completed", "stopped_by_asha", "diverged"})
 
 # what Tune adds to every result that is about the trial process, not the training
 _TUNE_BOOKKEEPING = frozenset({
@@ -55,117 +33,6 @@ _NOT_METRICS = frozenset({
     "trial_id", "epoch", "step", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
     "checkpoint_path", "status", "message", "replayed", "elapsed_s",
 })
-
-
-# --- storage: a local folder or a cloud URI ----------------------------------------------------------------
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """`(filesystem, path inside it)` of a local path or a URI (`s3://bucket/x`, `gs://...`)."""
-    if "://" in str(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), os.path.abspath(str(path))
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts])
-
-
-def _exists(path: str) -> bool:
-    fs, p = filesystem(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
-_TMP_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>-<random>`
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_table(table: pa.Table, path: str) -> None:
-    """Write a Parquet file atomically: locally a temporary file, flushed to disk and renamed over the
-    target (a reader, or a sweep killed at any moment, sees the old file or the new one, never half of one);
-    on an object store one upload (objects appear whole)."""
-    fs, p = filesystem(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        try:
-            pq.write_table(table, tmp)
-            _fsync(tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    else:
-        fs.create_dir(os.path.dirname(p), recursive=True)
-        pq.write_table(table, p, filesystem=fs)
-
-
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the temporary files a writer killed mid-write left in a local folder (`*.tmp-<pid>-*` of a
-    process that is gone); returns their paths."""
-    fs, p = filesystem(folder)
-    if not isinstance(fs, pafs.LocalFileSystem) or not os.path.isdir(p):
-        return []
-    removed = []
-    for name in os.listdir(p):
-        if _TMP_MARK not in name:
-            continue
-        try:
-            pid = int(name.rsplit(_TMP_MARK, 1)[1].split("-")[0])
-            os.kill(pid, 0)
-            continue  # its writer is still alive
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError):
-            continue
-        try:
-            os.unlink(os.path.join(p, name))
-            removed.append(os.path.join(p, name))
-        except OSError:
-            pass
-    return removed
-
-
-def read_rows(path: str) -> list[dict]:
-    """The rows of a Parquet file, or [] where there is none."""
-    if not _exists(path):
-        return []
-    fs, p = filesystem(path)
-    return pq.read_table(p, filesystem=fs).to_pylist()
-
-
-def write_json(path: str, data: Any) -> None:
-    fs, p = filesystem(path)
-    payload = json.dumps(data, default=str).encode()
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    else:
-        with fs.open_output_stream(p) as f:
-            f.write(payload)
-
-
-def read_json(path: str) -> Any | None:
-    if not _exists(path):
-        return None
-    fs, p = filesystem(path)
-    with fs.open_input_stream(p) as f:
-        return json.loads(f.read().decode())
 
 
 # A trial that finished leaves `<experiment>/finished/<trial_id>.json` with its status and last result: a sweep
@@ -203,22 +70,6 @@ def curve_row(trial_id: str, result: dict) -> dict:
     return row
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def metric_direction(name: str, main_metric: str | None = None, main_mode: str = "max") -> str | None:
-    """Which way is better for a reported metric: "max", "min", or None (no "best": lr, alpha_mean, ...)."""
-    if name == main_metric:
-        return main_mode
-    lowered = name.lower()
-    if any(word in lowered for word in ("loss", "error", "perplexity")) or name in ("train_ce", "train_distill"):
-        return "min"
-    if name.startswith("eval_"):
-        return "max"
-    return None
-
-
 @dataclass
 class TrialInfo:
     """What the grid says about a trial (its row before any report)."""
@@ -227,16 +78,18 @@ class TrialInfo:
     label: str
     config: dict           # flat config columns
     planned_epochs: float  # epochs x the method's epoch multiplier
+    main_metric: str | None = None  # its own task's main metric (schema.main_metric), the report's score
 
 
 def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message: str = "", stop_reason: str = "",
                     main_metric: str | None = None, mode: str = "max", attempts: int = 0,
                     finished_at: float | None = None) -> dict:
-    """The trial's row: config columns, status, best/last of every metric, epochs, wall time."""
+    """The trial's row: config columns, status, its task's main metric (`info.main_metric`), best/last of every
+    metric, epochs, wall time. `main_metric` and `mode`: the sweep's metric, which `best_epoch` follows."""
     curves = sorted(curves, key=lambda r: (r.get("step") or 0, r.get("training_iteration") or 0))
     row: dict[str, Any] = dict(info.config)
     row |= {"trial_id": info.trial_id, "label": info.label, "status": status, "message": message,
-            "stop_reason": stop_reason}
+            "stop_reason": stop_reason, "main_metric": info.main_metric}
     names: list[str] = []
     for curve in curves:
         names += [k for k in curve if k not in _NOT_METRICS and k not in names]
@@ -247,7 +100,7 @@ def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message
         direction = metric_direction(name, main_metric, mode)
         if direction is None:
             continue
-        numbers = [(v, e) for v, e in values if _is_number(v)]
+        numbers = [(v, e) for v, e in values if is_number(v)]
         if not numbers:
             row[f"best_{name}"] = None
             continue
@@ -271,12 +124,10 @@ def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message
 
 
 def _wall_time(curves: list[dict]) -> float:
-    """A trial's seconds: the engine's `elapsed_s` (carried across resumes in its checkpoints) at its last
-    report, plus Tune's `time_this_iter_s` (which restarts with each attempt) of the reports before the
-    engine had that clock (a trial resumed from a checkpoint written without it starts its clock at 0)."""
-    clocks = [c["elapsed_s"] for c in curves if _is_number(c.get("elapsed_s"))]
-    before = sum(c.get("time_this_iter_s") or 0.0 for c in curves if not _is_number(c.get("elapsed_s")))
-    return float(before + (clocks[-1] if clocks else 0.0))
+    """A trial's seconds: the engine's clock `elapsed_s` at its last report (every report carries it; its
+    checkpoints carry it across resumes, where Tune's own times restart with each attempt); 0.0 before any."""
+    clock = curves[-1].get("elapsed_s") if curves else None
+    return float(clock) if is_number(clock) else 0.0
 
 
 def _column(values: list) -> pa.Array:
@@ -299,20 +150,6 @@ def to_table(rows: list[dict], first: Iterable[str] = ()) -> pa.Table:
 
 
 # --- the summary printed at the end ----------------------------------------------------------------------
-
-def best_per_method(rows: list[dict], metric: str, mode: str = "max") -> list[dict]:
-    """The best trial of each method by `best_<metric>` (trials that never reported it are left out)."""
-    key = f"best_{metric}"
-    best: dict[str, dict] = {}
-    for row in rows:
-        value = row.get(key)
-        if not _is_number(value):
-            continue
-        current = best.get(row["method"])
-        if current is None or (value > current[key] if mode == "max" else value < current[key]):
-            best[row["method"]] = row
-    return sorted(best.values(), key=lambda r: r[key], reverse=mode == "max")
-
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain-text table (numbers to 4 significant digits)."""
@@ -432,7 +269,7 @@ class ResultsRecorder:
         elif state.stopped_at is not None:
             at = state.stopped_at
             value = at.get(self.metric)
-            shown = f"{value:.4g}" if _is_number(value) else value
+            shown = f"{value:.4g}" if is_number(value) else value
             state.status = "stopped_by_asha"
             state.stop_reason = (f"ASHA stopped it at {self.time_attr} {at.get(self.time_attr, epochs_run):g}: "
                                  f"{self.metric}={shown} was worse than its rung's cutoff")

@@ -1,0 +1,78 @@
+"""The rules of the result schema, read by the recorder (`raysdpb.results.recorder`) and the report
+(`raysdpb.report`): trial statuses, a task's main metric, which way a metric is better, the best trial of
+each method. Plain Python: no torch, no Ray.
+
+Statuses (trials.parquet's `status`): `pending` (not started yet), `running`, `completed` (ran all its planned
+epochs), `stopped_by_asha` (ASHA stopped it at a rung), `diverged` (too many non-finite losses in a row),
+`errored` (failed; `--resume` tries it again), `interrupted` (the sweep ended before the trial did; `--resume`
+continues it). `TERMINAL`: how a trial's run can end. `FINISHED`: finished for good, never trained again, the
+trials a report's tables use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only a type: raysdpb.tasks is not imported here
+    from raysdpb.tasks import TaskSpec
+
+__all__ = [
+    "STATUSES", "TERMINAL", "FINISHED", "SCORE_KEY", "TRAIN_METRICS", "is_number", "metric_direction",
+    "eval_metric_keys", "main_metric", "best_per_method",
+]
+
+STATUSES = ("pending", "running", "completed", "stopped_by_asha", "diverged", "errored", "interrupted")
+TERMINAL = frozenset({"completed", "stopped_by_asha", "diverged", "errored"})
+FINISHED = frozenset({"completed", "stopped_by_asha", "diverged"})
+
+SCORE_KEY = "score"  # every trial's report repeats its own task's main metric under this name
+# training metrics the engine reports besides eval_<metric> (ASHA may use them too, e.g. train_loss with mode min)
+TRAIN_METRICS = ("train_loss", "train_ce", "train_distill", "alpha_mean", "tau_mean")
+
+
+def is_number(value: Any) -> bool:
+    """A value that can be a score: a finite int or float (not a bool, not None, not NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metric_direction(name: str, main_metric: str | None = None, main_mode: str = "max") -> str | None:
+    """Which way is better for a reported metric: "max", "min", or None (no "best": lr, alpha_mean, ...)."""
+    if name == main_metric:
+        return main_mode
+    lowered = name.lower()
+    if any(word in lowered for word in ("loss", "error", "perplexity")) or name in ("train_ce", "train_distill"):
+        return "min"
+    if name.startswith("eval_"):
+        return "max"
+    return None
+
+
+def eval_metric_keys(task: TaskSpec, eval_split: str | None = None) -> list[str]:
+    """Every eval key a trial of `task` reports: `eval_<prefix><metric>` for each evaluation split and metric.
+    With `eval_split` set the trial evaluates that one split, without a prefix (as the engine does)."""
+    splits = ((eval_split, ""),) if eval_split else tuple(task.eval_splits)
+    return [f"eval_{prefix}{metric}" for _, prefix in splits for metric in task.metrics]
+
+
+def main_metric(task: TaskSpec, eval_split: str | None = None) -> str:
+    """The main metric a trial of `task` reports: the task's first metric on its first evaluation split
+    (`eval_matthews` for CoLA; prefix-less when `eval_split` is set)."""
+    return eval_metric_keys(task, eval_split)[0]
+
+
+def best_per_method(rows: list[dict], metric: str, mode: str = "max") -> list[dict]:
+    """The best trial of each method by `best_<metric>` (trials that never reported it are left out), best
+    first. Ties go to the trial that comes first in grid order, the order of `rows` (trials.parquet lists
+    the trials in grid order), so that the sweep's summary and the report pick the same trial."""
+    key = f"best_{metric}"
+    best: dict[str, dict] = {}
+    for row in rows:
+        value = row.get(key)
+        if not is_number(value):
+            continue
+        current = best.get(row["method"])
+        # strictly better only: an equal value keeps the earlier trial
+        if current is None or (value > current[key] if mode == "max" else value < current[key]):
+            best[row["method"]] = row
+    return sorted(best.values(), key=lambda r: r[key], reverse=mode == "max")
