@@ -11,7 +11,8 @@ longest sequence (ours: the recipe's collator, which pads to a multiple of 8 on 
 `DataCollatorWithPadding`, the same multiple on CUDA), both use no DataLoader workers, both evaluate on the
 validation split and save a checkpoint (model and optimizer) at the end of every epoch, and both log every 10
 steps (ours: TensorBoard scalars, HF: its log history). The HF side is left at its defaults otherwise
-("plain"); its optimizer is `adamw_torch_fused`, and ours is fused AdamW too (`raysdpb.recipe.components.make_optimizer`).
+("plain"); its optimizer is `adamw_torch_fused`, and ours is fused AdamW too
+(`raysdpb.recipe.components.make_optimizer`).
 
 Lockstep, so that a noisy neighbour cannot favour one side: the sides run in one process, each in its own
 thread, and take turns one training step at a time (ours step k, HF step k, ours_unfused step k, ours step

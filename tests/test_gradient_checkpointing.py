@@ -69,6 +69,7 @@ def _recipe_for(model, kind: str) -> Recipe:
     recipe.setup_loader(None)
     recipe.setup_optimization()
     recipe.optimizer = _GradientRecorder(model.parameters())
+    recipe.scheduler = torch.optim.lr_scheduler.LambdaLR(recipe.optimizer, lambda _: 1.0)
     return recipe
 
 

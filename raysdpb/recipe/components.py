@@ -40,21 +40,11 @@ def load_train_data(cfg: TrialConfig, task, tokenizer) -> TokenizedDataset:
     """The trial's tokenized training set (its split, `max_train_samples`, `max_length`)."""
     from raysdpb.tasks import data_dir_from, load_examples
 
-    split = train_split(cfg, task)
+    split = task.training_split(cfg.train_split)
     train_records = load_examples(task, split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
     if cfg.max_train_samples:
         train_records = train_records[: cfg.max_train_samples]
     return tokenize_records(train_records, task.kind, tokenizer, cfg.max_length, name=f"{task.name}:{split}")
-
-
-def train_split(cfg: TrialConfig, task) -> str:
-    """The split a trial trains on: `train_split` when set, else the task's."""
-    return cfg.train_split or task.train_split
-
-
-def eval_splits(cfg: TrialConfig, task) -> tuple[tuple[str, str], ...]:
-    """The `(split, metric-key prefix)` pairs a trial evaluates on: `eval_split` alone when set, else the task's."""
-    return ((cfg.eval_split, ""),) if cfg.eval_split else tuple(task.eval_splits)
 
 
 def load_eval_data(cfg: TrialConfig, task, tokenizer) -> list[tuple[str, list[dict], TokenizedDataset]]:
@@ -62,7 +52,7 @@ def load_eval_data(cfg: TrialConfig, task, tokenizer) -> list[tuple[str, list[di
     from raysdpb.tasks import data_dir_from, load_examples
 
     evals = []
-    for split, prefix in eval_splits(cfg, task):
+    for split, prefix in task.evaluation_splits(cfg.eval_split):
         records = load_examples(task, split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
         if cfg.max_eval_samples:
             records = records[: cfg.max_eval_samples]

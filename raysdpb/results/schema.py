@@ -50,9 +50,8 @@ def metric_direction(name: str, main_metric: str | None = None, main_mode: str =
 
 def eval_metric_keys(task: TaskSpec, eval_split: str | None = None) -> list[str]:
     """Every eval key a trial of `task` reports: `eval_<prefix><metric>` for each evaluation split and metric.
-    With `eval_split` set the trial evaluates that one split, without a prefix (as the engine does)."""
-    splits = ((eval_split, ""),) if eval_split else tuple(task.eval_splits)
-    return [f"eval_{prefix}{metric}" for _, prefix in splits for metric in task.metrics]
+    With `eval_split` set the trial evaluates that one split, without a prefix (`TaskSpec.evaluation_splits`)."""
+    return [f"eval_{prefix}{metric}" for _, prefix in task.evaluation_splits(eval_split) for metric in task.metrics]
 
 
 def main_metric(task: TaskSpec, eval_split: str | None = None) -> str:

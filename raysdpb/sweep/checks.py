@@ -27,7 +27,6 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
     Ray starts, instead of failing every trial on the workers; so does a training set too small for one batch
     on each worker. Data from the hub is left to the workers; so is a `data_dir` this machine does not have when
     the sweep runs on a cluster (`cluster`)."""
-    from raysdpb.recipe.components import eval_splits, train_split
     from raysdpb.tasks import data_dir_from, load_examples, resolve_task
 
     def source_of(cfg) -> tuple:
@@ -52,7 +51,7 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
             log.warning("%s: data_dir %s is not on this machine; the workers will read it", source, data_dir)
             continue
         task = resolve_task(cfg)
-        splits = [train_split(cfg, task)] + [split for split, _ in eval_splits(cfg, task)]
+        splits = [task.training_split(cfg.train_split)] + [s for s, _ in task.evaluation_splits(cfg.eval_split)]
         for split in dict.fromkeys(splits):
             try:
                 records = load_examples(task, split, data_dir, custom=cfg.custom_task)

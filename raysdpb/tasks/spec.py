@@ -75,6 +75,16 @@ class TaskSpec:
             names.update(dict.fromkeys(source))
         return tuple(names)
 
+    # which splits a trial reads: the one rule for the recipe, the sweep's checks and the main metric
+    def training_split(self, override: str | None = None) -> str:
+        """The split a trial trains on: its `train_split` when set, else the task's."""
+        return override or self.train_split
+
+    def evaluation_splits(self, override: str | None = None) -> tuple[tuple[str, str], ...]:
+        """The `(split, metric-key prefix)` pairs a trial evaluates on: its `eval_split` alone and unprefixed when
+        set, else the task's."""
+        return ((override, ""),) if override else tuple(self.eval_splits)
+
 
 TASKS: dict[str, TaskSpec] = {}
 
