@@ -11,20 +11,21 @@ Configurations (same model, batch and sequence length for every method of a conf
 * `dec-2x256`:  SmolLM2-135M (`smollm2-135m`) with the default LoRA adapter on GSM8K, batch 2 x 256 tokens
   (the vocabulary-map path: the soft targets of random_dlb and dynsdpb are vocabulary maps, VMM).
 
-The step is the engine's training step (`raysdpb.engine.run_trial` has no reusable step function, so it
-is written out here with the engine's own calls, in the engine's order): collate the batch, `engine._forward`,
-`LogitCache.take` of the first half, `method.loss`, the finiteness check, backward, gradient clipping
-(max_grad_norm 1.0), AdamW (`engine.make_optimizer`: fused where the device has it), the linear schedule,
-`zero_grad`, `LogitCache.put` of `method.teacher_state` of the second half, `engine._Running.add`. Left out:
-TensorBoard scalars (every 10 steps) and per-layer gradient norms (every 50 steps), the same for every method.
-On CUDA the engine's precision rules apply (bf16 autocast; a decoder's weights loaded in bf16).
+The step is the recipe's own `Recipe.train_step` (`raysdpb.recipe`), between the loader's work (collate the
+batch, move it to the device) and the loop's bookkeeping (`EpochStats.add`): the forward pass, `LogitCache.take`
+of the first half, `method.loss`, the finiteness check, backward, gradient clipping (max_grad_norm 1.0), AdamW
+(fused where the device has it), the linear schedule, `zero_grad`, `LogitCache.put` of the second half's soft
+targets. Each method's recipe is set up from the same trial config (its method replaced), so the recipe's
+precision rules apply on CUDA (bf16 autocast; a decoder's weights loaded in bf16). Left out: TensorBoard
+scalars (every 10 steps) and per-layer gradient norms (every 50 steps), the loop's logging, the same for every
+method.
 
 Fair comparison on a shared machine: every method has its own model copy (identical initial weights; LoRA
 copies share the frozen base weights), optimizer, sampler and cache, and all methods step round-robin (one
 step each per round, the order rotating every round), so a noisy neighbour slows all of them alike. At step k
 every method sees the same token tensors (batch k of one shuffled stream, padded to the full length), so
 differences come from the method alone; the `index` of the batch comes from the method's own sampler (the
-overlap sampler for the DLB methods), which the cache checks as in the engine. Step time is the median over
+overlap sampler for the DLB methods), which the cache checks as in the recipe. Step time is the median over
 the timed rounds (after warm-up); `step_time_ratio` is the method's median over finetune's, and
 `paired_ratio` the median of the per-round ratios (with their interquartile range). CPU time (all threads of
 the process) is reported too: it counts work, not waiting, so it is steadier when the CPUs are shared.
@@ -38,7 +39,8 @@ memory during the step. On CPU the increase comes from the allocation and free e
 methods' models in this process, and memory the C allocator keeps after frees, which all blur the ratio.
 
 The same profiled step gives the operators' self times (`profile` in the JSON); phases of every timed step
-(data, forward, loss, backward, optimizer, cache, bookkeeping) are timed on CPU, where kernels are
+(data, forward, loss_backward, optimizer, schedule_cache, bookkeeping: their boundaries come from hooks on the
+model's forward and the optimizer's step, not from a copy of the step) are timed on CPU, where kernels are
 synchronous (on CUDA only with `--phases`, which adds synchronisations).
 
 Tokens/s count padded tokens (batch x length); MFU = 6 x parameters (all, frozen included) x tokens/s over
@@ -74,7 +76,10 @@ CONFIGS = {
 TARGETS = {"classification": (1.05, 1.02), "generation": (1.10, 1.10)}
 # share of the time budget per configuration (what one leaves is carried over)
 BUDGET_SHARE = {"enc-32x128": 0.3, "enc-8x256": 0.2, "dec-2x256": 0.5}
-PHASES = ("data", "forward", "loss", "backward", "optimizer", "cache", "bookkeeping")
+# the boundaries: the batch on the device; the model's forward done; the optimizer's step begins (loss, backward,
+# clipping before it); its step done; train_step returned (schedule, zero_grad, the soft targets cached); the loop's
+# bookkeeping done
+PHASES = ("data", "forward", "loss_backward", "optimizer", "schedule_cache", "bookkeeping")
 TRIAL_EPOCHS = 3
 
 
@@ -96,10 +101,10 @@ def _storage_bytes(tensors) -> int:
 class Setup:
     name: str
     spec: dict
+    config: object  # the TrialConfig every method's recipe starts from (its method replaced)
     device: torch.device
-    autocast: object
-    needs_scaler: bool
     kind: str
+    tokenizer: object
     base: torch.nn.Module
     params: int
     trainable: int
@@ -109,77 +114,79 @@ class Setup:
     load_s: float
 
 
-def build_setup(name: str, spec: dict, device: torch.device, precision: str, max_steps: int,
-                gradient_checkpointing: bool = False) -> Setup:
-    from raysdpb.config import LoraConfig
+def trial_config(spec: dict, args, seed: int = 0):
+    """The trial the benchmark's steps belong to (the method is set per runner)."""
+    from raysdpb.config import LoraConfig, TrialConfig
+
+    return TrialConfig(task=spec["task"], model=spec["model"], method="finetune", alpha=1.0, tau=2.0, lr=5e-5,
+                       weight_decay=0.01, warmup_ratio=0.1, max_grad_norm=1.0, batch_size=spec["batch"],
+                       max_length=spec["length"], epochs=TRIAL_EPOCHS, seed=seed, precision=args.precision,
+                       device="cuda" if args.device.startswith("cuda") else "cpu",
+                       lora=LoraConfig() if spec.get("lora") else None,
+                       gradient_checkpointing=args.gradient_checkpointing, progress_bar=False,
+                       grad_norm_every_steps=10**9)  # per-layer norms are the loop's logging, the same for all
+
+
+def build_setup(name: str, spec: dict, args) -> Setup:
+    """The data and the base model, once per configuration, through the recipe's own set-up (its device, precision
+    and dtype rules, its model builder)."""
     from raysdpb.data import collate, tokenize_records
-    from raysdpb.engine import _autocast_factory
-    from raysdpb.models import build_model, load_tokenizer, resolve_model
-    from raysdpb.tasks import data_dir_from, get_task, load_examples
+    from raysdpb.models import load_tokenizer, resolve_model
+    from raysdpb.recipe import Recipe
+    from raysdpb.tasks import data_dir_from, load_examples
 
     t0 = time.perf_counter()
-    task = get_task(spec["task"])
-    autocast, needs_scaler = _autocast_factory(precision, device)
+    proto = Recipe(trial_config(spec, args))
+    proto.setup_runtime()
+    task = proto.task
     source = resolve_model(spec["model"])
-    tokenizer = load_tokenizer(source)
+    proto.tokenizer = load_tokenizer(source)
     records = load_examples(task, task.train_split, data_dir_from(None))
     train_size = len(records)
     # enough distinct samples for every step of the run (the overlap sampler needs at least one batch)
-    n = min(len(records), max(spec["batch"] * (max_steps + 8) * 2, 4 * spec["batch"]))
-    dataset = tokenize_records(records[:n], task.kind, tokenizer, spec["length"], name=f"{name}:{task.name}")
-    decoder = task.kind == "generation"
-    dtype = torch.bfloat16 if decoder and autocast is not None and device.type == "cuda" and not needs_scaler else None
-    base = build_model(source, kind=task.kind, num_labels=task.num_labels if task.kind == "classification" else None,
-                       lora=LoraConfig() if spec.get("lora") else None, tokenizer=tokenizer, dtype=dtype,
-                       id2label=dict(enumerate(task.labels)) if task.kind == "classification" else None,
-                       gradient_checkpointing=gradient_checkpointing).to(device)
+    n = min(len(records), max(spec["batch"] * (args.max_steps + 8) * 2, 4 * spec["batch"]))
+    dataset = tokenize_records(records[:n], task.kind, proto.tokenizer, spec["length"], name=f"{name}:{task.name}")
+    base = proto.build_model(source).to(proto.device)
     params = sum(p.numel() for p in base.parameters())
     trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
     # every batch padded to exactly `length` tokens (all items are at most that long after truncation)
-    collator = collate(tokenizer.pad_token_id, pad_to_multiple_of=spec["length"])
-    return Setup(name, spec, device, autocast, needs_scaler, task.kind, base, params, trainable, dataset, collator,
-                 train_size, time.perf_counter() - t0)
+    collator = collate(proto.tokenizer.pad_token_id, pad_to_multiple_of=spec["length"])
+    return Setup(name, spec, proto.cfg, proto.device, task.kind, proto.tokenizer, base, params, trainable, dataset,
+                 collator, train_size, time.perf_counter() - t0)
 
 
 def _batches_of(sampler):
-    """The sampler's batches over successive epochs (what the engine's loop walks through)."""
+    """The sampler's batches over successive epochs (what the recipe's loop walks through)."""
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
         yield from sampler
 
 
 class MethodRunner:
-    """One method's training state and the engine's training step."""
+    """One method's recipe (its own model copy, optimizer, schedule, sampler and cache) and its timed steps."""
 
-    def __init__(self, method_name: str, setup: Setup, seed: int = 0) -> None:
-        from transformers import get_linear_schedule_with_warmup
-
-        from raysdpb.engine import _Running, make_optimizer
-        from raysdpb.methods import LogitCache, MethodParams, get_method
-        from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
+    def __init__(self, method_name: str, setup: Setup) -> None:
+        from raysdpb.recipe import Recipe
 
         self.name = method_name
         self.setup = setup
-        self.method = get_method(method_name)
-        self.params = MethodParams(alpha=1.0, tau=2.0)
+        self.recipe = recipe = Recipe(setup.config.model_copy(update={"method": method_name}))
+        self.method = recipe.method
+        recipe.setup_runtime()
+        recipe.tokenizer = setup.tokenizer
+        recipe.setup_data(setup.dataset, [])
         # a copy with the same initial weights; frozen (LoRA base) weights are shared, not copied
         frozen = {id(p): p for p in setup.base.parameters() if not p.requires_grad}
-        self.model = copy.deepcopy(setup.base, memo=frozen)
-        self.model.train()
-        self.optimizer = make_optimizer(self.model, 5e-5, 0.01, setup.device)
-        n = len(setup.dataset)
+        recipe.setup_model(copy.deepcopy(setup.base, memo=frozen))
+        recipe.model.train()
+        recipe.setup_loader(setup.collator)
+        recipe.setup_optimization()
         batch = setup.spec["batch"]
-        sampler_cls = OverlapBatchSampler if self.method.loader == "overlap" else ShuffledBatchSampler
-        self.sampler = sampler_cls(n, batch, shuffle=self.method.shuffle, seed=seed)
-        self.indices = (b for b in _batches_of(self.sampler) if len(b) == batch)
-        total = 10_000
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(0.1 * total), total)
-        self.scaler = torch.amp.GradScaler("cuda") if setup.needs_scaler else None
-        self.cache = LogitCache()
-        self.running = _Running()
-        self.steps = 0
+        self.indices = (b for b in _batches_of(recipe.sampler) if len(b) == batch)
         # full-size samplers of the task: steps of a 3-epoch trial
-        full = sampler_cls(setup.train_size, batch, shuffle=self.method.shuffle, seed=seed)
+        from raysdpb.recipe.components import make_sampler
+
+        full = make_sampler(self.method, setup.train_size, batch, seed=setup.config.seed)
         self.trial_steps = full.total_batches(TRIAL_EPOCHS * self.method.epoch_multiplier)
         self.steps_per_epoch = full.batches_in_epoch(1)
         self.wall: list[float] = []
@@ -189,69 +196,56 @@ class MethodRunner:
         self.profile: list[dict] = []
         self.ops: dict[str, dict] = {}
         self.profiled_steps = 0
+        # phase boundaries inside the recipe's train_step, from hooks (no change to the step itself): the end of
+        # the model's forward, and the optimizer's step
+        self._marks: list[float] | None = None
+        def mark(*_):
+            self._mark()
+
+        recipe.train_model.register_forward_hook(mark)
+        recipe.optimizer.register_step_pre_hook(mark)
+        recipe.optimizer.register_step_post_hook(mark)
+
+    def _mark(self) -> None:
+        if self._marks is not None:
+            if self.setup.device.type == "cuda":
+                torch.cuda.synchronize(self.setup.device)
+            self._marks.append(time.perf_counter())
 
     def resident_bytes(self) -> int:
         """Tensors the step holds when it starts: parameters, buffers, optimizer state, cached soft targets."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        for state in self.optimizer.state.values():
+        r = self.recipe
+        tensors = list(r.model.parameters()) + list(r.model.buffers())
+        for state in r.optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-        cached = self.cache.state_dict()
+        cached = r.cache.state_dict()
         return _storage_bytes(tensors) + _storage_bytes(cached.values())
 
     def step(self, content: list[int], timed_phases: bool) -> tuple[float, float, dict]:
-        """One training step on the items `content`; returns (wall s, CPU s, phase seconds)."""
-        from raysdpb.engine import _forward
-
+        """One `Recipe.train_step` on the items `content` (with this method's own sampler indices), after the
+        loader's work (fetch the items, collate) and before the loop's bookkeeping; returns (wall s, CPU s, phase
+        seconds)."""
         s, dev = self.setup, self.setup.device
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-        marks = []
-
-        def mark():
-            if timed_phases:
-                sync()
-                marks.append(time.perf_counter())
-
         sync()
         clock = Clock()
-        marks.append(time.perf_counter())
-        # data: the DataLoader's work (fetch the items, collate), with this method's own sampler indices
+        self._marks = [time.perf_counter()] if timed_phases else None
         batch = s.collator([s.dataset[i] for i in content])
         batch["index"] = torch.tensor(next(self.indices), dtype=torch.long)
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        mark()
-        outputs = _forward(self.model, batch, s.kind, s.autocast)
-        mark()
-        half = len(batch["index"]) // 2
-        teacher = self.cache.take(batch["index"][:half], dev) if self.method.distills else None
-        terms = self.method.loss(outputs, teacher, self.params)
-        finite = bool(torch.isfinite(terms.total))
-        assert finite, f"{self.name}: non-finite loss"
-        mark()
-        (self.scaler.scale(terms.total) if self.scaler else terms.total).backward()
-        mark()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        mark()
-        if self.method.distills:
-            self.cache.put(self.method.teacher_state(outputs.slice(slice(half, None)), batch["index"][half:],
-                                                     self.params))
-        mark()
-        self.running.add(terms)  # float() of the loss terms: a synchronisation on CUDA, as in the engine
+        self._mark()
+        terms = self.recipe.train_step(batch)
+        assert terms is not None, f"{self.name}: non-finite loss"
+        self._mark()
+        self.recipe.epoch_stats.add(terms)  # float() of the loss terms: a synchronisation on CUDA, as in the loop
         sync()
-        marks.append(time.perf_counter())
+        end = time.perf_counter()
         wall, cpu = clock.elapsed()
-        self.steps += 1
         phases = {}
         if timed_phases:
+            marks = self._marks + [end]
             phases = {p: b - a for p, a, b in zip(PHASES, marks, marks[1:])}
+        self._marks = None
         return wall, cpu, phases
 
 
@@ -308,7 +302,7 @@ def run_config(name: str, args, budget_s: float) -> dict:
     t_start = time.perf_counter()
     model = args.decoder_model if CONFIGS[name]["kind"] == "generation" else args.encoder_model
     spec = dict(CONFIGS[name], model=model)
-    setup = build_setup(name, spec, device, args.precision, args.max_steps, args.gradient_checkpointing)
+    setup = build_setup(name, spec, args)
     methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     if "finetune" not in methods:
         methods.insert(0, "finetune")
@@ -445,7 +439,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="the engine's precision setting (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="the recipe's precision setting (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--methods", default="all", help="'all' or comma-separated method names (finetune is always added)")
     p.add_argument("--budget-s", type=float, default=540.0,

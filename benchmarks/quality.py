@@ -51,7 +51,7 @@ took 88 min (32 trials, 2.85 trial-hours) and its stage 2 about an hour; the pap
 RTE, with three trials sharing the 2 cores, a step of 32 x 128 took 7.4-8.2 s: 29 min per finetune trial,
 55 min per double_finetune or DLB trial, about 11 hours for the small grid and the seeds. `--dry-run` prints
 every task's workload before anything runs: trials, optimizer steps and padded training tokens of both
-stages (the engine's own samplers and dynamic padding; stage 1 without ASHA) and the hours at
+stages (the recipe's own samplers and dynamic padding; stage 1 without ASHA) and the hours at
 `--tokens-per-s` (default: the 1,700 tokens/s RTE measured here). Small grid, 2-core CPU: CB 1.5 h, RTE 12.2,
 MRPC 11.2, CoLA 7.2, the SST-2 subset 15.6 (with seed 0 trained again in stage 2: 1.6, 13.7, 12.7, 8.2,
 17.6; CB took 2.5 h: short batches cost more per token; `--asha` or a GPU help). On 2 CPUs,
@@ -361,7 +361,7 @@ MEASURED_TOKENS_PER_S = 1700.0
 
 
 def padded_tokens(lengths, batches, choices: int = 1, pad_to_multiple_of: int | None = None) -> tuple[int, int]:
-    """(steps, tokens) of a stream of index batches as the engine's collator pads them (each batch to its
+    """(steps, tokens) of a stream of index batches as the recipe's collator pads them (each batch to its
     longest, rounded up to `pad_to_multiple_of`; a multiple-choice item is `choices` sequences, `lengths`
     its longest)."""
     from raysdpb.data import padded_length
@@ -375,7 +375,7 @@ def padded_tokens(lengths, batches, choices: int = 1, pad_to_multiple_of: int | 
 
 def trial_workload(lengths, method: str, batch_size: int, epochs: int, seed: int,
                    choices: int = 1, pad_to_multiple_of: int | None = None) -> tuple[int, int]:
-    """(optimizer steps, padded training tokens) of one trial: the engine's own sampler over every epoch."""
+    """(optimizer steps, padded training tokens) of one trial: the recipe's own sampler over every epoch."""
     from raysdpb.recipe.components import make_sampler
     from raysdpb.methods import METHODS as REGISTRY
 
@@ -390,7 +390,7 @@ def trial_workload(lengths, method: str, batch_size: int, epochs: int, seed: int
 
 
 def train_lengths(cfg) -> tuple[list[int], int]:
-    """The token count of every training example a sweep's trials see (the engine's loading and tokenizer),
+    """The token count of every training example a sweep's trials see (the recipe's loading and tokenizer),
     and the sequences per example (a multiple-choice item's choices; their longest is its length)."""
     from raysdpb.recipe.components import load_train_data
     from raysdpb.models import load_tokenizer, resolve_model
@@ -572,7 +572,7 @@ def main() -> None:
                 print(f"  data: {counts}", flush=True)
         if args.dry_run:
             reused = "" if args.rerun_grid_trials else f" (seed {GRID_SEED} is stage 1's trial, not trained again)"
-            print(f"\n== the workload: padded training tokens (dynamic padding, the engine's samplers); stage 1 "
+            print(f"\n== the workload: padded training tokens (dynamic padding, the recipe's samplers); stage 1 "
                   f"without ASHA, stage 2 with {len(args.seeds)} seeds{reused}; hours at {args.tokens_per_s:,.0f} "
                   "tokens/s (--tokens-per-s)")
             shown = [{**w, "grid_mtok": w["grid_tokens"] / 1e6, "seed_mtok": w["seed_tokens"] / 1e6} for w in loads]

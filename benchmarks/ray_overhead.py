@@ -9,8 +9,8 @@ by `python -m raysdpb.train` and by `python -m raysdpb.sweep` (a local Ray start
 Train worker). For each: the command's wall time; the time from the command's start to the end of the first
 training step; the training span (end of step 1 to the last training event) and the tail (to the command's
 exit: the last evaluation, checkpoint, shutdown). The end of step 1 is read from the TensorBoard events the
-engine writes: its first event is the per-layer gradient norms logged right after optimizer step 1 (the
-engine logs them at step 0 % grad_norm_every_steps == 0), and events carry their wall time. The sweep's own
+recipe writes: its first event is the per-layer gradient norms logged right after optimizer step 1 (the
+recipe logs them at step 0 % grad_norm_every_steps == 0), and events carry their wall time. The sweep's own
 log lines (timestamps of "starting a local Ray instance" and of the trial plan, logged once Ray is up) split
 its start-up into imports and config, starting Ray, and starting the trial (Tune, the Train controller, the
 worker, model and data). `trial_wall_s` for the sweep is `wall_time_s` of trials.parquet (Tune's time of
@@ -65,7 +65,7 @@ def _env() -> dict:
 
 
 def tensorboard_times(folder: Path) -> dict | None:
-    """First and last event times of the engine's TensorBoard files under `folder` (with their steps)."""
+    """First and last event times of the recipe's TensorBoard files under `folder` (with their steps)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     events = []

@@ -131,6 +131,30 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, shared_data_dir):
     assert missing.returncode == 2 and "there is no sweep to resume" in missing.stderr
 
 
+def test_a_sweep_of_an_older_raysdpb_is_not_resumed(tmp_path, shared_data_dir):
+    """A sweep whose grid.json has no format (started before the format was recorded) or another one is refused on
+    --resume with one line, before Ray starts: its pickled Tune state names classes this version no longer has."""
+    import json
+
+    from raysdpb.sweep.checks import check_experiment
+    from raysdpb.sweep.plan import SWEEP_FORMAT
+
+    plan = plan_sweep(load_experiment(None, raw=_raw(shared_data_dir, tmp_path, "old", {"lr": [1e-4, 2e-4]})))
+    folder = Path(plan.experiment_path)
+    folder.mkdir()
+    (folder / "tuner.pkl").write_bytes(b"a Tune experiment's state")  # what Tuner.can_restore looks for
+    ids = [p.trial_id for p in plan.points]
+    for grid, found in (({"trial_ids": ids}, "format 1"), ({"format": SWEEP_FORMAT + 1, "trial_ids": ids},
+                                                          f"format {SWEEP_FORMAT + 1}")):
+        (folder / "grid.json").write_text(json.dumps(grid))
+        with pytest.raises(UserError, match=rf"started by an older raysdpb \({found};.*start a new sweep"):
+            check_experiment(plan, resume=True)
+    (folder / "grid.json").write_text(json.dumps({"format": SWEEP_FORMAT, "trial_ids": ids}))
+    check_experiment(plan, resume=True)  # this version's own
+    with pytest.raises(UserError, match="a sweep already exists"):
+        check_experiment(plan, resume=False)
+
+
 # --- real sweeps --------------------------------------------------------------------------------------------
 
 def test_sweep_ddp_workers_asha_and_parquet(tmp_path, shared_data_dir):
