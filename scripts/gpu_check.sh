@@ -55,18 +55,18 @@ step() {  # step NAME LIMIT_S COMMAND...: run, log, report the exit status and w
 step environment 60 env DEVICE=$DEVICE "$PY" -c '
 import os, torch, transformers, peft
 print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "peft", peft.__version__)
-from raysdpb.recipe.components import autocast_factory as _autocast_factory
+from raysdpb.recipe.components import autocast_factory
 if os.environ["DEVICE"] == "cuda":
     assert torch.cuda.is_available(), "no CUDA device"
     print(torch.cuda.get_device_name(0), "bf16:", torch.cuda.is_bf16_supported(),
           "memory GiB: %.0f" % (torch.cuda.get_device_properties(0).total_memory / 2**30))
-    autocast, scaler = _autocast_factory("auto", torch.device("cuda"))
+    autocast, scaler = autocast_factory("auto", torch.device("cuda"))
     with autocast():
         y = torch.nn.Linear(8, 8).cuda()(torch.randn(2, 8, device="cuda"))
     print("precision auto on cuda: autocast to", y.dtype, "grad scaler:", scaler)
     assert y.dtype == torch.bfloat16 and not scaler
 else:
-    print("precision auto on cpu:", _autocast_factory("auto", torch.device("cpu")))
+    print("precision auto on cpu:", autocast_factory("auto", torch.device("cpu")))
 '
 
 # RTE as in benchmarks/RESULTS.md (quality.py's SuperGLUE-style settings it ran with: batch 8, 256 tokens)

@@ -18,7 +18,7 @@ from raysdpb.config import LoraConfig
 from raysdpb.recipe.checkpoint import CHECKPOINT_PREFIX, checkpoint_name, load_state
 from raysdpb.recipe.context import LocalContext
 from raysdpb.data import collate, tokenize_records
-from raysdpb.recipe import forward_outputs as _forward, run_trial
+from raysdpb.recipe import forward_outputs, run_trial
 from raysdpb.methods import METHODS, MethodParams, get_method
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.tasks import load_examples
@@ -73,7 +73,7 @@ class TokenOutputsProbe:
     def from_batch(batch):
         logits = torch.zeros(*batch["input_ids"].shape, 3)
         model = lambda **kw: type("O", (), {"logits": logits})()  # noqa: E731
-        return _forward(model, batch, "generation", None)
+        return forward_outputs(model, batch, "generation", None)
 
 
 def test_long_examples_are_truncated_from_the_prompt_side_and_counted(tokenizer, gsm8k, caplog):
@@ -114,12 +114,12 @@ def test_vocabulary_map_of_a_sequence_does_not_depend_on_its_padding(tokenizer, 
     short = min(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
     alone = collate(tokenizer.pad_token_id)([data[short]])
     with torch.no_grad():
-        out = _forward(model, alone, "generation", None)
+        out = forward_outputs(model, alone, "generation", None)
         reference = losses.vocabulary_map(out.logits, out.mask, 2.0)[0]
         for companions in ([0, 1], [2, 3, 4], list(range(len(data)))):
             batch = collate(tokenizer.pad_token_id, pad_to_multiple_of=8)([data[short]] + [data[j] for j in companions])
             assert batch["input_ids"].shape[1] > alone["input_ids"].shape[1]  # really padded
-            padded = _forward(model, batch, "generation", None)
+            padded = forward_outputs(model, batch, "generation", None)
             got = losses.vocabulary_map(padded.logits, padded.mask, 2.0)[0]
             torch.testing.assert_close(got, reference, atol=2e-6, rtol=1e-4)
     assert float(reference.sum()) == pytest.approx(1.0, abs=1e-5)
@@ -137,7 +137,7 @@ def test_vmm_gradients_reach_the_lora_weights_only(tokenizer, gsm8k):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-        previous = _forward(model, batch, "generation", None)
+        previous = forward_outputs(model, batch, "generation", None)
     teacher = method.teacher_state(previous.slice(slice(2, None)), batch["index"][2:], params)
     assert teacher.target.shape == (2, len(tokenizer))  # V floats per cached sequence
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_vmm_gradients_reach_the_lora_weights_only(tokenizer, gsm8k):
             if "lora_B" in n:
                 p.add_(torch.randn_like(p) * 0.05)
     # the VMM term alone (first half vs the cached maps) has gradient on LoRA weights, none elsewhere
-    outputs = _forward(model, {**batch, **{k: v[2:] for k, v in batch.items()}}, "generation", None)
+    outputs = forward_outputs(model, {**batch, **{k: v[2:] for k, v in batch.items()}}, "generation", None)
     vmm = losses.vmm_loss(losses.vocabulary_log_map(outputs.logits, outputs.mask, teacher.tau), teacher.target,
                           teacher.tau)
     vmm.backward()
