@@ -1,6 +1,8 @@
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,3 +68,51 @@ def hub_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     return tmp_path
+
+
+# --- a real S3 API server on loopback, for the tests of s3:// storage (tests/test_s3.py) -----------------------
+
+S3_BUCKET = "raysdpb-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server (`moto[server]`, a test extra) on 127.0.0.1, as its own process, with one bucket. Yields the
+    environment that points boto3, pyarrow (so Ray Train and Tune) and TensorBoard at it, as a user points them at
+    MinIO or another S3-compatible store: `AWS_ENDPOINT_URL` and credentials (`S3_ENDPOINT` for TensorBoard's own
+    S3 reader), and a function that makes `s3://` URIs in the bucket."""
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "S3_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.create_bucket(Bucket=S3_BUCKET)
+            break
+        except Exception:  # noqa: BLE001 - not listening yet
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+    try:
+        yield SimpleNamespace(env=env, bucket=S3_BUCKET, client=client, endpoint=endpoint,
+                              uri=lambda *parts: "/".join([f"s3://{S3_BUCKET}", *parts]))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """`s3_server`'s environment in this test's process too."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server

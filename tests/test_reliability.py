@@ -429,7 +429,7 @@ def test_a_resumed_trial_stopped_by_asha_on_a_replayed_report_is_stopped_by_asha
 
 def test_stored_checkpoints_whole_only_and_unregistered_ones_pruned(tmp_path):
     from raysdpb.recipe.checkpoint import MANIFEST_FILE
-    from raysdpb.sweep.driver import prune_unregistered_checkpoints
+    from raysdpb.sweep.cleanup import prune_unregistered_checkpoints
 
     run = tmp_path / "run"
 

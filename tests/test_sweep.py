@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -199,8 +200,9 @@ def test_sweep_ddp_workers_asha_and_parquet(tmp_path, shared_data_dir):
     for row in (good, bad):
         assert list((exp / "tensorboard" / row["trial_id"]).glob("events.out.tfevents.*"))
         assert list((exp / row["trial_id"]).glob("events.out.tfevents.*"))
-    # keep_checkpoints=1: one checkpoint left per trial
-    assert len(list((exp / "train_runs" / good["trial_id"]).glob("checkpoint_step_*"))) == 1
+    # keep_checkpoints=1: one checkpoint left per trial, the one ASHA stopped too (raysdpb.sweep.cleanup)
+    for row in (good, bad):
+        assert len(list((exp / "train_runs" / row["trial_id"]).glob("checkpoint_step_*"))) == 1
 
 
 def _free_port() -> int:
@@ -225,8 +227,10 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    """A Ray head (1 CPU) and a second node (1 CPU) on this machine, each a `ray start --block` process group."""
-    env = sweep_env(RAY_AUTH_MODE="token")
+    """A Ray head (1 CPU) and a second node (1 CPU) on this machine, each a `ray start --block` process group.
+    Yields `env` (the sweep's environment, RAY_ADDRESS set), `address` and `worker` (the second node's process
+    group). A lost node is noticed in about 3 s (health checks every second, 3 missed), not the default 15 s."""
+    env = sweep_env(RAY_AUTH_MODE="token", RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
     port = _free_port()
     common = ["--num-cpus=1", "--num-gpus=0", "--block", "--disable-usage-stats"]
     procs = []
@@ -246,7 +250,7 @@ def two_node_cluster(tmp_path):
         while "2 node" not in _nodes_line(address, env):
             assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
             time.sleep(1)
-        yield {**env, "RAY_ADDRESS": address}
+        yield SimpleNamespace(env={**env, "RAY_ADDRESS": address}, address=address, worker=procs[1])
     finally:
         for proc in reversed(procs):
             _stop_group(proc, timeout=5)
@@ -267,7 +271,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, shared_data_dir, t
     storage = tmp_path / "shared-storage"  # one folder both nodes see (a stand-in for NFS or S3)
     raw = _raw(shared_data_dir, storage, "cluster", {"task": ["glue/cola", "superglue/cb"]}, method="finetune",
                epochs=1, sweep={"asha": None})
-    out = _sweep(_write(tmp_path, raw), env=two_node_cluster)
+    out = _sweep(_write(tmp_path, raw), env=two_node_cluster.env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = _rows(storage / "cluster" / "trials.parquet")
     assert [r["status"] for r in rows] == ["completed", "completed"]
@@ -281,18 +285,100 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, shared_data_dir, t
     assert by_task["superglue/cb"]["best_score"] == by_task["superglue/cb"]["best_eval_accuracy"]
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared_data_dir):
+def _kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL a `ray start --block` node: the raylet and every process under it (Ray's workers are not all in
+    its process group), as a machine that is reclaimed takes them all at once."""
+    import psutil
+
+    root = psutil.Process(node.pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _head_node_id(address: str, env: dict) -> str:
+    code = (f"import ray; ray.init(address='{address}', logging_level='ERROR'); "
+            "print(next(n['NodeID'] for n in ray.nodes() if 'node:__internal_head__' in n['Resources']))")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.slow
+def test_a_lost_node_s_trial_resumes_on_the_remaining_node(tmp_path, shared_data_dir, two_node_cluster, capsys):
+    """A spot reclaim on the two-node local cluster: the second node's raylet, and every process it runs, is
+    SIGKILLed mid-trial (its local scratch with them). The trial that was on it resumes on the head from its last
+    checkpoint on the shared storage, the other trial runs undisturbed, each report is recorded once and the sweep
+    completes. Both trials are held once after step 5 (a report and a checkpoint at step 4; each hold leaves a
+    marker file), so the node dies at a known step; the timeline is printed."""
+    storage = tmp_path / "shared-storage"
+    raw = _raw(shared_data_dir, storage, "lost", {"seed": [0, 1]}, method="finetune", eval_every_steps=2,
+               sweep={"asha": None, "max_failures": 2})
+    release, held = tmp_path / "release", [tmp_path / f"held-{seed}" for seed in (0, 1)]
+    env = {**two_node_cluster.env, **fault_env(*({"point": "after_step", "step": 5, "where": {"seed": seed},
+                                                   "marker": str(held[seed]), "until": str(release)}
+                                                  for seed in (0, 1)))}
+    sweep = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(_write(tmp_path, raw)), "-q"], cwd=tmp_path,
+                             env=env, start_new_session=True, stdout=open(tmp_path / "sweep.log", "w"),
+                             stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not all(marker.exists() for marker in held):  # both trials at their hold, one on each node
+            assert sweep.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the trials did not reach step 5 in time"
+            time.sleep(0.5)
+        t_kill = time.time()
+        _kill_node(two_node_cluster.worker)  # the node is gone, with every process it ran and its scratch
+        release.touch()
+        sweep.wait(480)
+        t_done = time.time()
+    finally:
+        _stop_group(sweep, timeout=5)
+    assert sweep.returncode == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    head = _head_node_id(two_node_cluster.address, two_node_cluster.env)
+    rows = {r["trial_id"]: r for r in _rows(storage / "lost" / "trials.parquet")}
+    assert [r["status"] for r in rows.values()] == ["completed", "completed"]
+    curves = _rows(storage / "lost" / "curves.parquet")
+    first_node = {t: next(c["worker_node_id"] for c in sorted(curves, key=lambda c: c["step"]) if c["trial_id"] == t)
+                  for t in rows}
+    [lost] = [t for t in rows if first_node[t] != head]  # the trial that ran on the second node
+    [kept] = [t for t in rows if first_node[t] == head]
+    assert rows[lost]["last_worker_node_id"] == head  # it finished on the remaining node
+    for trial_id in rows:
+        steps = [c["step"] for c in curves if c["trial_id"] == trial_id]
+        assert sorted(steps) == sorted(set(steps)) and max(steps) == rows[trial_id]["steps"]  # each report once
+    resumed = sorted((c for c in curves if c["trial_id"] == lost and c.get("resumed_from_step")),
+                     key=lambda c: c["step"])
+    assert resumed and resumed[0]["resumed_from_step"] == 4  # from its step-4 checkpoint, not from scratch
+    # the other trial's worker was on the head, but its Tune trial (a 0-CPU actor) may have been on the lost node;
+    # then Tune retried it too, from its newest checkpoint
+    assert all(c["resumed_from_step"] >= 4 for c in curves if c["trial_id"] == kept and c.get("resumed_from_step"))
+    with capsys.disabled():
+        print(f"\nnode loss timeline: the node killed at 0 s (trial {lost} held after step 5); the first report of its "
+              f"resumed run (step {resumed[0]['step']}) at {resumed[0]['timestamp'] - t_kill:+.0f} s; the other "
+              f"trial done at {rows[kept]['finished_at'] - t_kill:+.0f} s; the lost one at "
+              f"{rows[lost]['finished_at'] - t_kill:+.0f} s; the sweep done at {t_done - t_kill:+.0f} s")
+
+
+# on S3 (a real S3 API server on loopback, conftest.s3_server) slow: the local run is the same path but the storage
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared_data_dir, where, request):
     """Two trials side by side, of 1 and 3 (short) epochs. The sweep is killed (driver and local Ray at once) when the
     short one has finished and the long one has reported (and checkpointed) its first epoch; `--resume` must
     leave the finished trial alone and continue the other from its checkpoint. The long trial is held after step
     5, the first of its second epoch (`$RAYSDPB_FAULTS`), so it cannot run ahead while Ray Train shuts the short
-    one down (up to 12 s on 2 busy cores); the resumed run gets past it."""
-    storage = tmp_path / "results"
+    one down (up to 12 s on 2 busy cores); the resumed run gets past it. With the experiment in a bucket, the
+    `finished/` markers and the Parquet files are objects written whole, with no rename."""
+    from raysdpb.results.storage import join, read_rows
+
+    s3 = request.getfixturevalue("s3") if where == "s3" else None  # the bucket, and its settings in this process
+    storage = s3.uri(f"resume-{tmp_path.name}") if s3 else str(tmp_path / "results")
     config = _write(tmp_path, _raw(shared_data_dir, storage, "resume", {"epochs": [1, 3]}, method="finetune",
                                    sweep={"asha": None}))
-    exp = storage / "resume"
+    exp = join(storage, "resume")
     release = tmp_path / "release"
-    env = sweep_env(**fault_env({"point": "after_step", "step": 5, "where": {"epochs": 3}, "until": str(release)}))
+    env = sweep_env(**(s3.env if s3 else {}),
+                    **fault_env({"point": "after_step", "step": 5, "where": {"epochs": 3}, "until": str(release)}))
     first = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=tmp_path, env=env,
                              start_new_session=True, stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
     try:
@@ -301,12 +387,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the trials did not get far enough in time"
             time.sleep(0.5)
-            if not (exp / "trials.parquet").exists():
+            before = {r["epochs"]: r for r in read_rows(join(exp, "trials.parquet"))}
+            if not before:
                 continue
-            before = {r["epochs"]: r for r in _rows(exp / "trials.parquet")}
             if before[1]["status"] == "completed" and before[3]["reports"] >= 1:
                 break
-        before_curves = {(c["trial_id"], c["step"]): c["timestamp"] for c in _rows(exp / "curves.parquet")}
+        before_curves = {(c["trial_id"], c["step"]): c["timestamp"] for c in read_rows(join(exp, "curves.parquet"))}
     finally:
         # a crash: the driver and the local Ray it started die at once, with no chance to save anything
         os.killpg(first.pid, signal.SIGKILL)
@@ -317,14 +403,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     release.touch()
     out = _sweep(config, "--resume", env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = {r["epochs"]: r for r in _rows(exp / "trials.parquet")}
-    assert len(_rows(exp / "trials.parquet")) == 2  # every trial once
+    rows = {r["epochs"]: r for r in read_rows(join(exp, "trials.parquet"))}
+    assert len(read_rows(join(exp, "trials.parquet"))) == 2  # every trial once
     assert rows[1]["status"] == rows[3]["status"] == "completed" and rows[3]["epochs_run"] == 3
     # the finished trial was not trained again: same row, same reports
     assert rows[1]["attempts"] == 1 and rows[1]["finished_at"] == short["finished_at"]
     # the other continued from its checkpoint: its first attempt's reports stand, it did not redo them
     assert rows[3]["attempts"] == 2
-    curves = _rows(exp / "curves.parquet")
+    curves = read_rows(join(exp, "curves.parquet"))
     assert sorted((c["trial_id"], c["epoch"]) for c in curves) == sorted(
         [(short["trial_id"], 1)] + [(long["trial_id"], e) for e in range(1, 4)])
     for c in curves:

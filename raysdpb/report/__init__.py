@@ -27,6 +27,7 @@ import argparse
 import logging
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +61,15 @@ def _list(values) -> str:
 class _Report:
     """Builds the sections of one report; figures go to `out` as they are made."""
 
-    def __init__(self, trials: pd.DataFrame, curves: pd.DataFrame, out: Path, metric: str | None, at: str):
+    def __init__(self, trials: pd.DataFrame, curves: pd.DataFrame, out: Path, metric: str | None, at: str,
+                 download: Path | None = None):
         self.trials, self.curves, self.out, self.at = trials, curves, out, at
         self.prepared = prepare(trials, metric=metric, at=at)
         self.selection = select_configs(self.prepared)
         self.scale = value_scale(self.selection)
         self.figures: list[Path] = []
         self._tb_cache: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
+        self.download = download  # where TensorBoard events of experiments on an object store are copied
 
     # helpers
     def _figure(self, name: str) -> Path:
@@ -89,7 +92,9 @@ class _Report:
             return {}
         key = (experiment, str(trial_id))
         if key not in self._tb_cache:
-            directory = tensorboard_dir(experiment, str(trial_id))
+            # an experiment on an object store: its trials' events are copied here once
+            cache = self.download / _slug(experiment) if self.download else None
+            directory = tensorboard_dir(experiment, str(trial_id), cache)
             self._tb_cache[key] = read_scalars(directory, ("train/", "dynamic/", "grad_norm/")) if directory else {}
         return {k: v for k, v in self._tb_cache[key].items() if k.startswith(prefixes)}
 
@@ -351,7 +356,12 @@ def build_report(paths: list[str], out: str | Path | None = None, *, metric: str
     for prefix in FIGURE_PREFIXES:  # figures of an earlier report that this one may not draw again
         for old in out.glob(f"{prefix}_*.png"):
             old.unlink()
-    report = _Report(trials, curves, out, metric, at)
+    with tempfile.TemporaryDirectory(prefix="raysdpb-report-") as download:
+        return _write_report(paths, trials, curves, notes, out, metric, at, Path(download))
+
+
+def _write_report(paths, trials, curves, notes, out: Path, metric, at, download: Path) -> dict[str, object]:
+    report = _Report(trials, curves, out, metric, at, download)
     experiments = list(dict.fromkeys(resolve(str(p)) for p in paths))
     sections = [report.overview(experiments, notes), report.results(), report.cost(), report.paired(),
                 report.heatmaps(), report.curves_section(), report.grad_norms()]

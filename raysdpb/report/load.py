@@ -1,6 +1,6 @@
-"""Reading an experiment folder: trials.parquet and curves.parquet (pandas over pyarrow), and the scalars the
-training loop wrote to TensorBoard (`<experiment>/tensorboard/<trial_id>/events.out.tfevents.*`, see
-`raysdpb.sweep.trial_driver`), read with TensorBoard's own `EventAccumulator`."""
+"""Reading an experiment folder, local or on an object store: trials.parquet and curves.parquet (pandas over
+pyarrow), and the scalars the recipe wrote to TensorBoard (`<experiment>/tensorboard/<trial_id>/events.out.tfevents.*`,
+see `raysdpb.sweep.worker`), read with TensorBoard's own `EventAccumulator`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysdpb.errors import UserError
-from raysdpb.results.storage import exists, filesystem, join
+from raysdpb.results.storage import download, exists, filesystem, join
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,23 @@ def load_experiments(paths: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, list
     return all_trials, all_curves, notes
 
 
-def tensorboard_dir(experiment: str, trial_id: str) -> Path | None:
-    """Where the training loop of a trial wrote its TensorBoard events (rank 0), if that is on this machine."""
-    if "://" in str(experiment):
+def tensorboard_dir(experiment: str, trial_id: str, cache: Path | None = None) -> Path | None:
+    """Where the recipe of a trial wrote its TensorBoard events (rank 0), as a local folder: the experiment's own
+    on this machine; for an experiment on an object store (`s3://...`), a copy of the trial's events in `cache`
+    (read once). None where the trial has no events."""
+    if "://" not in str(experiment):
+        path = Path(experiment) / "tensorboard" / str(trial_id)
+        return path if path.is_dir() and any(path.glob("events.out.tfevents.*")) else None
+    if cache is None:
         return None
-    path = Path(experiment) / "tensorboard" / str(trial_id)
-    return path if path.is_dir() and any(path.glob("events.out.tfevents.*")) else None
+    local = cache / str(trial_id)
+    if not local.is_dir():
+        remote = join(str(experiment), "tensorboard", str(trial_id))
+        fs, inside = filesystem(remote)
+        if fs.get_file_info(inside).type != pafs.FileType.Directory:
+            return None
+        download(remote, local)
+    return local if any(local.glob("events.out.tfevents.*")) else None
 
 
 def read_scalars(directory: Path, prefixes: tuple[str, ...]) -> dict[str, pd.DataFrame]:

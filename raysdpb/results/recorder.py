@@ -26,7 +26,7 @@ _TUNE_BOOKKEEPING = frozenset({
     "config", "date", "hostname", "node_ip", "pid", "done", "trial_id", "experiment_tag", "should_checkpoint",
     "iterations_since_restore", "time_since_restore", "timesteps_total", "episodes_total",
     "timesteps_since_restore", "warmup_time", "checkpoint_dir_name",
-    "worker_placement_group",  # the sweep's own bookkeeping (raysdpb.sweep.PlacementGroupReaper)
+    "worker_placement_group",  # the sweep's own bookkeeping (raysdpb.sweep.cleanup)
 })
 # curve columns that are not metrics (no best_/last_ columns for them)
 _NOT_METRICS = frozenset({

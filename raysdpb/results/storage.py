@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["filesystem", "join", "exists", "write_table", "read_rows", "write_json", "read_json",
-           "remove_stale_temporaries"]
+__all__ = ["filesystem", "join", "exists", "write_table", "read_rows", "write_json", "read_json", "download",
+           "upload", "remove_stale_temporaries"]
 
 _TMP_MARK = ".tmp-"  # a file being written: `<name>.tmp-<pid>-<random>`
 
@@ -65,8 +65,7 @@ def write_table(table: pa.Table, path: str) -> None:
     fs, p = filesystem(path)
     if isinstance(fs, pafs.LocalFileSystem):
         _write_local(p, lambda tmp: pq.write_table(table, tmp))
-    else:
-        fs.create_dir(os.path.dirname(p), recursive=True)
+    else:  # no directory to create first: an object store has prefixes, not folders (a marker object would show)
         pq.write_table(table, p, filesystem=fs)
 
 
@@ -100,6 +99,24 @@ def read_json(path: str) -> Any | None:
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
         return json.loads(f.read().decode())
+
+
+def download(path: str, local: str | os.PathLike, fs: pafs.FileSystem | None = None) -> str:
+    """Copy the folder `path` (a local folder or a URI; or a path in the filesystem `fs`) into the local folder
+    `local`, which is created (pyarrow's copy into a missing local folder fails on its first file); returns it."""
+    fs, source = (fs, path) if fs is not None else filesystem(path)
+    os.makedirs(local, exist_ok=True)
+    pafs.copy_files(source, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return str(local)
+
+
+def upload(local: str | os.PathLike, path: str) -> None:
+    """Copy the local folder `local` to `path` (a URI or a local folder), replacing files of the same names; each
+    file arrives whole (one upload per object)."""
+    fs, destination = filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(destination, exist_ok=True)
+    pafs.copy_files(str(local), destination, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:

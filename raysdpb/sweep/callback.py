@@ -1,5 +1,5 @@
 """The Tune callback: Tune's trial events into the sweep's Parquet results (`raysdpb.results.recorder`), ASHA's
-past results back on `--resume`, and stopped trials' placement groups released."""
+past results back on `--resume`, and what ended trials leave behind cleaned up (`raysdpb.sweep.cleanup`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 from ray.tune import Callback
 
 from raysdpb.results.recorder import ResultsRecorder, TrialInfo
-from raysdpb.sweep.placement import PlacementGroupReaper
+from raysdpb.results.schema import FINISHED
+from raysdpb.sweep.cleanup import TrialCleanup
 
 __all__ = ["ResultsCallback", "trial_name"]
 
@@ -40,15 +41,16 @@ class ResultsCallback(Callback):
     experiment state; the rows are not pickled, `setup` reloads them from the Parquet files on `--resume`."""
 
     def __init__(self, experiment_path: str, trials: list[TrialInfo], metric: str, mode: str, time_attr: str,
-                 scheduler=None):
+                 scheduler=None, keep_checkpoints: int = 1):
         self.args = (experiment_path, trials, metric, mode, time_attr)
+        self.keep_checkpoints = keep_checkpoints
         self.scheduler = scheduler  # the sweep's ASHA: pickled with this callback, so the same object on resume
         self.recorder: ResultsRecorder | None = None
-        self.reaper: PlacementGroupReaper | None = None
+        self.cleanup: TrialCleanup | None = None
 
     def setup(self, **info):
         experiment_path, trials, metric, mode, time_attr = self.args
-        self.reaper = PlacementGroupReaper()
+        self.cleanup = TrialCleanup(experiment_path, metric, mode, self.keep_checkpoints)
         self.recorder = ResultsRecorder(experiment_path, trials, metric=metric, mode=mode, time_attr=time_attr)
         self.recorder.load()
         self.recorder.write()
@@ -69,21 +71,29 @@ class ResultsCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         # Tune sets `done` on a result when the scheduler (ASHA) stops the trial on it
         self.recorder.on_result(trial_name(trial), result, stopped=bool(result.get("done")))
-        self.reaper.seen(trial_name(trial), result)
+        self.cleanup.seen(trial_name(trial), result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.recorder.on_complete(trial_name(trial))
-        self.reaper.trial_ended(trial_name(trial))
+        self.cleanup.trial_ended(trial_name(trial), finished=self.recorder.trials[trial_name(trial)].status in FINISHED)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # Tune retries a trial whose actor died (its node was lost): the dead attempt's Train controller went with
+        # it, so nothing else releases the placement group its workers held, and the retry would wait for it
+        # forever on a full cluster. Its checkpoints stay: the retry resumes from them.
+        self.cleanup.trial_ended(trial_name(trial), finished=False, prune=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.recorder.on_error(trial_name(trial), _error_message(trial))
-        self.reaper.trial_ended(trial_name(trial))
+        self.cleanup.trial_ended(trial_name(trial), finished=False)
 
     def on_step_end(self, iteration, trials, **info):
-        self.reaper.reap()
+        self.cleanup.run()
 
     def on_experiment_end(self, trials, **info):
         self.recorder.close()
+        self.cleanup.run(force=True)  # the trials that ended in the last seconds: their processes are gone by now
 
     def __getstate__(self):
-        return {"args": self.args, "scheduler": self.scheduler, "recorder": None, "reaper": None}
+        return {"args": self.args, "scheduler": self.scheduler, "keep_checkpoints": self.keep_checkpoints,
+                "recorder": None, "cleanup": None}

@@ -11,9 +11,8 @@ import os
 
 from raysdpb.config import TrialConfig, absolute_path
 from raysdpb.errors import UserError
-from raysdpb.recipe.checkpoint import checkpoint_step, complete_checkpoints
 from raysdpb.results.recorder import read_finished_marker
-from raysdpb.results.storage import filesystem, join, read_json, read_rows, write_json
+from raysdpb.results.storage import join, read_json, read_rows, write_json
 from raysdpb.sweep.callback import ResultsCallback, trial_name
 from raysdpb.sweep.checks import check_experiment, check_resources, max_concurrent_trials
 from raysdpb.sweep.plan import SWEEP_FORMAT, SweepPlan
@@ -22,12 +21,15 @@ from raysdpb.sweep.worker import train_worker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_sweep", "trial_driver", "connect", "localize", "prune_unregistered_checkpoints"]
+__all__ = ["run_sweep", "trial_driver", "connect", "localize"]
 
 # what each Tune trial (the Train driver) reserves: no CPU, so that the trial's CPUs are its workers'
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
-# environment variables a worker on any node needs to see as the driver does
-_PROPAGATED_ENV_PREFIXES = ("RAYSDPB_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "RAY_TRAIN_V2_ENABLED")
+# environment variables a worker on any node needs to see as the driver does: raysdpb's, the HF libraries', and
+# where an S3-compatible store is (an endpoint such as MinIO's, the region; not credentials: runtime_env variables
+# are visible to whoever sees the cluster's dashboard, so each node brings its own, an instance role on AWS)
+_PROPAGATED_ENV_PREFIXES = ("RAYSDPB_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "RAY_TRAIN_V2_ENABLED",
+                            "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "S3_ENDPOINT")
 
 
 # --- the Tune trial: a thin driver of one Train run ---------------------------------------------------------
@@ -70,12 +72,7 @@ def trial_driver(config: dict, settings: dict) -> None:
             failure_config=ray.train.FailureConfig(max_failures=settings["max_failures"]),
         ),
     )
-    try:
-        trainer.fit()
-    finally:
-        removed = prune_unregistered_checkpoints(join(experiment, "train_runs", trial_id))
-        if removed:
-            log.info("removed %d checkpoint(s) Ray Train never registered: %s", len(removed), ", ".join(removed))
+    trainer.fit()  # what the run leaves when it ends, its way or stopped by Tune: raysdpb.sweep.cleanup
 
 
 # --- the sweep: Ray, then Tune over the grid ------------------------------------------------------------------
@@ -151,13 +148,14 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
         scheduler = None
         if sweep.asha is not None:
             # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it there would
-            # end its Train run abruptly (see PlacementGroupReaper)
+            # end its Train run abruptly (see raysdpb.sweep.cleanup)
             asha = dict(time_attr=sweep.asha.time_attr, max_t=plan.max_t, grace_period=sweep.asha.grace_period,
                         reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
             # one ASHA per group of comparable trials (raysdpb.sweep.scheduler), or one over the grid (group_by: [])
             scheduler = GroupedASHA(plan.asha_groups or {p.trial_id: () for p in plan.points}, **asha)
         callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
-                                   sweep.asha.time_attr if sweep.asha else "epoch", scheduler)
+                                   sweep.asha.time_attr if sweep.asha else "epoch", scheduler,
+                                   keep_checkpoints=sweep.keep_checkpoints)
         tuner = tune.Tuner(
             trainable,
             # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid)
@@ -173,37 +171,3 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
              sweep.num_workers, plan.experiment_path)
     tuner.fit()
     return read_rows(join(plan.experiment_path, "trials.parquet"))
-
-
-def prune_unregistered_checkpoints(run_path: str) -> list[str]:
-    """Remove the checkpoint folders of a Train run that its checkpoint manager does not know (one a worker
-    uploaded just before it died, which Train never registered and so never deletes) once a newer registered
-    one supersedes them, and half-uploaded ones; so a trial keeps about `keep_checkpoints` on the storage. An
-    unregistered checkpoint newer than every registered one stays: it is what a retry resumes from (see
-    `RayTrainContext.latest_checkpoint`). Returns the removed paths."""
-    import pyarrow.fs as pafs
-
-    fs, root = filesystem(run_path)
-    snapshot = read_json(join(run_path, "checkpoint_manager_snapshot.json"))
-    if not isinstance(snapshot, dict):
-        return []
-    results = list(snapshot.get("checkpoint_results") or []) + [snapshot.get("latest_checkpoint_result") or {}]
-    registered = {r.get("checkpoint_dir_name") for r in results if isinstance(r, dict)} - {None}
-    newest_registered = max((checkpoint_step(name) for name in registered), default=-1)
-    whole = {path for _, path in complete_checkpoints(run_path)}
-    removed = []
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return []
-    for info in infos:
-        step = checkpoint_step(info.path)
-        if info.type != pafs.FileType.Directory or step < 0 or info.base_name in registered:
-            continue
-        if step < newest_registered or info.path not in whole:
-            try:
-                fs.delete_dir(info.path)
-                removed.append(info.path)
-            except OSError as err:
-                log.warning("could not remove the unregistered checkpoint %s: %s", info.path, err)
-    return removed

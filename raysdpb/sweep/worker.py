@@ -15,8 +15,8 @@ from raysdpb.config import TrialConfig
 from raysdpb.recipe.checkpoint import checkpoint_name, checkpoint_step, complete_checkpoints, mark_complete
 from raysdpb.recipe.context import WorkerContext
 from raysdpb.results.schema import SCORE_KEY
-from raysdpb.results.storage import filesystem
-from raysdpb.sweep.placement import PLACEMENT_GROUP_KEY
+from raysdpb.results.storage import download, filesystem, upload
+from raysdpb.sweep.cleanup import PLACEMENT_GROUP_KEY
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,8 @@ class RayTrainContext(WorkerContext):
         fs, where = chosen
         if isinstance(fs, pyarrow.fs.LocalFileSystem):
             path = Path(where)
-        else:
-            path = self.scratch / "restored"
-            pyarrow.fs.copy_files(where, str(path), source_filesystem=fs)
+        else:  # an object store: the checkpoint into the scratch folder
+            path = Path(download(where, self.scratch / "restored", fs))
         if (path / REPORT_FILE).exists():
             self.lineage = json.loads((path / REPORT_FILE).read_text())
             self.resumed_report = self.lineage[-1] if self.lineage else None
@@ -163,15 +162,11 @@ class RayTrainContext(WorkerContext):
 
     def _sync_tensorboard(self) -> None:
         """Copy the events and artifacts written in the scratch folder to a cloud experiment folder."""
-        import pyarrow.fs
-
         if self._remote_tensorboard and self._writer is not None:
             self._writer.flush()
-            fs, path = filesystem(self._remote_tensorboard)
-            pyarrow.fs.copy_files(str(self.tensorboard_dir), path, destination_filesystem=fs)
+            upload(self.tensorboard_dir, self._remote_tensorboard)
         if self._remote_artifacts and self.artifacts_dir is not None and self.artifacts_dir.exists():
-            fs, path = filesystem(self._remote_artifacts)
-            pyarrow.fs.copy_files(str(self.artifacts_dir), path, destination_filesystem=fs)
+            upload(self.artifacts_dir, self._remote_artifacts)
 
     def close(self) -> None:
         if self._writer is not None:
