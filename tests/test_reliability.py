@@ -460,6 +460,44 @@ def test_stored_checkpoints_whole_only_and_unregistered_ones_pruned(tmp_path):
     assert prune_unregistered_checkpoints(str(tmp_path / "nothing")) == []
 
 
+def test_a_finished_trial_keeps_its_best_checkpoints_only(tmp_path):
+    """A finished trial never trains again: of its checkpoints it keeps the `keep` that Ray Train ranks best by the
+    sweep's metric among those it registered, whatever else its run left (the latest kept for a resume, one it never
+    registered, a half-uploaded one); with no ranked one, its latest."""
+    from raysdpb.sweep.cleanup import prune_finished_checkpoints
+
+    def run_folder(name: str, metrics: dict[int, dict]) -> Path:
+        run = tmp_path / name
+        for step in (3, 6, 7, 9):
+            folder = run / checkpoint_name(step)
+            folder.mkdir(parents=True)
+            (folder / "state.pt").write_bytes(b"x" * 10)
+            mark_complete(folder)
+        (run / checkpoint_name(12)).mkdir()  # half-uploaded
+        results = [{"checkpoint_dir_name": checkpoint_name(step), "metrics": m} for step, m in metrics.items()]
+        (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({
+            "checkpoint_results": results, "latest_checkpoint_result": results[0]}))
+        return run
+
+    def left(run: Path) -> list[str]:
+        return sorted(p.name for p in run.iterdir() if p.is_dir())
+
+    registered = {7: {"train_loss": 2.37, "step": 7}, 6: {"train_loss": 2.21, "step": 6}}  # latest first, as Ray
+    run = run_folder("min", registered)
+    assert len(prune_finished_checkpoints(str(run), "train_loss", "min", keep=1)) == 4
+    assert left(run) == [checkpoint_name(6)]
+    run = run_folder("max", registered)
+    prune_finished_checkpoints(str(run), "train_loss", "max", keep=1)
+    assert left(run) == [checkpoint_name(7)]
+    run = run_folder("both", registered)
+    prune_finished_checkpoints(str(run), "train_loss", "min", keep=2)
+    assert left(run) == [checkpoint_name(6), checkpoint_name(7)]
+    run = run_folder("unranked", {7: {"step": 7}, 6: {"step": 6}})  # the metric never reported: the latest stays
+    prune_finished_checkpoints(str(run), "eval_accuracy", "max", keep=1)
+    assert left(run) == [checkpoint_name(7)]
+    assert prune_finished_checkpoints(str(tmp_path / "no-run"), "train_loss", "min", keep=1) == []
+
+
 def test_scratch_of_killed_workers_is_removed(monkeypatch, tmp_path):
     from raysdpb.sweep.worker import SCRATCH_ENV, worker_scratch
 
