@@ -76,17 +76,20 @@ def choose_trials(rows: list[dict], *, trial: str | None = None, per_method: boo
 def _best_checkpoint(run_path: str, metric: str) -> tuple[str, dict]:
     """The trial's kept checkpoint whose own report has the best `metric`, with that report."""
     from raysdpb.recipe.checkpoint import complete_checkpoints
-    from raysdpb.results.schema import is_number
+    from raysdpb.results.schema import is_number, metric_direction
     from raysdpb.results.storage import join, read_json
     from raysdpb.sweep.worker import REPORT_FILE
 
+    sign = -1.0 if metric_direction(metric) == "min" else 1.0
     candidates = []
     for step, path in complete_checkpoints(run_path):
         lineage = read_json(join(run_path, Path(path).name, REPORT_FILE)) or [{}]
         value = lineage[-1].get(metric)
-        candidates.append((is_number(value), value if is_number(value) else 0.0, step, Path(path).name, lineage[-1]))
+        scored = is_number(value)
+        candidates.append((scored, sign * value if scored else 0.0, step, Path(path).name, lineage[-1]))
     if not candidates:
         raise UserError(f"{run_path}: the trial has no whole checkpoint to export")
+    # the best score; among equal ones the latest checkpoint (the longer-trained weights)
     _, _, _, name, report = max(candidates, key=lambda c: (c[0], c[1], c[2]))
     return join(run_path, name), report
 
