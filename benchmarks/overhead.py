@@ -131,22 +131,18 @@ def build_setup(name: str, spec: dict, args) -> Setup:
     """The data and the base model, once per configuration, through the recipe's own set-up (its device, precision
     and dtype rules, its model builder)."""
     from raysdpb.data import collate, tokenize_records
-    from raysdpb.models import load_tokenizer, resolve_model
     from raysdpb.recipe import Recipe
     from raysdpb.tasks import data_dir_from, load_examples
 
     t0 = time.perf_counter()
-    proto = Recipe(trial_config(spec, args))
-    proto.setup_runtime()
+    proto = Recipe(trial_config(spec, args, seed=args.seed))
+    base = proto.load_model().to(proto.device)
     task = proto.task
-    source = resolve_model(spec["model"])
-    proto.tokenizer = load_tokenizer(source)
     records = load_examples(task, task.train_split, data_dir_from(None))
     train_size = len(records)
     # enough distinct samples for every step of the run (the overlap sampler needs at least one batch)
     n = min(len(records), max(spec["batch"] * (args.max_steps + 8) * 2, 4 * spec["batch"]))
     dataset = tokenize_records(records[:n], task.kind, proto.tokenizer, spec["length"], name=f"{name}:{task.name}")
-    base = proto.build_model(source).to(proto.device)
     params = sum(p.numel() for p in base.parameters())
     trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
     # every batch padded to exactly `length` tokens (all items are at most that long after truncation)

@@ -97,10 +97,8 @@ def _best_checkpoint(run_path: str, metric: str) -> tuple[str, dict]:
 def export_trial(experiment: str, row: dict, config: dict, out: Path, *, merge: bool = False) -> Path:
     """Write the trial's best kept checkpoint as a Hugging Face folder `out`; returns it."""
     from raysdpb.config import TrialConfig
-    from raysdpb.models import load_tokenizer, resolve_model
     from raysdpb.recipe import Recipe
     from raysdpb.recipe.checkpoint import load_state, load_trainable_state
-    from raysdpb.recipe.components import seed_everything
     from raysdpb.results.storage import download, join
 
     metric = row.get("main_metric") or "eval_accuracy"
@@ -109,11 +107,7 @@ def export_trial(experiment: str, row: dict, config: dict, out: Path, *, merge: 
         state = load_state(Path(download(checkpoint, Path(local) / "checkpoint")))
     cfg = TrialConfig.model_validate({**config, "device": "cpu", "precision": "fp32", "gradient_checkpointing": False})
     recipe = Recipe(cfg)
-    recipe.setup_runtime()
-    source = resolve_model(cfg.model, cfg.gguf_file)
-    recipe.tokenizer = load_tokenizer(source)
-    seed_everything(cfg.seed)  # as the trial did: the same weights where the model starts random (tiny-* aliases)
-    model = recipe.build_model(source)
+    model = recipe.load_model()  # as the trial built it: the same weights where it starts random
     load_trainable_state(model, state["model"])
     if cfg.lora is not None and merge:
         model = model.merge_and_unload()

@@ -85,13 +85,10 @@ class Recipe:
         """Everything from the config, in an order that draws the same random numbers every time; then the
         checkpoint to resume from, if the context has one."""
         cfg = self.cfg
-        seed_everything(cfg.seed)
-        self.setup_runtime()
-        source = resolve_model(cfg.model, cfg.gguf_file)
-        self.tokenizer = load_tokenizer(source)
+        model = self.load_model()
         self.setup_data(load_train_data(cfg, self.task, self.tokenizer),
                         load_eval_data(cfg, self.task, self.tokenizer))
-        self.setup_model(self.build_model(source))
+        self.setup_model(model)
         self.setup_loader(collate(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple_for(self.device.type)))
         self.setup_optimization()
         self.resume()
@@ -104,6 +101,16 @@ class Recipe:
         self.task = resolve_task(self.cfg)
         self.device = self.context.device(self.cfg.device)
         self.autocast, self.needs_scaler = autocast_factory(self.cfg.precision, self.device)
+
+    def load_model(self) -> torch.nn.Module:
+        """The runtime, the tokenizer and the model as the trial starts it: seeded first and built before anything
+        else draws a random number, so a model that starts random (the tiny-* aliases, a new classification head)
+        starts the same in every attempt and in `raysdpb.export`."""
+        seed_everything(self.cfg.seed)
+        self.setup_runtime()
+        source = resolve_model(self.cfg.model, self.cfg.gguf_file)
+        self.tokenizer = load_tokenizer(source)
+        return self.build_model(source)
 
     def setup_data(self, train_data: TokenizedDataset, eval_sets: list) -> None:
         self.train_data, self.eval_sets = train_data, eval_sets

@@ -35,7 +35,7 @@ class TrialCleanup:
         self.metric, self.mode, self.keep = metric, mode, keep  # how Ray Train ranks a trial's checkpoints
         self.grace_s = grace_s
         self.groups: dict[str, str] = {}       # trial id -> the hex id of the placement group its workers reported
-        self.due: list[tuple[float, str, str | None, bool | None]] = []  # (when, trial id, group, finished)
+        self.due: list[tuple[float, str, str | None, str | None]] = []  # (when, trial id, group, which prune)
 
     def seen(self, trial_id: str, result: dict) -> None:
         if result.get(PLACEMENT_GROUP_KEY):
@@ -44,23 +44,23 @@ class TrialCleanup:
     def trial_ended(self, trial_id: str, finished: bool, prune: bool = True) -> None:
         """`finished`: the trial will not train again (not an errored one, which `--resume` retries); `prune`:
         clean up its checkpoints too (not while Tune retries it at once: the retry may be uploading one)."""
-        self.due.append((time.monotonic() + self.grace_s, trial_id, self.groups.pop(trial_id, None),
-                         finished if prune else None))
+        rule = ("finished" if finished else "unregistered") if prune else None
+        self.due.append((time.monotonic() + self.grace_s, trial_id, self.groups.pop(trial_id, None), rule))
 
     def run(self, force: bool = False) -> None:
         """Clean up after the trials whose grace period is over (all of them with `force`)."""
         now = time.monotonic()
         keep = []
-        for when, trial_id, group, finished in self.due:
+        for when, trial_id, group, rule in self.due:
             if when > now and not force:
-                keep.append((when, trial_id, group, finished))
+                keep.append((when, trial_id, group, rule))
                 continue
             if group:
                 _release(group)
-            if finished is None:
+            if rule is None:
                 continue
             run_path = join(self.experiment_path, "train_runs", trial_id)
-            removed = (prune_finished_checkpoints(run_path, self.metric, self.mode, self.keep) if finished
+            removed = (prune_finished_checkpoints(run_path, self.metric, self.mode, self.keep) if rule == "finished"
                        else prune_unregistered_checkpoints(run_path))
             if removed:
                 log.info("removed %d checkpoint(s) of %s that Ray Train left: %s", len(removed), trial_id,
