@@ -197,7 +197,18 @@ class SweepConfig(_Strict):
     gpus_per_worker: float = Field(1.0, ge=0)
     max_concurrent_trials: int | None = Field(None, ge=1)
     max_failures: int = Field(1, ge=0)
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints a running (or errored) trial keeps to resume from")
+    keep_weights: int | Literal["all", "none"] = Field(
+        1, description="once trials finish, the best k of each task, model and method keep their best "
+                       "checkpoint's weights (no optimizer state) for `python -m raysdpb.export`; 'all', or "
+                       "'none' (0)")
+
+    @field_validator("keep_weights")
+    @classmethod
+    def _keep_weights(cls, value):
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be a number of trials (0 or more), 'all' or 'none'")
+        return value
     asha: AshaConfig | None = Field(default_factory=AshaConfig)
     report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
 

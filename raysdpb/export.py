@@ -98,17 +98,17 @@ def export_trial(experiment: str, row: dict, config: dict, out: Path, *, merge: 
     """Write the trial's best kept checkpoint as a Hugging Face folder `out`; returns it."""
     from raysdpb.config import TrialConfig
     from raysdpb.recipe import Recipe
-    from raysdpb.recipe.checkpoint import load_state, load_trainable_state
+    from raysdpb.recipe.checkpoint import load_trainable_state, load_weights
     from raysdpb.results.storage import download, join
 
     metric = row.get("main_metric") or "eval_accuracy"
     checkpoint, report = _best_checkpoint(join(experiment, "train_runs", row["trial_id"]), metric)
     with tempfile.TemporaryDirectory(prefix="raysdpb-export-") as local:
-        state = load_state(Path(download(checkpoint, Path(local) / "checkpoint")))
+        weights = load_weights(Path(download(checkpoint, Path(local) / "checkpoint")))
     cfg = TrialConfig.model_validate({**config, "device": "cpu", "precision": "fp32", "gradient_checkpointing": False})
     recipe = Recipe(cfg)
     model = recipe.load_model()  # as the trial built it: the same weights where it starts random
-    load_trainable_state(model, state["model"])
+    load_trainable_state(model, weights)
     if cfg.lora is not None and merge:
         model = model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,8 @@ from faults import FAULTS_ENV, Faults
 from raysdpb.config import load_trial_config
 from raysdpb.errors import UserError, run_cli
 from raysdpb.recipe import Recipe, run_trial
-from raysdpb.recipe.checkpoint import (CheckpointError, checkpoint_name, complete_checkpoints, load_state,
-                                       mark_complete, write_state)
+from raysdpb.recipe.checkpoint import (CheckpointError, checkpoint_name, complete_checkpoints, is_complete_folder,
+                                       load_state, mark_complete, write_state)
 from raysdpb.recipe.context import LocalContext
 from raysdpb.results import ResultsRecorder, TrialInfo, read_rows, remove_stale_temporaries, write_json, write_table
 from trial_configs import fault_env, small_encoder_raw, sweep_env, sweep_raw
@@ -352,7 +352,8 @@ def test_out_of_space_fails_the_trial_clearly_and_keeps_the_previous_checkpoint(
     assert "could not save the checkpoint of step 4" in message and "No space left on device" in message
     assert "previous checkpoint is intact" in message
     folders = {p.name: sorted(f.name for f in p.iterdir()) for p in (out / "checkpoints").iterdir()}
-    assert folders == {checkpoint_name(2): ["raysdpb_manifest.json", "state.pt"], checkpoint_name(4): []}
+    assert folders == {checkpoint_name(2): ["model.safetensors", "raysdpb_manifest.json", "state.pt"],
+                       checkpoint_name(4): []}
     assert load_state(out / "checkpoints" / checkpoint_name(2))["step"] == 2
 
     # the disk has room again: the trial resumes from the intact checkpoint and ends as an uninterrupted one
@@ -498,6 +499,69 @@ def test_a_finished_trial_keeps_its_best_checkpoints_only(tmp_path):
     assert prune_finished_checkpoints(str(tmp_path / "no-run"), "train_loss", "min", keep=1) == []
 
 
+def test_a_slimmed_checkpoint_keeps_its_weights_for_export_and_refuses_a_resume(tmp_path, shared_data_dir):
+    """A real trial's checkpoint (weights in model.safetensors, the rest in state.pt) slimmed as a finished trial's
+    is: the manifest is rewritten without state.pt first, so the folder stays whole; the weights load bit for bit as
+    the trial's own, through the pyarrow filesystem the sweep uses; a resume from it is one clear error. Slimming it
+    again, or a format-2 checkpoint (weights inside state.pt), frees nothing."""
+    import pyarrow.fs as pafs
+    from safetensors.torch import load_file
+
+    from raysdpb.recipe.checkpoint import MANIFEST_FILE, is_slim, load_weights, slim_checkpoint
+
+    cfg = _config(shared_data_dir, epochs=1)
+    run_trial(cfg, LocalContext(tmp_path / "run", keep=1))
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("checkpoint_step_*")
+    whole = load_state(checkpoint)
+    assert set(whole["model"]) == set(load_file(checkpoint / "model.safetensors"))
+    fs = pafs.LocalFileSystem()
+    state_size = (checkpoint / "state.pt").stat().st_size
+    assert not is_slim(fs, str(checkpoint))
+    assert slim_checkpoint(fs, str(checkpoint)) == state_size > 0
+    assert is_slim(fs, str(checkpoint)) and is_complete_folder(checkpoint)
+    assert sorted(json.loads((checkpoint / MANIFEST_FILE).read_text())) == ["model.safetensors"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", MANIFEST_FILE]
+    weights = load_weights(checkpoint)
+    assert set(weights) == set(whole["model"])
+    assert all(torch.equal(weights[k], whole["model"][k]) for k in weights)
+    with pytest.raises(UserError, match="holds only the weights of a finished trial.*exported.*not resumed"):
+        run_trial(cfg, LocalContext(tmp_path / "again", resume_from=checkpoint))
+    assert slim_checkpoint(fs, str(checkpoint)) == 0
+
+    old = tmp_path / "format2"  # raysdpb before this version: the weights inside state.pt
+    old.mkdir()
+    torch.save({**{k: v for k, v in whole.items() if k != "format"}, "format": 2}, old / "state.pt")
+    mark_complete(old)
+    assert slim_checkpoint(fs, str(old)) == 0 and (old / "state.pt").exists()
+    assert all(torch.equal(load_weights(old)[k], whole["model"][k]) for k in weights)
+    assert load_state(old)["step"] == whole["step"]
+
+
+def test_weights_to_keep_picks_the_best_k_of_each_task_model_and_method():
+    """The ranking that decides which finished trials keep their weights, against a hand-made sweep: per (task,
+    model folder name, method), by `best_<main metric>` in its own direction, ties to grid order; unfinished and
+    unscored trials are not kept (but with "all")."""
+    from raysdpb.sweep.cleanup import weights_to_keep
+
+    def row(trial_id, method, score, status="completed", task="superglue/cb", model="/m/minilm-l6",
+            metric="eval_accuracy"):
+        return {"trial_id": trial_id, "task": task, "model": model, "method": method, "status": status,
+                "main_metric": metric, f"best_{metric}": score}
+
+    rows = [row("a", "finetune", 0.6), row("b", "finetune", 0.7), row("c", "finetune", 0.7),  # b ties c: b first
+            row("d", "dynsdpb", 0.9, status="running"), row("e", "dynsdpb", 0.5, status="stopped_by_asha"),
+            row("f", "dynsdpb", 0.4, status="diverged"), row("g", "dynsdpb", None),
+            row("h", "dynsdpb", 0.8, status="errored"),
+            row("i", "finetune", 0.1, model="minilm-l6"),  # the same model by its folder name: one group with a-c
+            row("j", "finetune", 2.0, task="glue/stsb", metric="eval_loss"),  # a "min" metric
+            row("k", "finetune", 1.0, task="glue/stsb", metric="eval_loss")]
+    assert weights_to_keep(rows, 1) == {"b", "e", "k"}
+    assert weights_to_keep(rows, 2) == {"b", "c", "e", "f", "j", "k"}
+    assert weights_to_keep(rows, 10) == {"a", "b", "c", "e", "f", "i", "j", "k"}
+    assert weights_to_keep(rows, "all") == {"a", "b", "c", "e", "f", "g", "i", "j", "k"}
+    assert weights_to_keep(rows, "none") == weights_to_keep(rows, 0) == set()
+
+
 def test_scratch_of_killed_workers_is_removed(monkeypatch, tmp_path):
     from raysdpb.sweep.worker import SCRATCH_ENV, worker_scratch
 
@@ -586,6 +650,10 @@ def test_sweep_survives_a_killed_worker_and_a_diverged_trial(faulty_sweep):
     # disk: keep_checkpoints=1 per trial on the storage, and no worker's scratch folder left behind (not even
     # the killed one's), no temporary files
     assert _checkpoints_per_trial(exp) == {r["trial_id"]: 1 for r in rows}
+    # every trial finished (completed or diverged): its checkpoint is slimmed to its weights (keep_weights: all)
+    for checkpoint in exp.glob("train_runs/*/checkpoint_step_*"):
+        assert not (checkpoint / "state.pt").exists() and (checkpoint / "model.safetensors").stat().st_size > 0
+        assert is_complete_folder(checkpoint), checkpoint
     assert list(faulty_sweep.scratch.iterdir()) == []
     _no_temporaries(exp)
 

@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from raysdpb.recipe.checkpoint import checkpoint_name, complete_checkpoints, mark_complete
+from raysdpb.recipe.checkpoint import checkpoint_name, complete_checkpoints, is_slim, mark_complete
 from raysdpb.results.recorder import read_finished_marker, write_finished_marker
 from raysdpb.results.storage import exists, filesystem, join, read_json, read_rows, write_json, write_table
 from trial_configs import fault_env, sweep_env, sweep_raw
@@ -115,8 +115,11 @@ def test_a_sweep_on_s3_with_asha_and_a_killed_worker(s3, tmp_path, shared_data_d
         assert steps == sorted(set(steps)) and steps[-1] == row["steps"]  # every report once, the killed run's too
     assert any(c.get("resumed_from_step") == 3 for c in curves if c["trial_id"] == bad["trial_id"])  # on the bucket
     assert not any(c.get("resumed_from_step") for c in curves if c["trial_id"] == good["trial_id"])
-    for row in (good, bad):  # keep_checkpoints: 1, on the bucket too
-        assert len(complete_checkpoints(join(experiment, "train_runs", row["trial_id"]))) == 1
+    for row in (good, bad):  # finished: one checkpoint each (keep_weights: all), slimmed to its weights, on the bucket
+        run = join(experiment, "train_runs", row["trial_id"])
+        ((_, path),) = complete_checkpoints(run)
+        fs, _ = filesystem(run)
+        assert is_slim(fs, path) and fs.get_file_info(f"{path}/state.pt").type == pafs.FileType.NotFound
     # a stopped trial's worker dies before it can remove its scratch folder; the next worker on the node removes
     # the folders of workers that are gone (tests/test_reliability.py::test_scratch_of_killed_workers_is_removed)
     for folder in scratch.iterdir():

@@ -44,9 +44,10 @@ def _write(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-def _sweep(config: Path, *args: str, env: dict | None = None, timeout: float = 480) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(config), "-q", *args], cwd=config.parent,
-                          env=env or sweep_env(), capture_output=True, text=True, timeout=timeout)
+def _sweep(config: Path, *args: str, env: dict | None = None, timeout: float = 480,
+           quiet: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raysdpb.sweep", str(config), *(["-q"] if quiet else []), *args],
+                          cwd=config.parent, env=env or sweep_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -165,7 +166,7 @@ def test_sweep_ddp_workers_asha_and_parquet(tmp_path, shared_data_dir):
     raw = _raw(shared_data_dir, storage, "ddp", {"lr": [1e-4, 0.5]},
                sweep={"num_workers": 2, "asha": {"metric": "train_loss", "mode": "min", "grace_period": 1,
                                                   "reduction_factor": 2}})
-    out = _sweep(_write(tmp_path, raw))
+    out = _sweep(_write(tmp_path, raw), quiet=False)  # the default console (raysdpb.sweep.console)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "best trial per method by train_loss (min)" in out.stdout
     exp = storage / "ddp"
@@ -188,6 +189,24 @@ def test_sweep_ddp_workers_asha_and_parquet(tmp_path, shared_data_dir):
             "best_eval_accuracy", "last_eval_accuracy", "best_train_loss", "last_alpha_mean", "last_tau_mean",
             "last_worker_node_id"} <= set(columns)
 
+    # the console: a line per trial event and the sweep's summary; none of Tune's tables, Ray Train's per-report
+    # lines or the workers' logs
+    lines = out.stdout.splitlines()
+    events = [line for line in lines if line.startswith("[")]
+    for row in (good, bad):
+        mine = [line.split("] ", 1)[1] for line in events if f"] {row['trial_id']} " in line]
+        assert mine[0] == f"{row['trial_id']} ({row['label']}) started", mine
+        assert len(mine) == row["epochs_run"] + 2, mine  # started, each epoch's report, how it ended
+        for epoch, line in enumerate(mine[1:-1], 1):
+            assert line.startswith(f"{row['trial_id']} epoch {epoch} step ") and ": train_loss=" in line, mine
+    assert f"] {good['trial_id']} completed: ran all 2 epochs" in out.stdout
+    assert f"] {bad['trial_id']} stopped by ASHA: {bad['stop_reason']}" in out.stdout
+    assert events[-1].endswith(" elapsed") and "2/2 done (1 stopped by ASHA) | 0 running | 0 pending |" in events[-1]
+    assert f"best train_loss: dynsdpb {good['best_train_loss']:.4g}" in events[-1]
+    for noise in ("Trial status", "Reporting training result", "Checkpoint successfully created", "INFO"):
+        assert noise not in out.stdout + out.stderr
+    assert len(lines) < 25, out.stdout
+
     curves = _rows(exp / "curves.parquet")
     assert sorted((c["trial_id"], c["epoch"]) for c in curves) == sorted(
         [(good["trial_id"], 1), (good["trial_id"], 2), (bad["trial_id"], 1)])
@@ -200,9 +219,16 @@ def test_sweep_ddp_workers_asha_and_parquet(tmp_path, shared_data_dir):
     for row in (good, bad):
         assert list((exp / "tensorboard" / row["trial_id"]).glob("events.out.tfevents.*"))
         assert list((exp / row["trial_id"]).glob("events.out.tfevents.*"))
-    # keep_checkpoints=1: one checkpoint left per trial, the one ASHA stopped too (raysdpb.sweep.cleanup)
-    for row in (good, bad):
-        assert len(list((exp / "train_runs" / row["trial_id"]).glob("checkpoint_step_*"))) == 1
+    # lean storage (raysdpb.sweep.cleanup), keep_weights at its default of 1: both trials finished (one completed,
+    # one stopped by ASHA) and share task, model and method, so only the better by the task's main metric (ties: the
+    # first in grid order, `good`) keeps a checkpoint, its best by the sweep's metric, slimmed to its weights
+    main = f"best_{good['main_metric']}"
+    winner, loser = (good, bad) if good[main] >= bad[main] else (bad, good)
+    kept = list((exp / "train_runs" / winner["trial_id"]).glob("checkpoint_step_*"))
+    assert len(kept) == 1 and not list((exp / "train_runs" / loser["trial_id"]).glob("checkpoint_step_*"))
+    assert sorted(f.name for f in kept[0].iterdir()) == ["model.safetensors", "raysdpb_manifest.json",
+                                                         "raysdpb_report.json"]
+    assert json.loads((kept[0] / "raysdpb_report.json").read_text())[-1]["train_loss"] == winner["best_train_loss"]
 
 
 def _free_port() -> int:
@@ -502,3 +528,22 @@ def test_a_decoder_sweep_saves_its_predictions_and_the_before_score(tmp_path, sh
         assert {"output", "prediction", "reference", "correct"} <= set(predictions[0])
     last = [json.loads(line) for line in files[-1].read_text().splitlines()]
     assert sum(p["correct"] for p in last) / 4 == row["last_eval_exact_match"]
+
+
+def test_the_console_summary_line_counts_trials_and_estimates_the_time_left():
+    """`sweep_line` against a hand-made sweep: 3 of 6 trials done (one stopped by ASHA, one errored), 2 running,
+    1 pending; trials that took 100, 200 and 120 s from start to end, 2 at a time: 3 left less half of the 2
+    running = 2 trials of the mean 140 s, over 2 at a time = 140 s."""
+    from raysdpb.sweep.console import format_duration, sweep_line
+
+    def row(method, status, score=None):
+        return {"method": method, "status": status, "best_eval_accuracy": score}
+
+    rows = [row("finetune", "completed", 0.70), row("dynsdpb", "stopped_by_asha", 0.60), row("dynsdpb", "errored"),
+            row("dynsdpb", "running", 0.75), row("finetune", "running", 0.5), row("finetune", "pending")]
+    line = sweep_line(rows, "eval_accuracy", "max", elapsed_s=3725.0, concurrent=2, durations=[100.0, 200.0, 120.0])
+    assert line == ("3/6 done (1 stopped by ASHA, 1 errored) | 2 running | 1 pending | best eval_accuracy: dynsdpb "
+                    "0.75, finetune 0.7 | 1h02m elapsed | ~2m20s left")
+    assert format_duration(59.9) == "0m59s" and format_duration(7200) == "2h00m"
+    # nothing ended yet in this run: no estimate
+    assert sweep_line(rows[-1:], "eval_accuracy", "max", 5.0, 1) == "0/1 done | 0 running | 1 pending | 0m05s elapsed"

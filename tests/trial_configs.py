@@ -30,13 +30,16 @@ def small_encoder_raw(data_dir, **overrides) -> dict:
 def sweep_raw(data_dir, storage, name, search, sweep=None, **trial) -> dict:
     """A sweep YAML's mapping over the small encoder trial (2 epochs at lr 1e-4, an evaluation and a checkpoint
     every 3 steps, diverged after 3 non-finite losses in a row): `search` as given, one 1-CPU worker per trial,
-    one checkpoint kept, one retry, no ASHA; `sweep` overrides that block, `trial` the trial's keys."""
+    one checkpoint kept, one retry, no ASHA, every finished trial's best weights kept (`keep_weights: all`, so
+    that each trial's storage is one checkpoint whatever the ranking); `sweep` overrides that block, `trial` the
+    trial's keys."""
     raw = small_encoder_raw(data_dir, epochs=2, lr=1e-4, max_nonfinite_steps=3, eval_every_steps=3)
     raw.pop("progress_bar")
     raw.update(trial)
     raw["search"] = search
     raw["sweep"] = {"name": name, "storage_path": str(storage), "num_workers": 1, "cpus_per_worker": 1,
-                    "keep_checkpoints": 1, "max_failures": 1, "asha": None, **(sweep or {})}
+                    "keep_checkpoints": 1, "keep_weights": "all", "max_failures": 1, "asha": None,
+                    **(sweep or {})}
     return raw
 
 

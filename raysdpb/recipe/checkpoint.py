@@ -1,17 +1,20 @@
 """Trial checkpoints: what a checkpoint folder holds, how it is written, and when it is whole.
 
-A checkpoint is a folder `checkpoint_step_<step:08d>` holding `state.pt` (the `Recipe.state_dict()`: the
-trainable weights only, so a LoRA checkpoint holds the adapter and not the base model; the optimizer; the
-scheduler; the sampler position; each rank's logit cache, RNG states and running sums; the loop counters;
-the trial's config) and, written last, `raysdpb_manifest.json`: the size of every other file. A folder is a
+A checkpoint is a folder `checkpoint_step_<step:08d>` holding `model.safetensors` (the trainable weights only, so
+a LoRA checkpoint holds the adapter and not the base model), `state.pt` (the rest of `Recipe.state_dict()`: the
+optimizer; the scheduler; the sampler position; each rank's logit cache, RNG states and running sums; the loop
+counters; the trial's config) and, written last, `raysdpb_manifest.json`: the size of every other file. A
+finished trial's checkpoint may be *slimmed* to its weights (`slim_checkpoint`: `state.pt` dropped, the manifest
+rewritten first): it can still be exported (`load_weights`), no longer resumed. A folder is a
 checkpoint only when its files have the sizes its manifest records (`is_complete`, the one rule for local
-folders and object stores alike, where a half-uploaded folder can look whole). `state.pt` is written to a
+folders and object stores alike, where a half-uploaded folder can look whole). Each file is written to a
 temporary file, flushed to disk and renamed, so a failure while saving (a full disk, say) leaves no
 half-written checkpoint and the previous one intact; it is raised as `CheckpointError`, a `UserError` (the
 trial stops with one clear line saying where and why, no traceback).
 
-`state.pt` holds plain data (tensors, dicts, lists, numbers) and a `format` number: a checkpoint of another
-format (one written by an older raysdpb) is refused with one clear message, never half-loaded.
+`state.pt` holds plain data (tensors, dicts, lists, numbers) and a `format` number: a checkpoint of format 2 (the
+weights inside `state.pt`) still loads; one of another format (written by an older raysdpb) is refused with one
+clear message, never half-loaded.
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ import torch
 from raysdpb.errors import UserError
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_PREFIX", "STATE_FILE", "MANIFEST_FILE", "CheckpointError",
-           "checkpoint_name", "checkpoint_step", "write_state", "mark_complete", "is_complete", "is_complete_folder",
-           "complete_checkpoints",
-           "load_state", "rng_state", "set_rng_state", "trainable_state_dict", "load_trainable_state",
+           "WEIGHTS_FILE", "checkpoint_name", "checkpoint_step", "write_state", "mark_complete", "is_complete",
+           "is_complete_folder", "complete_checkpoints", "slim_checkpoint", "is_slim",
+           "load_state", "load_weights", "rng_state", "set_rng_state", "trainable_state_dict", "load_trainable_state",
            "RESUME_MUST_MATCH", "check_resume_config"]
 
-CHECKPOINT_FORMAT = 2  # 1: raysdpb before the recipe (pickled loop objects, no format key)
+CHECKPOINT_FORMAT = 3  # 1: raysdpb before the recipe (pickled loop objects, no format key); 2: weights in state.pt
+READABLE_FORMATS = (2, 3)
 CHECKPOINT_PREFIX = "checkpoint_step_"
 STATE_FILE = "state.pt"
+WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "raysdpb_manifest.json"
 
 
@@ -59,22 +64,28 @@ def checkpoint_step(path: str | Path) -> int:
 # --- writing ------------------------------------------------------------------------------------------------
 
 def write_state(path: Path, state: dict) -> Path:
-    """Write `state` as `path/state.pt` (via a temporary file, fsynced, renamed). Raises `CheckpointError`
-    (nothing of the new checkpoint is left behind). The folder is not a checkpoint until `mark_complete`."""
+    """Write `state` as `path/model.safetensors` (`state["model"]`, the trainable weights) and `path/state.pt` (the
+    rest), each via a temporary file, fsynced, renamed. Raises `CheckpointError` (nothing of the new checkpoint is
+    left behind). The folder is not a checkpoint until `mark_complete`."""
+    from safetensors.torch import save as safetensors_bytes
+
     path = Path(path)
-    tmp = path / f"{STATE_FILE}.tmp"
+    state = dict(state)
+    weights = state.pop("model", None)
+    written = []
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if weights is not None:
+            data = safetensors_bytes({k: v.contiguous() for k, v in weights.items()})
+            written.append(_write_file(path, WEIGHTS_FILE, lambda f: f.write(data)))
         # through a Python file object: a full disk then raises OSError(ENOSPC); torch.save(state, a_path)
         # raises an opaque RuntimeError from its C++ writer instead
-        with open(tmp, "wb") as f:
-            torch.save({**state, "format": CHECKPOINT_FORMAT}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / STATE_FILE)
+        written.append(_write_file(path, STATE_FILE,
+                                   lambda f: torch.save({**state, "format": CHECKPOINT_FORMAT}, f)))
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        (path / STATE_FILE).unlink(missing_ok=True)
+        for name in (WEIGHTS_FILE, STATE_FILE):
+            (path / f"{name}.tmp").unlink(missing_ok=True)
+            (path / name).unlink(missing_ok=True)
         if not isinstance(err, OSError):
             raise
         reason = err.strerror or str(err)
@@ -83,6 +94,16 @@ def write_state(path: Path, state: dict) -> Path:
                               f"{todo} (or write checkpoints elsewhere: --output-dir, sweep.storage_path); the "
                               "previous checkpoint is intact") from err
     return path
+
+
+def _write_file(folder: Path, name: str, write) -> Path:
+    tmp = folder / f"{name}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / name)
+    return folder / name
 
 
 def mark_complete(path: Path) -> None:
@@ -132,23 +153,71 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, str]]:
     return sorted((step, path) for step, path in found if is_complete(fs, path))
 
 
+def is_slim(fs, path: str) -> bool:
+    """Whether a checkpoint holds its weights only (slimmed: it can be exported, not resumed)."""
+    sizes = _manifest(fs, path)
+    return WEIGHTS_FILE in sizes and STATE_FILE not in sizes
+
+
+def _manifest(fs, path: str) -> dict:
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as f:
+            sizes = json.loads(f.read().decode())
+    except (OSError, ValueError):
+        return {}
+    return sizes if isinstance(sizes, dict) else {}
+
+
+def slim_checkpoint(fs, path: str) -> int:
+    """Drop the training state (`state.pt`: optimizer, sampler, caches, RNG) of the whole checkpoint `path` on the
+    pyarrow filesystem `fs`, keeping its weights and reports: the manifest is rewritten without it first, so a
+    crash in between leaves a whole (slim) checkpoint and at worst an unlisted file. Returns the bytes freed (0
+    for a checkpoint already slim, one of format 2, whose weights are inside state.pt, or one not whole)."""
+    sizes = _manifest(fs, path)
+    if STATE_FILE not in sizes or WEIGHTS_FILE not in sizes or not is_complete(fs, path):
+        return 0
+    kept = {name: size for name, size in sizes.items() if name != STATE_FILE}
+    with fs.open_output_stream(f"{path}/{MANIFEST_FILE}") as f:
+        f.write(json.dumps(kept, sort_keys=True).encode())
+    fs.delete_file(f"{path}/{STATE_FILE}")
+    return int(sizes[STATE_FILE])
+
+
 def _older(path: Path, why: str) -> UserError:
+    formats = ", ".join(map(str, READABLE_FORMATS))
     return UserError(f"the checkpoint {path} was written by an older raysdpb ({why}); this version reads checkpoint "
-                     f"format {CHECKPOINT_FORMAT} only: start the trial again (a new --output-dir, or a new "
-                     "sweep.name), or resume it with the raysdpb version that wrote it")
+                     f"formats {formats} only: start the trial again (a new --output-dir, or a new sweep.name), or "
+                     "resume it with the raysdpb version that wrote it")
 
 
 def load_state(path: Path) -> dict:
-    """The state a checkpoint folder holds; a `UserError` for one written in another format."""
+    """The state a checkpoint folder holds, its weights under "model"; a `UserError` for one written in another
+    format, or slimmed to its weights (a finished trial's: it cannot be resumed)."""
     path = Path(path)
+    if not (path / STATE_FILE).exists() and (path / WEIGHTS_FILE).exists():
+        raise UserError(f"the checkpoint {path} holds only the weights of a finished trial (the sweep dropped its "
+                        "training state, sweep.keep_weights): it can be exported (python -m raysdpb.export), not "
+                        "resumed; start the trial again to train it further")
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as err:  # it pickled classes this version no longer has
         raise _older(path, f"it refers to {err}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         found = state.get("format", 1) if isinstance(state, dict) else "unknown"
         raise _older(path, f"format {found}")
+    if state["format"] >= 3 and (path / WEIGHTS_FILE).exists():
+        state["model"] = load_weights(path)
     return state
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of a checkpoint folder, whole or slimmed (or of format 2)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / WEIGHTS_FILE).exists():
+        return load_file(str(path / WEIGHTS_FILE))
+    return load_state(path)["model"]
 
 
 # --- the pieces of a state ----------------------------------------------------------------------------------

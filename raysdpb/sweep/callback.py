@@ -40,17 +40,19 @@ class ResultsCallback(Callback):
     """Forwards Tune's trial events to a `ResultsRecorder` (the Parquet files). Tune pickles it into the
     experiment state; the rows are not pickled, `setup` reloads them from the Parquet files on `--resume`."""
 
+    keep_weights: int | str = 1  # (a sweep pickled before this setting existed resumes with the default)
+
     def __init__(self, experiment_path: str, trials: list[TrialInfo], metric: str, mode: str, time_attr: str,
-                 scheduler=None, keep_checkpoints: int = 1):
+                 scheduler=None, keep_checkpoints: int = 1, keep_weights: int | str = 1):
         self.args = (experiment_path, trials, metric, mode, time_attr)
-        self.keep_checkpoints = keep_checkpoints
+        self.keep_checkpoints, self.keep_weights = keep_checkpoints, keep_weights
         self.scheduler = scheduler  # the sweep's ASHA: pickled with this callback, so the same object on resume
         self.recorder: ResultsRecorder | None = None
         self.cleanup: TrialCleanup | None = None
 
     def setup(self, **info):
         experiment_path, trials, metric, mode, time_attr = self.args
-        self.cleanup = TrialCleanup(experiment_path, metric, mode, self.keep_checkpoints)
+        self.cleanup = TrialCleanup(experiment_path, metric, mode, self.keep_checkpoints, self.keep_weights)
         self.recorder = ResultsRecorder(experiment_path, trials, metric=metric, mode=mode, time_attr=time_attr)
         self.recorder.load()
         self.recorder.write()
@@ -88,12 +90,14 @@ class ResultsCallback(Callback):
         self.cleanup.trial_ended(trial_name(trial), finished=False)
 
     def on_step_end(self, iteration, trials, **info):
-        self.cleanup.run()
+        self.cleanup.run(self.recorder.trial_rows)
 
     def on_experiment_end(self, trials, **info):
         self.recorder.close()
-        self.cleanup.run(force=True)  # the trials that ended in the last seconds: their processes are gone by now
+        # the trials that ended in the last seconds (their processes are gone by now), and every finished trial
+        # down to the weights the sweep keeps
+        self.cleanup.finish(self.recorder.trial_rows)
 
     def __getstate__(self):
         return {"args": self.args, "scheduler": self.scheduler, "keep_checkpoints": self.keep_checkpoints,
-                "recorder": None, "cleanup": None}
+                "keep_weights": self.keep_weights, "recorder": None, "cleanup": None}

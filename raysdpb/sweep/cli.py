@@ -10,6 +10,7 @@ import os
 import sys
 
 from raysdpb.config import load_experiment
+from raysdpb.errors import UserError
 from raysdpb.results.recorder import format_table
 from raysdpb.results.schema import best_per_method
 from raysdpb.results.storage import join
@@ -39,14 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, the local data files and the models, print the trials of the grid "
                         "and exit (no Ray)")
-    p.add_argument("-q", "--quiet", action="store_true", help="less output from Tune")
+    p.add_argument("-q", "--quiet", action="store_true", help="nothing while it runs: the final table and paths only")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also Tune's status tables and the trials' own output (Ray Train's, the libraries' logs)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # options may come between overrides
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    if args.quiet and args.verbose:
+        raise UserError("-q and -v: choose one (-q: the final table only; -v: everything Ray and Tune print)")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:
+        for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     experiment = load_experiment(args.config, args.overrides)
     plan = plan_sweep(experiment, source=args.config)
     cluster = bool(os.environ.get("RAY_ADDRESS") or plan.sweep.address)
@@ -64,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from raysdpb.sweep.driver import connect, run_sweep
 
-    connect(os.environ.get("RAY_ADDRESS") or plan.sweep.address)
+    connect(os.environ.get("RAY_ADDRESS") or plan.sweep.address, worker_logs=args.verbose)
     try:
-        rows = run_sweep(plan, resume=args.resume, source=args.config, verbose=0 if args.quiet else 1)
+        rows = run_sweep(plan, resume=args.resume, source=args.config, verbose=0 if args.quiet else 2 if args.verbose
+                         else 1)
     finally:
         ray.shutdown()
     print(summary(rows, plan.metric, plan.mode), flush=True)

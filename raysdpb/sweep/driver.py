@@ -15,6 +15,7 @@ from raysdpb.results.recorder import read_finished_marker
 from raysdpb.results.storage import join, read_json, read_rows, write_json
 from raysdpb.sweep.callback import ResultsCallback, trial_name
 from raysdpb.sweep.checks import check_experiment, check_resources, max_concurrent_trials
+from raysdpb.sweep.console import ConsoleCallback
 from raysdpb.sweep.plan import SWEEP_FORMAT, SweepPlan
 from raysdpb.sweep.scheduler import GroupedASHA
 from raysdpb.sweep.worker import train_worker
@@ -77,15 +78,19 @@ def trial_driver(config: dict, settings: dict) -> None:
 
 # --- the sweep: Ray, then Tune over the grid ------------------------------------------------------------------
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, worker_logs: bool = True) -> None:
+    """Connect to the Ray cluster at `address`, or start a local Ray. `worker_logs`: forward the output of the
+    trials' processes (Ray Train's controllers and workers, the libraries they load) to this console; without it
+    Ray's own INFO lines are hidden too (the sweep's console reports the trials' events)."""
     import ray
 
     env = {k: v for k, v in os.environ.items() if k.startswith(_PROPAGATED_ENV_PREFIXES)}
-    runtime_env = {"env_vars": env} if env else None
+    options = {"runtime_env": {"env_vars": env} if env else None, "log_to_driver": worker_logs,
+               "logging_level": logging.INFO if worker_logs else logging.WARNING}
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         try:
-            context = ray.init(address=address, runtime_env=runtime_env)
+            context = ray.init(address=address, **options)
         except ConnectionError as err:
             raise UserError(f"could not connect to the Ray cluster at {address!r} ({err}); start it "
                             "(`ray up cluster.yaml`, `ray start --head`) or unset RAY_ADDRESS / sweep.address "
@@ -93,7 +98,7 @@ def connect(address: str | None) -> None:
     else:
         log.info("starting a local Ray instance")
         # "local": a new instance, never a cluster some earlier `ray start` left recorded in /tmp/ray
-        context = ray.init(address="local", runtime_env=runtime_env)
+        context = ray.init(address="local", **options)
     if not getattr(context, "dashboard_url", None):
         log.warning("the Ray dashboard is not running (pip install 'ray[default]'): Ray Train's placement-group "
                     "cleaner cannot see stopped trials, so each trial ASHA stops leaves an idle Ray process "
@@ -116,12 +121,18 @@ def localize(config: TrialConfig) -> dict:
 
 
 def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>", verbose: int = 1) -> list[dict]:
-    """Run (or resume) the sweep on the connected Ray; returns the rows of trials.parquet."""
+    """Run (or resume) the sweep on the connected Ray; returns the rows of trials.parquet. `verbose`: 0 prints
+    nothing while it runs, 1 a line per trial event and a periodic summary (`raysdpb.sweep.console`), 2 also
+    Tune's status tables."""
     import ray
     from ray import tune
 
     # a diverged trial's last report may lack the metric
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if verbose < 2:
+        # Tune's new output engine prints its experiment box and a TensorBoard line for its own driver artifacts
+        # even when silent; the legacy engine at verbosity 0 prints nothing (raysdpb.sweep.console reports)
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     nodes = ray.nodes()
     check_resources(plan.sweep, nodes, source)
     concurrent = max_concurrent_trials(plan.sweep, nodes)
@@ -155,7 +166,10 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
             scheduler = GroupedASHA(plan.asha_groups or {p.trial_id: () for p in plan.points}, **asha)
         callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
                                    sweep.asha.time_attr if sweep.asha else "epoch", scheduler,
-                                   keep_checkpoints=sweep.keep_checkpoints)
+                                   keep_checkpoints=sweep.keep_checkpoints, keep_weights=sweep.keep_weights)
+        callbacks = [callback]  # first: the others read the trials' states it records
+        if verbose >= 1:
+            callbacks.append(ConsoleCallback(callback, plan.metric, plan.mode, concurrent))
         tuner = tune.Tuner(
             trainable,
             # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid)
@@ -165,9 +179,10 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
                                         trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=sweep.name, storage_path=plan.storage_path,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                      callbacks=[callback], verbose=verbose),
+                                      callbacks=callbacks, verbose=1 if verbose >= 2 else 0),
         )
-    log.info("%d trials, at most %d at a time, %d worker(s) each; results in %s", len(plan.points), concurrent,
-             sweep.num_workers, plan.experiment_path)
+    if verbose >= 1:
+        print(f"raysdpb: {'resuming ' if resume else ''}{len(plan.points)} trials, at most {concurrent} at a time, "
+              f"{sweep.num_workers} worker(s) each; results in {plan.experiment_path}", flush=True)
     tuner.fit()
     return read_rows(join(plan.experiment_path, "trials.parquet"))
