@@ -1,0 +1,107 @@
+"""benchmarks/asha_replay.py: ASHA's decisions replayed on hand-made fully-run grids whose decisions are worked out
+by hand from ASHA's rule (Ray Tune's AsyncHyperBand: at each rung, a trial is stopped when its score is below the
+(1 - 1/reduction) quantile of the scores recorded there before it; rungs at grace * reduction^k below max_t)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPLAY = Path(__file__).resolve().parents[1] / "benchmarks" / "asha_replay.py"
+
+
+@pytest.fixture(scope="module")
+def asha_replay():
+    spec = importlib.util.spec_from_file_location("asha_replay", REPLAY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["asha_replay"] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def _grid(scores: dict[str, list[float]], seconds_per_epoch: float = 10.0):
+    """trials.parquet and curves.parquet rows: one report per epoch, `score` as given."""
+    trials = [{"trial_id": t, "status": "completed", "method": "dynsdpb", "task": "superglue/cb"} for t in scores]
+    curves = [{"trial_id": t, "epoch": float(e), "step": 4 * e, "score": s, "time_total_s": seconds_per_epoch * e}
+              for t, values in scores.items() for e, s in enumerate(values, 1)]
+    return trials, curves
+
+
+# A at rung 1 (epoch 1) is alone: continues. B: 0.4 < A's 0.5: stopped at epoch 1, though it ends the best (0.95).
+# C: 0.8 >= median(0.5, 0.4) = 0.45, then at rung 2 (epoch 2) 0.8 >= A's 0.6: runs to the end. D: 0.45 < median(0.5,
+# 0.4, 0.8) = 0.5: stopped. Run: 3 + 1 + 3 + 1 = 8 of 12 epochs (saved 1/3). ASHA's sweep picks C (0.8, more than
+# A's 0.7; B's only report was 0.4); the grid's best is B (0.95): regret 0.15, 3 of 20 validation examples.
+HAND = {"A": [0.5, 0.6, 0.7], "B": [0.4, 0.9, 0.95], "C": [0.8, 0.8, 0.8], "D": [0.45, 0.6, 0.65]}
+
+
+def test_replay_takes_asha_s_decisions_in_a_sequential_sweep(asha_replay):
+    trials, curves = _grid(HAND)
+    result = asha_replay.replay(trials, curves, grace=1, reduction=2, concurrent=1,
+                                eval_examples={"all": 20})
+    assert result.stopped_at == {"B": 1.0, "D": 1.0}
+    (group,) = result.groups
+    assert (group.trials, group.stopped, group.compute_run, group.compute_full) == (4, 2, 8.0, 12.0)
+    assert result.saved == pytest.approx(1 / 3)
+    assert (group.chosen, group.chosen_score, group.best, group.best_score) == ("C", 0.8, "B", 0.95)
+    assert group.regret == pytest.approx(0.15) and group.regret_examples == pytest.approx(3.0)
+    # with reduction 4 the cutoff is the 75th percentile: B (0.4 < 0.5) and D (0.45 < 0.65) stopped too, C passes
+    assert asha_replay.replay(trials, curves, grace=1, reduction=4, concurrent=1).stopped_at == {"B": 1.0, "D": 1.0}
+    # grace 2: the first rung is at epoch 2 (one rung below max_t 3), where B (0.9 > A's 0.6) survives and D (0.6
+    # < median(0.6, 0.9, 0.8) = 0.8) is stopped: the grid's best is kept, regret 0
+    late = asha_replay.replay(trials, curves, grace=2, reduction=2, concurrent=1)
+    assert late.stopped_at == {"D": 2.0} and late.max_regret == 0.0 and late.groups[0].chosen == "B"
+    assert late.saved == pytest.approx(1 / 12)
+
+
+def test_replay_follows_the_order_reports_arrive_in_with_concurrent_trials(asha_replay):
+    """Two at a time: A and B start at 0 and both report epoch 1 at 10 s; A (first in grid order) fills rung 1 first
+    and B (0.4 < 0.5) is stopped there, freeing its slot at 10 s: C starts at 10 s and reaches rung 1 at 20 s.
+    Trials that report slower arrive later: with B twice as fast as A, B reaches rung 1 alone and is not stopped,
+    while A (0.5 >= 0.4) passes too."""
+    trials, curves = _grid(HAND)
+    result = asha_replay.replay(trials, curves, grace=1, reduction=2, concurrent=2)
+    assert result.stopped_at == {"B": 1.0, "D": 1.0}
+    for row in curves:
+        if row["trial_id"] == "B":
+            row["time_total_s"] /= 2
+    assert "B" not in asha_replay.replay(trials, curves, grace=1, reduction=2, concurrent=2).stopped_at
+
+
+def test_replay_keeps_groups_apart_and_handles_diverged_and_min_metrics(asha_replay):
+    """A group's rungs never see another group's scores; a trial with fewer reports (it diverged) ends where it
+    did; with mode min the lower score is the better."""
+    trials, curves = _grid({"A": [0.5, 0.6, 0.7], "B": [0.4, 0.9, 0.95], "X": [0.1, 0.2, 0.3], "Y": [0.05]})
+    groups = {"A": "g1", "B": "g1", "X": "g2", "Y": "g2"}
+    result = asha_replay.replay(trials, curves, grace=1, reduction=2, group_of=groups)
+    # B is stopped by A's 0.5 in g1; X's 0.1 (g2) would stop A and B, but is not in their rungs. Y's 0.05 is below
+    # X's 0.1, but it was Y's last report (it diverged there): nothing was saved by stopping it
+    assert result.stopped_at == {"B": 1.0}
+    g2 = next(g for g in result.groups if g.group == "g2")
+    assert (g2.compute_full, g2.chosen, g2.regret) == (4.0, "X", 0.0)  # Y's one report: 1 epoch in both runs
+    losses = {"A": [0.5, 0.4, 0.3], "B": [0.6, 0.2, 0.1]}
+    trials, curves = _grid(losses)
+    low = asha_replay.replay(trials, curves, grace=1, reduction=2, mode="min")
+    assert low.stopped_at == {"B": 1.0} and low.groups[0].best == "B" and low.groups[0].chosen == "A"
+    assert low.max_regret == pytest.approx(0.2)
+
+
+def test_the_command_reads_an_experiment_folder_and_writes_its_json(asha_replay, tmp_path, capsys):
+    trials, curves = _grid(HAND)
+    experiment = tmp_path / "grid"
+    experiment.mkdir()
+    pq.write_table(pa.Table.from_pylist(trials), experiment / "trials.parquet")
+    pq.write_table(pa.Table.from_pylist(curves), experiment / "curves.parquet")
+    out = tmp_path / "replay.json"
+    assert asha_replay.main([str(experiment), "--grace", "1", "2", "--reduction", "2", "--concurrent", "1",
+                             "--group-by", "method", "--eval-examples", "20", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split()[:4] == ["1", "2", "33.3%", "0.1500"] and "(3.00 examples)" in printed[1]
+    assert printed[2].split()[:4] == ["2", "2", "8.3%", "0.0000"]
+    saved = json.loads(out.read_text())
+    assert [(r["grace"], r["stopped_at"]) for r in saved] == [(1.0, {"B": 1.0, "D": 1.0}), (2.0, {"D": 2.0})]
