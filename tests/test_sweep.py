@@ -531,9 +531,9 @@ def test_a_decoder_sweep_saves_its_predictions_and_the_before_score(tmp_path, sh
 
 
 def test_the_console_summary_line_counts_trials_and_estimates_the_time_left():
-    """`sweep_line` against a hand-made sweep: 3 of 6 trials done (one stopped by ASHA, one errored), 2 running,
-    1 pending; trials that took 100, 200 and 120 s from start to end, 2 at a time: 3 left less half of the 2
-    running = 2 trials of the mean 140 s, over 2 at a time = 140 s."""
+    """`sweep_line` against a hand-made sweep: 3 of 6 trials done (one stopped by ASHA, one errored), 2 running
+    (for 40 s and 200 s), 1 pending; trials that took 100, 200 and 120 s from start to end (mean 140 s), 2 at a
+    time: (140 - 40) + 0 (past the mean) + 140 for the pending one = 240 s of work, over 2 at a time = 120 s."""
     from raysdpb.sweep.console import format_duration, sweep_line
 
     def row(method, status, score=None):
@@ -541,9 +541,10 @@ def test_the_console_summary_line_counts_trials_and_estimates_the_time_left():
 
     rows = [row("finetune", "completed", 0.70), row("dynsdpb", "stopped_by_asha", 0.60), row("dynsdpb", "errored"),
             row("dynsdpb", "running", 0.75), row("finetune", "running", 0.5), row("finetune", "pending")]
-    line = sweep_line(rows, "eval_accuracy", "max", elapsed_s=3725.0, concurrent=2, durations=[100.0, 200.0, 120.0])
+    line = sweep_line(rows, "eval_accuracy", "max", elapsed_s=3725.0, concurrent=2, durations=[100.0, 200.0, 120.0],
+                      running_for=[40.0, 200.0])
     assert line == ("3/6 done (1 stopped by ASHA, 1 errored) | 2 running | 1 pending | best eval_accuracy: dynsdpb "
-                    "0.75, finetune 0.7 | 1h02m elapsed | ~2m20s left")
+                    "0.75, finetune 0.7 | 1h02m elapsed | ~2m00s left")
     assert format_duration(59.9) == "0m59s" and format_duration(7200) == "2h00m"
     # nothing ended yet in this run: no estimate
     assert sweep_line(rows[-1:], "eval_accuracy", "max", 5.0, 1) == "0/1 done | 0 running | 1 pending | 0m05s elapsed"

@@ -34,10 +34,11 @@ def _value(value) -> str:
 
 
 def sweep_line(rows: list[dict], metric: str, mode: str, elapsed_s: float, concurrent: int,
-               durations: list[float] = ()) -> str:
+               durations: list[float] = (), running_for: list[float] = ()) -> str:
     """One line on the sweep: trials done (and how), running, pending; the best so far of each method; elapsed and
     the time left, estimated from `durations` (seconds from start to end of the trials that ended in this run, as
-    the driver saw them: set-up included) and the trials that can run at once."""
+    the driver saw them: set-up included), how long the running trials have run (`running_for`) and the trials
+    that can run at once."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
@@ -51,8 +52,10 @@ def sweep_line(rows: list[dict], metric: str, mode: str, elapsed_s: float, concu
     parts.append(f"{format_duration(elapsed_s)} elapsed")
     left = len(rows) - done
     if durations and left:
-        # the running trials are about half-way on average; the rest start as slots free up
-        estimate = sum(durations) / len(durations) * (left - counts.get("running", 0) / 2) / max(concurrent, 1)
+        # a running trial takes the mean trial's time, less what it has run; the rest start as slots free up
+        mean = sum(durations) / len(durations)
+        work = sum(max(mean - age, 0.0) for age in running_for) + (left - len(running_for)) * mean
+        estimate = work / max(concurrent, 1)
         parts.append(f"~{format_duration(estimate)} left")
     return " | ".join(parts)
 
@@ -129,8 +132,9 @@ class ConsoleCallback(Callback):
     def _summary(self) -> None:
         self._last_summary = time.monotonic()
         rows = self.results.recorder.trial_rows()
-        self._print(sweep_line(rows, self.metric, self.mode, time.monotonic() - self._start, self.concurrent,
-                               self._durations))
+        now = time.monotonic()
+        self._print(sweep_line(rows, self.metric, self.mode, now - self._start, self.concurrent, self._durations,
+                               [now - started for started in self._started.values()]))
 
     def __getstate__(self):
         return {**self.__dict__, "stream": None}
