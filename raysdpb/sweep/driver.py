@@ -156,6 +156,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
         callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
                                    sweep.asha.time_attr if sweep.asha else "epoch", scheduler,
                                    keep_checkpoints=sweep.keep_checkpoints)
+        from raysdpb.sweep.trackers import tracker_callbacks  # MLflow, W&B (sweep.loggers); pickled for --resume
         tuner = tune.Tuner(
             trainable,
             # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid)
@@ -165,7 +166,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
                                         trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=sweep.name, storage_path=plan.storage_path,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                                      callbacks=[callback], verbose=verbose),
+                                      callbacks=[callback, *tracker_callbacks(plan)], verbose=verbose),
         )
     log.info("%d trials, at most %d at a time, %d worker(s) each; results in %s", len(plan.points), concurrent,
              sweep.num_workers, plan.experiment_path)
