@@ -66,7 +66,7 @@ class MlflowConfig(_Strict):
     """An MLflow tracking server or store (raysdpb.trackers)."""
 
     tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else MLflow's own default "
-                                                       "(a local store in the working folder)")
+                                                       "(MLflow 3: mlflow.db in the working folder)")
     experiment_name: str | None = Field(None, description="default: the sweep's name (python -m raysdpb.train: "
                                                           "'raysdpb')")
 

@@ -24,8 +24,9 @@ from raysdpb.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_installed", "MlflowSettings", "WandbSettings", "mlflow_settings", "wandb_settings",
-           "tracked_params", "numeric_metrics", "LocalTrackers", "open_local_trackers", "EXTRA", "STATE_FILE"]
+__all__ = ["check_installed", "check_wandb_login", "MlflowSettings", "WandbSettings", "mlflow_settings",
+           "wandb_settings", "tracked_params", "numeric_metrics", "LocalTrackers", "open_local_trackers", "EXTRA",
+           "STATE_FILE"]
 
 # the pip extra that installs every tracker's package (pyproject.toml)
 EXTRA = "trackers"
@@ -50,6 +51,18 @@ def check_installed(loggers: list[str], key: str, source: str = "<config>") -> N
             raise UserError(f"{source}: {key}: logger {name!r} needs the {module} package, which is not installed "
                             f"({err}); install it with pip install 'raysdpb[{EXTRA}]' (or pip install {module}), "
                             f"or remove {name} from {key}") from None
+
+
+def check_wandb_login(settings: "WandbSettings", key: str, source: str = "<config>") -> None:
+    """Online W&B needs an API key ($WANDB_API_KEY, or one `wandb login` saved); checked without the network, so
+    that a sweep without one stops before Ray starts instead of when its first trial does."""
+    if settings.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    import wandb
+
+    if not wandb.login(prompt=False, verify=False):
+        raise UserError(f"{source}: {key}: W&B is online but has no API key: set WANDB_API_KEY or run `wandb login`, "
+                        f"or log offline ({key}.mode: offline, or WANDB_MODE=offline) and upload with `wandb sync`")
 
 
 # --- settings: the config, else the tracker's environment variables -----------------------------------------
@@ -219,4 +232,6 @@ def open_local_trackers(config: TrialConfig, output_dir: str | Path, *, resume: 
     if config.loggers == ["tensorboard"]:
         return None
     check_installed(config.loggers, "loggers", source)
+    if "wandb" in config.loggers:
+        check_wandb_login(wandb_settings(config.wandb, "raysdpb", None), "wandb", source)
     return LocalTrackers(config, output_dir, resume=resume)

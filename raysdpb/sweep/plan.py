@@ -14,7 +14,7 @@ from raysdpb.results.schema import SCORE_KEY, TRAIN_METRICS, eval_metric_keys, m
 from raysdpb.results.storage import join
 from raysdpb.sweep.grid import TrialPoint, expand, flatten_config
 from raysdpb.sweep.scheduler import group_key
-from raysdpb.trackers import check_installed
+from raysdpb.trackers import check_installed, check_wandb_login, wandb_settings
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
         raise UserError(f"{source}: sweep: a sweep needs a `sweep:` block with at least `name:` "
                         "(see sweeps/quickstart.yaml)")
     check_installed(sweep.loggers, "sweep.loggers", source)  # before Ray starts: Tune's callbacks need them
+    if "wandb" in sweep.loggers:
+        check_wandb_login(wandb_settings(sweep.wandb, sweep.name, sweep.name), "sweep.wandb", source)
     if experiment.trial.loggers != ["tensorboard"] or "loggers" in experiment.search:
         log.warning("%s: loggers: the trial's loggers are python -m raysdpb.train's; a sweep logs to "
                     "sweep.loggers (%s)", source, ", ".join(sweep.loggers))

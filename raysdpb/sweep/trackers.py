@@ -17,7 +17,9 @@ What they log, in both trackers:
 in the experiment's `tuner.pkl`), so a resumed sweep logs to the trackers it started with, with the same
 settings. Each trial goes on in its run: MLflow's is found again by its tags (the trial id and a random id of
 this sweep, made when it started), W&B's has an id of the same two (`resume="allow"`). The reports a resumed
-trial sends again (`replayed`, see `raysdpb.sweep.worker`) are logged only where the run lacks their step.
+trial sends again (`replayed`, see `raysdpb.sweep.worker`) go to MLflow only where the run lacks their step, and
+to W&B, which keeps a step once per run (online, a resumed run drops the steps below its last; offline, each
+attempt is a folder of its own, and W&B may not have written a killed attempt's last records).
 """
 
 from __future__ import annotations
@@ -48,12 +50,15 @@ def tracker_callbacks(plan: SweepPlan) -> list:
     """The Tune callbacks of the trackers `sweep.loggers` names besides TensorBoard (the workers write that)."""
     sweep = plan.sweep
     labels = {p.trial_id: p.label for p in plan.points}
+    # this sweep among others of the same name (one deleted and started again): pickled with the callbacks, so the
+    # same when the sweep resumes
+    sweep_uid = uuid.uuid4().hex
     callbacks: list = []
     if "mlflow" in sweep.loggers:
-        callbacks.append(SweepMLflowCallback(plan.experiment_path, sweep.name, labels,
+        callbacks.append(SweepMLflowCallback(plan.experiment_path, sweep.name, sweep_uid, labels,
                                              mlflow_settings(sweep.mlflow, sweep.name)))
     if "wandb" in sweep.loggers:
-        callbacks.append(SweepWandbCallback(plan.experiment_path, sweep.name, labels,
+        callbacks.append(SweepWandbCallback(plan.experiment_path, sweep.name, sweep_uid, labels,
                                             wandb_settings(sweep.wandb, sweep.name, sweep.name)))
     return callbacks
 
@@ -77,8 +82,9 @@ class SweepMLflowCallback(MLflowLoggerCallback):
     """Ray's MLflow callback, with a run per trial named by its id that a resumed sweep finds again, the trial's
     whole config as parameters, and each report at the trial's step in one request (`log_batch`)."""
 
-    def __init__(self, experiment_path: str, sweep_name: str, labels: dict[str, str], settings: MlflowSettings):
-        self.sweep_uid = uuid.uuid4().hex  # pickled with the callback: the same when the sweep resumes
+    def __init__(self, experiment_path: str, sweep_name: str, sweep_uid: str, labels: dict[str, str],
+                 settings: MlflowSettings):
+        self.sweep_uid = sweep_uid
         super().__init__(tracking_uri=settings.tracking_uri, experiment_name=settings.experiment_name,
                          tags={"raysdpb.sweep": sweep_name, "raysdpb.experiment_path": experiment_path,
                                "raysdpb.sweep_uid": self.sweep_uid})
@@ -102,7 +108,8 @@ class SweepMLflowCallback(MLflowLoggerCallback):
         return runs[0].info.run_id if runs else None
 
     def log_trial_start(self, trial):
-        if trial in self._trial_runs:  # the same trial started again (a retry)
+        if trial in self._trial_runs:  # the same trial started again (Tune retrying it): its run goes on
+            self.client.update_run(self._trial_runs[trial], status="RUNNING")
             return
         trial_id = trial_name(trial)
         run_id = self._find_run(trial_id)
@@ -165,8 +172,9 @@ class SweepWandbCallback(WandbLoggerCallback):
 
     _logger_actor_cls = _StepLoggingActor
 
-    def __init__(self, experiment_path: str, sweep_name: str, labels: dict[str, str], settings: WandbSettings):
-        self.sweep_uid = uuid.uuid4().hex  # pickled with the callback: the same when the sweep resumes
+    def __init__(self, experiment_path: str, sweep_name: str, sweep_uid: str, labels: dict[str, str],
+                 settings: WandbSettings):
+        self.sweep_uid = sweep_uid
         init = {"entity": settings.entity, "mode": settings.mode,
                 "dir": settings.dir or (experiment_path if "://" not in experiment_path else None)}
         super().__init__(project=settings.project, group=settings.group,
@@ -174,7 +182,6 @@ class SweepWandbCallback(WandbLoggerCallback):
         self.experiment_path = experiment_path
         self.sweep_name = sweep_name
         self.labels = labels
-        self.logged_steps: dict[str, set[int]] = {}
 
     def setup(self, *args, **kwargs):
         if self.kwargs.get("mode") == "online":  # Ray checks for an API key; offline and disabled need none
@@ -190,19 +197,9 @@ class SweepWandbCallback(WandbLoggerCallback):
             **{"id": f"{trial_id}-{self.sweep_uid[:8]}", "name": trial_id, "resume": "allow",
                "reinit": "finish_previous", "allow_val_change": True, "group": self.group, "project": self.project,
                "config": config, **self.kwargs})
-        self.logged_steps.setdefault(trial_id, set())
 
     def log_trial_result(self, iteration: int, trial, result: dict):
-        trial_id = trial_name(trial)
-        row, step, replayed = _report(trial_id, result)
-        if replayed and step in self.logged_steps.get(trial_id, ()):
-            return
+        # a report sent again goes to W&B again, which keeps a step once per run: online, a resumed run drops the
+        # steps below its last one; offline, the resumed attempt's folder holds them (the killed attempt's may not)
+        row, step, _ = _report(trial_name(trial), result)
         super().log_trial_result(iteration, trial, {**row, "step": step})
-        self.logged_steps.setdefault(trial_id, set()).add(step)
-
-    # the steps logged, kept with Tune's experiment state: a resumed sweep does not log a replayed report again
-    def get_state(self):
-        return {"logged_steps": {k: sorted(v) for k, v in self.logged_steps.items()}}
-
-    def set_state(self, state):
-        self.logged_steps = {k: set(v) for k, v in state.get("logged_steps", {}).items()}
