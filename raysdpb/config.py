@@ -22,6 +22,7 @@ from raysdpb.errors import UserError
 
 __all__ = [
     "TrialConfig", "LoraConfig", "CustomTaskConfig", "SweepConfig", "AshaConfig", "ExperimentConfig",
+    "MlflowConfig", "WandbConfig", "LOGGERS", "TRACKER_KEYS",
     "load_experiment", "load_trial_config", "apply_overrides", "parse_overrides",
 ]
 
@@ -55,6 +56,37 @@ class CustomTaskConfig(_Strict):
         if "train" not in files:
             raise ValueError("custom_task.files needs a 'train' entry")
         return files
+
+
+# where a run's metrics go: TensorBoard always (the report reads its events), MLflow and Weights & Biases on request
+LOGGERS = ("tensorboard", "mlflow", "wandb")
+
+
+class MlflowConfig(_Strict):
+    """An MLflow tracking server or store (raysdpb.trackers)."""
+
+    tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else MLflow's own default "
+                                                       "(MLflow 3: mlflow.db in the working folder)")
+    experiment_name: str | None = Field(None, description="default: the sweep's name (python -m raysdpb.train: "
+                                                          "'raysdpb')")
+
+
+class WandbConfig(_Strict):
+    """A Weights & Biases project (raysdpb.trackers)."""
+
+    project: str | None = Field(None, description="default: the sweep's name (python -m raysdpb.train: 'raysdpb')")
+    entity: str | None = Field(None, description="default: the account's default entity")
+    group: str | None = Field(None, description="default: the sweep's name (python -m raysdpb.train: none)")
+    mode: Literal["online", "offline", "disabled"] | None = Field(None, description="default $WANDB_MODE, "
+                                                                                    "else online")
+
+
+def _loggers(names: list[str]) -> list[str]:
+    """The loggers asked for, known ones only, TensorBoard first and always (the report reads its events)."""
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ValueError(f"unknown logger(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(LOGGERS)}")
+    return list(dict.fromkeys(["tensorboard", *names]))
 
 
 class TrialConfig(_Strict):
@@ -115,6 +147,16 @@ class TrialConfig(_Strict):
     output_dir: str | None = Field(None, description="local mode: TensorBoard events and checkpoints; "
                                                        "default runs/<name>")
     progress_bar: bool = True
+    # local mode (python -m raysdpb.train): a sweep logs through sweep.loggers, sweep.mlflow and sweep.wandb
+    loggers: list[str] = Field(default_factory=lambda: ["tensorboard"],
+                               description="local mode: where metrics go besides TensorBoard (mlflow, wandb)")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, names: list[str]) -> list[str]:
+        return _loggers(names)
 
     @model_validator(mode="after")
     def _check(self) -> "TrialConfig":
@@ -155,7 +197,10 @@ class TrialConfig(_Strict):
 
 # trial keys that do not change what is trained: where things lie, how progress shows, what memory it takes
 # (left out of the trial id, raysdpb.sweep.grid, and of a report's configuration columns, raysdpb.report.tables)
-NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing"})
+NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "loggers", "mlflow",
+                        "wandb"})
+# the trial keys that say where a local run's metrics go (a sweep's are in its `sweep:` block)
+TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 
 
 # ASHA's default groups: one method on one task with one model of one depth (see raysdpb/sweep/scheduler.py)
@@ -211,6 +256,15 @@ class SweepConfig(_Strict):
         return value
     asha: AshaConfig | None = Field(default_factory=AshaConfig)
     report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
+    loggers: list[str] = Field(default_factory=lambda: ["tensorboard"],
+                               description="where the trials' metrics go: tensorboard (always), mlflow, wandb")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, names: list[str]) -> list[str]:
+        return _loggers(names)
 
 
 class ExperimentConfig(_Strict):
@@ -356,7 +410,7 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
-        for cand in (LoraConfig, CustomTaskConfig, AshaConfig, SweepConfig):
+        for cand in (LoraConfig, CustomTaskConfig, AshaConfig, SweepConfig, MlflowConfig, WandbConfig):
             if annotation is cand or (annotation is not None and cand in getattr(annotation, "__args__", ())):
                 model = cand
     keys = list(model.model_fields)

@@ -3,7 +3,8 @@
     python -m raysdpb.train CONFIG [key=value ...] [--output-dir DIR] [--resume latest|CHECKPOINT_DIR]
 
 A searched key (`search:` in the config) takes its first value unless overridden. TensorBoard events and
-checkpoints go to `output_dir` (default `runs/<task>_<model>_<method>_seed<seed>`). The last line of
+checkpoints go to `output_dir` (default `runs/<task>_<model>_<method>_seed<seed>`); `loggers: [mlflow, wandb]`
+also logs the run to MLflow and Weights & Biases (`raysdpb.trackers`). The last line of
 stdout is the final evaluation as one JSON object (`eval_<metric>`, `method`, `task`, `seed`, `status`).
 Importing this module loads no Ray.
 """
@@ -46,9 +47,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from raysdpb.recipe import run_trial
     from raysdpb.recipe.context import LocalContext
+    from raysdpb.trackers import open_local_trackers
 
-    context = LocalContext(output_dir, resume_from=args.resume, keep=args.keep_checkpoints)
-    result = run_trial(config, context)
+    context = LocalContext(output_dir, resume_from=args.resume, keep=args.keep_checkpoints)  # may refuse the folder
+    trackers = context.trackers = open_local_trackers(config, output_dir, resume=args.resume is not None,
+                                                      source=args.config)
+    try:
+        result = run_trial(config, context)
+    except BaseException as err:
+        if trackers is not None:
+            trackers.finish("interrupted" if isinstance(err, KeyboardInterrupt) else "failed")
+        raise
+    if trackers is not None:
+        trackers.finish(result.status)
     print(result.summary_line(config), flush=True)
     if result.status == "diverged":
         print(f"raysdpb: trial diverged: {result.message}", file=sys.stderr)

@@ -113,12 +113,14 @@ class LocalContext(WorkerContext):
     """One process on one device; checkpoints under `output_dir/checkpoints`, events under `output_dir/tensorboard`.
 
     `resume_from` restores a checkpoint folder (or the newest in `output_dir/checkpoints` with "latest").
-    `keep` bounds how many checkpoints stay on disk.
+    `keep` bounds how many checkpoints stay on disk. `trackers` (`raysdpb.trackers.LocalTrackers`, set where the
+    config asks for MLflow or W&B) get every step scalar and every report too.
     """
 
     def __init__(self, output_dir: str | Path, resume_from: str | Path | None = None, keep: int = 2) -> None:
         self.output_dir = Path(output_dir)
         super().__init__(self.output_dir / "tensorboard", self.output_dir)
+        self.trackers = None
         self.checkpoints = self.output_dir / "checkpoints"
         self.resume_from = resume_from
         self.keep = keep
@@ -135,8 +137,15 @@ class LocalContext(WorkerContext):
                             f"{earlier[-1].name}); continue it with --resume latest, or start this run in "
                             "another --output-dir (or delete that folder)")
 
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        super().log_scalars(step, scalars)
+        if self.trackers is not None:
+            self.trackers.log_metrics(step, scalars)
+
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         self.reports.append(dict(metrics))
+        if self.trackers is not None:
+            self.trackers.log_metrics(int(metrics.get("step", 0)), metrics)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
                  if k.startswith("eval_") or k in ("epoch", "step")}
         log.info("report %s", json.dumps(shown))

@@ -5,8 +5,9 @@
 The modules, in the order a sweep uses them: `grid` (the search block as trial configs with stable ids),
 `plan` (metric, ASHA, storage: no Ray), `checks` (data, models, resources, the experiment folder),
 `driver` (Ray, Tune, and each trial's `TorchTrainer`), `scheduler` (ASHA per group of comparable trials),
-`worker` (the recipe on a Ray Train worker), `callback` (Tune's events into Parquet), `cleanup` (what ended
-trials leave: placement groups, checkpoints Ray Train did not delete), `cli`.
+`worker` (the recipe on a Ray Train worker), `callback` (Tune's events into Parquet), `trackers` (MLflow and
+W&B through Tune's logger callbacks, `sweep.loggers`), `cleanup` (what ended trials leave: placement groups,
+checkpoints Ray Train did not delete), `cli`.
 
 * Ray: the cluster at `$RAY_ADDRESS` or `sweep.address` ("auto" or host:port) when set, else a local Ray
   instance with this machine's CPUs and GPUs.

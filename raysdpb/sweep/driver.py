@@ -167,9 +167,12 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
         callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
                                    sweep.asha.time_attr if sweep.asha else "epoch", scheduler,
                                    keep_checkpoints=sweep.keep_checkpoints, keep_weights=sweep.keep_weights)
+        from raysdpb.sweep.trackers import tracker_callbacks  # MLflow, W&B (sweep.loggers); pickled for --resume
+
         callbacks = [callback]  # first: the others read the trials' states it records
         if verbose >= 1:
             callbacks.append(ConsoleCallback(callback, plan.metric, plan.mode, concurrent))
+        callbacks += tracker_callbacks(plan)
         tuner = tune.Tuner(
             trainable,
             # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid)

@@ -3,9 +3,10 @@ from the validated config (no Ray), so `--dry-run` and the tests can look at it 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from raysdpb.config import ExperimentConfig, SweepConfig, TrialConfig, absolute_path
+from raysdpb.config import TRACKER_KEYS, ExperimentConfig, SweepConfig, TrialConfig, absolute_path
 from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
 from raysdpb.results.recorder import TrialInfo
@@ -13,6 +14,9 @@ from raysdpb.results.schema import SCORE_KEY, TRAIN_METRICS, eval_metric_keys, m
 from raysdpb.results.storage import join
 from raysdpb.sweep.grid import TrialPoint, expand, flatten_config
 from raysdpb.sweep.scheduler import group_key
+from raysdpb.trackers import check_installed, check_wandb_login, wandb_settings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SweepPlan", "plan_sweep", "planned_epochs", "describe_asha", "SWEEP_FORMAT"]
 
@@ -39,8 +43,13 @@ class SweepPlan:
         # what each trial holds, for the report's cost table (GPU-hours)
         gpus = self.sweep.num_workers * self.sweep.gpus_per_worker if self.sweep.use_gpu else 0.0
         held = {"gpus_per_trial": float(gpus), "cpus_per_trial": self.sweep.num_workers * self.sweep.cpus_per_worker}
-        return [TrialInfo(p.trial_id, p.label, flatten_config(p.config) | held, planned_epochs(p.config),
+        # (without the local-mode tracker keys: a sweep's trackers are the sweep's, sweep.loggers)
+        return [TrialInfo(p.trial_id, p.label, _config_columns(p.config) | held, planned_epochs(p.config),
                           main_metric=self.score_metrics.get(p.trial_id)) for p in self.points]
+
+
+def _config_columns(config: TrialConfig) -> dict:
+    return {k: v for k, v in flatten_config(config).items() if k.split(".")[0] not in TRACKER_KEYS}
 
 
 def planned_epochs(config: TrialConfig) -> int:
@@ -70,6 +79,12 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     if sweep is None:
         raise UserError(f"{source}: sweep: a sweep needs a `sweep:` block with at least `name:` "
                         "(see sweeps/quickstart.yaml)")
+    check_installed(sweep.loggers, "sweep.loggers", source)  # before Ray starts: Tune's callbacks need them
+    if "wandb" in sweep.loggers:
+        check_wandb_login(wandb_settings(sweep.wandb, sweep.name, sweep.name), "sweep.wandb", source)
+    if experiment.trial.loggers != ["tensorboard"] or "loggers" in experiment.search:
+        log.warning("%s: loggers: the trial's loggers are python -m raysdpb.train's; a sweep logs to "
+                    "sweep.loggers (%s)", source, ", ".join(sweep.loggers))
     points = expand(experiment, report_every_steps=sweep.report_every_steps)
     for point in points:
         if point.config.device == "cuda" and not sweep.use_gpu:
