@@ -158,6 +158,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import transformers
+
+    # the base model's load report (its new classifier head, before the trial's weights go in) and the shard
+    # progress bars say nothing about the export
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from raysdpb.report.load import resolve
 
     experiment = resolve(args.experiment)
