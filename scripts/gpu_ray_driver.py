@@ -63,6 +63,7 @@ PROFILES = {
 GOOD_LR, BAD_LR = 1e-4, 0.5
 # what a sweep's stderr says when Ray's dashboard (its state API: Ray Train's placement-group cleaner) did not start
 DASHBOARD_DOWN = ("Failed to start the dashboard", "the Ray dashboard is not running")
+RAY_DID_NOT_START = "The current node timed out during startup"
 
 
 # --- here: the files that travel ----------------------------------------------------------------------------------
@@ -158,28 +159,52 @@ def sweep_env(probe_dir: Path, faults: list[dict] | None = None) -> dict:
 
 def run_sweep(name: str, raw: dict, work: Path, env: dict, limit_s: float) -> dict:
     """`python -m raysdpb.sweep` on `raw` in its own process group, killed (the group) after `limit_s`; not started
-    with under a minute left."""
+    with under a minute left. A sweep whose local Ray did not start (`RAY_DID_NOT_START`: its raylet gave up
+    waiting for the dashboard agent, seen on a 2-core CPU under a load of 27) is run once more if time allows; the
+    first attempt's output is kept as `<name>.attempt1.err` and counted in `ray_start_failures`."""
     import yaml
 
+    started = time.monotonic()
+    experiment = Path(raw["sweep"]["storage_path"]) / name
     if limit_s < 60:
         print(f"== sweep {name}: not run, {max(limit_s, 0):.0f} s left before the deadline", flush=True)
         return {"rc": None, "timed_out": True, "wall_s": 0.0, "not_run": "deadline reached",
-                "experiment": str(Path(raw["sweep"]["storage_path"]) / name)}
-
+                "experiment": str(experiment)}
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     print(f"== sweep {name}: {len(_grid(raw))} trial(s), limit {limit_s:.0f} s", flush=True)
-    start = time.monotonic()
-    with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], cwd=work, env=env,
-                                stdout=out, stderr=err, start_new_session=True)
+    failures = 0
+    while True:
+        left = limit_s - (time.monotonic() - started)
+        rc, timed_out = _run_logged([sys.executable, "-m", "raysdpb.sweep", str(config), "-q"], work, env, left,
+                                    logs / f"{name}.out", logs / f"{name}.err")
+        err_text = (logs / f"{name}.err").read_text()
+        if rc and RAY_DID_NOT_START in err_text and not (experiment / "grid.json").exists() and failures == 0 \
+                and limit_s - (time.monotonic() - started) > 120:
+            failures += 1
+            (logs / f"{name}.err").rename(logs / f"{name}.attempt1.err")
+            print(f"== sweep {name}: Ray did not start ({RAY_DID_NOT_START}); once more", flush=True)
+            continue
+        break
+    wall = time.monotonic() - started
+    tail = (logs / f"{name}.out").read_text()[-1500:]
+    print(f"== sweep {name}: exit {rc}{' (time limit)' if timed_out else ''} after {wall:.0f} s\n{tail}", flush=True)
+    if rc:
+        print(err_text[-3000:], flush=True)
+    return {"rc": rc, "timed_out": timed_out, "wall_s": round(wall, 1), "experiment": str(experiment),
+            "ray_start_failures": failures, "dashboard": not any(line in err_text for line in DASHBOARD_DOWN)}
+
+
+def _run_logged(command: list[str], cwd: Path, env: dict, limit_s: float, out: Path, err: Path) -> tuple[int, bool]:
+    """Run `command` in a new process group with stdout and stderr into files; after `limit_s` the group is ended
+    (SIGTERM, then SIGKILL). Returns (exit status, whether the limit ended it)."""
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
         try:
-            rc = proc.wait(timeout=max(limit_s, 1))
-            timed_out = False
+            return proc.wait(timeout=max(limit_s, 1)), False
         except subprocess.TimeoutExpired:
-            timed_out = True
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
                     os.killpg(proc.pid, sig)
@@ -190,16 +215,7 @@ def run_sweep(name: str, raw: dict, work: Path, env: dict, limit_s: float) -> di
                     break
                 except subprocess.TimeoutExpired:
                     continue
-            rc = proc.returncode
-    wall = time.monotonic() - start
-    tail = (logs / f"{name}.out").read_text()[-1500:]
-    print(f"== sweep {name}: exit {rc}{' (time limit)' if timed_out else ''} after {wall:.0f} s\n{tail}", flush=True)
-    if rc:
-        print((logs / f"{name}.err").read_text()[-3000:], flush=True)
-    err_text = (logs / f"{name}.err").read_text()
-    return {"rc": rc, "timed_out": timed_out, "wall_s": round(wall, 1),
-            "experiment": str(Path(raw["sweep"]["storage_path"]) / name),
-            "dashboard": not any(line in err_text for line in DASHBOARD_DOWN)}
+            return proc.returncode, True
 
 
 def _grid(raw: dict) -> list:
@@ -467,25 +483,32 @@ def run(assets: Path, out: Path, device: str, deadline_s: float | None, work: Pa
         summary["sweeps"]["ddp"] = {"skipped": why, "problems": []}
 
     summary["total_s"] = round(time.monotonic() - started, 1)
-    failed = failed_checks(summary)
-    summary["failed_checks"] = failed
+    summary["failed_checks"] = failed_checks(summary)
     write_summary(out / "summary.json", summary)
     pack(out, work)
+    print("\n".join(verdict_lines(summary)) + f"\n(details: {out}/summary.json)")
+    return summary["failed_checks"]
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """The closing lines: each sweep's verdict, then a line per trial (status, steps, median step time, device,
+    precision), then the count of failed checks."""
+    lines = []
     for name, sweep in summary["sweeps"].items():
+        reasons = (([f"exit {sweep['rc']}"] if sweep.get("rc") else []) + ([sweep["not_run"]] if sweep.get("not_run")
+                                                                           else []) + sweep["problems"][:5])
         verdict = ("skipped: " + sweep["skipped"] if sweep.get("skipped") else
-                   "FAILED: " + "; ".join(([f"exit {sweep['rc']}"] if sweep.get("rc") else [])
-                                          + ([sweep["not_run"]] if sweep.get("not_run") else [])
-                                          + sweep["problems"][:5]) if failed(sweep) else "ok")
-        print(f"== {name}: {verdict}")
+                   "FAILED: " + "; ".join(reasons) if failed(sweep) else "ok")
+        lines.append(f"== {name}: {verdict}")
     for name, trials in summary["trials"].items():
         for t in trials:
             w = t["workers"][-1] if t["workers"] else {}
             step = t["step_time_median_s"]
-            print(f"   {name:7s} {t['label']:40s} {t['status']:16s} steps {t['steps']!s:>4} "
-                  f"step {step * 1000 if step else float('nan'):7.1f} ms  {w.get('device')} "
-                  f"{w.get('autocast_dtype') or 'fp32'}")
-    print(f"== gpu ray check: {failed} failed check(s) in {summary['total_s']:.0f} s; {out}/summary.json")
-    return failed
+            lines.append(f"   {name:7s} {t['label']:30s} {t['status']:16s} steps {t['steps']!s:>4}  step "
+                         f"{step * 1000 if step else float('nan'):7.1f} ms  {w.get('device')} "
+                         f"{w.get('autocast_dtype') or 'fp32'}")
+    lines.append(f"== gpu ray check: {summary['failed_checks']} failed check(s) in {summary['total_s']:.0f} s")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

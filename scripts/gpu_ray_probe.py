@@ -25,7 +25,9 @@ from faults import FaultyRecipe
 
 PROBE_ENV = "RAYSDPB_PROBE_DIR"
 RECIPE = "gpu_ray_probe:ProbeRecipe"
-WRITE_EVERY_STEPS = 25  # a worker killed mid-trial leaves what it had measured up to then
+# written after each report and every few steps: a worker killed mid-trial (by a fault, or by Tune when ASHA stops
+# its trial) leaves what it had measured up to then
+WRITE_EVERY_STEPS = 10
 
 
 def step_time_stats(starts: list[float], gap_factor: float = 5.0) -> dict:
@@ -76,6 +78,10 @@ class ProbeRecipe(FaultyRecipe):
             return super().train()
         finally:
             self._write()
+
+    def report(self, *args, **kwargs) -> None:
+        self._write()  # before the report that may get the trial stopped
+        super().report(*args, **kwargs)
 
     def probe(self) -> dict:
         device = self.device

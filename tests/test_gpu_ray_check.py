@@ -223,6 +223,16 @@ def test_the_summary_json_and_its_failed_check_count(tmp_path):
     assert driver.failed_checks(summary) == 1
     summary["sweeps"]["grid"]["problems"] = ["ASHA stopped no trial"]
     assert driver.failed_checks(summary) == 2
+    summary["sweeps"]["resume"]["not_run"] = "deadline reached"
+    summary.update(failed_checks=driver.failed_checks(summary), total_s=412.0)
+    summary["trials"]["grid"][0].update(label="lr=0.5,method=dynsdpb", status="stopped_by_asha", steps=7,
+                                        workers=[{"device": "cuda:0", "autocast_dtype": "bfloat16"}])
+    lines = driver.verdict_lines(summary)
+    assert lines[0] == "== grid: FAILED: ASHA stopped no trial"
+    assert lines[1] == "== resume: FAILED: exit 1; deadline reached" and lines[2] == "== ddp: skipped: 1 GPU(s)"
+    assert lines[3].split() == ["grid", "lr=0.5,method=dynsdpb", "stopped_by_asha", "steps", "7", "step", "12.0",
+                                "ms", "cuda:0", "bfloat16"]
+    assert lines[-1] == "== gpu ray check: 2 failed check(s) in 412 s"
     path = tmp_path / "summary.json"
     driver.write_summary(path, {**summary, "date": driver.datetime(2026, 12, 6)})
     back = json.loads(path.read_text())
@@ -240,6 +250,25 @@ def test_travel_size_counts_the_tree_and_the_carried_folder(tmp_path):
     size = driver.travel_size([Path(".gpu_ray")], root=tmp_path)
     assert size["tree_mib"] == pytest.approx(1.0, abs=0.01)  # the ignored folder is not counted twice
     assert size["carried_mib"][".gpu_ray"] == pytest.approx(3.0) and size["total_mib"] == pytest.approx(4.0, abs=0.01)
+
+
+def test_a_command_past_its_limit_is_ended_with_its_whole_process_group(tmp_path):
+    child = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {child}; echo started; wait"
+    start = driver.time.monotonic()
+    rc, timed_out = driver._run_logged(["bash", "-c", script], tmp_path, dict(os.environ), 2.0,
+                                       tmp_path / "out", tmp_path / "err")
+    assert timed_out and rc != 0 and driver.time.monotonic() - start < 20
+    assert (tmp_path / "out").read_text() == "started\n"
+    stat = Path(f"/proc/{int(child.read_text())}/stat")
+    for _ in range(50):  # the background sleep went with the group: gone, or a zombie until its new parent reaps it
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        driver.time.sleep(0.1)
+    else:
+        pytest.fail(f"the group's background process is still running: {stat.read_text()}")
+    assert driver._run_logged(["bash", "-c", "exit 3"], tmp_path, dict(os.environ), 10, tmp_path / "o",
+                              tmp_path / "e") == (3, False)
 
 
 # --- the script's modes -------------------------------------------------------------------------------------------
