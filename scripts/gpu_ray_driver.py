@@ -51,7 +51,7 @@ TRAVEL_MARGIN_MIB = 2.0
 PROFILES = {
     "cuda": {"shape": None, "trial": {"max_length": 128, "batch_size": 8, "eval_batch_size": 32},
              "sweep": {"use_gpu": True, "cpus_per_worker": 2, "gpus_per_worker": 0.3},
-             "resume_trial": {"max_train_samples": 96}, "limits": {"grid": 240, "resume": 150, "ddp": 150},
+             "resume_trial": {"max_train_samples": 48}, "limits": {"grid": 240, "resume": 150, "ddp": 150},
              "deadline_s": 420},
     "cpu": {"shape": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
             "trial": {"max_length": 32, "batch_size": 8, "eval_batch_size": 16, "max_train_samples": 32,
@@ -146,6 +146,25 @@ def sweep_config(name: str, profile: dict, assets: Path, model: Path, storage: P
     raw["sweep"] = {"name": name, "storage_path": str(storage), "num_workers": 1, "keep_checkpoints": 1,
                     "max_failures": 1, "asha": None, **profile["sweep"], **(sweep or {})}
     return raw
+
+
+def grid_config(profile: dict, assets: Path, model: Path, storage: Path) -> dict:
+    """The grid: lr 1e-4 then 0.5 (the outer key, so grid order puts the three good trials first) x the methods,
+    three at a time, ASHA on train_loss per method."""
+    return sweep_config("grid", profile, assets, model, storage,
+                        {"lr": [GOOD_LR, BAD_LR], "method": ["finetune", "random_dlb", "dynsdpb"]},
+                        sweep={"max_concurrent_trials": 3, "asha": {"metric": "train_loss", "mode": "min",
+                                                                    "grace_period": 1, "reduction_factor": 2}})
+
+
+def resume_config(profile: dict, assets: Path, model: Path, storage: Path) -> dict:
+    """One dynsdpb trial with an evaluation and a checkpoint every 3 steps (its worker is killed after step 5)."""
+    return sweep_config("resume", profile, assets, model, storage, {}, eval_every_steps=3, **profile["resume_trial"])
+
+
+def ddp_config(profile: dict, assets: Path, model: Path, storage: Path) -> dict:
+    """One dynsdpb trial on two workers of one GPU each."""
+    return sweep_config("ddp", profile, assets, model, storage, {}, sweep={"num_workers": 2, "gpus_per_worker": 1})
 
 
 def sweep_env(probe_dir: Path, faults: list[dict] | None = None) -> dict:
@@ -440,10 +459,7 @@ def run(assets: Path, out: Path, device: str, deadline_s: float | None, work: Pa
     # 1. the grid, ASHA, bf16
     probes = work / "probes" / "grid"
     probes.mkdir(parents=True)
-    raw = sweep_config("grid", profile, assets, model, storage, {"lr": [GOOD_LR, BAD_LR],
-                       "method": ["finetune", "random_dlb", "dynsdpb"]},
-                       sweep={"max_concurrent_trials": 3, "asha": {"metric": "train_loss", "mode": "min",
-                                                                   "grace_period": 1, "reduction_factor": 2}})
+    raw = grid_config(profile, assets, model, storage)
     result = run_sweep("grid", raw, work, sweep_env(probes), limit("grid"))
     trials = trial_summaries(read_rows(storage / "grid" / "trials.parquet"), read_probes(probes))
     result["problems"] = (check_grid(storage / "grid", trials, 6) + check_dashboard(result)
@@ -455,7 +471,7 @@ def run(assets: Path, out: Path, device: str, deadline_s: float | None, work: Pa
     probes = work / "probes" / "resume"
     probes.mkdir(parents=True)
     marker = work / "killed"
-    raw = sweep_config("resume", profile, assets, model, storage, {}, eval_every_steps=3, **profile["resume_trial"])
+    raw = resume_config(profile, assets, model, storage)
     faults = [{"point": "after_step", "step": 5, "marker": str(marker)}]
     result = run_sweep("resume", raw, work, sweep_env(probes, faults), limit("resume"))
     trials = trial_summaries(read_rows(storage / "resume" / "trials.parquet"), read_probes(probes))
@@ -470,8 +486,7 @@ def run(assets: Path, out: Path, device: str, deadline_s: float | None, work: Pa
     if env_info["gpu_count"] >= 2 and device == "cuda":
         probes = work / "probes" / "ddp"
         probes.mkdir(parents=True)
-        raw = sweep_config("ddp", profile, assets, model, storage, {},
-                           sweep={"num_workers": 2, "gpus_per_worker": 1})
+        raw = ddp_config(profile, assets, model, storage)
         result = run_sweep("ddp", raw, work, sweep_env(probes), limit("ddp"))
         trials = trial_summaries(read_rows(storage / "ddp" / "trials.parquet"), read_probes(probes))
         result["problems"] = (check_ddp(trials) + check_dashboard(result)

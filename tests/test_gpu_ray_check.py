@@ -271,6 +271,34 @@ def test_a_command_past_its_limit_is_ended_with_its_whole_process_group(tmp_path
                               tmp_path / "e") == (3, False)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_runs_sweeps_are_valid_configs_that_plan_as_the_checks_expect(tmp_path, shared_data_dir, device):
+    """The configs `run` writes, planned by raysdpb itself (no Ray): the grid's lr-1e-4 trials come first, three
+    fit at a time on one GPU of 16 CPUs (or the 2-core CPU), ASHA ranks train_loss per method; the resume trial
+    reports every 3 steps; the DDP trial wants two whole GPUs."""
+    from raysdpb.config import load_experiment
+    from raysdpb.sweep.checks import check_resources, max_concurrent_trials
+    from raysdpb.sweep.plan import plan_sweep
+
+    profile, model = driver.PROFILES[device], tmp_path / "model"
+    model.mkdir()
+    machine = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0} if device == "cuda" else {"CPU": 2.0}}]
+    grid = driver.grid_config(profile, shared_data_dir.parent, model, tmp_path / "results")
+    grid["data_dir"] = str(shared_data_dir)
+    plan = plan_sweep(load_experiment(None, raw=grid))
+    assert [(p.config.lr, p.config.method) for p in plan.points] == [
+        (lr, m) for lr in (driver.GOOD_LR, driver.BAD_LR) for m in ("finetune", "random_dlb", "dynsdpb")]
+    assert plan.metric == "train_loss" and plan.mode == "min"
+    assert {p.config.precision for p in plan.points} == {"auto"} and plan.sweep.use_gpu == (device == "cuda")
+    check_resources(plan.sweep, machine)
+    assert max_concurrent_trials(plan.sweep, machine) == 3
+
+    resume = driver.resume_config(profile, shared_data_dir.parent, model, tmp_path / "results")
+    assert load_experiment(None, raw=resume).first_point().eval_every_steps == 3
+    ddp = load_experiment(None, raw=driver.ddp_config(profile, shared_data_dir.parent, model, tmp_path / "r"))
+    assert ddp.sweep.num_workers == 2 and ddp.sweep.gpus_per_worker == 1
+
+
 # --- the script's modes -------------------------------------------------------------------------------------------
 
 def _script(*args: str, **env: str) -> subprocess.CompletedProcess:
