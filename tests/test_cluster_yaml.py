@@ -51,3 +51,16 @@ def test_cluster_has_gpu_workers_and_installs_the_project(cluster):
     assert pinned and pinned.group(1) == ray.__version__
     # shared storage for storage_path: the documented command points the sweep at S3
     assert "storage_path=s3://" in CLUSTER_YAML.read_text()
+
+
+def test_nodes_get_a_driver_for_pypis_cuda_13_torch_and_not_the_gpu_checks_wheels(cluster):
+    """What the GPU Ray check (scripts/gpu_ray_check.sh) taught: PyPI's torch is a CUDA 13 build, so the nodes run
+    the Deep Learning Base AMI (its 580+ driver, its system Python, the one setup_commands install into), a GPU node
+    whose torch cannot see its GPU fails at setup, and the check's 46 MB wheel folder is not synced to every node."""
+    images = {t["node_config"]["ImageId"] for t in cluster["available_node_types"].values()}
+    assert len(images) == 1  # one AMI, so one Python version across the cluster, as Ray needs
+    assert "base-oss-nvidia-driver-gpu-ubuntu-22.04" in images.pop()
+    assert any("torch.cuda.is_available()" in c for c in cluster["worker_setup_commands"])
+    assert {"**/.gpu_ray", "**/.whl"} <= set(cluster["rsync_exclude"])
+    ignored = (CLUSTER_YAML.parent / ".gitignore").read_text().split()
+    assert "/.gpu_ray/" in ignored and "/.whl/" in ignored
