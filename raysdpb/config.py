@@ -89,7 +89,22 @@ def _loggers(names: list[str]) -> list[str]:
     return list(dict.fromkeys(["tensorboard", *names]))
 
 
-class TrialConfig(_Strict):
+class _TrackerSettings(_Strict):
+    """Where metrics go besides TensorBoard: `loggers` and each tracker's settings (a trial's in local mode, the
+    sweep's for its trials)."""
+
+    loggers: list[str] = Field(default_factory=lambda: ["tensorboard"],
+                               description="where metrics go: tensorboard (always), mlflow, wandb")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, names: list[str]) -> list[str]:
+        return _loggers(names)
+
+
+class TrialConfig(_TrackerSettings):
     """Everything one trial needs. Keys are flat so that they read the same in YAML, on the command line
     and as Parquet columns."""
 
@@ -147,16 +162,7 @@ class TrialConfig(_Strict):
     output_dir: str | None = Field(None, description="local mode: TensorBoard events and checkpoints; "
                                                        "default runs/<name>")
     progress_bar: bool = True
-    # local mode (python -m raysdpb.train): a sweep logs through sweep.loggers, sweep.mlflow and sweep.wandb
-    loggers: list[str] = Field(default_factory=lambda: ["tensorboard"],
-                               description="local mode: where metrics go besides TensorBoard (mlflow, wandb)")
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
-
-    @field_validator("loggers")
-    @classmethod
-    def _known_loggers(cls, names: list[str]) -> list[str]:
-        return _loggers(names)
+    # (loggers, mlflow, wandb: local mode, python -m raysdpb.train; a sweep logs through sweep.loggers, ...)
 
     @model_validator(mode="after")
     def _check(self) -> "TrialConfig":
@@ -230,7 +236,7 @@ class AshaConfig(_Strict):
         return keys
 
 
-class SweepConfig(_Strict):
+class SweepConfig(_TrackerSettings):
     """How `python -m raysdpb.sweep` runs the grid."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="experiment name (deterministic, no timestamp)")
@@ -247,6 +253,8 @@ class SweepConfig(_Strict):
         1, description="once trials finish, the best k of each task, model and method keep their best "
                        "checkpoint's weights (no optimizer state) for `python -m raysdpb.export`; 'all', or "
                        "'none' (0)")
+    asha: AshaConfig | None = Field(default_factory=AshaConfig)
+    report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
 
     @field_validator("keep_weights")
     @classmethod
@@ -254,17 +262,6 @@ class SweepConfig(_Strict):
         if isinstance(value, int) and value < 0:
             raise ValueError("must be a number of trials (0 or more), 'all' or 'none'")
         return value
-    asha: AshaConfig | None = Field(default_factory=AshaConfig)
-    report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
-    loggers: list[str] = Field(default_factory=lambda: ["tensorboard"],
-                               description="where the trials' metrics go: tensorboard (always), mlflow, wandb")
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
-
-    @field_validator("loggers")
-    @classmethod
-    def _known_loggers(cls, names: list[str]) -> list[str]:
-        return _loggers(names)
 
 
 class ExperimentConfig(_Strict):
@@ -413,7 +410,8 @@ def _allowed_keys(loc: list[str]) -> list[str]:
         for cand in (LoraConfig, CustomTaskConfig, AshaConfig, SweepConfig, MlflowConfig, WandbConfig):
             if annotation is cand or (annotation is not None and cand in getattr(annotation, "__args__", ())):
                 model = cand
-    keys = list(model.model_fields)
+    shared = list(_TrackerSettings.model_fields)  # inherited, so first in model_fields: listed after the model's own
+    keys = [k for k in model.model_fields if k not in shared] + [k for k in shared if k in model.model_fields]
     if model is TrialConfig:
         keys += ["search", "sweep"]
     return keys
