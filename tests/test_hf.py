@@ -272,6 +272,18 @@ def test_a_wrong_setting_is_one_clear_error(settings, message, tmp_path):
         SelfDistillationTrainer(model=torch.nn.Linear(2, 2), args=args, **trainer_keywords)
 
 
+def test_batches_the_losses_cannot_take_are_one_clear_error():
+    from raysdpb.hf.trainer import method_outputs
+
+    logits = torch.zeros(2, 5, 7)
+    labels = torch.full((2, 5), -100)
+    labels[0, 3] = 4  # the second sequence has no answer token
+    with pytest.raises(UserError, match="a training sequence has no answer token"):
+        method_outputs(logits, labels)
+    with pytest.raises(UserError, match=r"labels of shape \(2, 5\) with logits of shape \(2, 3\)"):
+        method_outputs(torch.zeros(2, 3), labels)
+
+
 @pytest.fixture(scope="module")
 def small(shared_data_dir):
     cfg = load_trial_config(None, raw=small_encoder_raw(shared_data_dir))
@@ -310,3 +322,4 @@ def test_missing_accelerate_is_one_clear_error():
     assert proc.stderr.strip().splitlines()[-1] == (
         "raysdpb.errors.UserError: raysdpb.hf needs accelerate, which the Hugging Face Trainer runs on: "
         "pip install 'raysdpb[hf]' (or pip install 'accelerate>=1.0')")
+

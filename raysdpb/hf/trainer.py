@@ -54,7 +54,11 @@ def method_outputs(logits: torch.Tensor, labels: torch.Tensor) -> ClassOutputs |
         return ClassOutputs(logits, labels)
     if logits.dim() == 3 and labels.dim() == 2:
         shifted = labels[:, 1:]
-        return TokenOutputs(logits[:, :-1], shifted.clamp(min=0), shifted != IGNORE_INDEX)
+        mask = shifted != IGNORE_INDEX
+        if not bool(mask.any(dim=1).all()):
+            raise UserError("a training sequence has no answer token to learn (its labels are all -100 after the "
+                            "first position): keep some of each answer within the maximum length")
+        return TokenOutputs(logits[:, :-1], shifted.clamp(min=0), mask)
     raise UserError(f"labels of shape {tuple(labels.shape)} with logits of shape {tuple(logits.shape)}: "
                     "SelfDistillationTrainer trains classifiers (labels (B,)) and causal LMs (labels (B, T), -100 "
                     "outside the answer)")
@@ -147,8 +151,8 @@ class SelfDistillationTrainer(Trainer):
             raise UserError("accelerator_config dispatch_batches/split_batches deal one batch stream out to the "
                             "ranks; each rank must draw its own overlapping stream: leave both off")
         if self.get_tp_size() * self.get_cp_size() * self.get_sp_size() > 1:
-            raise UserError("SelfDistillationTrainer supports data parallelism (DDP, FSDP, DeepSpeed ZeRO) only, "
-                            "not tensor, context or sequence parallelism")
+            raise UserError("SelfDistillationTrainer deals the data out by data-parallel rank only; tensor, context "
+                            "and sequence parallelism are not supported")
 
     def get_resumed_dataloader(self, dataloader: DataLoader, num_batches: int) -> DataLoader:
         """Resuming mid-epoch: the batch sampler starts `num_batches` into the epoch (it is deterministic given the
