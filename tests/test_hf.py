@@ -323,3 +323,16 @@ def test_missing_accelerate_is_one_clear_error():
         "raysdpb.errors.UserError: raysdpb.hf needs accelerate, which the Hugging Face Trainer runs on: "
         "pip install 'raysdpb[hf]' (or pip install 'accelerate>=1.0')")
 
+
+def test_the_example_script_runs(shared_data_dir, tmp_path):
+    """examples/hf_trainer_dynsdpb.py as the README runs it, with small settings: MiniLM-L6 on 8 CB examples, one
+    epoch of batch 4 (4 half-batches of 2: 3 steps), evaluated on 8; its last line is the final evaluation."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "hf_trainer_dynsdpb.py"), "--data-dir", str(shared_data_dir),
+         "--output-dir", str(tmp_path / "out"), "--max-train-samples", "8", "--max-eval-samples", "8",
+         "--epochs", "1", "--batch-size", "4", "--max-length", "32"],
+        cwd=tmp_path, env=sweep_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (last["method"], last["alpha"], last["tau"], last["steps"]) == ("dynsdpb", 0.5, 2.0, 3)
+    assert 0.0 <= last["eval_accuracy"] <= 1.0 and "eval_macro_f1" in last
