@@ -127,6 +127,10 @@ class _EpochSampler:
         """Optimizer steps over `num_epochs` epochs (for the learning-rate schedule)."""
         return sum(self.batches_in_epoch(e) for e in range(num_epochs))
 
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in order, from the first (whatever the current position is)."""
+        return self._batches(epoch)
+
     def _batches(self, epoch: int) -> list[list[int]]:
         raise NotImplementedError
 
@@ -175,14 +179,15 @@ class OverlapBatchSampler(_EpochSampler):
     def batches_in_epoch(self, epoch: int) -> int:
         return self.halves_in_epoch() - (1 if epoch == 0 else 0)
 
-    def _halves(self, epoch: int) -> list[list[int]]:
+    def half_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's half-batches of `epoch` (`halves_in_epoch()` of them), in stream order."""
         idx = self.rank_indices(epoch)
         return [idx[j:j + self.half] for j in range(0, len(idx), self.half)]
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        halves = self._halves(epoch)
+        halves = self.half_batches(epoch)
         if epoch > 0:  # the stream continues: the previous epoch's last half opens this epoch
-            halves = [self._halves(epoch - 1)[-1]] + halves
+            halves = [self.half_batches(epoch - 1)[-1]] + halves
         return [halves[t] + halves[t + 1] for t in range(len(halves) - 1)]
 
 
