@@ -138,6 +138,10 @@ SWEEP_CONFIGS = [  # what only a sweep reads
     ("asha-metric-not-reported", {"sweep": {"name": "b", "asha": {"metric": "eval_f1"}}}, [],
      "sweep.asha.metric: 'eval_f1' is not reported by every trial"),
     ("cuda-without-gpus", {"device": "cuda"}, [], "device: cuda needs sweep.use_gpu: true"),
+    ("gpu-share-ddp", {"sweep": {"name": "b", "use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5}}, [],
+     "sweep.gpus_per_worker: 0.5 with num_workers: 2: a trial with several workers (DDP ranks) needs a whole GPU"),
+    ("gpu-share-above-one", {"sweep": {"name": "b", "use_gpu": True, "gpus_per_worker": 1.5}}, [],
+     "sweep.gpus_per_worker: 1.5: a worker takes a share of one GPU (0.25, 0.5) or whole GPUs (1, 2)"),
 ]
 
 

@@ -118,6 +118,29 @@ def test_no_gpu_in_the_cluster_and_concurrency():
     assert max_concurrent_trials(SweepConfig(name="x", max_concurrent_trials=3), NODES) == 3
 
 
+def test_single_worker_trials_share_gpus_and_ddp_trials_take_whole_ones(tmp_path, shared_data_dir):
+    """A quarter of a GPU per single-worker trial: the plan accepts it and four trials share each GPU (NODES: 8
+    GPUs over the two live nodes, 32 shares, but 16 CPUs: 16 trials at a time, 32 at half a CPU each); two workers
+    of one trial on shares are refused before Ray (tests/test_input_errors.py has the messages through the CLI)."""
+    from raysdpb.config import SweepConfig
+    from raysdpb.sweep.plan import check_gpu_shares
+
+    shared = SweepConfig(name="x", use_gpu=True, gpus_per_worker=0.25)
+    check_gpu_shares(shared)
+    check_resources(shared, NODES)
+    assert max_concurrent_trials(shared, NODES) == min(4 * 8, 16)
+    assert max_concurrent_trials(SweepConfig(name="x", use_gpu=True, gpus_per_worker=0.25, cpus_per_worker=0.5),
+                                 NODES) == 32
+    raw = _raw(shared_data_dir, tmp_path, "share", {"lr": [1e-4, 2e-4]},
+               sweep={"use_gpu": True, "gpus_per_worker": 0.25})
+    assert len(plan_sweep(load_experiment(None, raw=raw)).points) == 2
+    check_gpu_shares(SweepConfig(name="x", use_gpu=True, num_workers=2, gpus_per_worker=1))
+    check_gpu_shares(SweepConfig(name="x", use_gpu=False, num_workers=2, gpus_per_worker=0.5))  # CPU workers
+    for sweep in (dict(num_workers=2, gpus_per_worker=0.5), dict(gpus_per_worker=2.5)):
+        with pytest.raises(UserError, match=r"sweep\.gpus_per_worker"):
+            check_gpu_shares(SweepConfig(name="x", use_gpu=True, **sweep))
+
+
 def test_cli_dry_run_and_one_line_errors(tmp_path, shared_data_dir):
     config = _write(tmp_path, _raw(shared_data_dir, tmp_path / "results", "cli",
                                    {"method": ["finetune", "dynsdpb"], "alpha": [0.5, 1.0]}))

@@ -73,12 +73,30 @@ def _storage(path: str) -> str:
     return absolute_path(path, "sweep.storage_path")
 
 
+def check_gpu_shares(sweep, source: str = "<config>") -> None:
+    """A trial's workers may hold a share of a GPU (`gpus_per_worker: 0.25`: four small trials on one GPU) only when
+    the trial has one worker: Ray may place two fractional workers of one trial on the same GPU, and NCCL refuses
+    two ranks of one process group on one device. Above 1, Ray takes whole GPUs only."""
+    share = sweep.gpus_per_worker
+    if not sweep.use_gpu or share == int(share):
+        return
+    if share > 1:
+        raise UserError(f"{source}: sweep.gpus_per_worker: {share:g}: a worker takes a share of one GPU (0.25, 0.5) "
+                        "or whole GPUs (1, 2), not a fraction above 1")
+    if sweep.num_workers > 1:
+        raise UserError(f"{source}: sweep.gpus_per_worker: {share:g} with num_workers: {sweep.num_workers}: a trial "
+                        "with several workers (DDP ranks) needs a whole GPU per worker, since Ray may put two "
+                        "fractional workers on the same GPU and NCCL refuses two ranks on one device; use "
+                        "gpus_per_worker: 1, or num_workers: 1 to share GPUs between trials")
+
+
 def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepPlan:
     """Everything the sweep needs that follows from the config alone; `UserError` naming the key otherwise."""
     sweep = experiment.sweep
     if sweep is None:
         raise UserError(f"{source}: sweep: a sweep needs a `sweep:` block with at least `name:` "
                         "(see sweeps/quickstart.yaml)")
+    check_gpu_shares(sweep, source)
     check_installed(sweep.loggers, "sweep.loggers", source)  # before Ray starts: Tune's callbacks need them
     if "wandb" in sweep.loggers:
         check_wandb_login(wandb_settings(sweep.wandb, sweep.name, sweep.name), "sweep.wandb", source)
