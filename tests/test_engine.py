@@ -18,23 +18,12 @@ from raysdpb.recipe.context import LocalContext
 from raysdpb.recipe import run_trial
 from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
+from trial_configs import RecordingContext
 from trial_configs import encoder_trial as _config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-
-
-class RecordingContext(LocalContext):
-    """LocalContext that also keeps every TensorBoard scalar, to check what the loop logs."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scalars: list[tuple[int, dict]] = []
-
-    def log_scalars(self, step, scalars):
-        self.scalars.append((step, dict(scalars)))
-        super().log_scalars(step, scalars)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

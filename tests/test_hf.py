@@ -25,22 +25,10 @@ from raysdpb.hf import SelfDistillationArguments, SelfDistillationTrainer
 from raysdpb.methods import METHODS
 from raysdpb.recipe import run_trial
 from raysdpb.recipe.components import make_sampler
-from raysdpb.recipe.context import LocalContext
 from raysdpb.sampler import OverlapBatchSampler
-from trial_configs import REPO, decoder_trial, encoder_trial, small_encoder_raw, sweep_env
+from trial_configs import REPO, RecordingContext, decoder_trial, encoder_trial, small_encoder_raw, sweep_env
 
 REL = 1e-5
-
-
-class RecordingContext(LocalContext):
-    """LocalContext that keeps every TensorBoard scalar: the recipe's per-step losses (`train/loss`)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scalars: list[tuple[int, dict]] = []
-
-    def log_scalars(self, step, scalars):
-        self.scalars.append((step, dict(scalars)))
 
 
 def recipe_losses(cfg, out, recipe=None) -> list[float]:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from raysdpb.config import TrialConfig, load_trial_config
+from raysdpb.recipe.context import LocalContext
 from raysdpb.recipe.recipe import RECIPE_ENV
 from faults import FAULTS_ENV, fault_env  # noqa: F401 (fault_env: for the tests)
 
@@ -64,3 +65,16 @@ def sweep_env(**extra) -> dict:
     # the checkout under test first, and tests/ for the faults a test injects (`faults.FaultyRecipe`)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")]))
     return env
+
+
+class RecordingContext(LocalContext):
+    """LocalContext that also keeps every TensorBoard scalar (the recipe's per-step losses, `train/loss`), to
+    check what the loop logs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scalars: list[tuple[int, dict]] = []
+
+    def log_scalars(self, step, scalars):
+        self.scalars.append((step, dict(scalars)))
+        super().log_scalars(step, scalars)
