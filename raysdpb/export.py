@@ -88,7 +88,9 @@ def _best_checkpoint(run_path: str, metric: str) -> tuple[str, dict]:
         scored = is_number(value)
         candidates.append((scored, sign * value if scored else 0.0, step, Path(path).name, lineage[-1]))
     if not candidates:
-        raise UserError(f"{run_path}: the trial has no whole checkpoint to export")
+        raise UserError(f"{run_path}: the trial has no whole checkpoint to export: a sweep keeps the weights of its "
+                        "best finished trials only (sweep.keep_weights, by default the best of each task, model and "
+                        "method: --best finds them); to export any trial, run the sweep with sweep.keep_weights: all")
     # the best score; among equal ones the latest checkpoint (the longer-trained weights)
     _, _, _, name, report = max(candidates, key=lambda c: (c[0], c[1], c[2]))
     return join(run_path, name), report

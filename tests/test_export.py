@@ -126,3 +126,17 @@ def test_a_lora_trial_exports_its_adapter_or_the_merged_model(tmp_path, shared_d
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_trial_whose_weights_the_sweep_dropped_is_one_clear_message(tmp_path):
+    """Lean storage drops the weights of finished trials outside the best `keep_weights`: exporting one says so and
+    what to do, instead of a bare 'no checkpoint'."""
+    from raysdpb.errors import UserError
+    from raysdpb.export import _best_checkpoint
+
+    run = tmp_path / "train_runs" / "finetune-0"
+    run.mkdir(parents=True)
+    (run / "checkpoint_step_00000004").mkdir()  # no manifest: not a whole checkpoint
+    with pytest.raises(UserError, match=r"no whole checkpoint to export: a sweep keeps the weights of its best "
+                                        r"finished trials only \(sweep\.keep_weights.*keep_weights: all"):
+        _best_checkpoint(str(run), "eval_accuracy")
