@@ -25,6 +25,10 @@ checkpoints Ray Train did not delete), `cli`.
   Train and Tune retry failures up to `max_failures` times, resuming from the newest whole checkpoint on the
   storage (which can be newer than the one Train registered: see `worker.RayTrainContext.latest_checkpoint`).
   Each checkpoint holds the reports up to it, which a resumed run sends again so that Tune misses none.
+  Once a trial has finished, it keeps only its best checkpoint's weights, and only if it is among the
+  `keep_weights` best of its task, model and method (`cleanup`): what `python -m raysdpb.export` needs.
+* What the console shows: a line per trial event and a summary line a minute (`console`); `-v` adds Tune's
+  tables and the trials' own output.
 * Before Ray starts (and with `--dry-run`), every local data file the trials will read is read once, and
   every model's config, so a broken file or a missing model is one error line, not a failure of every
   trial. docs/reliability.md lists the failures a sweep survives and the tests that show it.
