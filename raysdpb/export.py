@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 from raysdpb.errors import UserError, run_cli
@@ -101,12 +100,11 @@ def export_trial(experiment: str, row: dict, config: dict, out: Path, *, merge: 
     from raysdpb.config import TrialConfig
     from raysdpb.recipe import Recipe
     from raysdpb.recipe.checkpoint import load_trainable_state, load_weights
-    from raysdpb.results.storage import download, join
+    from raysdpb.results.storage import join
 
     metric = row.get("main_metric") or "eval_accuracy"
     checkpoint, report = _best_checkpoint(join(experiment, "train_runs", row["trial_id"]), metric)
-    with tempfile.TemporaryDirectory(prefix="raysdpb-export-") as local:
-        weights = load_weights(Path(download(checkpoint, Path(local) / "checkpoint")))
+    weights = load_weights(checkpoint)  # its weights file only, not the training state beside it
     cfg = TrialConfig.model_validate({**config, "device": "cpu", "precision": "fp32", "gradient_checkpointing": False})
     recipe = Recipe(cfg)
     model = recipe.load_model()  # as the trial built it: the same weights where it starts random

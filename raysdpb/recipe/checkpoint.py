@@ -72,16 +72,14 @@ def write_state(path: Path, state: dict) -> Path:
     path = Path(path)
     state = dict(state)
     weights = state.pop("model", None)
-    written = []
     try:
         path.mkdir(parents=True, exist_ok=True)
         if weights is not None:
             data = safetensors_bytes({k: v.contiguous() for k, v in weights.items()})
-            written.append(_write_file(path, WEIGHTS_FILE, lambda f: f.write(data)))
+            _write_file(path, WEIGHTS_FILE, lambda f: f.write(data))
         # through a Python file object: a full disk then raises OSError(ENOSPC); torch.save(state, a_path)
         # raises an opaque RuntimeError from its C++ writer instead
-        written.append(_write_file(path, STATE_FILE,
-                                   lambda f: torch.save({**state, "format": CHECKPOINT_FORMAT}, f)))
+        _write_file(path, STATE_FILE, lambda f: torch.save({**state, "format": CHECKPOINT_FORMAT}, f))
     except BaseException as err:
         for name in (WEIGHTS_FILE, STATE_FILE):
             (path / f"{name}.tmp").unlink(missing_ok=True)
@@ -96,14 +94,14 @@ def write_state(path: Path, state: dict) -> Path:
     return path
 
 
-def _write_file(folder: Path, name: str, write) -> Path:
+def _write_file(folder: Path, name: str, write) -> None:
+    """`write(f)` into `folder/name` through a temporary file, fsynced, then renamed."""
     tmp = folder / f"{name}.tmp"
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / name)
-    return folder / name
 
 
 def mark_complete(path: Path) -> None:
@@ -118,13 +116,26 @@ def mark_complete(path: Path) -> None:
 def is_complete(fs, path: str) -> bool:
     """Whether the checkpoint folder `path` on the pyarrow filesystem `fs` is whole: its manifest exists and
     every file it lists has the recorded size."""
-    import pyarrow.fs as pafs
+    sizes = _manifest(fs, path)
+    return sizes is not None and _has_sizes(fs, path, sizes)
 
+
+def _manifest(fs, path: str) -> dict | None:
+    """The file sizes a checkpoint folder's manifest records; None where it has no readable manifest."""
     try:
         with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as f:
             sizes = json.loads(f.read().decode())
-        files = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(path))}
     except (OSError, ValueError):
+        return None
+    return sizes if isinstance(sizes, dict) else None
+
+
+def _has_sizes(fs, path: str, sizes: dict) -> bool:
+    import pyarrow.fs as pafs
+
+    try:
+        files = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(path))}
+    except OSError:
         return False
     return all(files.get(name) == size for name, size in sizes.items())
 
@@ -155,17 +166,8 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, str]]:
 
 def is_slim(fs, path: str) -> bool:
     """Whether a checkpoint holds its weights only (slimmed: it can be exported, not resumed)."""
-    sizes = _manifest(fs, path)
+    sizes = _manifest(fs, path) or {}
     return WEIGHTS_FILE in sizes and STATE_FILE not in sizes
-
-
-def _manifest(fs, path: str) -> dict:
-    try:
-        with fs.open_input_stream(f"{path}/{MANIFEST_FILE}") as f:
-            sizes = json.loads(f.read().decode())
-    except (OSError, ValueError):
-        return {}
-    return sizes if isinstance(sizes, dict) else {}
 
 
 def slim_checkpoint(fs, path: str) -> int:
@@ -174,7 +176,7 @@ def slim_checkpoint(fs, path: str) -> int:
     crash in between leaves a whole (slim) checkpoint and at worst an unlisted file. Returns the bytes freed (0
     for a checkpoint already slim, one of format 2, whose weights are inside state.pt, or one not whole)."""
     sizes = _manifest(fs, path)
-    if STATE_FILE not in sizes or WEIGHTS_FILE not in sizes or not is_complete(fs, path):
+    if sizes is None or STATE_FILE not in sizes or WEIGHTS_FILE not in sizes or not _has_sizes(fs, path, sizes):
         return 0
     kept = {name: size for name, size in sizes.items() if name != STATE_FILE}
     with fs.open_output_stream(f"{path}/{MANIFEST_FILE}") as f:
@@ -206,18 +208,34 @@ def load_state(path: Path) -> dict:
         found = state.get("format", 1) if isinstance(state, dict) else "unknown"
         raise _older(path, f"format {found}")
     if state["format"] >= 3 and (path / WEIGHTS_FILE).exists():
-        state["model"] = load_weights(path)
+        from safetensors.torch import load_file
+
+        state["model"] = load_file(str(path / WEIGHTS_FILE))
     return state
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The trainable weights of a checkpoint folder, whole or slimmed (or of format 2)."""
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The trainable weights of a checkpoint folder, whole or slimmed, local or at a URI (`s3://...`): only its
+    weights file is read (a checkpoint of format 2, whose weights are inside state.pt, is loaded whole, from a
+    local copy where it is remote)."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+    from safetensors.torch import load as load_bytes
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if (path / WEIGHTS_FILE).exists():
-        return load_file(str(path / WEIGHTS_FILE))
-    return load_state(path)["model"]
+    from raysdpb.results.storage import download, filesystem
+
+    fs, base = filesystem(str(path))
+    if fs.get_file_info(f"{base}/{WEIGHTS_FILE}").type == pafs.FileType.File:
+        if isinstance(fs, pafs.LocalFileSystem):
+            return load_file(f"{base}/{WEIGHTS_FILE}")
+        with fs.open_input_stream(f"{base}/{WEIGHTS_FILE}") as f:
+            return load_bytes(f.read())
+    if isinstance(fs, pafs.LocalFileSystem):
+        return load_state(Path(base))["model"]
+    with tempfile.TemporaryDirectory(prefix="raysdpb-weights-") as local:
+        return load_state(Path(download(str(path), local)))["model"]
 
 
 # --- the pieces of a state ----------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class TrialCleanup:
     def finish(self, rows) -> None:
         """At the sweep's end: every finished trial settled and ranked, those of earlier runs of a resumed sweep
         too (their driver may have died before it cleaned up)."""
-        self.run(rows, force=True)
+        self.run(force=True)
         trial_rows = rows()
         for row in trial_rows:
             if row.get("status") in FINISHED and row["trial_id"] not in self.settled:
