@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raysdpb.errors import UserError
 
 __all__ = [
-    "TrialConfig", "LoraConfig", "CustomTaskConfig", "SweepConfig", "AshaConfig", "ExperimentConfig",
-    "MlflowConfig", "WandbConfig", "LOGGERS", "TRACKER_KEYS",
+    "TrialConfig", "LoraConfig", "CustomTaskConfig", "HeldoutDevConfig", "SweepConfig", "AshaConfig",
+    "ExperimentConfig", "MlflowConfig", "WandbConfig", "LOGGERS", "TRACKER_KEYS",
     "load_experiment", "load_trial_config", "apply_overrides", "parse_overrides",
 ]
 
@@ -56,6 +56,30 @@ class CustomTaskConfig(_Strict):
         if "train" not in files:
             raise ValueError("custom_task.files needs a 'train' entry")
         return files
+
+
+class HeldoutDevConfig(_Strict):
+    """A dev split held out from the training split, for model selection (raysdpb.tasks.heldout). It is carved
+    from the whole training split before `max_train_samples` takes the first examples of the rest, so the dev
+    set does not change with the training subset; the trial reports it as `eval_dev_<metric>` besides the
+    task's validation split(s)."""
+
+    size: int | float = Field(..., description="examples held out (an int), or a fraction in (0, 1) of the "
+                                               "training split")
+    seed: int = Field(0, ge=0, lt=2**32, description="which examples: its own seed, apart from the trial's")
+    stratify: bool = Field(True, description="each class's share as in the training split (to within one "
+                                             "example); ignored for generation tasks")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("must be a number of examples (an int) or a fraction in (0, 1)")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value} examples: hold out at least 1")
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"{value:g}: a fraction must be in (0, 1); a number of examples is an int")
+        return value
 
 
 # where a run's metrics go: TensorBoard always (the report reads its events), MLflow and Weights & Biases on request
@@ -118,6 +142,8 @@ class TrialConfig(_TrackerSettings):
     eval_split: str | None = None
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    heldout_dev: HeldoutDevConfig | None = Field(None, description="a dev split held out from the training split "
+                                                                   "(reported as eval_dev_<metric>)")
     num_layers: int | None = Field(None, ge=1, description="keep the embeddings and the first k layers")
     lora: LoraConfig | None = None
     gguf_file: str | None = Field(None, description="the GGUF file inside a model folder or hub repo "
@@ -407,7 +433,8 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
-        for cand in (LoraConfig, CustomTaskConfig, AshaConfig, SweepConfig, MlflowConfig, WandbConfig):
+        for cand in (LoraConfig, CustomTaskConfig, HeldoutDevConfig, AshaConfig, SweepConfig, MlflowConfig,
+                     WandbConfig):
             if annotation is cand or (annotation is not None and cand in getattr(annotation, "__args__", ())):
                 model = cand
     shared = list(_TrackerSettings.model_fields)  # inherited, so first in model_fields: listed after the model's own

@@ -57,6 +57,18 @@ def test_dynsdpb_alpha_and_tau_stay_in_bounds(shared_data_dir, tmp_path):
     assert any(s["dynamic/tau_std"] > 0 for s in logged)
 
 
+def test_a_heldout_dev_split_is_evaluated_besides_the_validation_split(shared_data_dir, tmp_path):
+    from raysdpb.recipe import Recipe
+
+    cfg = _config(shared_data_dir, heldout_dev={"size": 20, "seed": 1})
+    recipe = Recipe(cfg, LocalContext(tmp_path / "run")).setup()
+    assert [(prefix, len(records)) for prefix, records, _ in recipe.eval_sets] == [("dev_", 20), ("", 24)]
+    assert len(recipe.train_data) == 48  # max_train_samples of the 230 the dev set leaves
+    result = recipe.train()
+    assert set(result.metrics) == {"eval_dev_accuracy", "eval_dev_macro_f1", "eval_accuracy", "eval_macro_f1"}
+    assert result.history[-1]["eval_dev_accuracy"] == result.metrics["eval_dev_accuracy"]
+
+
 def test_same_seed_same_metrics_and_different_seed_differs(shared_data_dir, tmp_path):
     runs = [run_trial(_config(shared_data_dir, method="random_dlb", seed=s), LocalContext(tmp_path / f"r{i}"))
             for i, s in enumerate([3, 3, 4])]
