@@ -165,7 +165,11 @@ class TrialConfig(_TrackerSettings):
     batch_size: int = Field(8, ge=1)
     eval_batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
-    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, Python and the sampler")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy and Python: the model's initialisation "
+                                                     "(a new head), dropout, and the data order unless data_seed")
+    data_seed: int | None = Field(None, ge=0, lt=2**32, description="seeds the data order alone (the batch "
+                                                                    "sampler's shuffles, the loader's generator); "
+                                                                    "default: seed")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the trial stops "
@@ -222,6 +226,12 @@ class TrialConfig(_TrackerSettings):
         if name != "custom" and name not in TASKS:
             raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}, custom")
         return name
+
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the order the training examples come in: `data_seed`, else `seed` (as before there was a
+        `data_seed`, so a trial without one trains as it did and keeps its id)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def run_name(self) -> str:
         return f"{self.task.replace('/', '-')}_{Path(self.model).name}_{self.method}_seed{self.seed}"

@@ -69,6 +69,32 @@ def test_a_heldout_dev_split_is_evaluated_besides_the_validation_split(shared_da
     assert result.history[-1]["eval_dev_accuracy"] == result.metrics["eval_dev_accuracy"]
 
 
+@pytest.mark.parametrize("method", ["dynsdpb", "finetune"])
+def test_data_seed_seeds_the_data_order_and_nothing_else(method, shared_data_dir, tmp_path):
+    """`data_seed` moves the batch order alone, `seed` the initial weights (the new head) alone; without
+    `data_seed` the order is `seed`'s, as before there was one."""
+    from raysdpb.recipe import Recipe
+    from raysdpb.recipe.context import WorkerContext
+
+    def start(**seeds):
+        recipe = Recipe(_config(shared_data_dir, method=method, **seeds), WorkerContext()).setup()
+        head = {k: v.clone() for k, v in recipe.model.state_dict().items() if k.startswith("classifier")}
+        order = [batch["index"].tolist() for batch in recipe.loader]
+        return head, order
+
+    def same_head(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    base_head, base_order = start(seed=1)
+    assert (base_head, base_order) != ({}, [])
+    head, order = start(seed=1, data_seed=2)  # same seed, another data order
+    assert same_head(head, base_head) and order != base_order
+    other_head, other_order = start(seed=3, data_seed=2)  # same data order, another seed
+    assert not same_head(other_head, head) and other_order == order
+    assert start(seed=2)[1] == order  # data_seed 2 orders the data as seed 2 did on its own
+    assert start(seed=1, data_seed=1)[1] == base_order
+
+
 def test_same_seed_same_metrics_and_different_seed_differs(shared_data_dir, tmp_path):
     runs = [run_trial(_config(shared_data_dir, method="random_dlb", seed=s), LocalContext(tmp_path / f"r{i}"))
             for i, s in enumerate([3, 3, 4])]

@@ -212,11 +212,16 @@ def test_a_path_that_cannot_be_a_path(key, value, tmp_path, shared_data_dir):
         load_experiment(None, raw=raw)
 
 
-def test_a_seed_too_large_for_the_generators(tmp_path, shared_data_dir):
-    raw = {**_base(shared_data_dir, tmp_path / "results"), "seed": 10**20}
-    with pytest.raises(UserError, match="seed"):
+@pytest.mark.parametrize("key", ["seed", "data_seed", "heldout_dev.seed"])
+def test_a_seed_too_large_for_the_generators(key, tmp_path, shared_data_dir):
+    raw = _base(shared_data_dir, tmp_path / "results")
+    if key == "heldout_dev.seed":
+        raw["heldout_dev"] = {"size": 10, "seed": 10**20}
+    else:
+        raw[key] = 10**20
+    with pytest.raises(UserError, match=rf"{key}: Input should be less than 4294967296"):
         load_experiment(None, raw=raw)
-        raise AssertionError("seed=10**20 was accepted")
+        raise AssertionError(f"{key}=10**20 was accepted")
 
 
 # --- broken data files, by hand ---------------------------------------------------------------------------------

@@ -275,7 +275,7 @@ def load_trainable_state(model: torch.nn.Module, weights: dict[str, torch.Tensor
 RESUME_MUST_MATCH = ("task", "model", "gguf_file", "custom_task", "train_split", "heldout_dev", "max_train_samples",
                      "num_layers", "lora", "method", "alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative",
                      "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "max_length",
-                     "seed")
+                     "seed", "data_seed")
 
 
 def check_resume_config(saved: dict, current: dict, checkpoint) -> None:

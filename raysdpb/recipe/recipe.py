@@ -138,12 +138,14 @@ class Recipe:
         loader has its own generator: each new iterator draws a base seed from it, and drawing from the global
         one instead would shift dropout after a resume (the iterator is created at another point)."""
         cfg = self.cfg
-        self.sampler = make_sampler(self.method, len(self.train_data), cfg.batch_size, seed=cfg.seed,
+        # the data order has a seed of its own (`data_seed`, default `seed`): only the sampler and this generator
+        # draw from it, the model's initialisation and dropout from `seed`
+        self.sampler = make_sampler(self.method, len(self.train_data), cfg.batch_size, seed=cfg.data_order_seed,
                                     num_replicas=self.context.world_size, rank=self.context.rank)
         self.collator = collator
         self.loader = DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=collator, num_workers=0,
                                  pin_memory=self.device.type == "cuda",
-                                 generator=torch.Generator().manual_seed(cfg.seed))
+                                 generator=torch.Generator().manual_seed(cfg.data_order_seed))
 
     def setup_optimization(self) -> None:
         """AdamW, the linear schedule over the trial's steps, a gradient scaler for fp16, the soft-target cache."""

@@ -44,9 +44,9 @@ _BOOKKEEPING = frozenset({
     "planned_epochs", "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
 })
 # config keys that are not part of "the configuration": what the table's rows and columns already are and the
-# seed (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the
+# seeds (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the
 # config model
-_NOT_CONFIG = frozenset({"method", "task", "model", "seed"})
+_NOT_CONFIG = frozenset({"method", "task", "model", "seed", "data_seed"})
 
 
 @dataclass
