@@ -186,6 +186,10 @@ class TrialConfig(_TrackerSettings):
     eval_every_steps: int | None = Field(None, ge=1)
     eval_before_training: bool = Field(False, description="evaluate the model as loaded, before any step; reported "
                                                           "as initial_eval_<metric> with every later report")
+    save_predictions: bool = Field(False, description="classification: every evaluation writes each example's idx, "
+                                                      "predicted class and label as Parquet, "
+                                                      "predictions/<prefix or eval>_step<8 digits>.parquet under "
+                                                      "the output folder (a sweep: the trial's artifacts)")
     log_every_steps: int = Field(10, ge=1)
     grad_norm_every_steps: int = Field(50, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)
@@ -240,7 +244,7 @@ class TrialConfig(_TrackerSettings):
 # trial keys that do not change what is trained: where things lie, how progress shows, what memory it takes
 # (left out of the trial id, raysdpb.sweep.grid, and of a report's configuration columns, raysdpb.report.tables)
 NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "loggers", "mlflow",
-                        "wandb"})
+                        "wandb", "save_predictions"})
 # the trial keys that say where a local run's metrics go (a sweep's are in its `sweep:` block)
 TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 

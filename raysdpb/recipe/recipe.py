@@ -204,14 +204,16 @@ class Recipe:
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """`eval_<prefix><metric>` of every evaluation split; a decoder's generated answers are saved too."""
-        from raysdpb.recipe.evaluation import evaluate_generation, evaluate_split
+        """`eval_<prefix><metric>` of every evaluation split. A decoder's generated answers are saved (JSONL), and
+        with `save_predictions` each example's predicted class (Parquet), under `<artifacts>/predictions/` (local
+        mode: the output folder; a sweep: `<experiment>/artifacts/<trial_id>`), by rank 0."""
+        from raysdpb.recipe.evaluation import evaluate_generation, evaluate_split, predictions_file
 
         metrics: dict[str, float] = {}
         rank, world, artifacts = self.context.rank, self.context.world_size, self.context.artifacts_dir
         for prefix, records, data in self.eval_sets:
             if self.task.kind == "generation":
-                name = f"{prefix or 'eval'}_step{self.step:08d}.jsonl"
+                name = predictions_file(prefix, self.step, ".jsonl")
                 where = artifacts / "predictions" / name if artifacts else None
                 metrics |= evaluate_generation(self.model, self.tokenizer, self.task, data, records,
                                                batch_size=self.cfg.eval_batch_size,
@@ -219,9 +221,12 @@ class Recipe:
                                                device=self.device, prefix=prefix, rank=rank, world_size=world,
                                                autocast=self.autocast, predictions_path=where)
             else:
+                where = None
+                if self.cfg.save_predictions and artifacts:
+                    where = artifacts / "predictions" / predictions_file(prefix, self.step, ".parquet")
                 metrics |= evaluate_split(self.model, self.task, data, records, batch_size=self.cfg.eval_batch_size,
                                           collator=self.collator, device=self.device, prefix=prefix, rank=rank,
-                                          world_size=world, autocast=self.autocast)
+                                          world_size=world, autocast=self.autocast, predictions_path=where)
         return metrics
 
     # ---- state: what a checkpoint holds ----------------------------------------------------------------------
