@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raysdpb.errors import UserError
 
 __all__ = [
-    "TrialConfig", "LoraConfig", "CustomTaskConfig", "SweepConfig", "AshaConfig", "ExperimentConfig",
-    "MlflowConfig", "WandbConfig", "LOGGERS", "TRACKER_KEYS",
+    "TrialConfig", "LoraConfig", "CustomTaskConfig", "HeldoutDevConfig", "SweepConfig", "AshaConfig",
+    "ExperimentConfig", "MlflowConfig", "WandbConfig", "LOGGERS", "TRACKER_KEYS",
     "load_experiment", "load_trial_config", "apply_overrides", "parse_overrides",
 ]
 
@@ -56,6 +56,30 @@ class CustomTaskConfig(_Strict):
         if "train" not in files:
             raise ValueError("custom_task.files needs a 'train' entry")
         return files
+
+
+class HeldoutDevConfig(_Strict):
+    """A dev split held out from the training split, for model selection (raysdpb.tasks.heldout). It is carved
+    from the whole training split before `max_train_samples` takes the first examples of the rest, so the dev
+    set does not change with the training subset; the trial reports it as `eval_dev_<metric>` besides the
+    task's validation split(s)."""
+
+    size: int | float = Field(..., description="examples held out (an int), or a fraction in (0, 1) of the "
+                                               "training split")
+    seed: int = Field(0, ge=0, lt=2**32, description="which examples: its own seed, apart from the trial's")
+    stratify: bool = Field(True, description="each class's share as in the training split (to within one "
+                                             "example); ignored for generation tasks")
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("must be a number of examples (an int) or a fraction in (0, 1)")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value} examples: hold out at least 1")
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"{value:g}: a fraction must be in (0, 1); a number of examples is an int")
+        return value
 
 
 # where a run's metrics go: TensorBoard always (the report reads its events), MLflow and Weights & Biases on request
@@ -118,6 +142,8 @@ class TrialConfig(_TrackerSettings):
     eval_split: str | None = None
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    heldout_dev: HeldoutDevConfig | None = Field(None, description="a dev split held out from the training split "
+                                                                   "(reported as eval_dev_<metric>)")
     num_layers: int | None = Field(None, ge=1, description="keep the embeddings and the first k layers")
     lora: LoraConfig | None = None
     gguf_file: str | None = Field(None, description="the GGUF file inside a model folder or hub repo "
@@ -139,7 +165,11 @@ class TrialConfig(_TrackerSettings):
     batch_size: int = Field(8, ge=1)
     eval_batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
-    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, Python and the sampler")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy and Python: the model's initialisation "
+                                                     "(a new head), dropout, and the data order unless data_seed")
+    data_seed: int | None = Field(None, ge=0, lt=2**32, description="seeds the data order alone (the batch "
+                                                                    "sampler's shuffles, the loader's generator); "
+                                                                    "default: seed")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the trial stops "
@@ -156,6 +186,10 @@ class TrialConfig(_TrackerSettings):
     eval_every_steps: int | None = Field(None, ge=1)
     eval_before_training: bool = Field(False, description="evaluate the model as loaded, before any step; reported "
                                                           "as initial_eval_<metric> with every later report")
+    save_predictions: bool = Field(False, description="classification: every evaluation writes each example's idx, "
+                                                      "predicted class and label as Parquet, "
+                                                      "predictions/<prefix or eval>_step<8 digits>.parquet under "
+                                                      "the output folder (a sweep: the trial's artifacts)")
     log_every_steps: int = Field(10, ge=1)
     grad_norm_every_steps: int = Field(50, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)
@@ -197,6 +231,12 @@ class TrialConfig(_TrackerSettings):
             raise ValueError(f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}, custom")
         return name
 
+    @property
+    def data_order_seed(self) -> int:
+        """The seed of the order the training examples come in: `data_seed`, else `seed` (as before there was a
+        `data_seed`, so a trial without one trains as it did and keeps its id)."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def run_name(self) -> str:
         return f"{self.task.replace('/', '-')}_{Path(self.model).name}_{self.method}_seed{self.seed}"
 
@@ -204,7 +244,7 @@ class TrialConfig(_TrackerSettings):
 # trial keys that do not change what is trained: where things lie, how progress shows, what memory it takes
 # (left out of the trial id, raysdpb.sweep.grid, and of a report's configuration columns, raysdpb.report.tables)
 NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "loggers", "mlflow",
-                        "wandb"})
+                        "wandb", "save_predictions"})
 # the trial keys that say where a local run's metrics go (a sweep's are in its `sweep:` block)
 TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 
@@ -407,7 +447,8 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
-        for cand in (LoraConfig, CustomTaskConfig, AshaConfig, SweepConfig, MlflowConfig, WandbConfig):
+        for cand in (LoraConfig, CustomTaskConfig, HeldoutDevConfig, AshaConfig, SweepConfig, MlflowConfig,
+                     WandbConfig):
             if annotation is cand or (annotation is not None and cand in getattr(annotation, "__args__", ())):
                 model = cand
     shared = list(_TrackerSettings.model_fields)  # inherited, so first in model_fields: listed after the model's own

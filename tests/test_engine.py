@@ -57,6 +57,117 @@ def test_dynsdpb_alpha_and_tau_stay_in_bounds(shared_data_dir, tmp_path):
     assert any(s["dynamic/tau_std"] > 0 for s in logged)
 
 
+def test_a_heldout_dev_split_is_evaluated_besides_the_validation_split(shared_data_dir, tmp_path):
+    from raysdpb.recipe import Recipe
+
+    cfg = _config(shared_data_dir, heldout_dev={"size": 20, "seed": 1})
+    recipe = Recipe(cfg, LocalContext(tmp_path / "run")).setup()
+    assert [(prefix, len(records)) for prefix, records, _ in recipe.eval_sets] == [("dev_", 20), ("", 24)]
+    assert len(recipe.train_data) == 48  # max_train_samples of the 230 the dev set leaves
+    result = recipe.train()
+    assert set(result.metrics) == {"eval_dev_accuracy", "eval_dev_macro_f1", "eval_accuracy", "eval_macro_f1"}
+    assert result.history[-1]["eval_dev_accuracy"] == result.metrics["eval_dev_accuracy"]
+
+
+@pytest.mark.parametrize("method", ["dynsdpb", "finetune"])
+def test_data_seed_seeds_the_data_order_and_nothing_else(method, shared_data_dir, tmp_path):
+    """`data_seed` moves the batch order alone, `seed` the initial weights (the new head) alone; without
+    `data_seed` the order is `seed`'s, as before there was one."""
+    from raysdpb.recipe import Recipe
+    from raysdpb.recipe.context import WorkerContext
+
+    def start(**seeds):
+        recipe = Recipe(_config(shared_data_dir, method=method, **seeds), WorkerContext()).setup()
+        head = {k: v.clone() for k, v in recipe.model.state_dict().items() if k.startswith("classifier")}
+        order = [batch["index"].tolist() for batch in recipe.loader]
+        return head, order
+
+    def same_head(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    base_head, base_order = start(seed=1)
+    assert (base_head, base_order) != ({}, [])
+    head, order = start(seed=1, data_seed=2)  # same seed, another data order
+    assert same_head(head, base_head) and order != base_order
+    other_head, other_order = start(seed=3, data_seed=2)  # same data order, another seed
+    assert not same_head(other_head, head) and other_order == order
+    assert start(seed=2)[1] == order  # data_seed 2 orders the data as seed 2 did on its own
+    assert start(seed=1, data_seed=1)[1] == base_order
+
+
+def test_saved_predictions_reproduce_every_reported_metric(shared_data_dir, tmp_path):
+    """`save_predictions`: every evaluation (before training, every 3 steps, each epoch's end) of the dev split
+    and the validation split leaves a Parquet file whose predictions and labels give the reported metrics
+    exactly; its `idx` are the examples' indices in their split."""
+    import pyarrow.parquet as pq
+
+    from raysdpb.metrics import compute_metrics
+    from raysdpb.recipe.components import training_records
+    from raysdpb.tasks import get_task, load_examples
+
+    task = get_task("superglue/cb")
+    cfg = _config(shared_data_dir, heldout_dev={"size": 20, "seed": 1}, save_predictions=True, eval_every_steps=4,
+                  eval_before_training=True, epochs=2)
+    result = run_trial(cfg, LocalContext(tmp_path / "run"))
+    reported = {0: {k.removeprefix("initial_"): v for k, v in result.metrics.items() if k.startswith("initial_")}}
+    reported |= {entry["step"]: entry for entry in result.history}
+    assert len(reported) == len(result.history) + 1 >= 5  # before training, every 4 steps and each epoch's end
+    files = sorted(p.name for p in (tmp_path / "run" / "predictions").iterdir())
+    assert files == sorted(f"{name}_step{step:08d}.parquet" for step in reported for name in ("dev", "eval"))
+    dev_idx = [r["idx"] for r in training_records(cfg, task)[1]]
+    validation_idx = [r["idx"] for r in load_examples(task, "validation", str(shared_data_dir))[:24]]
+    for step, metrics in reported.items():
+        for name, prefix, idx in (("dev", "dev_", dev_idx), ("eval", "", validation_idx)):
+            table = pq.read_table(tmp_path / "run" / "predictions" / f"{name}_step{step:08d}.parquet").to_pydict()
+            assert table["idx"] == idx
+            scores = compute_metrics(task.metrics, table["prediction"], table["label"])
+            assert {f"eval_{prefix}{k}": v for k, v in scores.items()} == {
+                f"eval_{prefix}{m}": metrics[f"eval_{prefix}{m}"] for m in task.metrics}
+    # off by default: nothing written
+    run_trial(_config(shared_data_dir), LocalContext(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "predictions").exists()
+
+
+def _ddp_evaluate(rank, world_size, init_file, data_dir, out):
+    import torch.distributed as dist
+
+    from raysdpb.data import collate, tokenize_records
+    from raysdpb.models import build_model, load_tokenizer, resolve_model
+    from raysdpb.recipe.components import seed_everything
+    from raysdpb.recipe.evaluation import evaluate_split
+    from raysdpb.tasks import get_task, load_examples
+
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    seed_everything(0)
+    task = get_task("superglue/cb")
+    source = resolve_model("tiny-bert")
+    tokenizer = load_tokenizer(source)
+    model = build_model(source, kind=task.kind, num_labels=task.num_labels, tokenizer=tokenizer)
+    records = load_examples(task, "validation", data_dir)[:23]
+    metrics = evaluate_split(model, task, tokenize_records(records, task.kind, tokenizer, 64), records, batch_size=4,
+                             collator=collate(tokenizer.pad_token_id), device=torch.device("cpu"), rank=rank,
+                             world_size=world_size, predictions_path=Path(out) / f"rank{rank}_of{world_size}.parquet")
+    Path(out, f"metrics{rank}_of{world_size}.json").write_text(json.dumps(metrics))
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_rank_0_writes_the_gathered_predictions_once(shared_data_dir, tmp_path):
+    import pyarrow.parquet as pq
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_evaluate, args=(2, str(tmp_path / "init"), str(shared_data_dir), str(tmp_path)), nprocs=2)
+    _ddp_evaluate(0, 1, None, str(shared_data_dir), str(tmp_path))
+    written = sorted(p.name for p in tmp_path.glob("*.parquet"))
+    assert written == ["rank0_of1.parquet", "rank0_of2.parquet"]  # rank 1 wrote nothing
+    single, gathered = (pq.read_table(tmp_path / name).to_pydict() for name in written)
+    assert gathered == single and len(gathered["idx"]) == 23  # every example once, in split order
+    metrics = {name: json.loads((tmp_path / name).read_text()) for name in
+               ("metrics0_of1.json", "metrics0_of2.json", "metrics1_of2.json")}
+    assert metrics["metrics0_of2.json"] == metrics["metrics1_of2.json"] == metrics["metrics0_of1.json"]
+
+
 def test_same_seed_same_metrics_and_different_seed_differs(shared_data_dir, tmp_path):
     runs = [run_trial(_config(shared_data_dir, method="random_dlb", seed=s), LocalContext(tmp_path / f"r{i}"))
             for i, s in enumerate([3, 3, 4])]

@@ -115,6 +115,14 @@ CONFIGS = [
     ("train-smaller-than-a-batch", {"method": "random_dlb", "max_train_samples": 5, "batch_size": 8}, [],
      "random_dlb: the training set has 5 examples: dataset too small: "
      "5 samples cannot fill one overlapping batch of 8"),
+    ("heldout-fraction-above-one", {"heldout_dev": {"size": 1.5}}, [],
+     "heldout_dev.size: 1.5: a fraction must be in (0, 1); a number of examples is an int"),
+    ("heldout-size-zero", {"heldout_dev": {"size": 0}}, [], "heldout_dev.size: 0 examples: hold out at least 1"),
+    ("heldout-size-missing", {"heldout_dev": {"seed": 1}}, [], "heldout_dev.size: required key is missing"),
+    ("heldout-unknown-key", {"heldout_dev": {"size": 10, "fraction": 0.1}}, [],
+     "heldout_dev.fraction: unknown key; allowed keys: size, seed, stratify"),
+    ("heldout-whole-split", {"heldout_dev": {"size": 250}}, [],
+     "heldout_dev.size: 250 examples leave no training example: the training split has 250"),
     ("split-unknown", {"eval_split": "dev"}, [], "unknown split 'dev'"),
     ("split-empty-slice", {"eval_split": "validation[5:2]"}, [], "split 'validation[5:2]' is empty"),
     ("search-not-a-list", {"search": {"lr": 0.1}}, [], "search.lr: Input should be a valid list"),
@@ -204,11 +212,16 @@ def test_a_path_that_cannot_be_a_path(key, value, tmp_path, shared_data_dir):
         load_experiment(None, raw=raw)
 
 
-def test_a_seed_too_large_for_the_generators(tmp_path, shared_data_dir):
-    raw = {**_base(shared_data_dir, tmp_path / "results"), "seed": 10**20}
-    with pytest.raises(UserError, match="seed"):
+@pytest.mark.parametrize("key", ["seed", "data_seed", "heldout_dev.seed"])
+def test_a_seed_too_large_for_the_generators(key, tmp_path, shared_data_dir):
+    raw = _base(shared_data_dir, tmp_path / "results")
+    if key == "heldout_dev.seed":
+        raw["heldout_dev"] = {"size": 10, "seed": 10**20}
+    else:
+        raw[key] = 10**20
+    with pytest.raises(UserError, match=rf"{key}: Input should be less than 4294967296"):
         load_experiment(None, raw=raw)
-        raise AssertionError("seed=10**20 was accepted")
+        raise AssertionError(f"{key}=10**20 was accepted")
 
 
 # --- broken data files, by hand ---------------------------------------------------------------------------------

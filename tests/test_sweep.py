@@ -553,6 +553,34 @@ def test_a_decoder_sweep_saves_its_predictions_and_the_before_score(tmp_path, sh
     assert sum(p["correct"] for p in last) / 4 == row["last_eval_exact_match"]
 
 
+# slow (a Ray trial): the split, the seeds and the saved predictions are in test_heldout's and test_engine's
+# in-process tests
+@pytest.mark.slow
+def test_a_sweep_selects_on_the_heldout_dev_split_and_saves_predictions(tmp_path, shared_data_dir):
+    """One encoder trial on Ray with a held-out dev split, a data_seed and save_predictions: the sweep's metric and
+    the trial's main metric are eval_dev_accuracy, both splits are in trials.parquet, and the predictions under
+    <experiment>/artifacts/<trial_id>/predictions give the last reported scores exactly."""
+    from raysdpb.metrics import compute_metrics
+    from raysdpb.tasks import get_task
+
+    storage = tmp_path / "results"
+    raw = _raw(shared_data_dir, storage, "dev", {}, method="finetune", epochs=1, heldout_dev={"size": 20, "seed": 2},
+               data_seed=5, save_predictions=True, sweep={"asha": None})
+    out = _sweep(_write(tmp_path, raw))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (row,) = _rows(storage / "dev" / "trials.parquet")
+    assert row["status"] == "completed" and row["main_metric"] == "eval_dev_accuracy" and row["data_seed"] == 5
+    folder = storage / "dev" / "artifacts" / row["trial_id"] / "predictions"
+    assert sorted(p.name for p in folder.iterdir()) == [f"{name}_step{row['steps']:08d}.parquet"
+                                                        for name in ("dev", "eval")]
+    task = get_task("superglue/cb")
+    for name, prefix, count in (("dev", "dev_", 20), ("eval", "", 16)):
+        table = pq.read_table(folder / f"{name}_step{row['steps']:08d}.parquet").to_pydict()
+        assert len(table["idx"]) == count
+        for metric, value in compute_metrics(task.metrics, table["prediction"], table["label"]).items():
+            assert row[f"last_eval_{prefix}{metric}"] == value
+
+
 def test_the_console_summary_line_counts_trials_and_estimates_the_time_left():
     """`sweep_line` against a hand-made sweep: 3 of 6 trials done (one stopped by ASHA, one errored), 2 running
     (for 40 s and 200 s), 1 pending; trials that took 100, 200 and 120 s from start to end (mean 140 s), 2 at a

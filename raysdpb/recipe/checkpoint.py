@@ -272,9 +272,10 @@ def load_trainable_state(model: torch.nn.Module, weights: dict[str, torch.Tensor
 
 # what makes a trial what it is: a checkpoint resumes only into a trial with the same values (the rest, such as
 # where the data lives, evaluation, logging, precision and device, may change between attempts)
-RESUME_MUST_MATCH = ("task", "model", "gguf_file", "custom_task", "train_split", "max_train_samples", "num_layers",
-                     "lora", "method", "alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative", "lr",
-                     "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "max_length", "seed")
+RESUME_MUST_MATCH = ("task", "model", "gguf_file", "custom_task", "train_split", "heldout_dev", "max_train_samples",
+                     "num_layers", "lora", "method", "alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative",
+                     "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "batch_size", "max_length",
+                     "seed", "data_seed")
 
 
 def check_resume_config(saved: dict, current: dict, checkpoint) -> None:

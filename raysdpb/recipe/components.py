@@ -15,8 +15,8 @@ from raysdpb.errors import UserError
 from raysdpb.methods import Method
 from raysdpb.sampler import OverlapBatchSampler, ShuffledBatchSampler
 
-__all__ = ["seed_everything", "autocast_factory", "load_train_data", "load_eval_data", "make_sampler",
-           "make_optimizer"]
+__all__ = ["seed_everything", "autocast_factory", "training_records", "load_trial_data", "load_train_data",
+           "load_eval_data", "make_sampler", "make_optimizer"]
 
 
 def seed_everything(seed: int) -> None:
@@ -36,30 +36,64 @@ def autocast_factory(precision: str, device: torch.device):
     return partial(torch.autocast, device_type=device.type, dtype=dtype), precision == "fp16"
 
 
-def load_train_data(cfg: TrialConfig, task, tokenizer) -> TokenizedDataset:
-    """The trial's tokenized training set (its split, `max_train_samples`, `max_length`)."""
+def training_records(cfg: TrialConfig, task) -> tuple[list[dict], list[dict] | None]:
+    """`(training records, held-out dev records)` of the trial's training split: with `heldout_dev` the dev set
+    is carved from the whole split first (`raysdpb.tasks.heldout`), then `max_train_samples` takes the first
+    examples of the rest, so the dev set does not change with the training subset. No dev set: None."""
     from raysdpb.tasks import data_dir_from, load_examples
+    from raysdpb.tasks.heldout import carve_dev
 
     split = task.training_split(cfg.train_split)
-    train_records = load_examples(task, split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
+    records = load_examples(task, split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
+    dev = None
+    if cfg.heldout_dev is not None:
+        records, dev = carve_dev(records, task.kind, cfg.heldout_dev, f"{task.name}:{split}")
     if cfg.max_train_samples:
-        train_records = train_records[: cfg.max_train_samples]
-    return tokenize_records(train_records, task.kind, tokenizer, cfg.max_length, name=f"{task.name}:{split}")
+        records = records[: cfg.max_train_samples]
+    return records, dev
+
+
+def load_trial_data(cfg: TrialConfig, task, tokenizer) -> tuple[TokenizedDataset, list]:
+    """`load_train_data` and `load_eval_data` with one read of the training split."""
+    train, dev = training_records(cfg, task)
+    return _tokenized_train(cfg, task, tokenizer, train), _eval_sets(cfg, task, tokenizer, dev)
+
+
+def load_train_data(cfg: TrialConfig, task, tokenizer) -> TokenizedDataset:
+    """The trial's tokenized training set (its split less a held-out dev set, `max_train_samples`,
+    `max_length`)."""
+    return _tokenized_train(cfg, task, tokenizer, training_records(cfg, task)[0])
 
 
 def load_eval_data(cfg: TrialConfig, task, tokenizer) -> list[tuple[str, list[dict], TokenizedDataset]]:
-    """`(prefix, records, tokenized prompts)` of every evaluation split (`max_eval_samples` each)."""
-    from raysdpb.tasks import data_dir_from, load_examples
+    """`(prefix, records, tokenized prompts)` of every evaluation split: the held-out dev set first (prefix
+    `dev_`, all of it) when the trial has one, then the task's (`max_eval_samples` each)."""
+    dev = training_records(cfg, task)[1] if cfg.heldout_dev is not None else None
+    return _eval_sets(cfg, task, tokenizer, dev)
 
-    evals = []
+
+def _tokenized_train(cfg: TrialConfig, task, tokenizer, records: list[dict]) -> TokenizedDataset:
+    split = task.training_split(cfg.train_split)
+    return tokenize_records(records, task.kind, tokenizer, cfg.max_length, name=f"{task.name}:{split}")
+
+
+def _eval_sets(cfg: TrialConfig, task, tokenizer, dev: list[dict] | None) -> list:
+    from raysdpb.tasks import data_dir_from, load_examples
+    from raysdpb.tasks.heldout import DEV_PREFIX, check_dev_prefix
+
+    named = []
+    if dev is not None:
+        check_dev_prefix(task, cfg.eval_split)
+        named.append((DEV_PREFIX, dev, f"{task.name}:{task.training_split(cfg.train_split)} (held out)"))
     for split, prefix in task.evaluation_splits(cfg.eval_split):
         records = load_examples(task, split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
         if cfg.max_eval_samples:
             records = records[: cfg.max_eval_samples]
-        # a decoder generates after each evaluation prompt: the prompt alone, however long its answer is
-        evals.append((prefix, records, tokenize_records(records, task.kind, tokenizer, cfg.max_length,
-                                                        name=f"{task.name}:{split}", prompts_only=True)))
-    return evals
+        named.append((prefix, records, f"{task.name}:{split}"))
+    # a decoder generates after each evaluation prompt: the prompt alone, however long its answer is
+    return [(prefix, records, tokenize_records(records, task.kind, tokenizer, cfg.max_length, name=name,
+                                               prompts_only=True))
+            for prefix, records, name in named]
 
 
 def make_sampler(method: Method, num_samples: int, batch_size: int, *, seed: int, num_replicas: int = 1,

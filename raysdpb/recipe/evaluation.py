@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from raysdpb.data import TokenizedDataset
 
-__all__ = ["evaluate_split", "gather_predictions"]
+__all__ = ["evaluate_split", "gather_predictions", "predictions_file", "write_class_predictions"]
 
 
 def gather_predictions(indices: list[int], predictions: list, world_size: int) -> tuple[list[int], list]:
@@ -46,15 +46,38 @@ def predict_classes(model, dataset: TokenizedDataset, batch_size: int, collator,
     return gather_predictions(indices, predictions, world_size)
 
 
+def predictions_file(prefix: str, step: int, suffix: str) -> str:
+    """The name of an evaluation's per-example predictions: `<prefix without its '_', or 'eval'>_step<8 digits>`
+    (`eval_step00000012.parquet`, `dev_step00000012.parquet`, `mm_step00000012.parquet`)."""
+    return f"{prefix.rstrip('_') or 'eval'}_step{step:08d}{suffix}"
+
+
 def evaluate_split(model, task, dataset: TokenizedDataset, records: list[dict], *, batch_size: int, collator,
-                   device, prefix: str = "", rank: int = 0, world_size: int = 1, autocast=None) -> dict[str, float]:
-    """`{"eval_<prefix><metric>": value}` for the task's metrics on one split."""
+                   device, prefix: str = "", rank: int = 0, world_size: int = 1, autocast=None,
+                   predictions_path=None) -> dict[str, float]:
+    """`{"eval_<prefix><metric>": value}` for the task's metrics on one split. With `predictions_path` rank 0
+    writes every example's `idx` (its index in its split: the training split's for a held-out dev set),
+    `prediction` and `label` there as Parquet, the very predictions the metrics are computed from (gathered
+    from every rank)."""
     from raysdpb.metrics import compute_metrics
 
     indices, predictions = predict_classes(model, dataset, batch_size, collator, device, rank, world_size, autocast)
     labels = [records[i]["label"] for i in indices]
     scores = compute_metrics(task.metrics, predictions, labels)
+    if predictions_path is not None and rank == 0:
+        write_class_predictions(predictions_path, [records[i]["idx"] for i in indices], predictions, labels)
     return {f"eval_{prefix}{name}": float(value) for name, value in scores.items()}
+
+
+def write_class_predictions(path, idx: list[int], predictions: list[int], labels: list[int]) -> None:
+    """One row per example (`idx`, `prediction`, `label`, class ids), written atomically."""
+    import pyarrow as pa
+
+    from raysdpb.results.storage import write_table
+
+    table = pa.table({"idx": pa.array(idx, pa.int64()), "prediction": pa.array(predictions, pa.int64()),
+                      "label": pa.array(labels, pa.int64())})
+    write_table(table, str(path))
 
 
 # --- decoder-only tasks: greedy generation (or log-likelihood of the options), then answer extraction -------

@@ -31,8 +31,8 @@ from raysdpb.methods import ClassOutputs, LogitCache, LossTerms, MethodParams, T
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_trainable_state, mark_complete,
                                        rng_state, set_rng_state, trainable_state_dict, write_state)
-from raysdpb.recipe.components import (autocast_factory, load_eval_data, load_train_data, make_optimizer,
-                                       make_sampler, seed_everything)
+from raysdpb.recipe.components import (autocast_factory, load_trial_data, make_optimizer, make_sampler,
+                                       seed_everything)
 from raysdpb.recipe.context import WorkerContext
 from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, step_scalars
 
@@ -86,8 +86,7 @@ class Recipe:
         checkpoint to resume from, if the context has one."""
         cfg = self.cfg
         model = self.load_model()
-        self.setup_data(load_train_data(cfg, self.task, self.tokenizer),
-                        load_eval_data(cfg, self.task, self.tokenizer))
+        self.setup_data(*load_trial_data(cfg, self.task, self.tokenizer))
         self.setup_model(model)
         self.setup_loader(collate(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple_for(self.device.type)))
         self.setup_optimization()
@@ -139,12 +138,14 @@ class Recipe:
         loader has its own generator: each new iterator draws a base seed from it, and drawing from the global
         one instead would shift dropout after a resume (the iterator is created at another point)."""
         cfg = self.cfg
-        self.sampler = make_sampler(self.method, len(self.train_data), cfg.batch_size, seed=cfg.seed,
+        # the data order has a seed of its own (`data_seed`, default `seed`): only the sampler and this generator
+        # draw from it, the model's initialisation and dropout from `seed`
+        self.sampler = make_sampler(self.method, len(self.train_data), cfg.batch_size, seed=cfg.data_order_seed,
                                     num_replicas=self.context.world_size, rank=self.context.rank)
         self.collator = collator
         self.loader = DataLoader(self.train_data, batch_sampler=self.sampler, collate_fn=collator, num_workers=0,
                                  pin_memory=self.device.type == "cuda",
-                                 generator=torch.Generator().manual_seed(cfg.seed))
+                                 generator=torch.Generator().manual_seed(cfg.data_order_seed))
 
     def setup_optimization(self) -> None:
         """AdamW, the linear schedule over the trial's steps, a gradient scaler for fp16, the soft-target cache."""
@@ -203,14 +204,16 @@ class Recipe:
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """`eval_<prefix><metric>` of every evaluation split; a decoder's generated answers are saved too."""
-        from raysdpb.recipe.evaluation import evaluate_generation, evaluate_split
+        """`eval_<prefix><metric>` of every evaluation split. A decoder's generated answers are saved (JSONL), and
+        with `save_predictions` each example's predicted class (Parquet), under `<artifacts>/predictions/` (local
+        mode: the output folder; a sweep: `<experiment>/artifacts/<trial_id>`), by rank 0."""
+        from raysdpb.recipe.evaluation import evaluate_generation, evaluate_split, predictions_file
 
         metrics: dict[str, float] = {}
         rank, world, artifacts = self.context.rank, self.context.world_size, self.context.artifacts_dir
         for prefix, records, data in self.eval_sets:
             if self.task.kind == "generation":
-                name = f"{prefix or 'eval'}_step{self.step:08d}.jsonl"
+                name = predictions_file(prefix, self.step, ".jsonl")
                 where = artifacts / "predictions" / name if artifacts else None
                 metrics |= evaluate_generation(self.model, self.tokenizer, self.task, data, records,
                                                batch_size=self.cfg.eval_batch_size,
@@ -218,9 +221,12 @@ class Recipe:
                                                device=self.device, prefix=prefix, rank=rank, world_size=world,
                                                autocast=self.autocast, predictions_path=where)
             else:
+                where = None
+                if self.cfg.save_predictions and artifacts:
+                    where = artifacts / "predictions" / predictions_file(prefix, self.step, ".parquet")
                 metrics |= evaluate_split(self.model, self.task, data, records, batch_size=self.cfg.eval_batch_size,
                                           collator=self.collator, device=self.device, prefix=prefix, rank=rank,
-                                          world_size=world, autocast=self.autocast)
+                                          world_size=world, autocast=self.autocast, predictions_path=where)
         return metrics
 
     # ---- state: what a checkpoint holds ----------------------------------------------------------------------

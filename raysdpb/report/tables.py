@@ -44,9 +44,9 @@ _BOOKKEEPING = frozenset({
     "planned_epochs", "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
 })
 # config keys that are not part of "the configuration": what the table's rows and columns already are and the
-# seed (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the
+# seeds (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the
 # config model
-_NOT_CONFIG = frozenset({"method", "task", "model", "seed"})
+_NOT_CONFIG = frozenset({"method", "task", "model", "seed", "data_seed"})
 
 
 @dataclass
@@ -87,7 +87,7 @@ def config_columns(trials: pd.DataFrame) -> list[str]:
     return out
 
 
-def trial_metric(main_metric: Any, task: Any, eval_split: Any = None) -> str | None:
+def trial_metric(main_metric: Any, task: Any, eval_split: Any = None, heldout_dev: bool = False) -> str | None:
     """A trial's main metric: its `main_metric` column (the sweep wrote its task's); without one, the rule of
     `raysdpb.results.schema.main_metric` for a registered task; else None: a custom or unknown task's metric
     cannot be told, and guessing `eval_accuracy` would score the trial by a metric it may not report."""
@@ -96,7 +96,7 @@ def trial_metric(main_metric: Any, task: Any, eval_split: Any = None) -> str | N
     spec = TASKS.get(task) if isinstance(task, str) else None
     if spec is None:
         return None
-    return schema.main_metric(spec, eval_split if isinstance(eval_split, str) and eval_split else None)
+    return schema.main_metric(spec, eval_split if isinstance(eval_split, str) and eval_split else None, heldout_dev)
 
 
 def method_order(methods: Iterable[str]) -> list[str]:
@@ -145,8 +145,10 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
         none = pd.Series(None, index=df.index, dtype=object)
         own = df["main_metric"] if "main_metric" in df else none
         eval_split = df["eval_split"] if "eval_split" in df else none
-        df["_metric"] = pd.Series([trial_metric(m, t, s) for m, t, s in zip(own, tasks, eval_split)],
-                                  index=df.index, dtype=object)
+        # a trial with a held-out dev split has its `heldout_dev.size` column set
+        heldout = df["heldout_dev.size"].notna() if "heldout_dev.size" in df else pd.Series(False, index=df.index)
+        metrics = [trial_metric(m, t, s, bool(h)) for m, t, s, h in zip(own, tasks, eval_split, heldout)]
+        df["_metric"] = pd.Series(metrics, index=df.index, dtype=object)
     values = []
     for i, name in enumerate(df["_metric"]):
         column = f"{at}_{name}"

@@ -35,8 +35,9 @@ checkpoints Ray Train did not delete), `cli`.
 * The experiment lives at `<storage_path>/<name>` (a local folder, or a cloud URI such as `s3://bucket/x`):
   Tune's state, `trials.parquet`, `curves.parquet`, TensorBoard events (`tensorboard --logdir` on it), and
   `train_runs/<trial_id>` (the checkpoints), `artifacts/<trial_id>/predictions/*.jsonl` (decoder trials: every
-  generated answer, per evaluation). The name has no timestamp, so `--resume` finds it again:
-  finished trials are not rerun, unfinished ones continue from their last checkpoint.
+  generated answer, per evaluation) and `*.parquet` (classification trials with `save_predictions`). The name
+  has no timestamp, so `--resume` finds it again: finished trials are not rerun, unfinished ones continue from
+  their last checkpoint.
 """
 
 import os

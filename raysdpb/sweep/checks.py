@@ -66,10 +66,17 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
 
 
 def _check_train_size(cfg, size: int, num_workers: int, source: str) -> None:
-    """The trial's training set (after `max_train_samples`) fills one batch on each worker (`make_sampler`'s rule)."""
+    """The trial's training set (less a held-out dev set, after `max_train_samples`) fills one batch on each worker
+    (`make_sampler`'s rule)."""
     from raysdpb.methods import get_method
     from raysdpb.recipe.components import make_sampler
+    from raysdpb.tasks.heldout import heldout_size
 
+    if cfg.heldout_dev is not None:
+        try:
+            size -= heldout_size(cfg.heldout_dev.size, size)
+        except ValueError as err:
+            raise UserError(f"{source}: heldout_dev.size: {err} (task {cfg.task})") from None
     n = min(size, cfg.max_train_samples or size)
     try:
         make_sampler(get_method(cfg.method), n, cfg.batch_size, seed=0, num_replicas=num_workers)

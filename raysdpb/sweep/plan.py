@@ -57,8 +57,10 @@ def planned_epochs(config: TrialConfig) -> int:
 
 
 def _metrics_of(config: TrialConfig) -> tuple[str, list[str]]:
-    """The main metric key a trial reports (`eval_<metric>`) and every eval key it reports."""
+    """The main metric key a trial reports (`eval_<metric>`, `eval_dev_<metric>` with a held-out dev split) and
+    every eval key it reports."""
     from raysdpb.tasks import resolve_task
+    from raysdpb.tasks.heldout import check_dev_prefix
 
     try:
         task = resolve_task(config)
@@ -66,7 +68,10 @@ def _metrics_of(config: TrialConfig) -> tuple[str, list[str]]:
         raise
     except Exception as err:  # noqa: BLE001 - a task that cannot be resolved is the user's config
         raise UserError(f"task: {config.task!r} could not be set up: {err}") from None
-    return main_metric(task, config.eval_split), eval_metric_keys(task, config.eval_split)
+    heldout = config.heldout_dev is not None
+    if heldout:
+        check_dev_prefix(task, config.eval_split)
+    return (main_metric(task, config.eval_split, heldout), eval_metric_keys(task, config.eval_split, heldout))
 
 
 def _storage(path: str) -> str:
@@ -114,7 +119,8 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     by_task: dict[tuple, tuple[str, list[str]]] = {}
     score_metrics = {}
     for p in points:
-        key = (p.config.task, p.config.eval_split, p.config.data_dir, repr(p.config.custom_task))
+        key = (p.config.task, p.config.eval_split, p.config.data_dir, repr(p.config.custom_task),
+               p.config.heldout_dev is not None)
         if key not in by_task:
             by_task[key] = _metrics_of(p.config)
         score_metrics[p.trial_id] = by_task[key][0]

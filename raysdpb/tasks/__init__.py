@@ -27,6 +27,8 @@ Where each thing lives:
   `extract_choice`) and readers of whole files.
 * `nlg_tasks.py`: the NLG tasks' registrations (`nlg/gsm8k`, ...).
 * `custom.py`: `custom_task_spec`, a task from the user's own files (`custom_task:` in a config).
+* `heldout.py`: the dev split a trial holds out of its training split (`heldout_dev:`): `heldout_split`,
+  `carve_dev`, `DEV_PREFIX`.
 
 Where the data comes from:
 
