@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from raysdpb.methods import METHODS
+from raysdpb.report.stats import holm_adjusted
 from raysdpb.results import schema
 from raysdpb.tasks import TASKS
 
@@ -450,22 +451,6 @@ def alpha_tau_grid(prepared: pd.DataFrame) -> tuple[list[Grid], list[str]]:
 
 
 # --- paired comparisons ----------------------------------------------------------------------------------
-
-def holm_adjusted(p_values: Iterable[float]) -> np.ndarray:
-    """Holm's step-down adjustment of a family of p-values (NaNs are not in the family and stay NaN): the
-    i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where the adjusted
-    value is <= alpha keeps the family-wise error rate at alpha under any dependence between the tests."""
-    p = np.asarray(list(p_values), dtype=float)
-    adjusted = np.full_like(p, np.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    order = finite[np.argsort(p[finite], kind="stable")]
-    m = len(order)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted
-
 
 def paired_comparisons(selection: pd.DataFrame, baselines: Iterable[str] = BASELINES,
                        min_seeds: int = 3) -> pd.DataFrame:
