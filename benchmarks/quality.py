@@ -5,6 +5,7 @@
     python benchmarks/quality.py --smoke            # tiny sample counts: checks that everything starts and ends
     python benchmarks/quality.py --dry-run          # write and check the configs, print each task's workload;
                                                     # start nothing
+    python benchmarks/quality.py --protocol v2 ...  # issue 36's protocol: benchmarks/quality_v2.py
 
 Tasks: SuperGLUE CB, GLUE RTE, MRPC, CoLA and an SST-2 subset (`--sst2-samples`, default 10000 of 67349
 training sentences; validation whole). Methods: finetune, double_finetune, sequential_dlb, random_dlb,
@@ -532,8 +533,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens-per-s", type=float, default=MEASURED_TOKENS_PER_S,
                    help="training throughput for --dry-run's hours (default: what RTE measured on 2 CPU cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="pass -q to the sweeps")
+    p.add_argument("--protocol", choices=["paper", "v2"], default="paper",
+                   help="the paper's protocol (this docstring) or issue 36's v2 (benchmarks/quality_v2.py)")
+    v2 = p.add_argument_group("protocol v2")
+    v2.add_argument("--configs", type=int, default=None, help="stage-1 configurations per method (2, 4, 8; "
+                    "default 8, smoke 2)")
+    v2.add_argument("--seeds-n", type=int, default=None, help="stage-2 fresh seeds (default 5, smoke 2)")
+    v2.add_argument("--dev-size", type=int, default=None, help="held-out dev examples (default CB 50, others 200)")
+    v2.add_argument("--student-layers", type=int, default=3, help="the student: the first k layers of --model")
+    v2.add_argument("--eval-every", type=int, default=None,
+                    help="optimizer steps between evaluations, the same for every method (default: a finetune epoch)")
+    v2.add_argument("--n-boot", type=int, default=4000, help="bootstrap replicates")
     p.add_argument("--json", default=None, help=f"the summary as JSON (e.g. {RESULTS / 'quality.json'})")
     args = p.parse_args(argv)
+    if args.protocol == "v2":
+        from quality_v2 import V2_METHODS, V2_TASKS
+
+        args.tasks = args.tasks or (["superglue/cb"] if args.smoke else V2_TASKS)
+        if args.methods == METHODS:
+            args.methods = list(V2_METHODS)
+        args.configs = args.configs or (2 if args.smoke else 8)
+        args.seeds_n = args.seeds_n or (2 if args.smoke else 5)
+        if args.root == p.get_default("root"):
+            args.root = str(REPO / "ray_results" / ("quality-v2-smoke" if args.smoke else "quality-v2"))
     args.tasks = args.tasks or (["superglue/cb"] if args.smoke else TASKS)
     args.seeds = args.seeds or ([0, 1] if args.smoke else [0, 1, 2])
     if args.smoke and args.root == p.get_default("root"):
@@ -545,6 +567,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.protocol == "v2":
+        from quality_v2 import main_v2
+
+        main_v2(args)
+        return
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -428,3 +428,143 @@ def test_stage_2_on_real_sweeps_trains_only_the_seeds_stage_1_did_not(quality, t
     retrained = {r["seed"]: r for r in quality.run_sweep(name_again, seeds_again, again)}
     assert retrained[0]["finished_at"] != first["finished_at"]
     assert eval_curve(Path(again.root) / name_again, first["trial_id"]) == eval_curve(experiment, first["trial_id"])
+
+
+# --- protocol v2 -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def v2(quality):
+    import quality_v2  # benchmarks/ is on sys.path once quality.py is loaded
+
+    return quality_v2
+
+
+def _v2_args(quality, tmp_path, *options):
+    return quality.parse_args(["--root", str(tmp_path), "--protocol", "v2", *options])
+
+
+def test_v2_plan_gives_every_method_the_same_number_of_configurations(quality, v2, tmp_path):
+    """Equal budgets: each method's stage-1 sweep has exactly --configs points (the written search, and the
+    sweep's own expansion for the methods this checkout registers); the method list is the protocol's."""
+    from raysdpb.methods import METHODS
+
+    for size in (8, 4, 2):
+        args = _v2_args(quality, tmp_path / str(size), "--configs", str(size))
+        assert args.methods == v2.V2_METHODS and args.tasks == v2.V2_TASKS and args.seeds_n == 5
+        planned = v2.write_planned_configs(args)
+        assert sorted(planned) == sorted(v2.V2_TASKS)
+        for task, paths in planned.items():
+            assert len(paths) == len(v2.V2_METHODS)
+            for method, path in zip(v2.V2_METHODS, paths):
+                body = v2.load_config(path)
+                search = {k: v for k, v in body["search"].items() if k != "seed"}
+                assert v2.grid_size(search) == size and body["search"]["seed"] == [v2.SELECTION_SEED], (method, body)
+                assert body["method"] == method and body["num_layers"] == 3
+                if method in METHODS and not args.v2_missing:
+                    assert len(expand(load_experiment(path))) == size
+                elif method in METHODS:  # the v2 keys are not in this checkout: the sweep's own count on the rest
+                    trimmed = {k: v for k, v in body.items() if k not in v2.V2_TRIAL_KEYS}
+                    trimmed_path = path.with_name(path.stem + "-trimmed.yaml")
+                    trimmed_path.write_text(quality.yaml.safe_dump(trimmed))
+                    assert len(expand(load_experiment(trimmed_path))) == size
+    # methods without alpha or tau search more learning rates and the warm-up instead
+    assert v2.method_grid("finetune", 8) == {"lr": [2e-5, 5e-5, 1e-4, 2e-4], "warmup_ratio": [0.0, 0.1]}
+    assert set(v2.method_grid("dynsdpb", 8)) == {"lr", "alpha", "tau"}
+
+
+def test_v2_stage_2_seeds_are_fresh_and_never_the_selection_run(quality, v2, tmp_path):
+    args = _v2_args(quality, tmp_path, "--seeds-n", "7")
+    args.v2_missing = []
+    chosen = {"lr": 1e-4, "alpha": 0.5, "tau": 2.0, "warmup_ratio": 0.1}
+    for task in v2.V2_TASKS:
+        _, stage1 = v2.grid_config(task, "dynsdpb", args)
+        _, stage2 = v2.seeds_config(task, "dynsdpb", chosen, args)
+        one, two = v2.load_config(stage1), v2.load_config(stage2)
+        seeds = two["search"]["seed"]
+        assert len(seeds) == len(set(seeds)) == 7 and v2.SELECTION_SEED not in seeds
+        assert not set(seeds) & set(one["search"]["seed"])
+        # data_seed is left to its default (the trial's seed): fresh with every fresh seed, never the selection's
+        assert "data_seed" not in two and "data_seed" not in one
+        assert two["save_predictions"] is True and "save_predictions" not in one
+        assert (two["lr"], two["alpha"], two["tau"], two["warmup_ratio"]) == (1e-4, 0.5, 2.0, 0.1)
+        # the same evaluation points (in steps, so in samples: one batch size per task) for every method
+        points = {v2.load_config(v2.grid_config(task, m, args)[1])["eval_every_steps"] for m in v2.V2_METHODS}
+        assert len(points) == 1 and two["eval_every_steps"] in points
+
+
+def test_v2_dev_split_settings(quality, v2, tmp_path):
+    """Every trial of a task (teacher, grid, seeds) carries the same seeded, stratified held-out dev split, of
+    --dev-size (default CB 50, others 200); selection reads its last-epoch score; kd names the teacher."""
+    args = _v2_args(quality, tmp_path)
+    args.v2_missing = []
+    for task in v2.V2_TASKS:
+        configs = [v2.teacher_config(task, args)[1], *(v2.grid_config(task, m, args)[1] for m in v2.V2_METHODS),
+                   v2.seeds_config(task, "kd", {"lr": 5e-5, "alpha": 1.0, "tau": 1.0}, args)[1]]
+        splits = [v2.load_config(p)["heldout_dev"] for p in configs]
+        size = 50 if task == "superglue/cb" else 200
+        assert splits == [{"size": size, "seed": v2.DEV_SEED, "stratify": True}] * len(configs)
+        kd = v2.load_config(v2.grid_config(task, "kd", args)[1])
+        assert kd["teacher_model"] == str(tmp_path / "teachers" / task.replace("/", "-"))
+        teacher = v2.load_config(configs[0])
+        assert "num_layers" not in teacher and teacher["method"] == "finetune"
+        # the training subset leaves the dev examples out of the same count
+        if v2.V2_TRAIN_SAMPLES.get(task):
+            assert kd["max_train_samples"] == v2.V2_TRAIN_SAMPLES[task] + size
+    assert v2.selection_column("glue/cola", args) == "last_eval_dev_matthews"
+    other = _v2_args(quality, tmp_path / "b", "--dev-size", "120")
+    other.v2_missing = []
+    assert v2.load_config(v2.grid_config("glue/rte", "finetune", other)[1])["heldout_dev"]["size"] == 120
+
+
+def test_v2_selection_and_best_at_common_points(v2):
+    def row(trial_id, status, lr, score):
+        return {"trial_id": trial_id, "status": status, "lr": lr, "alpha": 1.0, "tau": 1.0,
+                "last_eval_dev_accuracy": score}
+
+    rows = [row("a", "completed", 5e-5, 0.7), row("b", "completed", 1e-4, 0.7), row("c", "errored", 2e-4, 0.9)]
+    chosen = v2.select_v2(rows, "last_eval_dev_accuracy")
+    assert (chosen["trial_id"], chosen["score"]) == ("a", 0.7)  # a tie keeps the first; errored never counts
+    curves = [{"step": 10, "eval_accuracy": 0.5}, {"step": 13, "eval_accuracy": 0.9},  # 13: an epoch end
+              {"step": 20, "eval_accuracy": 0.6}, {"step": 30, "eval_accuracy": 0.55}]
+    assert v2.best_at_common_points(curves, "eval_accuracy", 10) == 0.6
+    assert v2.best_at_common_points(curves[:2], "eval_accuracy", 7) is None
+
+
+def test_v2_statistics_on_hand_made_runs(v2):
+    """Two tasks: on CB DynSDPB is exactly 0.02 above double finetune at each of 4 seeds (a point interval,
+    sign-flip p 2/16); on RTE the differences are +0.01, -0.01, +0.03, +0.01 with predictions saved; pooled
+    with equal weights: 0.5 * 0.02 + 0.5 * 0.01."""
+    import numpy as np
+    import pandas as pd
+
+    def runs(values, predictions=None):
+        return [{"seed": 1001 + i, "last": v, "best_common": v,
+                 "predictions": None if predictions is None else predictions[i]} for i, v in enumerate(values)]
+
+    labels = np.r_[np.ones(50, int), np.zeros(50, int)]
+
+    def frame(correct):  # the first `correct` examples right
+        prediction = labels.copy()
+        prediction[correct:] = 1 - prediction[correct:]
+        return pd.DataFrame({"index": np.arange(100), "prediction": prediction, "label": labels})
+
+    a_correct, b_correct = [61, 60, 63, 62], [60, 61, 60, 61]
+    data = {"superglue/cb": {"dynsdpb": runs([0.72, 0.74, 0.70, 0.76]),
+                             "double_finetune": runs([0.70, 0.72, 0.68, 0.74])},
+            "glue/rte": {"dynsdpb": runs([c / 100 for c in a_correct], [frame(c) for c in a_correct]),
+                         "double_finetune": runs([c / 100 for c in b_correct], [frame(c) for c in b_correct])}}
+    rows = v2.statistics(data, [("dynsdpb", "double_finetune"), ("dynsdpb", "kd")], n_boot=2000)
+    by_task = {r["task"]: r for r in rows}
+    assert len(rows) == 3  # kd was not run: no rows for it
+    cb, rte, pooled = by_task["superglue/cb"], by_task["glue/rte"], by_task["pooled"]
+    assert (cb["mean_diff"], cb["ci_low"], cb["ci_high"]) == pytest.approx((0.02, 0.02, 0.02))
+    assert cb["p"] == 2 / 16 and cb["examples"] is None
+    assert rte["mean_diff"] == pytest.approx(0.01) and rte["examples"] == 100 and rte["one_example"] == 0.01
+    assert rte["ci_low"] < 0.01 < rte["ci_high"]
+    # MDE at 4 seeds (t, 3 df: 3.182 + 0.978 from printed tables) times SD / sqrt(4)
+    assert rte["mde"] == pytest.approx((3.182 + 0.978) * np.std([0.01, -0.01, 0.03, 0.01], ddof=1) / 2, rel=1e-3)
+    assert pooled["mean_diff"] == pytest.approx(0.015) and pooled["weights"] == {"superglue/cb": 0.5,
+                                                                                  "glue/rte": 0.5}
+    assert pooled["p_holm"] == pooled["p"]  # one pooled comparison with data: a family of one
+    text = v2.markdown(rows, "t")
+    assert "| dynsdpb - double_finetune | pooled | 8 | +1.50 |" in text

@@ -19,8 +19,9 @@ from scipy import stats
 
 from raysdpb.errors import UserError, run_cli
 from raysdpb.report import build_report, main
-from raysdpb.report.tables import (alpha_tau_grid, cost_table, method_order, paired_comparisons, prepare,
-                                   results_table, select_configs)
+from raysdpb.report import tables
+from raysdpb.report.tables import (alpha_tau_grid, compute_costs, compute_table, cost_table, method_order,
+                                   paired_comparisons, prepare, results_table, select_configs)
 from raysdpb.results.schema import best_per_method
 from trial_configs import sweep_env
 
@@ -258,6 +259,38 @@ def test_cost_table_hours_epochs_and_gpus_when_the_columns_say():
     assert any("gpus_per_worker × last_world_size (where use_gpu)" in n for n in notes)
 
 
+def test_compute_costs_steps_passes_teacher_and_wall_time(monkeypatch):
+    """Forward passes are steps x batch x ranks x the method's passes per example (its `forward_passes`, 1
+    where the registry does not say); the teacher's passes are added where recorded; means per trial over the
+    selected configuration's seeds only."""
+    from types import SimpleNamespace
+
+    monkeypatch.setitem(tables.METHODS, "r_drop", SimpleNamespace(forward_passes=2))
+    trials = _trials(
+        _seeds("finetune", [0.60, 0.70], steps=100, batch_size=8, wall_time_s=120.0)
+        + _seeds("finetune", [0.10, 0.10], lr=3e-5, steps=999, batch_size=8)              # not selected
+        + _seeds("r_drop", [0.72, 0.74], steps=100, batch_size=8, last_world_size=2, wall_time_s=300.0)
+        + [dict(method="kd", seed=s, best_eval_accuracy=v, steps=100 + 10 * s, batch_size=8,
+                teacher_forward_passes=t, wall_time_s=60.0 * (s + 1))
+           for s, (v, t) in enumerate([(0.8, 250.0), (0.9, 0.0)])])
+    costs = compute_costs(prepare(trials), select_configs(prepare(trials))).set_index("method")
+    assert costs.loc["finetune", ["steps", "forward_passes", "teacher_passes", "wall_s", "n"]].tolist() == [
+        100, 800, 0, 120, 2]
+    assert costs.loc["r_drop", "forward_passes"] == 100 * 8 * 2 * 2 and costs.loc["r_drop", "wall_s"] == 300
+    # kd: steps 100 and 110, passes 800 and 880, teacher 250 (its first trial filled the cache) and 0
+    assert costs.loc["kd", ["steps", "forward_passes", "teacher_passes", "total_passes", "wall_s"]].tolist() == [
+        105, 840, 125, 965, 90]
+    assert costs.loc["kd", "mean"] == pytest.approx(0.85)
+    table = compute_table(costs.reset_index(), 100.0)
+    rows = {r[1]: r for r in table.rows}
+    assert rows["finetune"][2:] == ["65.00 ± 7.07", "100", "800", "0", "1.00x", "2.0"]
+    assert rows["r_drop"][6] == "4.00x" and rows["kd"][6] == f"{965 / 800:.2f}x"
+    # no steps or batch column (an old sweep): no numbers, not a crash
+    bare = compute_costs(prepare(trials.drop(columns=["steps", "batch_size"])),
+                         select_configs(prepare(trials)))
+    assert (bare["steps"] == 0).all() and bare["forward_passes"].isna().all()
+
+
 def test_alpha_tau_grid_means_over_seeds_and_other_keys():
     rows = []
     for alpha in (0.5, 1.0):
@@ -282,7 +315,8 @@ def test_report_draws_the_grid_and_curves_of_hand_made_trials(tmp_path):
     curves = pd.DataFrame([dict(trial_id=tid, step=4 * e, epoch=float(e), train_loss=1.0 / e, eval_accuracy=acc)
                            for tid, acc in zip(trials.trial_id, trials.best_eval_accuracy) for e in (1, 2)])
     written = build_report([str(_write(tmp_path / "grid", trials, curves))])
-    assert sorted(p.name for p in written["figures"]) == ["curves_superglue-cb.png", "heatmap_superglue-cb.png"]
+    assert sorted(p.name for p in written["figures"]) == ["compute_superglue-cb.png", "curves_superglue-cb.png",
+                                                          "heatmap_superglue-cb.png"]
     md = written["markdown"].read_text()
     assert "mean over seeds {0, 1} and over lr ∈ {0.0001, 0.0003}" in md
     assert "No grid (one alpha and one tau) for: finetune on superglue/cb." in md
@@ -410,14 +444,20 @@ def test_report_of_a_real_sweep_matches_its_parquet(tiny_sweep, tiny_report):
 
     # the figures: curves, DynSDPB's alpha/tau, gradient norms from the loop's TensorBoard events
     names = sorted(p.name for p in tiny_report.glob("*.png"))
-    assert names == ["curves_superglue-cb.png", "dynamics_superglue-cb.png", "grad_norms_superglue-cb.png"]
+    assert names == ["compute_superglue-cb.png", "curves_superglue-cb.png", "dynamics_superglue-cb.png",
+                     "grad_norms_superglue-cb.png"]
     for name in names:
         data = (tiny_report / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"]({name})" in md
     assert "finetune next to dynsdpb" in md and "from TensorBoard (`dynamic/alpha_mean`" in md
     html = (tiny_report / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 3 and 'src="curves' not in html
+    assert html.count('src="data:image/png;base64,') == 4 and 'src="curves' not in html
+    # the compute table: steps and forward passes (steps x batch x 1 rank x 1 pass) per trial, from the Parquet
+    for method, group in trials.groupby("method"):
+        cells = next(row for row in _all_cells(md, "superglue/cb") if row[1] == method and len(row) == 8)
+        assert cells[3] == f"{group.steps.mean():,.0f}"
+        assert cells[4] == f"{(group.steps * group.batch_size).mean():,.0f}" and cells[5] == "0"
 
 
 # --- the HTML in a browser ---------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ embedded) and the PNG figures into DIR (default `<first experiment>/report`):
   over seeds), as mean ± std over seeds, the best of each column in bold, with the number of trials behind it;
 * the cost per method: trial-hours, worker-hours, GPU-hours where the columns tell the GPUs, epochs run
   against epochs planned (what ASHA saved);
+* the compute of each method at its selected configuration next to its score (optimizer steps, forward passes,
+  teacher passes, wall time per trial) and a score-against-compute figure per task;
 * alpha x tau heatmaps per task and method (the paper's Figure 3) from whatever grid the sweep ran;
 * training and validation curves of each method's best trial, and DynSDPB's alpha_i / tau_i over training;
 * per-layer gradient norms over training, method next to method (the paper's Figure 2);
@@ -37,7 +39,8 @@ from raysdpb.errors import UserError
 from raysdpb.report import figures
 from raysdpb.report.load import load_experiments, read_scalars, resolve, tensorboard_dir
 from raysdpb.report.render import Figure, Section, to_html, to_markdown
-from raysdpb.report.tables import (BASELINES, alpha_tau_grid, comparison_table, cost_table, method_order,
+from raysdpb.report.tables import (BASELINES, alpha_tau_grid, comparison_table, compute_costs, compute_table,
+                                   cost_table, method_order,
                                    paired_comparisons, prepare, results_table, select_configs, selection_table,
                                    value_scale)
 from raysdpb.results.schema import FINISHED, STATUSES
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["build_report", "main"]
 
-FIGURE_PREFIXES = ("heatmap", "curves", "dynamics", "grad_norms")  # the figures' file names: <prefix>_<column>.png
+# the figures' file names: <prefix>_<column>.png
+FIGURE_PREFIXES = ("heatmap", "curves", "dynamics", "grad_norms", "compute")
 
 
 def _slug(text: str) -> str:
@@ -176,6 +180,29 @@ class _Report:
         table, notes = cost_table(self.prepared)
         section.blocks.append(table)
         section.blocks.append("\n".join(f"- {n}" for n in notes))
+        return section
+
+    def compute(self) -> Section:
+        section = Section("Score against compute")
+        costs = compute_costs(self.prepared, self.selection) if len(self.selection) else pd.DataFrame()
+        if costs.empty:
+            section.blocks.append("Left out: no finished trial has a validation score.")
+            return section
+        section.blocks.append(
+            "Each method at its selected configuration, the mean per trial over its seeds: optimizer steps, "
+            "forward passes through the student (steps × batch size × ranks × the method's passes per example: 2 "
+            "for a method that runs each batch twice), passes through a separate teacher (`teacher_forward_passes`, "
+            "0 where none is recorded), their total against finetune's (or, without finetune, the column's "
+            "smallest), and wall minutes (`wall_time_s`). A method that wins by spending more shows as such.")
+        section.blocks.append(compute_table(costs, self.scale))
+        for column, here in costs.groupby("column", sort=False):
+            if len(here) < 2:  # one method: nothing to set against it
+                continue
+            path = self._figure(f"compute_{_slug(column)}.png")
+            figures.compute_figure(column, here, path, self.scale)
+            section.blocks.append(Figure(path, (
+                f"{column}: validation {here['metric'].iloc[0]} (mean ± std over seeds) against forward passes per "
+                "trial (student + teacher; a dotted line from the student's own passes where a teacher adds some).")))
         return section
 
     def heatmaps(self) -> Section:
@@ -363,7 +390,7 @@ def build_report(paths: list[str], out: str | Path | None = None, *, metric: str
 def _write_report(paths, trials, curves, notes, out: Path, metric, at, download: Path) -> dict[str, object]:
     report = _Report(trials, curves, out, metric, at, download)
     experiments = list(dict.fromkeys(resolve(str(p)) for p in paths))
-    sections = [report.overview(experiments, notes), report.results(), report.cost(), report.paired(),
+    sections = [report.overview(experiments, notes), report.results(), report.cost(), report.compute(), report.paired(),
                 report.heatmaps(), report.curves_section(), report.grad_norms()]
     names = ", ".join(Path(str(p).rstrip("/")).name for p in experiments)
     title = f"raysdpb report: {names}"

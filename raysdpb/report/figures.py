@@ -16,7 +16,7 @@ from matplotlib.patches import Rectangle
 from raysdpb.methods import METHODS
 from raysdpb.report.tables import Grid, _direction
 
-__all__ = ["method_color", "heatmap_figure", "curves_figure", "dynamics_figure", "grad_norm_figure"]
+__all__ = ["method_color", "heatmap_figure", "curves_figure", "dynamics_figure", "grad_norm_figure", "compute_figure"]
 
 DPI = 110
 
@@ -266,3 +266,32 @@ def grad_norm_figure(column: str, norms: dict[str, dict[str, pd.DataFrame]], pat
     fig.suptitle(f"{column}: per-layer gradient norms over training (best trial per method)", fontsize=11)
     _save(fig, path)
     return window_used, len(methods)
+
+
+# --- score against compute -----------------------------------------------------------------------------
+
+def compute_figure(column: str, costs: pd.DataFrame, path: Path, scale: float = 1.0) -> None:
+    """One task's methods at their selected configurations: the score (mean ± std over seeds) against the
+    forward passes a trial spent (student + teacher, `raysdpb.report.tables.compute_costs`), a marker per
+    method; a method up and to the right wins by spending more."""
+    fig = Figure(figsize=(6.8, 4.2), layout="constrained")
+    ax = fig.subplots()
+    metric = str(costs["metric"].iloc[0]) if len(costs) else "score"
+    for r in costs.itertuples(index=False):
+        x = r.total_passes / 1e6
+        err = r.std * scale if np.isfinite(r.std) else None
+        ax.errorbar([x], [r.mean * scale], yerr=None if err is None else [[err], [err]],
+                    marker=method_marker(r.method), color=method_color(r.method), markersize=8, capsize=3,
+                    linestyle="none", label=r.method)
+        if r.teacher_passes > 0:  # the student's own share, hollow, joined to the total
+            ax.plot([r.forward_passes / 1e6, x], [r.mean * scale] * 2, color=method_color(r.method), linewidth=1,
+                    linestyle=":")
+    ax.set_xlabel("forward passes per trial (millions of examples; student + teacher)")
+    ax.set_ylabel(_metric_label(metric, scale))
+    ax.grid(True, alpha=0.3)
+    ax.set_xlim(left=0)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", title="method")
+    fig.suptitle(f"{column}: score against compute (selected configuration, mean ± std over seeds)", fontsize=11)
+    _save(fig, path)

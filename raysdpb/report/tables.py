@@ -27,12 +27,14 @@ import numpy as np
 import pandas as pd
 
 from raysdpb.methods import METHODS
+from raysdpb.report.stats import holm_adjusted
 from raysdpb.results import schema
 from raysdpb.tasks import TASKS
 
 __all__ = [
     "BASELINES", "Table", "Grid", "config_columns", "trial_metric", "prepare", "method_order", "select_configs",
-    "results_table", "selection_table", "cost_table", "alpha_tau_grid", "paired_comparisons", "holm_adjusted",
+    "results_table", "selection_table", "cost_table", "compute_costs", "compute_table", "alpha_tau_grid",
+    "paired_comparisons", "holm_adjusted",
     "comparison_table", "format_value", "value_scale",
 ]
 
@@ -401,6 +403,68 @@ def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
     return Table(header, rows), notes
 
 
+def _per_trial(frame: pd.DataFrame, name: str, default: float) -> pd.Series:
+    values = pd.to_numeric(frame[name], errors="coerce") if name in frame else pd.Series(default, index=frame.index)
+    return values.fillna(default).astype(float)
+
+
+def compute_costs(prepared: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
+    """Per (column, method), at its selected configuration, the mean per trial (over its seeds) of what it spent:
+
+    * `steps`: optimizer steps (trials.parquet's `steps`, the last report's step);
+    * `forward_passes`: examples through the student, steps x batch_size x ranks (`last_world_size`, default 1)
+      x the method's `forward_passes` (a `Method` field: 2 for a method that runs each batch twice, e.g.
+      R-Drop; 1 where the registry does not say); an overlap method's step is a full batch, half of it the
+      previous batch's second half, so it counts as batch_size passes;
+    * `teacher_passes`: examples through a separate teacher (`teacher_forward_passes`, recorded by methods
+      that have one; 0 where the column is missing or empty);
+    * `total_passes` (student + teacher) and `wall_s` (`wall_time_s`, the trial's own clock);
+
+    with the score (`mean`, `std`) of `selection` and `n`, the trials averaged."""
+    rows = []
+    by_id = prepared.set_index("trial_id") if "trial_id" in prepared else None
+    for r in selection.itertuples(index=False):
+        if by_id is None or not r.trial_ids:
+            continue
+        trials = by_id.loc[[t for t in r.trial_ids if t in by_id.index]]
+        per_pass = float(getattr(METHODS.get(r.method), "forward_passes", 1) or 1)
+        steps = _per_trial(trials, "steps", 0.0)
+        passes = steps * _per_trial(trials, "batch_size", float("nan")) * _per_trial(trials, "last_world_size", 1.0) \
+            * per_pass
+        teacher = _per_trial(trials, "teacher_forward_passes", 0.0)
+        wall = _per_trial(trials, "wall_time_s", float("nan"))
+        rows.append({"column": r.column, "method": r.method, "metric": r.metric, "mean": r.mean, "std": r.std,
+                     "n": len(trials), "steps": float(steps.mean()), "forward_passes": float(passes.mean()),
+                     "forward_passes_per_step": per_pass, "teacher_passes": float(teacher.mean()),
+                     "total_passes": float((passes + teacher).mean()), "wall_s": float(wall.mean())})
+    columns = ["column", "method", "metric", "mean", "std", "n", "steps", "forward_passes", "forward_passes_per_step",
+               "teacher_passes", "total_passes", "wall_s"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _count(value: float) -> str:
+    if not np.isfinite(value):
+        return "—"
+    return f"{value / 1e6:.2f}M" if abs(value) >= 1e6 else f"{value:,.0f}"
+
+
+def compute_table(costs: pd.DataFrame, scale: float = 1.0) -> Table:
+    """The cost column next to the score: per column and method (selected configuration, mean per trial),
+    score, optimizer steps, student forward passes, teacher passes, their total relative to finetune's (or to
+    the column's smallest), and wall minutes per trial."""
+    rows = []
+    for column, here in costs.groupby("column", sort=False):
+        base = here.loc[here["method"] == "finetune", "total_passes"]
+        reference = float(base.iloc[0]) if len(base) else float(here["total_passes"].min())
+        for r in here.itertuples(index=False):
+            relative = f"{r.total_passes / reference:.2f}x" if reference > 0 and np.isfinite(r.total_passes) else "—"
+            rows.append([column, r.method, format_value(r.mean, r.std, scale), f"{r.steps:,.0f}",
+                         _count(r.forward_passes), _count(r.teacher_passes), relative,
+                         f"{r.wall_s / 60:.1f}" if np.isfinite(r.wall_s) else "—"])
+    return Table(["column", "method", "score", "optimizer steps", "forward passes", "teacher passes",
+                  "passes vs finetune", "wall min/trial"], rows)
+
+
 # --- the alpha x tau grid ------------------------------------------------------------------------------------
 
 @dataclass
@@ -452,22 +516,6 @@ def alpha_tau_grid(prepared: pd.DataFrame) -> tuple[list[Grid], list[str]]:
 
 
 # --- paired comparisons ----------------------------------------------------------------------------------
-
-def holm_adjusted(p_values: Iterable[float]) -> np.ndarray:
-    """Holm's step-down adjustment of a family of p-values (NaNs are not in the family and stay NaN): the
-    i-th smallest of m becomes max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where the adjusted
-    value is <= alpha keeps the family-wise error rate at alpha under any dependence between the tests."""
-    p = np.asarray(list(p_values), dtype=float)
-    adjusted = np.full_like(p, np.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    order = finite[np.argsort(p[finite], kind="stable")]
-    m = len(order)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adjusted[i] = running
-    return adjusted
-
 
 def paired_comparisons(selection: pd.DataFrame, baselines: Iterable[str] = BASELINES,
                        min_seeds: int = 3) -> pd.DataFrame:
