@@ -9,7 +9,8 @@ by `python -m raysdpb.train`, by `python -m raysdpb.sweep` (a local Ray started 
 Tune's own trial actor, the default) and by the sweep with `sweep.warm_trials=false` (the trial a Ray Train run:
 a controller and a worker group of one). For each: the command's wall time; the time from the command's start to
 the end of the first training step; the training span (end of step 1 to the last training event) and the tail
-(to the command's exit: the last evaluation, checkpoint, shutdown). The end of step 1 is read from the
+(to the command's exit: the last evaluation, checkpoint, shutdown). `--two-workers` (default) adds the same
+trial over two 1-CPU Ray Train workers (DDP), which is always a Ray Train run. The end of step 1 is read from the
 TensorBoard events the recipe writes: its first event is the per-layer gradient norms logged right after
 optimizer step 1 (the recipe logs them at step 0 % grad_norm_every_steps == 0), and events carry their wall time.
 The sweep's own log lines (timestamps of "starting a local Ray instance" and of the trial plan, logged once Ray is
@@ -125,15 +126,16 @@ def one_trial_local(root: Path, overrides: list[str], timeout: float) -> dict:
 
 
 def one_trial_sweep(root: Path, overrides: list[str], timeout: float, sweep_overrides: list[str],
-                    warm: bool = True) -> dict:
-    name = "one_trial" if warm else "one_trial_train_run"
+                    warm: bool = True, name: str | None = None) -> dict:
+    label = name or ("sweep" if warm else "sweep, Train run")
+    name = name or ("one_trial" if warm else "one_trial_train_run")
     cmd = [sys.executable, "-m", "raysdpb.sweep", CONFIG, *PIN, *overrides, *sweep_overrides, f"sweep.name={name}",
            f"sweep.storage_path={root / 'ray'}", f"sweep.warm_trials={str(warm).lower()}"]
     start, wall, text = _run(cmd, timeout, root / f"{name}.log")
     experiment = root / "ray" / name
     tb = tensorboard_times(experiment / "tensorboard")
     rows = _rows(experiment)
-    figures = _trial_figures("sweep" if warm else "sweep, Train run", start, wall, tb,
+    figures = _trial_figures(label, start, wall, tb,
                              trial_wall=rows[0].get("wall_time_s") if rows else None)
     marks = _log_times(text, {"ray_init": "starting a local Ray instance", "ray_ready": " trials, at most "})
     if "ray_init" in marks:
@@ -220,6 +222,8 @@ def main() -> None:
                    help="extra override for part 1's sweep, e.g. sweep.cpus_per_worker=2 (Ray sets a worker's "
                         "OMP_NUM_THREADS to its CPUs: 1 by default)")
     p.add_argument("--skip-trial", action="store_true", help="skip part 1 (one trial three ways)")
+    p.add_argument("--two-workers", action=argparse.BooleanOptionalAction, default=True,
+                   help="part 1 also as a two-worker (DDP) trial, which is always a Ray Train run")
     p.add_argument("--series", type=int, default=3,
                    help="trials run one after another, warm and as Ray Train runs, to time the gap between them "
                         "(0: skip)")
@@ -240,19 +244,25 @@ def main() -> None:
             cold = one_trial_sweep(root, overrides, args.timeout_s, args.sweep_override, warm=False)
             result["one_trial"] = {"overrides": PIN + overrides, "sweep_overrides": args.sweep_override,
                                    "train": local, "sweep": warm, "sweep_train_run": cold}
-            for key, swept in (("", warm), ("train_run_", cold)):
+            variants = [("", warm), ("train_run_", cold)]
+            if args.two_workers:  # DDP over two 1-CPU workers: always a Ray Train run
+                two = ["sweep.num_workers=2", "sweep.cpus_per_worker=1"]
+                ddp = one_trial_sweep(root, overrides, args.timeout_s, two, warm=False, name="two_workers")
+                result["one_trial"]["sweep_two_workers"] = ddp
+                variants.append(("two_workers_", ddp))
+            for key, swept in variants:
                 result["one_trial"][f"{key}command_wall_ratio"] = swept["command_wall_s"] / local["command_wall_s"]
                 result["one_trial"][f"{key}trial_wall_ratio"] = swept["trial_wall_s"] / local["trial_wall_s"]
                 if "step_s" in local and "step_s" in swept:
                     result["one_trial"][f"{key}step_time_ratio"] = swept["step_s"] / local["step_s"]
             print("== one trial: " + " ".join(PIN + overrides))
-            print(table([local, warm, cold], [("how", "how", ""), ("command_wall_s", "command_s", ".1f"),
+            print(table([local, *(v for _, v in variants)], [("how", "how", ""), ("command_wall_s", "command_s", ".1f"),
                                               ("trial_wall_s", "trial_s", ".1f"),
                                               ("to_first_step_s", "to_step1_s", ".1f"),
                                               ("trial_start_to_first_step_s", "trial_start_to_step1_s", ".1f"),
                                               ("training_span_s", "train_span_s", ".1f"), ("steps", "steps", "d"),
                                               ("step_s", "step_s", ".3f"), ("tail_s", "tail_s", ".1f")]))
-            for swept in (warm, cold):
+            for _, swept in variants:
                 if "ray_start_s" in swept:
                     print(f"{swept['how']} start-up: {swept.get('to_ray_init_s', float('nan')):.1f}s imports and "
                           f"config, {swept['ray_start_s']:.1f}s starting Ray, "
