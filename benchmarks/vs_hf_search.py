@@ -41,7 +41,7 @@ offline_env()
 def _trial(args) -> dict:
     return dict(task="superglue/cb", model="minilm-l6", method="finetune", epochs=args.epochs, batch_size=8,
                 eval_batch_size=8, max_length=128, lr=args.lrs[0], warmup_ratio=0.1, weight_decay=0.01, seed=0,
-                device="cpu", data_dir=os.environ["RAYSDPB_DATA_DIR"],
+                device="cpu", data_dir=os.environ.get("RAYSDPB_DATA_DIR"),
                 **({"max_train_samples": args.max_train_samples} if args.max_train_samples else {}))
 
 
@@ -77,7 +77,7 @@ def run_hf(out: Path, args) -> dict:
 
     training = TrainingArguments(
         output_dir=str(out / "runs"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        num_train_epochs=cfg.epochs, learning_rate=cfg.lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs, learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         lr_scheduler_type="linear", eval_strategy="epoch", save_strategy=args.hf_save, logging_steps=10,
         report_to="none", use_cpu=True, disable_tqdm=True, seed=cfg.seed)
     trainer = Trainer(model_init=model_init, args=training, train_dataset=train, eval_dataset=validation,

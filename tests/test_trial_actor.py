@@ -53,6 +53,9 @@ def test_the_keeper_keeps_the_best_k_and_the_latest_as_ray_train_does(tmp_path, 
         assert {r["metrics"]["step"] for r in snapshot["checkpoint_results"]} == expected
         assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == checkpoint_name(step)
     assert prune_unregistered_checkpoints(str(run)) == []  # everything on disk is registered
+    (run / ".step_00000099_x.tmp").mkdir()  # a checkpoint being written when its attempt died
+    CheckpointKeeper(str(run), "eval_accuracy", mode, keep)  # the next attempt removes it
+    assert not list(run.glob(".*"))
     scored = [(s, v) for s, v in reports if v is not None and s in {x for x, _ in complete_checkpoints(str(run))}]
     prune_finished_checkpoints(str(run), "eval_accuracy", mode, keep=1)
     left = [s for s, _ in complete_checkpoints(str(run))]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,9 @@ class CheckpointKeeper:
         self.results: list[dict] = [r for r in snapshot.get("checkpoint_results") or [] if isinstance(r, dict)]
         latest = snapshot.get("latest_checkpoint_result")
         self.latest: dict | None = latest if isinstance(latest, dict) else None
+        if "://" not in run_path:  # checkpoints an earlier attempt was writing when it died (never renamed)
+            for partial in Path(run_path).glob(".step_*.tmp"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     def _rank(self, result: dict) -> float:
         value = (result.get("metrics") or {}).get(self.metric)
@@ -107,22 +111,32 @@ class TrialActorContext(SweepContext):
             self.keeper.add(name, metrics)
         ray.tune.report(metrics)
 
+    def new_checkpoint_dir(self, step: int, reported: bool = True) -> Path | None:
+        """On a local (or shared) disk the recipe writes the checkpoint right beside its final place, a hidden
+        folder renamed once whole (`_persist`): the folder is written once, never copied. For a bucket, the scratch
+        folder, uploaded from there."""
+        if not reported or "://" in self.run_path:
+            return super().new_checkpoint_dir(step, reported)
+        run = Path(self.run_path)
+        run.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".step_{step:08d}_", suffix=".tmp", dir=run))
+
     def _persist(self, checkpoint_dir: Path, name: str) -> None:
-        """The whole checkpoint folder to `<run_path>/<name>`: on a local disk written beside it and renamed (so the
-        folder appears whole), on a bucket uploaded file by file (its size manifest, written last, says when it is
-        whole: `raysdpb.recipe.checkpoint.is_complete`)."""
+        """The whole checkpoint folder to `<run_path>/<name>`: on a local disk renamed there (so the folder appears
+        whole), on a bucket uploaded file by file (its size manifest, written last, says when it is whole:
+        `raysdpb.recipe.checkpoint.is_complete`)."""
         target = join(self.run_path, name)
         if "://" in self.run_path:
             upload(checkpoint_dir, target)
             return
         final = Path(target)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = final.parent / f".{name}.{os.getpid()}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, staging)
         if final.exists():  # the same step written by an earlier attempt: replace it
             shutil.rmtree(final)
-        os.replace(staging, final)
+        if checkpoint_dir.parent == final.parent:
+            os.replace(checkpoint_dir, final)
+        else:
+            shutil.copytree(checkpoint_dir, final.parent / f".{name}.tmp", dirs_exist_ok=True)
+            os.replace(final.parent / f".{name}.tmp", final)
 
     def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
         if key in _MEMO:
