@@ -3,18 +3,26 @@
     python benchmarks/ray_overhead.py [--asha reduced|full|off] [--max-train-samples 64] [--json PATH]
     python benchmarks/ray_overhead.py --asha full --skip-trial       # the whole quickstart grid, twice (long)
 
-Part 1, one trial two ways: the first point of `sweeps/quickstart.yaml` pinned to one trial (finetune,
+Part 1, one trial three ways: the first point of `sweeps/quickstart.yaml` pinned to one trial (finetune,
 lr 5e-5; MiniLM-L6 on SuperGLUE CB, batch 8, 2 epochs; `--max-train-samples` keeps it short, 0 = all 250) run
-by `python -m raysdpb.train` and by `python -m raysdpb.sweep` (a local Ray started by the command, one Ray
-Train worker). For each: the command's wall time; the time from the command's start to the end of the first
-training step; the training span (end of step 1 to the last training event) and the tail (to the command's
-exit: the last evaluation, checkpoint, shutdown). The end of step 1 is read from the TensorBoard events the
-recipe writes: its first event is the per-layer gradient norms logged right after optimizer step 1 (the
-recipe logs them at step 0 % grad_norm_every_steps == 0), and events carry their wall time. The sweep's own
-log lines (timestamps of "starting a local Ray instance" and of the trial plan, logged once Ray is up) split
-its start-up into imports and config, starting Ray, and starting the trial (Tune, the Train controller, the
-worker, model and data). `trial_wall_s` for the sweep is `wall_time_s` of trials.parquet (Tune's time of
+by `python -m raysdpb.train`, by `python -m raysdpb.sweep` (a local Ray started by the command; the trial warm, in
+Tune's own trial actor, the default) and by the sweep with `sweep.warm_trials=false` (the trial a Ray Train run:
+a controller and a worker group of one). For each: the command's wall time; the time from the command's start to
+the end of the first training step; the training span (end of step 1 to the last training event) and the tail
+(to the command's exit: the last evaluation, checkpoint, shutdown). `--two-workers` (default) adds the same
+trial over two 1-CPU Ray Train workers (DDP), which is always a Ray Train run. The end of step 1 is read from the
+TensorBoard events the recipe writes: its first event is the per-layer gradient norms logged right after
+optimizer step 1 (the recipe logs them at step 0 % grad_norm_every_steps == 0), and events carry their wall time.
+The sweep's own log lines (timestamps of "starting a local Ray instance" and of the trial plan, logged once Ray is
+up) split its start-up into imports and config, starting Ray, and starting the trial (Tune, the trial's
+processes, model and data). `trial_wall_s` for the sweep is `wall_time_s` of trials.parquet (Tune's time of
 the trial's reports).
+
+Part 1b, `--series N` (default 3): N trials of that configuration (seeds 0..N-1) one at a time, warm and as Ray
+Train runs: for each trial after the first, the gap from the previous trial's last TensorBoard event to its own
+first, which is the previous trial's end, Tune starting the next trial, its start-up and its first step. The
+target it is printed against: raysdpb.train's start (to step 1) and end (tail) plus 4 s (issue 33: a trial's
+start within 3 s of raysdpb.train's, its end within 1 s).
 
 Part 2, ASHA's saving: the quickstart grid (10 trials: finetune x 2 learning rates, random_dlb and dynsdpb x 2
 learning rates x 2 alphas; 2 epochs, ASHA grace 1 epoch, reduction factor 2) swept with ASHA and again with
@@ -117,15 +125,18 @@ def one_trial_local(root: Path, overrides: list[str], timeout: float) -> dict:
     return _trial_figures("train", start, wall, tb, trial_wall=None)
 
 
-def one_trial_sweep(root: Path, overrides: list[str], timeout: float, sweep_overrides: list[str]) -> dict:
-    name = "one_trial"
+def one_trial_sweep(root: Path, overrides: list[str], timeout: float, sweep_overrides: list[str],
+                    warm: bool = True, name: str | None = None) -> dict:
+    label = name or ("sweep" if warm else "sweep, Train run")
+    name = name or ("one_trial" if warm else "one_trial_train_run")
     cmd = [sys.executable, "-m", "raysdpb.sweep", CONFIG, *PIN, *overrides, *sweep_overrides, f"sweep.name={name}",
-           f"sweep.storage_path={root / 'ray'}"]
-    start, wall, text = _run(cmd, timeout, root / "sweep_one.log")
+           f"sweep.storage_path={root / 'ray'}", f"sweep.warm_trials={str(warm).lower()}"]
+    start, wall, text = _run(cmd, timeout, root / f"{name}.log")
     experiment = root / "ray" / name
     tb = tensorboard_times(experiment / "tensorboard")
     rows = _rows(experiment)
-    figures = _trial_figures("sweep", start, wall, tb, trial_wall=rows[0].get("wall_time_s") if rows else None)
+    figures = _trial_figures(label, start, wall, tb,
+                             trial_wall=rows[0].get("wall_time_s") if rows else None)
     marks = _log_times(text, {"ray_init": "starting a local Ray instance", "ray_ready": " trials, at most "})
     if "ray_init" in marks:
         figures["to_ray_init_s"] = marks["ray_init"] - start
@@ -135,6 +146,26 @@ def one_trial_sweep(root: Path, overrides: list[str], timeout: float, sweep_over
         figures["trial_start_to_first_step_s"] = tb["first_event"] - marks["ray_ready"]
     figures["status"] = rows[0].get("status") if rows else None
     return figures
+
+
+def trial_series(root: Path, overrides: list[str], n: int, warm: bool, timeout: float,
+                 sweep_overrides: list[str]) -> dict:
+    """`n` trials of the pinned configuration (seeds 0..n-1) one at a time: for each trial after the first, the time
+    from the previous trial's last TensorBoard event to its own first (the previous trial's end, Tune starting the
+    next, its start-up, its first step)."""
+    name = f"series_{'warm' if warm else 'train_run'}"
+    pin = [o for o in PIN if not o.startswith("seed=")]
+    cmd = [sys.executable, "-m", "raysdpb.sweep", CONFIG, *pin, *overrides, *sweep_overrides, f"sweep.name={name}",
+           f"sweep.storage_path={root / 'ray'}", f"sweep.warm_trials={str(warm).lower()}",
+           "sweep.max_concurrent_trials=1", "sweep.asha=null", f"search.seed=[{', '.join(map(str, range(n)))}]",
+           "search.method=[finetune]", "search.lr=[5.0e-5]", "search.alpha=[0.5]", "search.tau=[2.0]", "-q"]
+    _, wall, _ = _run(cmd, timeout, root / f"{name}.log")
+    experiment = root / "ray" / name
+    spans = sorted((t["first_event"], t["last_event"]) for t in
+                   (tensorboard_times(folder) for folder in (experiment / "tensorboard").iterdir()) if t)
+    gaps = [spans[i][0] - spans[i - 1][1] for i in range(1, len(spans))]
+    return {"how": "sweep" if warm else "sweep, Train run", "command_wall_s": wall, "gaps_s": gaps,
+            "trial_wall_s": [r.get("wall_time_s") for r in _rows(experiment)]}
 
 
 def _trial_figures(how: str, start: float, wall: float, tb: dict | None, trial_wall: float | None) -> dict:
@@ -190,7 +221,12 @@ def main() -> None:
     p.add_argument("--sweep-override", action="append", default=[],
                    help="extra override for part 1's sweep, e.g. sweep.cpus_per_worker=2 (Ray sets a worker's "
                         "OMP_NUM_THREADS to its CPUs: 1 by default)")
-    p.add_argument("--skip-trial", action="store_true", help="skip part 1 (one trial two ways)")
+    p.add_argument("--skip-trial", action="store_true", help="skip part 1 (one trial three ways)")
+    p.add_argument("--two-workers", action=argparse.BooleanOptionalAction, default=True,
+                   help="part 1 also as a two-worker (DDP) trial, which is always a Ray Train run")
+    p.add_argument("--series", type=int, default=3,
+                   help="trials run one after another, warm and as Ray Train runs, to time the gap between them "
+                        "(0: skip)")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per command")
     p.add_argument("--keep", action="store_true", help="keep the runs' folders (printed)")
     p.add_argument("--json", default=None, help=f"e.g. {RESULTS / 'ray_overhead.json'}")
@@ -204,25 +240,51 @@ def main() -> None:
         if not args.skip_trial:
             overrides = [f"max_train_samples={args.max_train_samples}"] if args.max_train_samples else []
             local = one_trial_local(root, overrides, args.timeout_s)
-            swept = one_trial_sweep(root, overrides, args.timeout_s, args.sweep_override)
+            warm = one_trial_sweep(root, overrides, args.timeout_s, args.sweep_override, warm=True)
+            cold = one_trial_sweep(root, overrides, args.timeout_s, args.sweep_override, warm=False)
             result["one_trial"] = {"overrides": PIN + overrides, "sweep_overrides": args.sweep_override,
-                                   "train": local, "sweep": swept,
-                                   "command_wall_ratio": swept["command_wall_s"] / local["command_wall_s"],
-                                   "trial_wall_ratio": swept["trial_wall_s"] / local["trial_wall_s"]}
-            if "step_s" in local and "step_s" in swept:
-                result["one_trial"]["step_time_ratio"] = swept["step_s"] / local["step_s"]
+                                   "train": local, "sweep": warm, "sweep_train_run": cold}
+            variants = [("", warm), ("train_run_", cold)]
+            if args.two_workers:  # DDP over two 1-CPU workers: always a Ray Train run
+                two = ["sweep.num_workers=2", "sweep.cpus_per_worker=1"]
+                ddp = one_trial_sweep(root, overrides, args.timeout_s, two, warm=False, name="two_workers")
+                result["one_trial"]["sweep_two_workers"] = ddp
+                variants.append(("two_workers_", ddp))
+            for key, swept in variants:
+                result["one_trial"][f"{key}command_wall_ratio"] = swept["command_wall_s"] / local["command_wall_s"]
+                result["one_trial"][f"{key}trial_wall_ratio"] = swept["trial_wall_s"] / local["trial_wall_s"]
+                if "step_s" in local and "step_s" in swept:
+                    result["one_trial"][f"{key}step_time_ratio"] = swept["step_s"] / local["step_s"]
             print("== one trial: " + " ".join(PIN + overrides))
-            print(table([local, swept], [("how", "how", ""), ("command_wall_s", "command_s", ".1f"),
-                                         ("trial_wall_s", "trial_s", ".1f"), ("to_first_step_s", "to_step1_s", ".1f"),
-                                         ("training_span_s", "train_span_s", ".1f"), ("steps", "steps", "d"),
-                                         ("step_s", "step_s", ".3f"), ("tail_s", "tail_s", ".1f")]))
-            if "ray_start_s" in swept:
-                print(f"sweep start-up: {swept.get('to_ray_init_s', float('nan')):.1f}s imports and config, "
-                      f"{swept['ray_start_s']:.1f}s starting Ray, "
-                      f"{swept.get('trial_start_to_first_step_s', float('nan')):.1f}s "
-                      "from the trial plan to the end of step 1 (Tune, Train controller, worker, model, data)")
-            print(f"sweep/train: command {result['one_trial']['command_wall_ratio']:.2f}x, "
-                  f"trial {result['one_trial']['trial_wall_ratio']:.2f}x\n", flush=True)
+            print(table([local, *(v for _, v in variants)], [("how", "how", ""), ("command_wall_s", "command_s", ".1f"),
+                                              ("trial_wall_s", "trial_s", ".1f"),
+                                              ("to_first_step_s", "to_step1_s", ".1f"),
+                                              ("trial_start_to_first_step_s", "trial_start_to_step1_s", ".1f"),
+                                              ("training_span_s", "train_span_s", ".1f"), ("steps", "steps", "d"),
+                                              ("step_s", "step_s", ".3f"), ("tail_s", "tail_s", ".1f")]))
+            for _, swept in variants:
+                if "ray_start_s" in swept:
+                    print(f"{swept['how']} start-up: {swept.get('to_ray_init_s', float('nan')):.1f}s imports and "
+                          f"config, {swept['ray_start_s']:.1f}s starting Ray, "
+                          f"{swept.get('trial_start_to_first_step_s', float('nan')):.1f}s from the trial plan to the "
+                          "end of step 1")
+            print(f"sweep/train: command {result['one_trial']['command_wall_ratio']:.2f}x "
+                  f"({result['one_trial']['train_run_command_wall_ratio']:.2f}x as a Ray Train run), trial "
+                  f"{result['one_trial']['trial_wall_ratio']:.2f}x\n", flush=True)
+        if args.series:
+            overrides = [f"max_train_samples={args.max_train_samples}"] if args.max_train_samples else []
+            local = result.get("one_trial", {}).get("train") or one_trial_local(root, overrides, args.timeout_s)
+            result["series"] = {"trials": args.series, "overrides": PIN + overrides, "train": local}
+            print(f"== {args.series} trials one after another (seeds 0..{args.series - 1}), from one trial's last "
+                  "event to the next one's first step; raysdpb.train's own start (to step 1) and end (tail) for scale")
+            rows = []
+            for warm in (True, False):
+                series = trial_series(root, overrides, args.series, warm, args.timeout_s, args.sweep_override)
+                result["series"]["warm" if warm else "train_run"] = series
+                rows += [{"how": series["how"], "trial": i + 2, "gap_s": g, "target_s": local["to_first_step_s"] +
+                          local["tail_s"] + 4.0} for i, g in enumerate(series["gaps_s"])]
+            print(table(rows, [("how", "how", ""), ("trial", "trial", "d"), ("gap_s", "end+start_s", ".1f"),
+                               ("target_s", "train's start+end+4s", ".1f")]), flush=True)
         if args.asha != "off":
             if args.asha == "full":
                 overrides, metric, mode = [], "best_eval_accuracy", "max"

@@ -295,6 +295,9 @@ class SweepConfig(_TrackerSettings):
                        "'none' (0)")
     asha: AshaConfig | None = Field(default_factory=AshaConfig)
     report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
+    warm_trials: bool = Field(True, description="single-worker trials run in Tune's own trial actor, reused from "
+                                                "trial to trial (no Ray Train worker group to start); false: every "
+                                                "trial is a Ray Train run, as multi-worker trials always are")
 
     @field_validator("keep_weights")
     @classmethod

@@ -24,8 +24,9 @@ def faulty_sweep(tmp_path_factory, shared_data_dir):
     checkpoint every 3 steps, one CPU per trial (two at a time).
 
     * finetune seeds 0 and 1 run undisturbed;
-    * dynsdpb seed 1's Ray Train worker SIGKILLs itself after step 5 (it writes its pid to `killed` first): its
-      last checkpoint is step 3's, mid-epoch, with the sampler position and DynSDPB's logit cache;
+    * dynsdpb seed 1's trial process (its warm Tune actor) SIGKILLs itself after step 5 (it writes its pid to
+      `killed` first): its last checkpoint is step 3's, mid-epoch, with the sampler position and DynSDPB's logit
+      cache;
     * dynsdpb seed 0 gets two non-finite losses at step 1 (skipped, counted) and three in a row at step 4
       (`max_nonfinite_steps=3`: diverged).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -259,3 +260,26 @@ def test_a_replayed_report_tune_never_saw_is_recorded(tmp_path):
     rec.on_result(info.trial_id, _report(3, 0.8, 0.4))
     rec.on_complete(info.trial_id)
     assert [c["epoch"] for c in read_rows(rec.curves_path)] == [2.0, 3.0]
+
+
+def test_a_result_the_trials_fall_quiet_after_is_still_written(tmp_path):
+    """Results are written at most every `flush_every_s`; one that arrives within that time of the last write, after
+    which no trial reports for a while (a trial held at a long step), is written by Tune's next loop step once the
+    time is up (`flush_due`), not only at the next result or trial end."""
+    exp = str(tmp_path / "exp")
+    rec = ResultsRecorder(exp, _infos(), metric="eval_accuracy", mode="max", flush_every_s=0.5)
+    rec.load()
+    first = _infos()[0].trial_id
+    rec.on_start(first)
+    rec.on_result(first, _report(1, 0.5, 1.0))  # the first result: written at once
+    assert len(read_rows(rec.curves_path)) == 1
+    rec.on_result(first, _report(2, 0.6, 0.9))  # within flush_every_s of that write: held
+    rec.flush_due()
+    assert len(read_rows(rec.curves_path)) == 1
+    time.sleep(0.6)
+    rec.flush_due()
+    assert [r["epoch"] for r in read_rows(rec.curves_path)] == [1, 2]
+    written = os.path.getmtime(rec.curves_path)
+    time.sleep(0.6)
+    rec.flush_due()  # nothing new: no rewrite
+    assert os.path.getmtime(rec.curves_path) == written

@@ -3,6 +3,7 @@ sampler and the optimizer."""
 
 from __future__ import annotations
 
+import json
 import random
 from functools import partial
 
@@ -34,6 +35,24 @@ def autocast_factory(precision: str, device: torch.device):
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return partial(torch.autocast, device_type=device.type, dtype=dtype), precision == "fp16"
+
+
+# trial keys that do not change which examples a trial reads nor how they are tokenized: the method and its
+# hyperparameters, optimisation, the seeds (the data's order is the sampler's), evaluation and logging cadence,
+# where things go. Every other key (and any new one) is part of `data_key`.
+_NOT_DATA_KEYS = frozenset({
+    "method", "alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative", "lr", "weight_decay", "warmup_ratio",
+    "max_grad_norm", "epochs", "batch_size", "eval_batch_size", "seed", "data_seed", "precision", "device",
+    "max_nonfinite_steps", "gradient_checkpointing", "max_new_tokens", "choice_scoring", "eval_every_steps",
+    "eval_before_training", "log_every_steps", "grad_norm_every_steps", "checkpoint_every_steps", "output_dir",
+    "progress_bar", "loggers", "mlflow", "wandb", "lora", "num_layers", "save_predictions", "compile_loss",
+})
+
+
+def data_key(cfg: TrialConfig) -> str:
+    """What the tokenized splits of a trial depend on, as a string: trials with the same key read the same data."""
+    values = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_DATA_KEYS}
+    return json.dumps(values, sort_keys=True, default=str)
 
 
 def training_records(cfg: TrialConfig, task) -> tuple[list[dict], list[dict] | None]:

@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -107,6 +107,12 @@ class WorkerContext:
 
     def latest_checkpoint(self) -> Path | None:
         return None
+
+    # -- what a process keeps between trials --------------------------------------------------------------
+    def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """`build()`, or what it returned for `key` in an earlier trial of this process, where the context's
+        process runs trial after trial (a sweep's trial actor). The value must not be modified by its users."""
+        return build()
 
 
 class LocalContext(WorkerContext):

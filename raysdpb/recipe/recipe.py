@@ -31,7 +31,7 @@ from raysdpb.methods import ClassOutputs, LogitCache, LossTerms, MethodParams, T
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_trainable_state, mark_complete,
                                        rng_state, set_rng_state, trainable_state_dict, write_state)
-from raysdpb.recipe.components import (autocast_factory, load_trial_data, make_optimizer, make_sampler,
+from raysdpb.recipe.components import (autocast_factory, data_key, load_trial_data, make_optimizer, make_sampler,
                                        seed_everything)
 from raysdpb.recipe.context import WorkerContext
 from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, step_scalars
@@ -86,7 +86,9 @@ class Recipe:
         checkpoint to resume from, if the context has one."""
         cfg = self.cfg
         model = self.load_model()
-        self.setup_data(*load_trial_data(cfg, self.task, self.tokenizer))
+        # the tokenized splits: kept by a context whose process runs trial after trial (a sweep's trial actor)
+        self.setup_data(*self.context.memo(("data", data_key(cfg)), lambda: load_trial_data(cfg, self.task,
+                                                                                            self.tokenizer)))
         self.setup_model(model)
         self.setup_loader(collate(self.tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple_for(self.device.type)))
         self.setup_optimization()

@@ -184,7 +184,8 @@ class ResultsRecorder:
     """Rows of one sweep, kept in memory and written to `<experiment>/trials.parquet` and `curves.parquet`.
 
     `on_result` / `on_start` / `on_complete` / `on_error` mirror Tune's trial events; `write()` writes
-    both files (done on every trial end, at most every `flush_every_s` on results, and by `close()`).
+    both files (done on every trial end, at most every `flush_every_s` while results arrive, and by
+    `close()`).
     A trial that finished keeps a marker `<experiment>/finished/<trial_id>.json` with its last result, so a
     sweep killed before Tune saved its own state does not train it again on `--resume`.
     """
@@ -196,6 +197,7 @@ class ResultsRecorder:
         self.flush_every_s = flush_every_s
         self.trials: dict[str, _TrialState] = {t.trial_id: _TrialState(t) for t in trials}
         self._last_write = 0.0
+        self._unwritten = False  # results recorded since the last write
 
     # paths
     @property
@@ -250,7 +252,13 @@ class ResultsRecorder:
             return  # a resumed trial sending again a report that was already recorded
         state.curves[key] = row
         state.status = "running"
-        if time.monotonic() - self._last_write >= self.flush_every_s:
+        self._unwritten = True
+        self.flush_due()
+
+    def flush_due(self) -> None:
+        """Write the files if results arrived since the last write and that was `flush_every_s` ago (called on
+        each result and on each of Tune's loop steps, so a result the trials fall quiet after is written too)."""
+        if self._unwritten and time.monotonic() - self._last_write >= self.flush_every_s:
             self.write()
 
     def on_complete(self, trial_id: str) -> None:
@@ -316,3 +324,4 @@ class ResultsRecorder:
         write_table(to_table(self.trial_rows(), first=("trial_id", "label", "status", "method")), self.trials_path)
         write_table(to_table(self.curve_rows(), first=("trial_id", "step", "epoch")), self.curves_path)
         self._last_write = time.monotonic()
+        self._unwritten = False

@@ -4,15 +4,18 @@
 
 The modules, in the order a sweep uses them: `grid` (the search block as trial configs with stable ids),
 `plan` (metric, ASHA, storage: no Ray), `checks` (data, models, resources, the experiment folder),
-`driver` (Ray, Tune, and each trial's `TorchTrainer`), `scheduler` (ASHA per group of comparable trials),
-`worker` (the recipe on a Ray Train worker), `callback` (Tune's events into Parquet), `trackers` (MLflow and
-W&B through Tune's logger callbacks, `sweep.loggers`), `cleanup` (what ended trials leave: placement groups,
-checkpoints Ray Train did not delete), `cli`.
+`driver` (Ray, Tune, and each trial: warm, or a `TorchTrainer`), `scheduler` (ASHA per group of comparable
+trials), `worker` (the recipe on a Ray Train worker), `trial_actor` (a warm single-worker trial in Tune's
+actor), `callback` (Tune's events into Parquet), `trackers` (MLflow and W&B through Tune's logger callbacks,
+`sweep.loggers`), `cleanup` (what ended trials leave: placement groups, checkpoints Ray Train did not delete),
+`cli`.
 
 * Ray: the cluster at `$RAY_ADDRESS` or `sweep.address` ("auto" or host:port) when set, else a local Ray
   instance with this machine's CPUs and GPUs.
 * The grid (`grid`): one Tune trial per point, named by its stable trial id.
-* Each Tune trial is a thin driver (`trial_driver`) that builds a `ray.train.torch.TorchTrainer` with the
+* A single-worker trial runs warm (`sweep.warm_trials`, the default): the recipe in Tune's own trial actor, which
+  Tune reuses for the next trial (`trial_actor`), reserving the worker's CPUs and GPU share. Otherwise each Tune
+  trial is a thin driver (`trial_driver`) that builds a `ray.train.torch.TorchTrainer` with the
   sweep's `ScalingConfig` (workers per trial, CPUs and GPUs per worker) and calls `fit()`; every worker runs
   the recipe (`raysdpb.recipe`) with a `RayTrainContext`. The driver itself reserves no CPU (only a little
   memory), so a trial's CPUs and GPUs are exactly its Train workers'; `max_concurrent_trials` follows from

@@ -90,6 +90,7 @@ class ResultsCallback(Callback):
         self.cleanup.trial_ended(trial_name(trial), finished=False)
 
     def on_step_end(self, iteration, trials, **info):
+        self.recorder.flush_due()
         self.cleanup.run(self.recorder.trial_rows)
 
     def on_experiment_end(self, trials, **info):

@@ -1,8 +1,10 @@
 """The Tune driver of a sweep and its trials: `run_sweep` runs (or resumes) the plan's grid as Tune trials on the
-connected Ray; each Tune trial is `trial_driver`, a thin driver that builds a `ray.train.torch.TorchTrainer` for
-its config (workers per trial, CPUs and GPUs per worker) and calls `fit()`; every worker runs
-`raysdpb.sweep.worker.train_worker`. The driver itself reserves no CPU (only a little memory), so a trial's
-CPUs and GPUs are exactly its Train workers'."""
+connected Ray. Each Tune trial is `trial_driver`. A single-worker trial (`sweep.warm_trials`, the default) runs the
+recipe right there, in Tune's trial actor, which Tune reuses for the next trial (`raysdpb.sweep.trial_actor`); it
+reserves the worker's CPUs and GPU share. Otherwise the trial is a thin driver that builds a
+`ray.train.torch.TorchTrainer` for its config (workers per trial, CPUs and GPUs per worker) and calls `fit()`;
+every worker runs `raysdpb.sweep.worker.train_worker`, and the driver reserves no CPU (only a little memory), so
+a trial's CPUs and GPUs are exactly its Train workers'."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from raysdpb.sweep.worker import train_worker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_sweep", "trial_driver", "connect", "localize"]
+__all__ = ["run_sweep", "trial_driver", "runs_warm", "trial_resources", "connect", "localize"]
 
 # what each Tune trial (the Train driver) reserves: no CPU, so that the trial's CPUs are its workers'
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
@@ -36,7 +38,8 @@ _PROPAGATED_ENV_PREFIXES = ("RAYSDPB_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "
 # --- the Tune trial: a thin driver of one Train run ---------------------------------------------------------
 
 def trial_driver(config: dict, settings: dict) -> None:
-    """One Tune trial: a `TorchTrainer` for the trial's config, its results forwarded to Tune."""
+    """One Tune trial: the recipe in this actor (a warm single-worker trial), or a `TorchTrainer` for the trial's
+    config, its results forwarded to Tune."""
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
@@ -50,16 +53,21 @@ def trial_driver(config: dict, settings: dict) -> None:
         # finished in an earlier run whose Tune state was lost (a killed driver): announce, do not retrain
         ray.tune.report({**finished["last_result"], "replayed": 1})
         return
+    loop_config = {"trial": trial_config, "trial_id": trial_id, "score_metric": settings["score_metrics"].get(trial_id),
+                   "tensorboard_path": join(experiment, "tensorboard", trial_id),
+                   "run_path": join(experiment, "train_runs", trial_id),
+                   "artifacts_path": join(experiment, "artifacts", trial_id)}
+    if runs_warm(settings):  # one worker: the recipe right here, in Tune's trial actor (raysdpb.sweep.trial_actor)
+        from raysdpb.sweep.trial_actor import run_in_trial_actor
+
+        run_in_trial_actor(loop_config, settings)
+        return
     resources = {"CPU": settings["cpus_per_worker"]}
     if settings["use_gpu"]:
         resources["GPU"] = settings["gpus_per_worker"]
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"trial": trial_config, "trial_id": trial_id,
-                           "score_metric": settings["score_metrics"].get(trial_id),
-                           "tensorboard_path": join(experiment, "tensorboard", trial_id),
-                           "run_path": join(experiment, "train_runs", trial_id),
-                           "artifacts_path": join(experiment, "artifacts", trial_id)},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=settings["num_workers"], use_gpu=settings["use_gpu"],
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -74,6 +82,22 @@ def trial_driver(config: dict, settings: dict) -> None:
         ),
     )
     trainer.fit()  # what the run leaves when it ends, its way or stopped by Tune: raysdpb.sweep.cleanup
+
+
+def runs_warm(settings: dict) -> bool:
+    """Whether the sweep's trials run in Tune's trial actor (`sweep.warm_trials`, one worker per trial)."""
+    return bool(settings.get("warm_trials")) and settings["num_workers"] == 1
+
+
+def trial_resources(settings: dict) -> dict:
+    """What each Tune trial reserves: a warm trial its worker's CPUs and GPU share; a Train run's driver only a
+    little memory (its workers reserve their own)."""
+    if not runs_warm(settings):
+        return DRIVER_RESOURCES
+    resources = {"CPU": settings["cpus_per_worker"]}
+    if settings["use_gpu"]:
+        resources["GPU"] = settings["gpus_per_worker"]
+    return resources
 
 
 # --- the sweep: Ray, then Tune over the grid ------------------------------------------------------------------
@@ -150,8 +174,9 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
     settings = {"experiment_path": plan.experiment_path, "num_workers": sweep.num_workers, "use_gpu": sweep.use_gpu,
                 "cpus_per_worker": sweep.cpus_per_worker, "gpus_per_worker": sweep.gpus_per_worker,
                 "keep_checkpoints": sweep.keep_checkpoints, "max_failures": sweep.max_failures,
-                "metric": plan.metric, "mode": plan.mode, "score_metrics": plan.score_metrics}
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings), DRIVER_RESOURCES)
+                "metric": plan.metric, "mode": plan.mode, "score_metrics": plan.score_metrics,
+                "warm_trials": sweep.warm_trials}
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings), trial_resources(settings))
     if resume:
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
@@ -178,7 +203,8 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
             # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid)
             param_space={"trial_id": tune.grid_search([p.trial_id for p in plan.points])},
             tune_config=tune.TuneConfig(metric=plan.metric, mode=plan.mode, scheduler=scheduler,
-                                        max_concurrent_trials=concurrent, trial_name_creator=trial_name,
+                                        max_concurrent_trials=concurrent, reuse_actors=runs_warm(settings),
+                                        trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(name=sweep.name, storage_path=plan.storage_path,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),

@@ -1,6 +1,11 @@
-"""The sweep's side of a Ray Train worker: `train_worker` runs the recipe with a `RayTrainContext`, which reports
-through `ray.train.report` (with the checkpoint the recipe wrote, and the reports up to it), resumes from the
-newest whole checkpoint on the storage, and keeps its files in a scratch folder of its own."""
+"""The sweep's side of a trial's training process: the recipe's context when it runs in a sweep.
+
+`SweepContext` is what every sweep trial shares, however it runs: reports (with the checkpoint the recipe wrote,
+and the reports up to it, which a resumed run sends again), resume from the newest whole checkpoint on the
+storage, TensorBoard events and artifacts under the experiment folder, a scratch folder of its own. Two
+subclasses say how the trial runs: `RayTrainContext` on each worker of a Ray Train run (`train_worker`; every
+multi-worker trial, DDP), and `raysdpb.sweep.trial_actor.TrialActorContext` in Tune's own trial actor (a
+single-worker trial, warm: no worker group to start)."""
 
 from __future__ import annotations
 
@@ -20,31 +25,29 @@ from raysdpb.sweep.cleanup import PLACEMENT_GROUP_KEY
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RayTrainContext", "train_worker", "worker_scratch", "REPORT_FILE", "SCRATCH_ENV"]
+__all__ = ["SweepContext", "RayTrainContext", "train_worker", "worker_scratch", "REPORT_FILE", "SCRATCH_ENV"]
 
 # the reports of the run up to a checkpoint, kept inside it (a resumed run sends them again)
 REPORT_FILE = "raysdpb_report.json"
 
 
-class RayTrainContext(WorkerContext):
-    """The recipe's context on a Ray Train worker: rank and world from `ray.train.get_context()`, reports and
-    checkpoints through `ray.train.report`, resume from `ray.train.get_checkpoint()`, TensorBoard events
-    (rank 0) under the experiment folder (written locally and copied there when it is a cloud URI)."""
+class SweepContext(WorkerContext):
+    """The recipe's context in a sweep trial: reports and checkpoints handed to Ray (`_hand_over`, by the
+    subclass), resume from the newer of the checkpoint Ray registered (`_registered_checkpoint`) and the newest
+    whole one on the storage, TensorBoard events (rank 0) under the experiment folder (written locally and
+    copied there when it is a cloud URI)."""
 
-    def __init__(self, tensorboard_path: str, run_path: str | None = None, score_metric: str | None = None,
+    def __init__(self, rank: int, world_size: int, local_rank: int, tensorboard_path: str,
+                 run_path: str | None = None, score_metric: str | None = None,
                  artifacts_path: str | None = None) -> None:
         import ray
-        import ray.train
 
-        train_context = ray.train.get_context()
-        self.rank = train_context.get_world_rank()
-        self.world_size = train_context.get_world_size()
-        self.local_rank = train_context.get_local_rank()
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.scratch = worker_scratch()
         self.reports = 0
         self.resumed_report: dict | None = None  # the report saved with the checkpoint this run resumed from
         self.lineage: list[dict] = []  # every report up to now: those of the resumed checkpoint, then this run's
-        self.run_path = run_path  # <experiment>/train_runs/<trial_id>: where Train keeps this trial's checkpoints
+        self.run_path = run_path  # <experiment>/train_runs/<trial_id>: where this trial's checkpoints are kept
         self.score_metric = score_metric  # reported again as `score` (the task's main metric)
         self._remote_tensorboard = tensorboard_path if "://" in tensorboard_path else None
         local_tb = self.scratch / "tensorboard" if self._remote_tensorboard else Path(tensorboard_path)
@@ -56,40 +59,36 @@ class RayTrainContext(WorkerContext):
         super().__init__(local_tb if self.rank == 0 else None, local_artifacts)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        group = ray.util.get_current_placement_group()
-        self.placement_group = group.id.hex() if group is not None else None
+        self.placement_group: str | None = None  # a Train run's workers' group, which the sweep may release
         self.worker_nodes = [self.node_id]
-        if self.world_size > 1:
-            import torch.distributed as dist
 
-            if dist.is_available() and dist.is_initialized():
-                gathered: list = [None] * self.world_size
-                dist.all_gather_object(gathered, self.node_id)
-                self.worker_nodes = sorted(set(gathered))
+    # -- what the subclasses say ------------------------------------------------------------------------
+    def _hand_over(self, metrics: dict, checkpoint_dir: Path | None, name: str | None) -> None:
+        """Give Ray the report and, on rank 0, the whole checkpoint folder the recipe wrote (named `name`)."""
+        raise NotImplementedError
 
-    def gpu(self):
-        import ray.train.torch
+    # whether Ray registers the checkpoints (Ray Train does; in Tune's trial actor raysdpb keeps them itself)
+    registers_checkpoints = False
 
-        return ray.train.torch.get_device()  # the GPU Ray assigned to this worker
+    def _registered_checkpoint(self) -> tuple | None:
+        """`(pyarrow filesystem, path)` of the checkpoint Ray hands this run to resume from, if any."""
+        return None
 
+    # -- reports -------------------------------------------------------------------------------------------
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
-        import ray.train
-
         self._replay()
         self.lineage.append(dict(metrics))
-        checkpoint = None
+        whole = None
         if checkpoint_dir is not None and self.is_main and any(Path(checkpoint_dir).iterdir()):
             (Path(checkpoint_dir) / REPORT_FILE).write_text(json.dumps(self.lineage, default=str))
             mark_complete(Path(checkpoint_dir))  # again: the manifest is the last file, and lists the report too
-            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
-        self._send(metrics, checkpoint)
+            whole = Path(checkpoint_dir)
+        self._send(metrics, whole)
         if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # uploaded to the storage by now
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # on the storage by now
         self._sync_tensorboard()
 
-    def _send(self, metrics: dict, checkpoint=None) -> None:
-        import ray.train
-
+    def _send(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         metrics = {**metrics, "world_size": self.world_size, "worker_node_id": self.node_id,
                    "worker_node_ip": self.node_ip, "num_worker_nodes": len(self.worker_nodes),
                    "worker_pid": os.getpid(), PLACEMENT_GROUP_KEY: self.placement_group}
@@ -97,10 +96,9 @@ class RayTrainContext(WorkerContext):
             metrics[SCORE_KEY] = metrics[self.score_metric]
         if self.resumed_report is not None:  # this run restarted from the checkpoint of that step
             metrics["resumed_from_step"] = int(self.resumed_report.get("step", 0))
-        # every rank reports (Train waits for all); only rank 0 hands over the checkpoint it wrote
         self.reports += 1
-        name = checkpoint_name(int(metrics.get("step", 0))) if checkpoint else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        name = checkpoint_name(int(metrics.get("step", 0))) if checkpoint_dir is not None else None
+        self._hand_over(metrics, checkpoint_dir, name)
 
     def _replay(self) -> None:
         """Before the first report after a resume: send again every report up to the checkpoint, in case Tune
@@ -115,37 +113,26 @@ class RayTrainContext(WorkerContext):
         self._replay()
 
     def new_checkpoint_dir(self, step: int, reported: bool = True) -> Path | None:
-        # Ray Train persists a checkpoint with a report; checkpoints between reports are not kept on Ray
+        # a checkpoint goes to the storage with a report; checkpoints between reports are not kept in a sweep
         if not reported:
             return None
         return Path(tempfile.mkdtemp(prefix=f"step_{step:08d}_", dir=self.scratch))
 
+    # -- resume --------------------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
-        """The checkpoint to resume from: the newer of the one Ray Train hands over and the newest whole one
-        on the storage. Train learns of a checkpoint only when its controller next polls the worker, so a
-        worker that dies within that moment (seconds) after a report leaves a checkpoint on the storage that
-        Train never registered, and Train would restart from an older one, or from scratch."""
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        chosen = (checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None
+        """The checkpoint to resume from: the newer of the one Ray hands over and the newest whole one on the
+        storage. Ray Train learns of a checkpoint only when its controller next polls the worker, so a worker
+        that dies within that moment (seconds) after a report leaves a checkpoint on the storage that Train never
+        registered, and Train would restart from an older one, or from scratch."""
+        chosen = self._registered_checkpoint()
         if self.run_path and self.is_main:
             stored = complete_checkpoints(self.run_path)
             if stored and (chosen is None or stored[-1][0] > checkpoint_step(chosen[1])):
-                fs, _ = filesystem(self.run_path)
-                chosen = (fs, stored[-1][1])
-                log.warning("resuming from %s, newer than the checkpoint Ray Train registered (%s)",
-                            chosen[1], checkpoint.path if checkpoint is not None else "none")
-        if self.world_size > 1:  # every rank resumes from rank 0's choice
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                box = [chosen[1] if chosen is not None else None]
-                dist.broadcast_object_list(box, src=0)
-                if box[0] is None:
-                    chosen = None
-                elif chosen is None or chosen[1] != box[0]:
-                    chosen = (filesystem(self.run_path)[0] if self.run_path else checkpoint.filesystem, box[0])
+                if self.registers_checkpoints:
+                    log.warning("resuming from %s, newer than the checkpoint Ray Train registered (%s)",
+                                stored[-1][1], chosen[1] if chosen is not None else "none")
+                chosen = (filesystem(self.run_path)[0], stored[-1][1])
+        chosen = self._agree(chosen)
         if chosen is None:
             return None
         import pyarrow.fs
@@ -160,6 +147,11 @@ class RayTrainContext(WorkerContext):
             self.resumed_report = self.lineage[-1] if self.lineage else None
         return path
 
+    def _agree(self, chosen: tuple | None) -> tuple | None:
+        """Every rank resumes from rank 0's choice (one process: its own)."""
+        return chosen
+
+    # -- files ---------------------------------------------------------------------------------------------
     def _sync_tensorboard(self) -> None:
         """Copy the events and artifacts written in the scratch folder to a cloud experiment folder."""
         if self._remote_tensorboard and self._writer is not None:
@@ -173,6 +165,65 @@ class RayTrainContext(WorkerContext):
             self._writer.flush()
             self._sync_tensorboard()
         super().close()
+
+
+class RayTrainContext(SweepContext):
+    """The recipe's context on a Ray Train worker: rank and world from `ray.train.get_context()`, reports and
+    checkpoints through `ray.train.report`, resume from `ray.train.get_checkpoint()` (or a newer whole one)."""
+
+    def __init__(self, tensorboard_path: str, run_path: str | None = None, score_metric: str | None = None,
+                 artifacts_path: str | None = None) -> None:
+        import ray
+        import ray.train
+
+        train_context = ray.train.get_context()
+        super().__init__(train_context.get_world_rank(), train_context.get_world_size(),
+                         train_context.get_local_rank(), tensorboard_path, run_path, score_metric, artifacts_path)
+        group = ray.util.get_current_placement_group()
+        self.placement_group = group.id.hex() if group is not None else None
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                gathered: list = [None] * self.world_size
+                dist.all_gather_object(gathered, self.node_id)
+                self.worker_nodes = sorted(set(gathered))
+
+    def gpu(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()  # the GPU Ray assigned to this worker
+
+    registers_checkpoints = True
+
+    def _hand_over(self, metrics: dict, checkpoint_dir: Path | None, name: str | None) -> None:
+        import ray.train
+
+        # every rank reports (Train waits for all); only rank 0 hands over the checkpoint it wrote
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    def _registered_checkpoint(self) -> tuple | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return (checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None
+
+    def _agree(self, chosen: tuple | None) -> tuple | None:
+        if self.world_size <= 1:
+            return chosen
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return chosen
+        box = [chosen[1] if chosen is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return None
+        if chosen is None or chosen[1] != box[0]:
+            return (filesystem(self.run_path)[0] if self.run_path else chosen[0], box[0])
+        return chosen
+
 
 SCRATCH_ENV = "RAYSDPB_SCRATCH_DIR"
 _SCRATCH_PREFIX = "raysdpb-worker-"
