@@ -213,18 +213,32 @@ TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 ASHA_GROUP_BY = ("task", "model", "num_layers", "method")
 
 
+# the units ASHA can measure a trial's time in: `epoch` (the method's own epochs: double_finetune runs 2E of them,
+# an overlap epoch forwards each sample twice), `samples_seen` (training examples forwarded over all ranks: the one
+# axis on which every method's compute compares), `training_iteration` (Tune's count of reports). The first two
+# stay right when a trial resumes from a checkpoint (Tune's training_iteration restarts there).
+
+
 class AshaConfig(_Strict):
     metric: str | None = Field(None, description="default: the task's main metric, eval_<metric>")
     mode: Literal["max", "min"] = "max"
-    grace_period: int = Field(1, ge=1)
-    max_t: int | None = Field(None, ge=1, description="default: the largest number of epochs a trial runs")
+    grace_period: float = Field(1, gt=0, description="the first rung, in time_attr units (0.5: half an epoch)")
+    max_t: float | None = Field(None, gt=0, description="default (time_attr epoch): the largest number of epochs "
+                                                        "a trial runs")
     reduction_factor: float = Field(2.0, gt=1)
-    # epochs (fractional with eval_every_steps): the unit of grace_period and max_t, and it stays right when a
-    # trial resumes from a checkpoint (Tune's training_iteration restarts there)
-    time_attr: Literal["training_iteration", "epoch"] = "epoch"
+    time_attr: Literal["training_iteration", "epoch", "samples_seen"] = "epoch"
     group_by: list[str] = Field(default_factory=lambda: list(ASHA_GROUP_BY),
                                 description="trial keys whose values make a group: ASHA compares trials only within "
                                             "a group ([] for one ASHA over the whole grid)")
+
+    @model_validator(mode="after")
+    def _samples_seen_needs_its_scale(self) -> "AshaConfig":
+        # a number of samples means nothing without the training set's size, which only the trial knows
+        if self.time_attr == "samples_seen" and (self.max_t is None or "grace_period" not in self.model_fields_set):
+            raise ValueError("time_attr samples_seen: set grace_period and max_t in training examples forwarded "
+                             "(over all ranks): E epochs on N examples are E x N for finetune and dynamic_finetune, "
+                             "about 2 x E x N for double_finetune and the overlap methods")
+        return self
 
     @field_validator("group_by")
     @classmethod

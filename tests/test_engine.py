@@ -36,6 +36,12 @@ def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path):
     assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
     epochs = cfg.epochs * METHODS[method].epoch_multiplier
     assert len(result.history) == epochs and result.history[-1]["epoch"] == epochs
+    # samples seen at each epoch's end: N a plain epoch; an overlap epoch forwards every sample twice (2N), less
+    # the first epoch's one batch that only primes the stream
+    n, b = cfg.max_train_samples, cfg.batch_size
+    overlap = METHODS[method].loader == "overlap"
+    assert [h["samples_seen"] for h in result.history] == [
+        (2 * n * e - b if overlap else n * e) for e in range(1, epochs + 1)]
     losses = [s["train/loss"] for _, s in context.scalars if "train/loss" in s]
     assert losses and all(math.isfinite(x) for x in losses)
     distilled = [s for _, s in context.scalars if "train/distill" in s]

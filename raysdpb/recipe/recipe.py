@@ -338,16 +338,25 @@ class Recipe:
         if status == "diverged":
             log.error("trial diverged: %s", message)
             self.context.report({"epoch": round(self.sampler.epoch + position / max(len(self.sampler), 1), 4),
-                                 "step": self.step, **last, "status": "diverged", "message": message,
+                                 "step": self.step, "samples_seen": self.samples_seen(self.sampler.epoch, position),
+                                 **last, "status": "diverged", "message": message,
                                  "nonfinite_steps": self.nonfinite_total, "elapsed_s": self.elapsed()}, None)
         self.context.close()
         return TrialResult(status=status, metrics=last | self.initial,
                            epochs_run=self.history[-1]["epoch"] if self.history else 0.0, steps=self.step,
                            message=message, history=self.history)
 
+    def samples_seen(self, epoch: int, position: int) -> int:
+        """Training examples forwarded over all ranks before `position` batches into `epoch`: the axis on which
+        every method's compute compares (an overlap batch forwards each of its samples, each sample twice an epoch;
+        double_finetune runs twice the epochs). A function of the sampler's position, so it carries over a resume;
+        a step skipped for a non-finite loss counts (its forward ran)."""
+        return self.context.world_size * self.sampler.samples_before(epoch, position)
+
     def report(self, epoch_progress: float, metrics: dict, epoch: int, position: int) -> None:
         """Record an evaluation in the history, checkpoint (so the checkpoint holds its own report), report."""
-        entry = {"epoch": round(epoch_progress, 4), "step": self.step, **metrics, **self.initial,
+        entry = {"epoch": round(epoch_progress, 4), "step": self.step,
+                 "samples_seen": self.samples_seen(epoch, position), **metrics, **self.initial,
                  **self.epoch_stats.summary(), "lr": self.scheduler.get_last_lr()[0],
                  "nonfinite_steps": self.nonfinite_total}
         self.history.append(entry)

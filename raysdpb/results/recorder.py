@@ -30,7 +30,7 @@ _TUNE_BOOKKEEPING = frozenset({
 })
 # curve columns that are not metrics (no best_/last_ columns for them)
 _NOT_METRICS = frozenset({
-    "trial_id", "epoch", "step", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
+    "trial_id", "epoch", "step", "samples_seen", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
     "checkpoint_path", "status", "message", "replayed", "elapsed_s",
 })
 
@@ -115,6 +115,7 @@ def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message
         "epochs_run": last.get("epoch", 0.0) or 0.0,
         "planned_epochs": info.planned_epochs,
         "steps": last.get("step", 0) or 0,
+        "samples_seen": last.get("samples_seen"),  # training examples forwarded, over all ranks (None: not reported)
         "reports": len(curves),
         "wall_time_s": _wall_time(curves),
         "attempts": attempts,
