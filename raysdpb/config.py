@@ -154,6 +154,11 @@ class TrialConfig(_TrackerSettings):
 
     # evaluation, logging, checkpoints
     eval_every_steps: int | None = Field(None, ge=1)
+    eval_every: float | None = Field(None, gt=0, description="evaluate and report every this fraction of an epoch "
+                                                             "of the training set's N examples, in samples seen: at "
+                                                             "the first step past every, 2 x every, ... x N, the same "
+                                                             "points for every method (an overlap epoch forwards "
+                                                             "about 2N samples: it reports twice as often per epoch)")
     eval_before_training: bool = Field(False, description="evaluate the model as loaded, before any step; reported "
                                                           "as initial_eval_<metric> with every later report")
     log_every_steps: int = Field(10, ge=1)
@@ -172,6 +177,8 @@ class TrialConfig(_TrackerSettings):
             raise ValueError("task 'custom' needs a custom_task block (files, text_fields, label_field)")
         if self.custom_task is not None and self.task != "custom":
             raise ValueError("custom_task is given, so task must be 'custom'")
+        if self.eval_every is not None and self.eval_every_steps is not None:
+            raise ValueError("eval_every (a fraction of an epoch, in samples seen) and eval_every_steps: set one")
         from raysdpb.methods import METHODS
 
         if METHODS[self.method].loader == "overlap" and self.batch_size % 2:
@@ -269,6 +276,15 @@ class SweepConfig(_TrackerSettings):
                        "'none' (0)")
     asha: AshaConfig | None = Field(default_factory=AshaConfig)
     report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
+    report_every: float | None = Field(None, gt=0, description="also report (for ASHA) every this fraction of an "
+                                                               "epoch, in samples seen (the trials' eval_every): "
+                                                               "every method at the same points")
+
+    @model_validator(mode="after")
+    def _one_report_cadence(self) -> "SweepConfig":
+        if self.report_every is not None and self.report_every_steps is not None:
+            raise ValueError("report_every (a fraction of an epoch, in samples seen) and report_every_steps: set one")
+        return self
 
     @field_validator("keep_weights")
     @classmethod

@@ -34,7 +34,7 @@ from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_tra
 from raysdpb.recipe.components import (autocast_factory, load_eval_data, load_train_data, make_optimizer,
                                        make_sampler, seed_everything)
 from raysdpb.recipe.context import WorkerContext
-from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, step_scalars
+from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, report_points, step_scalars
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,8 @@ class Recipe:
     # ---- the loop --------------------------------------------------------------------------------------------
     def train(self) -> TrialResult:
         """Every epoch's batches through `train_step`; an evaluation, a report and a checkpoint at the end of each
-        epoch (and every `eval_every_steps`; a checkpoint alone every `checkpoint_every_steps`). After
+        epoch (and every `eval_every_steps`, or `eval_every` of an epoch in samples seen: `report_due`; a checkpoint
+        alone every `checkpoint_every_steps`). After
         `max_nonfinite_steps` non-finite losses in a row the trial stops as diverged."""
         cfg = self.cfg
         bar = self._progress_bar()
@@ -324,7 +325,7 @@ class Recipe:
                 self.epoch_stats.add(terms)
                 self._log_step(terms, bar)
                 mid_epoch = position < len(self.sampler)
-                if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and mid_epoch:
+                if self.report_due(epoch, position) and mid_epoch:
                     last = self.evaluate()
                     self.report(epoch + position / max(len(self.sampler), 1), last, epoch, position)
                 elif cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and mid_epoch:
@@ -352,6 +353,22 @@ class Recipe:
         double_finetune runs twice the epochs). A function of the sampler's position, so it carries over a resume;
         a step skipped for a non-finite loss counts (its forward ran)."""
         return self.context.world_size * self.sampler.samples_before(epoch, position)
+
+    def report_due(self, epoch: int, position: int) -> bool:
+        """Whether the step that took the batch at `position` of `epoch` reports (mid-epoch; every epoch's end
+        reports anyway): every `eval_every_steps` steps, or on reaching a report point of `eval_every` (a fraction
+        of the training set's N examples, in samples seen, `report_points`) past the last report's, so every method
+        reports at the same samples seen (to within a batch), whatever its epoch is. The last report comes from the
+        history, so a resumed run continues the same points."""
+        cfg = self.cfg
+        if cfg.eval_every_steps:
+            return self.step % cfg.eval_every_steps == 0
+        if cfg.eval_every:
+            reported = self.history[-1]["samples_seen"] if self.history else 0
+            n = len(self.train_data)
+            return (report_points(self.samples_seen(epoch, position), cfg.eval_every, n)
+                    > report_points(reported, cfg.eval_every, n))
+        return False
 
     def report(self, epoch_progress: float, metrics: dict, epoch: int, position: int) -> None:
         """Record an evaluation in the history, checkpoint (so the checkpoint holds its own report), report."""

@@ -104,7 +104,7 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     if experiment.trial.loggers != ["tensorboard"] or "loggers" in experiment.search:
         log.warning("%s: loggers: the trial's loggers are python -m raysdpb.train's; a sweep logs to "
                     "sweep.loggers (%s)", source, ", ".join(sweep.loggers))
-    points = expand(experiment, report_every_steps=sweep.report_every_steps)
+    points = expand(experiment, report_every_steps=sweep.report_every_steps, report_every=sweep.report_every)
     for point in points:
         if point.config.device == "cuda" and not sweep.use_gpu:
             raise UserError(f"{source}: device: cuda needs sweep.use_gpu: true (the workers reserve no GPU otherwise)")
@@ -137,7 +137,8 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     if asha is not None:
         max_t = asha.max_t
         if max_t is None:
-            if asha.time_attr == "training_iteration" and any(p.config.eval_every_steps for p in points):
+            if asha.time_attr == "training_iteration" and any(p.config.eval_every_steps or p.config.eval_every
+                                                              for p in points):
                 raise UserError(f"{source}: sweep.asha.max_t: with time_attr training_iteration and reports every "
                                 "N steps, set max_t (in reports), or use time_attr: epoch")
             max_t = max(planned_epochs(p.config) for p in points)
