@@ -35,6 +35,7 @@ from raysdpb.recipe.components import (autocast_factory, load_eval_data, load_tr
                                        make_sampler, seed_everything)
 from raysdpb.recipe.context import WorkerContext
 from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, report_points, step_scalars
+from raysdpb.throughput import matmul_parameters, mfu, peak_flops, tokens_per_s, train_flops_per_token
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ def forward_outputs(model, batch: dict, kind: str, autocast=None) -> ClassOutput
     if kind == "generation":
         return TokenOutputs(logits[:, :-1], batch["input_ids"][:, 1:], batch["answer_mask"][:, 1:].bool())
     return ClassOutputs(logits, batch["labels"])
+
+
+def non_padding_tokens(batch: dict) -> int:
+    """The tokens of a (CPU) training batch that are not padding: its attention mask's ones."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 class Recipe:
@@ -79,6 +86,11 @@ class Recipe:
         # (Tune's time_this_iter_s restarts with each attempt and misses a resumed trial's earlier time)
         self._attempt_start = time.perf_counter()
         self._elapsed_before = 0.0
+        # throughput (raysdpb.throughput): non-padding training tokens of every rank and the seconds spent training,
+        # settled at each report and checkpointed; this rank's tokens since the last report; the running segment
+        self.train_tokens, self.train_seconds = 0, 0.0
+        self._tokens_unsettled = 0
+        self._segment_start: float | None = None
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> "Recipe":
@@ -101,6 +113,10 @@ class Recipe:
         self.task = resolve_task(self.cfg)
         self.device = self.context.device(self.cfg.device)
         self.autocast, self.needs_scaler = autocast_factory(self.cfg.precision, self.device)
+        # the precision the step's matrix products run at, for the device's peak FLOP/s (raysdpb.throughput)
+        tf32 = self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        self.compute_precision = ("bf16" if not self.needs_scaler else "fp16") if self.autocast else (
+            "tf32" if tf32 else "fp32")
 
     def load_model(self) -> torch.nn.Module:
         """The runtime, the tokenizer and the model as the trial starts it: seeded first and built before anything
@@ -128,6 +144,9 @@ class Recipe:
         """The model on this rank's device, wrapped in DDP when the context has several ranks."""
         self.model = model.to(self.device)
         self.train_model = self.model
+        self.flops_per_token = train_flops_per_token(*matmul_parameters(self.model))
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.peak_flops = peak_flops(name, self.compute_precision)
         if self.context.world_size > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -240,6 +259,7 @@ class Recipe:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step, "nonfinite_total": self.nonfinite_total,
             "initial": self.initial, "elapsed_s": self.elapsed(), "config": self.cfg.model_dump(),
+            "throughput": {"tokens": self.train_tokens, "seconds": self.train_seconds},
         }
 
     def load_state_dict(self, state: dict, checkpoint: Path | str = "the checkpoint") -> None:
@@ -261,6 +281,8 @@ class Recipe:
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
         self.epoch_stats, self.history = EpochStats.from_state(own["running"]), own["history"]
         self.initial, self._elapsed_before = state["initial"], float(state["elapsed_s"])
+        throughput = state["throughput"]
+        self.train_tokens, self.train_seconds = int(throughput["tokens"]), float(throughput["seconds"])
         set_rng_state(own["rng"])
 
     def resume(self) -> None:
@@ -308,6 +330,7 @@ class Recipe:
         if cfg.eval_before_training and not self.initial and self.step == 0:
             self.initial = {f"initial_{k}": v for k, v in self.evaluate().items()}
             log.info("before training: %s", ", ".join(f"{k}={v:.4f}" for k, v in self.initial.items()))
+        self.start_training_clock()
         for epoch in range(self.sampler.epoch, self.total_epochs):
             self.sampler.set_epoch(epoch)
             position = self.sampler.state_dict()["position"]
@@ -315,6 +338,7 @@ class Recipe:
                 self.epoch_stats = EpochStats()
             for batch in self.loader:
                 position += 1
+                self._tokens_unsettled += non_padding_tokens(batch)
                 terms = self.train_step({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
                 if terms is None:
                     if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
@@ -326,14 +350,19 @@ class Recipe:
                 self._log_step(terms, bar)
                 mid_epoch = position < len(self.sampler)
                 if self.report_due(epoch, position) and mid_epoch:
+                    self.stop_training_clock()
                     last = self.evaluate()
                     self.report(epoch + position / max(len(self.sampler), 1), last, epoch, position)
+                    self.start_training_clock()
                 elif cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and mid_epoch:
                     self.save_checkpoint(epoch, position, reported=False)
             if status == "diverged":
                 break
+            self.stop_training_clock()
             last = self.evaluate()
             self.report(epoch + 1, last, epoch + 1, 0)
+            self.start_training_clock()
+        self.stop_training_clock()
         if bar is not None:
             bar.close()
         if status == "diverged":
@@ -341,7 +370,8 @@ class Recipe:
             self.context.report({"epoch": round(self.sampler.epoch + position / max(len(self.sampler), 1), 4),
                                  "step": self.step, "samples_seen": self.samples_seen(self.sampler.epoch, position),
                                  **last, "status": "diverged", "message": message,
-                                 "nonfinite_steps": self.nonfinite_total, "elapsed_s": self.elapsed()}, None)
+                                 "nonfinite_steps": self.nonfinite_total, "elapsed_s": self.elapsed(),
+                                 **self.throughput()}, None)
         self.context.close()
         return TrialResult(status=status, metrics=last | self.initial,
                            epochs_run=self.history[-1]["epoch"] if self.history else 0.0, steps=self.step,
@@ -379,7 +409,31 @@ class Recipe:
         self.history.append(entry)
         checkpoint_dir = self.save_checkpoint(epoch, position)
         self.context.log_scalars(self.step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
-        self.context.report({**entry, "elapsed_s": self.elapsed()}, checkpoint_dir)
+        self.context.report({**entry, "elapsed_s": self.elapsed(), **self.throughput()}, checkpoint_dir)
+
+    # ---- throughput ------------------------------------------------------------------------------------------
+    def start_training_clock(self) -> None:
+        self._segment_start = time.perf_counter()
+
+    def stop_training_clock(self) -> None:
+        """Settle the training time and tokens since the clock started (before an evaluation or at the end): the
+        device's queued work waited for, every rank's tokens summed (a collective, at the same steps on every
+        rank)."""
+        if self._segment_start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_seconds += time.perf_counter() - self._segment_start
+        self._segment_start = None
+        self.train_tokens += self.context.sum_over_ranks(self._tokens_unsettled)
+        self._tokens_unsettled = 0
+
+    def throughput(self) -> dict[str, float | None]:
+        """`tokens_per_s` (non-padding training tokens of every rank per second of training) and `mfu` over the
+        peak of the trial's devices (`raysdpb.throughput`; None without a known peak)."""
+        rate = tokens_per_s(self.train_tokens, self.train_seconds)
+        devices = self.context.world_size
+        return {"tokens_per_s": rate, "mfu": mfu(rate, self.flops_per_token, self.peak_flops, devices)}
 
     def _log_step(self, terms: LossTerms, bar) -> None:
         if self.context.is_main and self.step % self.cfg.log_every_steps == 0:
