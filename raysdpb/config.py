@@ -148,6 +148,10 @@ class TrialConfig(_TrackerSettings):
                                                             "pass: less activation memory, about one more forward "
                                                             "of compute per step; the same gradients")
 
+    compile_loss: bool = Field(False, description="torch.compile the method's loss (its extra terms, not the model): "
+                                                  "fewer kernel launches on a GPU, where a small model's step is "
+                                                  "launch-bound; the same numbers; compiles once per trial")
+
     # decoder-only evaluation
     max_new_tokens: int = Field(256, ge=1)
     choice_scoring: Literal["generate", "loglikelihood"] = "generate"
@@ -210,8 +214,8 @@ class TrialConfig(_TrackerSettings):
 
 # trial keys that do not change what is trained: where things lie, how progress shows, what memory it takes
 # (left out of the trial id, raysdpb.sweep.grid, and of a report's configuration columns, raysdpb.report.tables)
-NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "loggers", "mlflow",
-                        "wandb"})
+NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "compile_loss", "loggers",
+                        "mlflow", "wandb"})
 # the trial keys that say where a local run's metrics go (a sweep's are in its `sweep:` block)
 TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 

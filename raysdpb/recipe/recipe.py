@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from raysdpb.config import TrialConfig
 from raysdpb.data import TokenizedDataset, collate, pad_multiple_for
 from raysdpb.errors import UserError
-from raysdpb.methods import ClassOutputs, LogitCache, LossTerms, MethodParams, TokenOutputs, get_method
+from raysdpb.methods import (ClassOutputs, LogitCache, LossTerms, MethodParams, TokenOutputs, compiled_loss,
+                             get_method)
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_trainable_state, mark_complete,
                                        rng_state, set_rng_state, trainable_state_dict, write_state)
@@ -72,6 +73,7 @@ class Recipe:
         self.cfg = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
         self.context = context if context is not None else WorkerContext()
         self.method = get_method(self.cfg.method)
+        self.loss_fn = self.method.loss  # compiled in setup_runtime on request (compile_loss)
         self.params = MethodParams(self.cfg.alpha, self.cfg.tau, self.cfg.tau_min_scale, self.cfg.tau_max_scale,
                                    self.cfg.tau_relative)
         # the loop's counters and records: what a checkpoint restores
@@ -113,6 +115,14 @@ class Recipe:
         self.task = resolve_task(self.cfg)
         self.device = self.context.device(self.cfg.device)
         self.autocast, self.needs_scaler = autocast_factory(self.cfg.precision, self.device)
+        # the method's loss compiled (compile_loss; meant for GPUs, where its small kernels cost a launch each): an
+        # encoder's only. A decoder's VMM loss stays eager: inductor's gradients of it (its hand-written
+        # autograd.Function called with each sample's tau) came out wrong (tests/test_compile_loss.py)
+        if self.cfg.compile_loss and self.task.kind == "classification":
+            self.loss_fn = compiled_loss(self.method)
+        elif self.cfg.compile_loss:
+            log.warning("compile_loss: a decoder's loss is not compiled (inductor's gradients of the vocabulary-map "
+                        "loss differ from the eager ones); it runs eagerly")
         # the precision the step's matrix products run at, for the device's peak FLOP/s (raysdpb.throughput)
         tf32 = self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
         self.compute_precision = ("bf16" if not self.needs_scaler else "fp16") if self.autocast else (
@@ -189,7 +199,7 @@ class Recipe:
         outputs = forward_outputs(self.train_model, batch, self.task.kind, self.autocast)
         half = len(batch["index"]) // 2
         teacher = self.cache.take(batch["index"][:half], self.device) if self.method.distills else None
-        terms = self.method.loss(outputs, teacher, self.params)
+        terms = self.loss_fn(outputs, teacher, self.params)
         if not self.context.all_ranks(self.loss_is_finite(terms)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
