@@ -11,8 +11,9 @@ grid order, `--concurrent` at a time; each one's reports arrive at its own recor
 stops sends nothing more and frees its slot, so the next trial starts earlier, as in a real sweep.
 Reported per group and in all:
 
-* compute: the `time_attr` the trials ran (epochs, or samples seen when the curves have that column), against the
-  whole grid's; `saved` is the fraction not run;
+* compute: the `time_attr` the trials ran (epochs, or `--time-attr samples_seen`, the training examples forwarded
+  that every report carries: the unit in which double_finetune and the overlap methods cost what they do),
+  against the whole grid's; `saved` is the fraction not run;
 * regret: the configuration the ASHA sweep would choose (the best `best_<metric>` among what its trials reported
   before they were stopped; ties to grid order, as the sweep's summary) scored by what it reached in the full run,
   against the grid's best; in validation examples too when `--eval-examples` (or the task's known size) is given.

@@ -2,7 +2,7 @@
 
     python benchmarks/overhead.py [--device cpu|cuda] [--configs enc-32x128,enc-8x256,dec-2x256]
                                   [--methods all] [--budget-s 540] [--json PATH] [--peak-tflops 989]
-                                  [--encoder-model minilm-l6] [--decoder-model smollm2-135m]
+                                  [--encoder-model minilm-l6] [--decoder-model smollm2-135m] [--compile-loss]
 
 Configurations (same model, batch and sequence length for every method of a configuration):
 
@@ -123,7 +123,8 @@ def trial_config(spec: dict, args, seed: int = 0):
                        max_length=spec["length"], epochs=TRIAL_EPOCHS, seed=seed, precision=args.precision,
                        device="cuda" if args.device.startswith("cuda") else "cpu",
                        lora=LoraConfig() if spec.get("lora") else None,
-                       gradient_checkpointing=args.gradient_checkpointing, progress_bar=False,
+                       gradient_checkpointing=args.gradient_checkpointing, compile_loss=args.compile_loss,
+                       progress_bar=False,
                        grad_norm_every_steps=10**9)  # per-layer norms are the loop's logging, the same for all
 
 
@@ -315,6 +316,8 @@ def run_config(name: str, args, budget_s: float) -> dict:
 
     rounds = 0
     warmup = args.warmup if args.warmup is not None else (1 if device.type == "cpu" else 3)
+    if args.compile_loss and args.warmup is None:
+        warmup = max(warmup, 3)  # the compilations (no teacher on the first step, then with one) before the timing
 
     def one_round(kind: str) -> None:
         nonlocal rounds
@@ -457,6 +460,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="every method with the trial option gradient_checkpointing: true (less activation memory)")
+    p.add_argument("--compile-loss", action="store_true",
+                   help="every method with the trial option compile_loss: true (torch.compile of the method's loss; "
+                        "at least 3 warm-up rounds unless --warmup says otherwise: they take the compilations)")
     p.add_argument("--json", default=None, help=f"write the figures here (e.g. {RESULTS / 'overhead.json'})")
     p.add_argument("-v", "--verbose", action="store_true", help="print every timed round")
     args = p.parse_args()
@@ -469,7 +475,7 @@ def main() -> None:
         if c not in CONFIGS:
             p.error(f"unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
     results = {"benchmark": "overhead", "device": args.device, "precision": args.precision,
-               "gradient_checkpointing": args.gradient_checkpointing,
+               "gradient_checkpointing": args.gradient_checkpointing, "compile_loss": args.compile_loss,
                "machine": machine_info(), "budget_s": args.budget_s, "configs": {}}
     t0 = time.perf_counter()
     shares = {c: BUDGET_SHARE.get(c, 1.0) for c in names}

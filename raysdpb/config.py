@@ -178,12 +178,21 @@ class TrialConfig(_TrackerSettings):
                                                             "pass: less activation memory, about one more forward "
                                                             "of compute per step; the same gradients")
 
+    compile_loss: bool = Field(False, description="torch.compile the method's loss (its extra terms, not the model): "
+                                                  "fewer kernel launches on a GPU, where a small model's step is "
+                                                  "launch-bound; the same numbers; compiles once per trial")
+
     # decoder-only evaluation
     max_new_tokens: int = Field(256, ge=1)
     choice_scoring: Literal["generate", "loglikelihood"] = "generate"
 
     # evaluation, logging, checkpoints
     eval_every_steps: int | None = Field(None, ge=1)
+    eval_every: float | None = Field(None, gt=0, description="evaluate and report every this fraction of an epoch "
+                                                             "of the training set's N examples, in samples seen: at "
+                                                             "the first step past every, 2 x every, ... x N, the same "
+                                                             "points for every method (an overlap epoch forwards "
+                                                             "about 2N samples: it reports twice as often per epoch)")
     eval_before_training: bool = Field(False, description="evaluate the model as loaded, before any step; reported "
                                                           "as initial_eval_<metric> with every later report")
     save_predictions: bool = Field(False, description="classification: every evaluation writes each example's idx, "
@@ -206,6 +215,8 @@ class TrialConfig(_TrackerSettings):
             raise ValueError("task 'custom' needs a custom_task block (files, text_fields, label_field)")
         if self.custom_task is not None and self.task != "custom":
             raise ValueError("custom_task is given, so task must be 'custom'")
+        if self.eval_every is not None and self.eval_every_steps is not None:
+            raise ValueError("eval_every (a fraction of an epoch, in samples seen) and eval_every_steps: set one")
         from raysdpb.methods import METHODS
 
         if METHODS[self.method].loader == "overlap" and self.batch_size % 2:
@@ -243,8 +254,8 @@ class TrialConfig(_TrackerSettings):
 
 # trial keys that do not change what is trained: where things lie, how progress shows, what memory it takes
 # (left out of the trial id, raysdpb.sweep.grid, and of a report's configuration columns, raysdpb.report.tables)
-NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "loggers", "mlflow",
-                        "wandb", "save_predictions"})
+NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "compile_loss", "loggers",
+                        "mlflow", "wandb", "save_predictions"})
 # the trial keys that say where a local run's metrics go (a sweep's are in its `sweep:` block)
 TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 
@@ -253,18 +264,32 @@ TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 ASHA_GROUP_BY = ("task", "model", "num_layers", "method")
 
 
+# the units ASHA can measure a trial's time in: `epoch` (the method's own epochs: double_finetune runs 2E of them,
+# an overlap epoch forwards each sample twice), `samples_seen` (training examples forwarded over all ranks: the one
+# axis on which every method's compute compares), `training_iteration` (Tune's count of reports). The first two
+# stay right when a trial resumes from a checkpoint (Tune's training_iteration restarts there).
+
+
 class AshaConfig(_Strict):
     metric: str | None = Field(None, description="default: the task's main metric, eval_<metric>")
     mode: Literal["max", "min"] = "max"
-    grace_period: int = Field(1, ge=1)
-    max_t: int | None = Field(None, ge=1, description="default: the largest number of epochs a trial runs")
+    grace_period: float = Field(1, gt=0, description="the first rung, in time_attr units (0.5: half an epoch)")
+    max_t: float | None = Field(None, gt=0, description="default (time_attr epoch): the largest number of epochs "
+                                                        "a trial runs")
     reduction_factor: float = Field(2.0, gt=1)
-    # epochs (fractional with eval_every_steps): the unit of grace_period and max_t, and it stays right when a
-    # trial resumes from a checkpoint (Tune's training_iteration restarts there)
-    time_attr: Literal["training_iteration", "epoch"] = "epoch"
+    time_attr: Literal["training_iteration", "epoch", "samples_seen"] = "epoch"
     group_by: list[str] = Field(default_factory=lambda: list(ASHA_GROUP_BY),
                                 description="trial keys whose values make a group: ASHA compares trials only within "
                                             "a group ([] for one ASHA over the whole grid)")
+
+    @model_validator(mode="after")
+    def _samples_seen_needs_its_scale(self) -> "AshaConfig":
+        # a number of samples means nothing without the training set's size, which only the trial knows
+        if self.time_attr == "samples_seen" and (self.max_t is None or "grace_period" not in self.model_fields_set):
+            raise ValueError("time_attr samples_seen: set grace_period and max_t in training examples forwarded "
+                             "(over all ranks): E epochs on N examples are E x N for finetune and dynamic_finetune, "
+                             "about 2 x E x N for double_finetune and the overlap methods")
+        return self
 
     @field_validator("group_by")
     @classmethod
@@ -295,9 +320,18 @@ class SweepConfig(_TrackerSettings):
                        "'none' (0)")
     asha: AshaConfig | None = Field(default_factory=AshaConfig)
     report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
+    report_every: float | None = Field(None, gt=0, description="also report (for ASHA) every this fraction of an "
+                                                               "epoch, in samples seen (the trials' eval_every): "
+                                                               "every method at the same points")
     warm_trials: bool = Field(True, description="single-worker trials run in Tune's own trial actor, reused from "
                                                 "trial to trial (no Ray Train worker group to start); false: every "
                                                 "trial is a Ray Train run, as multi-worker trials always are")
+
+    @model_validator(mode="after")
+    def _one_report_cadence(self) -> "SweepConfig":
+        if self.report_every is not None and self.report_every_steps is not None:
+            raise ValueError("report_every (a fraction of an epoch, in samples seen) and report_every_steps: set one")
+        return self
 
     @field_validator("keep_weights")
     @classmethod

@@ -30,7 +30,7 @@ from raysdpb import losses
 
 __all__ = [
     "MethodParams", "ClassOutputs", "TokenOutputs", "TeacherState", "LossTerms", "Method",
-    "LogitCache", "METHODS", "register", "get_method",
+    "LogitCache", "METHODS", "register", "get_method", "compiled_loss", "COMPILE_BACKEND_ENV",
 ]
 
 
@@ -210,6 +210,20 @@ class Method:
         with torch.no_grad():
             tau = self.teacher_temperature(second_half, params).detach().float()
             return TeacherState(indices=indices.detach().cpu(), target=second_half.soft_target(tau), tau=tau)
+
+
+COMPILE_BACKEND_ENV = "RAYSDPB_COMPILE_BACKEND"
+
+
+def compiled_loss(method: Method, backend: str | None = None):
+    """`method.loss` through `torch.compile` (the trial key `compile_loss`): the loss's elementwise and reduction
+    kernels (softmaxes, KL, per-sample weights and temperatures) fused, the model left as it is. `backend`:
+    default `$RAYSDPB_COMPILE_BACKEND`, else inductor (which needs a C compiler on a CPU); `aot_eager` traces
+    without generating code. Shapes vary (a short last batch, dynamic padding, no teacher on a run's first step):
+    torch.compile recompiles for a new case, then marks the varying sizes dynamic."""
+    import os
+
+    return torch.compile(method.loss, backend=backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor")
 
 
 METHODS: dict[str, Method] = {}

@@ -127,6 +127,18 @@ class _EpochSampler:
         """Optimizer steps over `num_epochs` epochs (for the learning-rate schedule)."""
         return sum(self.batches_in_epoch(e) for e in range(num_epochs))
 
+    def samples_before(self, epoch: int, position: int) -> int:
+        """Samples this rank has forwarded in the batches before `position` of `epoch` (every earlier epoch
+        included): what `samples_seen` counts, a function of the stream's position alone, so a resumed run
+        continues the count. An overlap batch counts all its `batch_size` samples (each sample is forwarded
+        twice per epoch), a plain epoch's short last batch what it holds."""
+        return sum(self.samples_in_batches(e, self.batches_in_epoch(e)) for e in range(epoch)) + \
+            self.samples_in_batches(epoch, position)
+
+    def samples_in_batches(self, epoch: int, count: int) -> int:
+        """Samples in the first `count` batches of `epoch` on this rank."""
+        raise NotImplementedError
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of `epoch`, in order, from the first (whatever the current position is)."""
         return self._batches(epoch)
@@ -179,6 +191,9 @@ class OverlapBatchSampler(_EpochSampler):
     def batches_in_epoch(self, epoch: int) -> int:
         return self.halves_in_epoch() - (1 if epoch == 0 else 0)
 
+    def samples_in_batches(self, epoch: int, count: int) -> int:
+        return min(count, self.batches_in_epoch(epoch)) * self.batch_size
+
     def half_batches(self, epoch: int) -> list[list[int]]:
         """This rank's half-batches of `epoch` (`halves_in_epoch()` of them), in stream order."""
         idx = self.rank_indices(epoch)
@@ -220,6 +235,10 @@ class ShuffledBatchSampler(_EpochSampler):
     def batches_in_epoch(self, epoch: int) -> int:
         n = self._per_rank()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def samples_in_batches(self, epoch: int, count: int) -> int:
+        full = self._per_rank() if not self.drop_last else self.batches_in_epoch(epoch) * self.batch_size
+        return min(count * self.batch_size, full)
 
     def _groups_per_epoch(self) -> int:
         # pad or drop to a multiple of num_replicas only; batching is then per rank

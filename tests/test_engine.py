@@ -36,6 +36,12 @@ def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path):
     assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
     epochs = cfg.epochs * METHODS[method].epoch_multiplier
     assert len(result.history) == epochs and result.history[-1]["epoch"] == epochs
+    # samples seen at each epoch's end: N a plain epoch; an overlap epoch forwards every sample twice (2N), less
+    # the first epoch's one batch that only primes the stream
+    n, b = cfg.max_train_samples, cfg.batch_size
+    overlap = METHODS[method].loader == "overlap"
+    assert [h["samples_seen"] for h in result.history] == [
+        (2 * n * e - b if overlap else n * e) for e in range(1, epochs + 1)]
     losses = [s["train/loss"] for _, s in context.scalars if "train/loss" in s]
     assert losses and all(math.isfinite(x) for x in losses)
     distilled = [s for _, s in context.scalars if "train/distill" in s]
@@ -175,9 +181,46 @@ def test_same_seed_same_metrics_and_different_seed_differs(shared_data_dir, tmp_
     assert runs[0].history[-1]["train_loss"] != runs[2].history[-1]["train_loss"]
 
 
-@pytest.mark.parametrize("method", ["dynsdpb", "finetune"])
-def test_resume_mid_epoch_matches_uninterrupted_run(method, shared_data_dir, tmp_path):
-    cfg = _config(shared_data_dir, method=method, epochs=2, checkpoint_every_steps=4)
+def test_report_points_by_hand():
+    from raysdpb.recipe.progress import report_points
+
+    assert [report_points(s, 0.25, 100) for s in (0, 24, 25, 49, 50, 100, 199, 200)] == [0, 0, 1, 1, 2, 4, 7, 8]
+    # 0.1 is a tenth: the 10th point is reached at N samples exactly (the float 0.1 x 100 is above 10)
+    assert [report_points(s, 0.1, 100) for s in (9, 10, 99, 100)] == [0, 1, 9, 10]
+    assert report_points(12, 1 / 3, 36) == 1 and report_points(11, 1 / 3, 36) == 0
+    assert report_points(300, 1.5, 100) == 2
+
+
+def test_eval_every_reports_every_method_at_the_same_samples_seen(shared_data_dir, tmp_path):
+    """eval_every 0.25 of an epoch of N=48 examples, batches of 8: a report at the first step reaching each of 12,
+    24, 36, ... samples, for a plain method (an epoch of 6 steps) as for an overlap one (an epoch of about 12):
+    every point of the trial's run is met by a report within one batch of it, and no report comes between
+    points but the method's own epoch ends."""
+    b, every = 8, 12  # the batch; a quarter of N=48
+    histories = {}
+    for method in ("finetune", "double_finetune", "dynsdpb"):
+        cfg = _config(shared_data_dir, method=method, eval_every=0.25)
+        histories[method] = run_trial(cfg, LocalContext(tmp_path / method)).history
+    # by hand, a plain epoch: points 12, 24, 36, 48 met at 16, 24, 40 and the epoch's end 48
+    assert [h["samples_seen"] for h in histories["finetune"]] == [16, 24, 40, 48]
+    assert [h["epoch"] for h in histories["finetune"]] == [pytest.approx(2 / 6, abs=1e-4), 0.5,
+                                                           pytest.approx(5 / 6, abs=1e-4), 1.0]
+    for method, history in histories.items():
+        seen = [h["samples_seen"] for h in history]
+        assert seen == sorted(set(seen)), method
+        for point in range(every, seen[-1] + 1, every):
+            assert any(point <= s < point + b for s in seen), (method, point, seen)
+        epoch_ends = {h["samples_seen"] for h in history if float(h["epoch"]).is_integer()}
+        between = [s for s in seen if s not in epoch_ends]
+        assert all((s - b) // every < s // every for s in between), (method, seen)  # each the first past a point
+    assert [h["samples_seen"] for h in histories["double_finetune"]] == [16, 24, 40, 48, 64, 72, 88, 96]
+    # an overlap epoch of N=48 is 11 batches (88 samples, each example about twice): twice the reports of a plain one
+    assert [h["samples_seen"] for h in histories["dynsdpb"]] == [16, 24, 40, 48, 64, 72, 88]
+
+
+@pytest.mark.parametrize("method, extra", [("dynsdpb", {}), ("finetune", {}), ("dynsdpb", {"eval_every": 0.25})])
+def test_resume_mid_epoch_matches_uninterrupted_run(method, extra, shared_data_dir, tmp_path):
+    cfg = _config(shared_data_dir, method=method, epochs=2, checkpoint_every_steps=4, **extra)
     full_ctx = LocalContext(tmp_path / "full", keep=100)
     full = run_trial(cfg, full_ctx)
     # a checkpoint taken mid-epoch (step 4 of the first epoch): keep a copy and resume from it

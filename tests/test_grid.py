@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raysdpb.config import load_experiment
+from raysdpb.errors import UserError
 from raysdpb.sweep.grid import expand, flatten_config, method_hyperparameters, trial_id
 from raysdpb.methods import METHODS
 
@@ -82,6 +83,28 @@ def test_report_every_steps_sets_eval_every_steps_unless_the_trial_has_its_own()
     assert expand(exp, report_every_steps=5)[0].config.eval_every_steps == 5
     exp = _experiment({"lr": [1e-4]}, eval_every_steps=3)
     assert expand(exp, report_every_steps=5)[0].config.eval_every_steps == 3
+
+
+def test_report_every_sets_eval_every_unless_the_trial_has_a_cadence_of_its_own():
+    exp = _experiment({"lr": [1e-4]})
+    point = expand(exp, report_every=0.25)[0]
+    assert point.config.eval_every == 0.25 and point.config.eval_every_steps is None
+    assert expand(_experiment({"lr": [1e-4]}, eval_every=0.5), report_every=0.25)[0].config.eval_every == 0.5
+    own_steps = expand(_experiment({"lr": [1e-4]}, eval_every_steps=3), report_every=0.25)[0].config
+    assert (own_steps.eval_every, own_steps.eval_every_steps) == (None, 3)
+    # a new key with its default leaves the ids of existing grids as they were
+    assert expand(exp)[0].trial_id == expand(_experiment({"lr": [1e-4]}, eval_every=None))[0].trial_id
+
+
+def test_one_report_cadence_per_trial_and_per_sweep():
+    with pytest.raises(UserError, match=r"eval_every \(a fraction of an epoch, in samples seen\) and "
+                                        r"eval_every_steps: set one"):
+        _experiment({}, eval_every=0.25, eval_every_steps=3)
+    with pytest.raises(UserError, match=r"sweep: report_every \(a fraction of an epoch, in samples seen\) and "
+                                        r"report_every_steps: set one"):
+        _experiment({}, sweep={"name": "x", "report_every": 0.25, "report_every_steps": 3})
+    with pytest.raises(UserError, match=r"sweep\.report_every: Input should be greater than 0"):
+        _experiment({}, sweep={"name": "x", "report_every": 0})
 
 
 def test_labels_name_the_searched_values():

@@ -258,6 +258,16 @@ def test_cost_table_hours_epochs_and_gpus_when_the_columns_say():
     assert [r[-1] for r in table.rows] == ["0.375", "0.000", "0.375"]  # 0.5 GPU x 1 worker x 0.75 h; no GPU
     assert any("gpus_per_worker × last_world_size (where use_gpu)" in n for n in notes)
 
+    # throughput: the median of each method's trials that report it; MFU only where some trial had a peak
+    rated = trials.assign(tokens_per_s=[1000.0, 3000.0, None], mfu=[None, None, None])
+    table, notes = cost_table(prepare(rated))
+    assert table.columns[-1] == "median tokens/s" and [r[-1] for r in table.rows] == ["2000", "—", "2000"]
+    assert any("No MFU" in n for n in notes)
+    table, notes = cost_table(prepare(rated.assign(mfu=[0.02, 0.04, 0.5])))
+    assert table.columns[-2:] == ["median tokens/s", "median MFU"]
+    assert [r[-1] for r in table.rows] == ["3.0%", "50.0%", "4.0%"]
+    assert not any("No MFU" in n for n in notes)
+
 
 def test_compute_costs_steps_passes_teacher_and_wall_time(monkeypatch):
     """Forward passes are steps x batch x ranks x the method's passes per example (its `forward_passes`, 1

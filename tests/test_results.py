@@ -19,8 +19,8 @@ from raysdpb.tasks import get_task
 
 def _report(epoch, acc, loss, **extra):
     return {"epoch": float(epoch), "step": int(epoch * 4), "eval_accuracy": acc, "eval_macro_f1": acc / 2,
-            "train_loss": loss, "lr": 1e-4, "training_iteration": int(epoch), "time_this_iter_s": 2.0,
-            "time_total_s": 2.0 * epoch, "elapsed_s": 2.0 * epoch, "timestamp": 1000 + epoch,
+            "train_loss": loss, "lr": 1e-4, "samples_seen": int(epoch * 32), "training_iteration": int(epoch),
+            "time_this_iter_s": 2.0, "time_total_s": 2.0 * epoch, "elapsed_s": 2.0 * epoch, "timestamp": 1000 + epoch,
             "config": {"point": {"x": 1}}, "hostname": "h", "pid": 1, "done": False, "trial_id": "tune_0001", **extra}
 
 
@@ -80,6 +80,8 @@ def test_summarize_trial_best_and_last():
     assert row["last_lr"] == 1e-4 and "best_lr" not in row
     assert row["epochs_run"] == 3.0 and row["steps"] == 12 and row["reports"] == 3
     assert row["wall_time_s"] == pytest.approx(6.0)
+    # samples seen: the last report's, a column of its own (not a metric with best_/last_)
+    assert row["samples_seen"] == 96 and "last_samples_seen" not in row and "best_samples_seen" not in row
 
 
 def test_each_trial_row_names_its_own_main_metric(tmp_path):

@@ -415,3 +415,44 @@ def test_shuffled_validation_and_dataloader():
     assert len(loader) == math.ceil(23 / 5)
     got = sorted(i for (batch,) in loader for i in batch.tolist())
     assert got == list(range(23))
+
+
+# --- samples seen: a function of the stream's position -------------------------------------------------------
+
+def _counted_samples(sampler, epochs: int) -> dict[tuple[int, int], int]:
+    """(epoch, position) -> samples in the batches the sampler yielded before that position, counted one by one."""
+    seen, out = 0, {}
+    for e, batches in enumerate(iterate_epochs(sampler, epochs)):
+        out[(e, 0)] = seen
+        for k, batch in enumerate(batches, start=1):
+            seen += len(batch)
+            out[(e, k)] = seen
+    out[(epochs, 0)] = seen
+    return out
+
+
+@SETTINGS
+@given(st.one_of(overlap_config(), plain_config()), st.data())
+def test_samples_before_counts_the_batches_yielded(cfg, data):
+    overlap = cfg["batch_size"] % 2 == 0 and cfg["n"] >= cfg["batch_size"] * cfg["replicas"] and data.draw(
+        st.booleans())
+    cls = OverlapBatchSampler if overlap else ShuffledBatchSampler
+    rank = data.draw(st.integers(0, cfg["replicas"] - 1))
+    sampler = cls(cfg["n"], cfg["batch_size"], shuffle=cfg["shuffle"], seed=cfg["seed"],
+                  num_replicas=cfg["replicas"], rank=rank, drop_last=cfg["drop_last"])
+    counted = _counted_samples(sampler, cfg["epochs"])
+    for (epoch, position), expected in counted.items():
+        assert sampler.samples_before(epoch, position) == expected, (epoch, position)
+
+
+def test_samples_before_by_hand():
+    # plain, N=10, B=4: batches of 4, 4, 2 per epoch
+    plain = ShuffledBatchSampler(10, 4, shuffle=False)
+    assert [plain.samples_before(0, k) for k in range(4)] == [0, 4, 8, 10]
+    assert plain.samples_before(2, 1) == 24
+    # overlap, N=8, B=4: 4 halves per epoch; epoch 0 has 3 batches, later epochs 4; each batch 4 samples
+    overlap = OverlapBatchSampler(8, 4, shuffle=False)
+    assert [overlap.samples_before(0, k) for k in range(4)] == [0, 4, 8, 12]
+    assert overlap.samples_before(1, 0) == 12 and overlap.samples_before(2, 0) == 28
+    # two ranks: each rank's own share (the recipe multiplies by the world size)
+    assert ShuffledBatchSampler(10, 4, shuffle=False, num_replicas=2).samples_before(1, 0) == 5

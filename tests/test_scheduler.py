@@ -193,3 +193,59 @@ def test_the_sweeps_resume_hands_every_recorded_result_to_asha(tmp_path):
         scheduler.on_trial_add(None, trial)
         assert scheduler.on_trial_result(None, trial, {"epoch": 1.0, "step": 157, "score": score,
                                                        "replayed": 1}) == TrialScheduler.CONTINUE
+
+
+# --- units: rungs below an epoch, samples seen ---------------------------------------------------------------
+
+def test_asha_rungs_are_the_rungs_ray_s_asha_uses():
+    """`raysdpb.sweep.plan.asha_rungs` (what --dry-run prints) against the milestones of Ray's own ASHA bracket,
+    over many grace periods (below an epoch, in samples), maxima and reduction factors."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from raysdpb.sweep.plan import asha_rungs
+
+    rng = random.Random(3)
+    cases = [(0.25, 3, 2), (1, 6, 2), (0.5, 3, 3), (2000, 64000, 4), (1, 1, 2)]
+    cases += [(rng.choice([0.1, 0.25, 1, 500]), rng.uniform(1, 5000), rng.choice([2, 3, 4, 1.5])) for _ in range(200)]
+    for grace, max_t, factor in cases:
+        if grace > max_t:
+            continue
+        ray_rungs = sorted(m for m, _ in _Bracket(grace, max_t, factor, s=0)._rungs)
+        assert asha_rungs(grace, max_t, factor) == pytest.approx(ray_rungs), (grace, max_t, factor)
+
+
+def test_fractional_rungs_stop_on_a_report_below_an_epoch():
+    """grace_period 0.25 of an epoch: the rung is met by the first report at or past a quarter epoch."""
+    scheduler = _grouped({"a": "G", "b": "G"}, dict(ASHA, grace_period=0.25, max_t=2))
+    assert _decisions(scheduler, [("a", 0.25, 0.9), ("b", 0.2, 0.1), ("b", 0.26, 0.1)]) == [
+        TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.STOP]
+
+
+def test_asha_in_samples_seen(tmp_path):
+    scheduler = GroupedASHA({"a": "G", "b": "G"}, time_attr="samples_seen", max_t=800, grace_period=200,
+                            reduction_factor=2, stop_last_trials=False)
+    scheduler.set_search_properties("score", "max")
+    trials = {t: _trial(t) for t in "ab"}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    decide = [scheduler.on_trial_result(None, trials[t], {"samples_seen": s, "epoch": e, "score": v})
+              for t, s, e, v in [("a", 208, 0.5, 0.8), ("b", 192, 1.0, 0.2), ("b", 216, 1.04, 0.2)]]
+    # b's epoch-end report (192 samples) is below the rung; its next one (216) is compared there and stopped
+    assert decide == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.STOP]
+
+
+def test_asha_units_in_the_config():
+    base = {"task": "superglue/cb", "model": "tiny-bert", "sweep": {"name": "x"}}
+    asha = load_experiment(None, raw={**base, "sweep": {"name": "x", "asha": {"grace_period": 0.25,
+                                                                               "max_t": 2.5}}}).sweep.asha
+    assert (asha.grace_period, asha.max_t, asha.time_attr) == (0.25, 2.5, "epoch")
+    samples = {"time_attr": "samples_seen", "grace_period": 500, "max_t": 8000}
+    asha = load_experiment(None, raw={**base, "sweep": {"name": "x", "asha": samples}}).sweep.asha
+    assert (asha.time_attr, asha.grace_period, asha.max_t) == ("samples_seen", 500, 8000)
+    for missing in ("grace_period", "max_t"):
+        raw = {**base, "sweep": {"name": "x", "asha": {k: v for k, v in samples.items() if k != missing}}}
+        with pytest.raises(UserError, match=r"sweep\.asha: time_attr samples_seen: set grace_period and max_t in "
+                                            r"training examples"):
+            load_experiment(None, raw=raw)
+    with pytest.raises(UserError, match=r"sweep\.asha\.grace_period: Input should be greater than 0"):
+        load_experiment(None, raw={**base, "sweep": {"name": "x", "asha": {"grace_period": 0}}})

@@ -148,7 +148,7 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, shared_data_dir):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-2].startswith("3 trials; metric eval_accuracy (max)")
     assert out.stdout.splitlines()[-1] == ("ASHA: 2 group(s) by task/model/num_layers/method; grace_period 1, "
-                                           "reduction_factor 2, max_t 2 (epoch)")
+                                           "reduction_factor 2, max_t 2 (epoch); rungs at epoch 1, 2")
     bad = _sweep(config, "sweep.num_workerz=2")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("raysdpb: error:")
     assert "sweep.num_workerz: unknown key" in bad.stderr and "Traceback" not in bad.stderr
@@ -235,6 +235,10 @@ def test_sweep_ddp_workers_asha_and_parquet(tmp_path, shared_data_dir):
         [(good["trial_id"], 1), (good["trial_id"], 2), (bad["trial_id"], 1)])
     good_curve = [c for c in curves if c["trial_id"] == good["trial_id"]]
     assert good_curve[0]["step"] < good_curve[1]["step"]
+    # samples seen over both ranks: 32 examples, halves of 4 per rank, so 4 halves a rank an epoch; the first
+    # epoch's 3 batches of 8 on 2 ranks, then 4 more
+    assert [c["samples_seen"] for c in good_curve] == [48, 112]
+    assert (good["samples_seen"], bad["samples_seen"]) == (112, 48)
     assert {"step", "epoch", "eval_accuracy", "train_loss", "train_distill", "alpha_mean", "tau_mean", "lr",
             "training_iteration", "time_total_s"} <= set(pq.read_table(exp / "curves.parquet").column_names)
 
@@ -599,3 +603,14 @@ def test_the_console_summary_line_counts_trials_and_estimates_the_time_left():
     assert format_duration(59.9) == "0m59s" and format_duration(7200) == "2h00m"
     # nothing ended yet in this run: no estimate
     assert sweep_line(rows[-1:], "eval_accuracy", "max", 5.0, 1) == "0/1 done | 0 running | 1 pending | 0m05s elapsed"
+
+
+def test_dry_run_shows_the_rungs_in_the_chosen_unit(tmp_path, shared_data_dir):
+    raw = _raw(shared_data_dir, tmp_path, "rungs", {}, epochs=3)
+    raw["sweep"]["asha"] = {"grace_period": 0.25, "reduction_factor": 2}
+    plan = plan_sweep(load_experiment(None, raw=raw))
+    assert "grace_period 0.25, reduction_factor 2, max_t 3 (epoch); rungs at epoch 0.25, 0.5, 1, 2" in \
+        describe_asha(plan)
+    raw["sweep"]["asha"] = {"time_attr": "samples_seen", "grace_period": 64, "max_t": 192, "reduction_factor": 3}
+    assert "max_t 192 (samples_seen); rungs at samples_seen 64, 192" in describe_asha(
+        plan_sweep(load_experiment(None, raw=raw)))

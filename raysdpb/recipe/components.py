@@ -44,8 +44,9 @@ _NOT_DATA_KEYS = frozenset({
     "method", "alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative", "lr", "weight_decay", "warmup_ratio",
     "max_grad_norm", "epochs", "batch_size", "eval_batch_size", "seed", "data_seed", "precision", "device",
     "max_nonfinite_steps", "gradient_checkpointing", "max_new_tokens", "choice_scoring", "eval_every_steps",
-    "eval_before_training", "log_every_steps", "grad_norm_every_steps", "checkpoint_every_steps", "output_dir",
-    "progress_bar", "loggers", "mlflow", "wandb", "lora", "num_layers", "save_predictions", "compile_loss",
+    "eval_every", "eval_before_training", "log_every_steps", "grad_norm_every_steps", "checkpoint_every_steps",
+    "output_dir", "progress_bar", "loggers", "mlflow", "wandb", "lora", "num_layers", "save_predictions",
+    "compile_loss",
 })
 
 

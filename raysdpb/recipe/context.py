@@ -83,6 +83,19 @@ class WorkerContext:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
+    def sum_over_ranks(self, value: int) -> int:
+        """`value` summed over every rank (a collective: every rank must call it)."""
+        if self.world_size <= 1:
+            return int(value)
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return int(value)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        total = torch.tensor([int(value)], dtype=torch.int64, device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return int(total.item())
+
     def gather_to_main(self, obj: Any) -> list | None:
         """Every rank's `obj` as a list on rank 0 (None on the others); `[obj]` in a single process. A collective:
         every rank must call it."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from fractions import Fraction
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -13,7 +14,15 @@ import torch
 
 from raysdpb.methods import LossTerms
 
-__all__ = ["EpochStats", "step_scalars", "layer_grad_norms", "TrialResult"]
+__all__ = ["EpochStats", "step_scalars", "layer_grad_norms", "TrialResult", "report_points"]
+
+
+def report_points(samples_seen: int, every: float, num_examples: int) -> int:
+    """How many of the report points `every x N`, `2 x every x N`, ... (N = `num_examples`, the training set) a
+    trial has reached at `samples_seen`: a trial with `eval_every` reports at the first step that reaches a new
+    one. Exact: `every` is taken as the decimal it was written as (0.1 is 1/10, not the float above it), so a
+    point such as 10 x 0.1 x N is reached at N samples."""
+    return math.floor(samples_seen / (Fraction(repr(float(every))) * num_examples))
 
 
 @dataclass

@@ -27,14 +27,16 @@ from torch.utils.data import DataLoader
 from raysdpb.config import TrialConfig
 from raysdpb.data import TokenizedDataset, collate, pad_multiple_for
 from raysdpb.errors import UserError
-from raysdpb.methods import ClassOutputs, LogitCache, LossTerms, MethodParams, TokenOutputs, get_method
+from raysdpb.methods import (ClassOutputs, LogitCache, LossTerms, MethodParams, TokenOutputs, compiled_loss,
+                             get_method)
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_trainable_state, mark_complete,
                                        rng_state, set_rng_state, trainable_state_dict, write_state)
 from raysdpb.recipe.components import (autocast_factory, data_key, load_trial_data, make_optimizer, make_sampler,
                                        seed_everything)
 from raysdpb.recipe.context import WorkerContext
-from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, step_scalars
+from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, report_points, step_scalars
+from raysdpb.throughput import matmul_parameters, mfu, peak_flops, tokens_per_s, train_flops_per_token
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,12 @@ def forward_outputs(model, batch: dict, kind: str, autocast=None) -> ClassOutput
     return ClassOutputs(logits, batch["labels"])
 
 
+def non_padding_tokens(batch: dict) -> int:
+    """The tokens of a (CPU) training batch that are not padding: its attention mask's ones."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 class Recipe:
     """One trial: `Recipe(config, context).setup()`, then `train()`. Benchmarks and tests that bring their own
     model or data call the set-up steps one by one (`setup_runtime`, `setup_data`, `setup_model`,
@@ -65,6 +73,7 @@ class Recipe:
         self.cfg = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
         self.context = context if context is not None else WorkerContext()
         self.method = get_method(self.cfg.method)
+        self.loss_fn = self.method.loss  # compiled in setup_runtime on request (compile_loss)
         self.params = MethodParams(self.cfg.alpha, self.cfg.tau, self.cfg.tau_min_scale, self.cfg.tau_max_scale,
                                    self.cfg.tau_relative)
         # the loop's counters and records: what a checkpoint restores
@@ -79,6 +88,11 @@ class Recipe:
         # (Tune's time_this_iter_s restarts with each attempt and misses a resumed trial's earlier time)
         self._attempt_start = time.perf_counter()
         self._elapsed_before = 0.0
+        # throughput (raysdpb.throughput): non-padding training tokens of every rank and the seconds spent training,
+        # settled at each report and checkpointed; this rank's tokens since the last report; the running segment
+        self.train_tokens, self.train_seconds = 0, 0.0
+        self._tokens_unsettled = 0
+        self._segment_start: float | None = None
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> "Recipe":
@@ -102,6 +116,18 @@ class Recipe:
         self.task = resolve_task(self.cfg)
         self.device = self.context.device(self.cfg.device)
         self.autocast, self.needs_scaler = autocast_factory(self.cfg.precision, self.device)
+        # the method's loss compiled (compile_loss; meant for GPUs, where its small kernels cost a launch each): an
+        # encoder's only. A decoder's VMM loss stays eager: inductor's gradients of it (its hand-written
+        # autograd.Function called with each sample's tau) came out wrong (tests/test_compile_loss.py)
+        if self.cfg.compile_loss and self.task.kind == "classification":
+            self.loss_fn = compiled_loss(self.method)
+        elif self.cfg.compile_loss:
+            log.warning("compile_loss: a decoder's loss is not compiled (inductor's gradients of the vocabulary-map "
+                        "loss differ from the eager ones); it runs eagerly")
+        # the precision the step's matrix products run at, for the device's peak FLOP/s (raysdpb.throughput)
+        tf32 = self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        self.compute_precision = ("bf16" if not self.needs_scaler else "fp16") if self.autocast else (
+            "tf32" if tf32 else "fp32")
 
     def load_model(self) -> torch.nn.Module:
         """The runtime, the tokenizer and the model as the trial starts it: seeded first and built before anything
@@ -129,6 +155,9 @@ class Recipe:
         """The model on this rank's device, wrapped in DDP when the context has several ranks."""
         self.model = model.to(self.device)
         self.train_model = self.model
+        self.flops_per_token = train_flops_per_token(*matmul_parameters(self.model))
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.peak_flops = peak_flops(name, self.compute_precision)
         if self.context.world_size > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -173,7 +202,7 @@ class Recipe:
         outputs = forward_outputs(self.train_model, batch, self.task.kind, self.autocast)
         half = len(batch["index"]) // 2
         teacher = self.cache.take(batch["index"][:half], self.device) if self.method.distills else None
-        terms = self.method.loss(outputs, teacher, self.params)
+        terms = self.loss_fn(outputs, teacher, self.params)
         if not self.context.all_ranks(self.loss_is_finite(terms)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
@@ -248,6 +277,7 @@ class Recipe:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step, "nonfinite_total": self.nonfinite_total,
             "initial": self.initial, "elapsed_s": self.elapsed(), "config": self.cfg.model_dump(),
+            "throughput": {"tokens": self.train_tokens, "seconds": self.train_seconds},
         }
 
     def load_state_dict(self, state: dict, checkpoint: Path | str = "the checkpoint") -> None:
@@ -269,6 +299,8 @@ class Recipe:
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
         self.epoch_stats, self.history = EpochStats.from_state(own["running"]), own["history"]
         self.initial, self._elapsed_before = state["initial"], float(state["elapsed_s"])
+        throughput = state["throughput"]
+        self.train_tokens, self.train_seconds = int(throughput["tokens"]), float(throughput["seconds"])
         set_rng_state(own["rng"])
 
     def resume(self) -> None:
@@ -303,7 +335,8 @@ class Recipe:
     # ---- the loop --------------------------------------------------------------------------------------------
     def train(self) -> TrialResult:
         """Every epoch's batches through `train_step`; an evaluation, a report and a checkpoint at the end of each
-        epoch (and every `eval_every_steps`; a checkpoint alone every `checkpoint_every_steps`). After
+        epoch (and every `eval_every_steps`, or `eval_every` of an epoch in samples seen: `report_due`; a checkpoint
+        alone every `checkpoint_every_steps`). After
         `max_nonfinite_steps` non-finite losses in a row the trial stops as diverged."""
         cfg = self.cfg
         bar = self._progress_bar()
@@ -315,6 +348,7 @@ class Recipe:
         if cfg.eval_before_training and not self.initial and self.step == 0:
             self.initial = {f"initial_{k}": v for k, v in self.evaluate().items()}
             log.info("before training: %s", ", ".join(f"{k}={v:.4f}" for k, v in self.initial.items()))
+        self.start_training_clock()
         for epoch in range(self.sampler.epoch, self.total_epochs):
             self.sampler.set_epoch(epoch)
             position = self.sampler.state_dict()["position"]
@@ -322,6 +356,7 @@ class Recipe:
                 self.epoch_stats = EpochStats()
             for batch in self.loader:
                 position += 1
+                self._tokens_unsettled += non_padding_tokens(batch)
                 terms = self.train_step({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
                 if terms is None:
                     if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
@@ -332,36 +367,91 @@ class Recipe:
                 self.epoch_stats.add(terms)
                 self._log_step(terms, bar)
                 mid_epoch = position < len(self.sampler)
-                if cfg.eval_every_steps and self.step % cfg.eval_every_steps == 0 and mid_epoch:
+                if self.report_due(epoch, position) and mid_epoch:
+                    self.stop_training_clock()
                     last = self.evaluate()
                     self.report(epoch + position / max(len(self.sampler), 1), last, epoch, position)
+                    self.start_training_clock()
                 elif cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and mid_epoch:
                     self.save_checkpoint(epoch, position, reported=False)
             if status == "diverged":
                 break
+            self.stop_training_clock()
             last = self.evaluate()
             self.report(epoch + 1, last, epoch + 1, 0)
+            self.start_training_clock()
+        self.stop_training_clock()
         if bar is not None:
             bar.close()
         if status == "diverged":
             log.error("trial diverged: %s", message)
             self.context.report({"epoch": round(self.sampler.epoch + position / max(len(self.sampler), 1), 4),
-                                 "step": self.step, **last, "status": "diverged", "message": message,
-                                 "nonfinite_steps": self.nonfinite_total, "elapsed_s": self.elapsed()}, None)
+                                 "step": self.step, "samples_seen": self.samples_seen(self.sampler.epoch, position),
+                                 **last, "status": "diverged", "message": message,
+                                 "nonfinite_steps": self.nonfinite_total, "elapsed_s": self.elapsed(),
+                                 **self.throughput()}, None)
         self.context.close()
         return TrialResult(status=status, metrics=last | self.initial,
                            epochs_run=self.history[-1]["epoch"] if self.history else 0.0, steps=self.step,
                            message=message, history=self.history)
 
+    def samples_seen(self, epoch: int, position: int) -> int:
+        """Training examples forwarded over all ranks before `position` batches into `epoch`: the axis on which
+        every method's compute compares (an overlap batch forwards each of its samples, each sample twice an epoch;
+        double_finetune runs twice the epochs). A function of the sampler's position, so it carries over a resume;
+        a step skipped for a non-finite loss counts (its forward ran)."""
+        return self.context.world_size * self.sampler.samples_before(epoch, position)
+
+    def report_due(self, epoch: int, position: int) -> bool:
+        """Whether the step that took the batch at `position` of `epoch` reports (mid-epoch; every epoch's end
+        reports anyway): every `eval_every_steps` steps, or on reaching a report point of `eval_every` (a fraction
+        of the training set's N examples, in samples seen, `report_points`) past the last report's, so every method
+        reports at the same samples seen (to within a batch), whatever its epoch is. The last report comes from the
+        history, so a resumed run continues the same points."""
+        cfg = self.cfg
+        if cfg.eval_every_steps:
+            return self.step % cfg.eval_every_steps == 0
+        if cfg.eval_every:
+            reported = self.history[-1]["samples_seen"] if self.history else 0
+            n = len(self.train_data)
+            return (report_points(self.samples_seen(epoch, position), cfg.eval_every, n)
+                    > report_points(reported, cfg.eval_every, n))
+        return False
+
     def report(self, epoch_progress: float, metrics: dict, epoch: int, position: int) -> None:
         """Record an evaluation in the history, checkpoint (so the checkpoint holds its own report), report."""
-        entry = {"epoch": round(epoch_progress, 4), "step": self.step, **metrics, **self.initial,
+        entry = {"epoch": round(epoch_progress, 4), "step": self.step,
+                 "samples_seen": self.samples_seen(epoch, position), **metrics, **self.initial,
                  **self.epoch_stats.summary(), "lr": self.scheduler.get_last_lr()[0],
                  "nonfinite_steps": self.nonfinite_total}
         self.history.append(entry)
         checkpoint_dir = self.save_checkpoint(epoch, position)
         self.context.log_scalars(self.step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
-        self.context.report({**entry, "elapsed_s": self.elapsed()}, checkpoint_dir)
+        self.context.report({**entry, "elapsed_s": self.elapsed(), **self.throughput()}, checkpoint_dir)
+
+    # ---- throughput ------------------------------------------------------------------------------------------
+    def start_training_clock(self) -> None:
+        self._segment_start = time.perf_counter()
+
+    def stop_training_clock(self) -> None:
+        """Settle the training time and tokens since the clock started (before an evaluation or at the end): the
+        device's queued work waited for, every rank's tokens summed (a collective, at the same steps on every
+        rank)."""
+        if self._segment_start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_seconds += time.perf_counter() - self._segment_start
+        self._segment_start = None
+        self.train_tokens += self.context.sum_over_ranks(self._tokens_unsettled)
+        self._tokens_unsettled = 0
+
+    def throughput(self) -> dict[str, float | None]:
+        """`tokens_per_s` (non-padding training tokens of every rank per second of training) and `mfu` over the
+        peak of the trial's devices (`raysdpb.throughput`; None without a known peak)."""
+        rate = tokens_per_s(self.train_tokens, self.train_seconds)
+        devices = self.context.world_size
+        return {"tokens_per_s": rate, "mfu": mfu(rate, self.flops_per_token, self.peak_flops, devices)}
 
     def _log_step(self, terms: LossTerms, bar) -> None:
         if self.context.is_main and self.step % self.cfg.log_every_steps == 0:

@@ -44,6 +44,7 @@ BASELINES = ("finetune", "double_finetune")
 _BOOKKEEPING = frozenset({
     "trial_id", "label", "status", "message", "stop_reason", "main_metric", "best_epoch", "epochs_run",
     "planned_epochs", "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
+    "samples_seen", "tokens_per_s", "mfu",
 })
 # config keys that are not part of "the configuration": what the table's rows and columns already are and the
 # seeds (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the
@@ -305,6 +306,11 @@ def _gpus_per_trial(trials: pd.DataFrame) -> tuple[pd.Series | None, str]:
     return None, ""
 
 
+def _median(values: pd.Series, fmt: str) -> str:
+    values = values.dropna()
+    return fmt.format(float(values.median())) if len(values) else "—"
+
+
 def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
     """Per method, over every trial of the sweep(s) (whatever its status: it held its workers): trials by
     status, epochs run against epochs planned (what ASHA saved), trial-hours (wall time), worker-hours
@@ -316,6 +322,10 @@ def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
     planned = pd.to_numeric(df["planned_epochs"], errors="coerce") if "planned_epochs" in df else None
     workers = pd.to_numeric(df["last_world_size"], errors="coerce") if "last_world_size" in df else None
     gpus, gpu_source = _gpus_per_trial(df)
+    rate = pd.to_numeric(df["tokens_per_s"], errors="coerce") if "tokens_per_s" in df else None
+    util = pd.to_numeric(df["mfu"], errors="coerce") if "mfu" in df else None
+    if util is not None and util.isna().all():
+        util = None
     status = df["status"] if "status" in df else pd.Series("completed", index=df.index)
     header = ["method", "trials", "completed", "stopped by ASHA", "other"]
     if run is not None:
@@ -326,6 +336,8 @@ def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
             header += ["worker-hours"]
         if gpus is not None:
             header += ["GPU-hours"]
+    if rate is not None:
+        header += ["median tokens/s"] + (["median MFU"] if util is not None else [])
     if run is not None and planned is not None:
         # what ASHA saved: the epochs its stopped trials did not run (not those of trials that have not run yet)
         saved_epochs = (planned.fillna(0) - run).clip(lower=0).where(status == "stopped_by_asha", 0.0)
@@ -365,6 +377,8 @@ def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
                 g = float((wall[m] * gpus[m].fillna(0)).sum())
                 totals["gpu"] += g
                 row.append(f"{g / 3600:.3f}")
+        if rate is not None:
+            row += [_median(rate[m], "{:.0f}")] + ([_median(100 * util[m], "{:.1f}%")] if util is not None else [])
         rows.append(row)
     if len(rows) > 1:
         row = ["total", str(totals["trials"]), str(int((status == "completed").sum())),
@@ -382,6 +396,8 @@ def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
                 row.append(f"{totals['worker'] / 3600:.3f}")
             if gpus is not None:
                 row.append(f"{totals['gpu'] / 3600:.3f}")
+        if rate is not None:
+            row += [_median(rate, "{:.0f}")] + ([_median(100 * util, "{:.1f}%")] if util is not None else [])
         rows.append(row)
     if wall is None:
         notes.append("No hours: the trials have no `wall_time_s` column.")
@@ -396,6 +412,13 @@ def cost_table(prepared: pd.DataFrame) -> tuple[Table, list[str]]:
         else:
             notes.append("No GPU-hours: trials.parquet does not say how many GPUs a trial held (no "
                          "`gpus_per_trial`, or `gpus_per_worker` with `use_gpu` and a worker count, column).")
+    if rate is not None:
+        notes.append("Tokens/s: each trial's non-padding training tokens (all workers) per second of training "
+                     "(evaluation and checkpoints left out); MFU: that many tokens x (4N + 2N trainable) FLOPs a token "
+                     "over the peak of the trial's GPUs (N: the parameters that multiply; raysdpb.throughput). "
+                     "Medians over the trials that report them." + ("" if util is not None else
+                                                                    " No MFU: no trial ran on a GPU of known peak "
+                                                                    "(set $RAYSDPB_PEAK_FLOPS)."))
     if run is not None and planned is not None:
         notes.append("Epochs planned are each trial's epochs × the method's epoch multiplier (double_finetune "
                      "runs twice as many); \"saved by ASHA\" is the share of the planned epochs that the trials ASHA "

@@ -30,7 +30,8 @@ _TUNE_BOOKKEEPING = frozenset({
 })
 # curve columns that are not metrics (no best_/last_ columns for them)
 _NOT_METRICS = frozenset({
-    "trial_id", "epoch", "step", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
+    "trial_id", "epoch", "step", "samples_seen", "tokens_per_s", "mfu", "training_iteration", "timestamp",
+    "time_this_iter_s", "time_total_s",
     "checkpoint_path", "status", "message", "replayed", "elapsed_s",
 })
 
@@ -115,6 +116,10 @@ def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message
         "epochs_run": last.get("epoch", 0.0) or 0.0,
         "planned_epochs": info.planned_epochs,
         "steps": last.get("step", 0) or 0,
+        "samples_seen": last.get("samples_seen"),  # training examples forwarded, over all ranks (None: not reported)
+        # throughput over the whole trial up to its last report (raysdpb.throughput; mfu None without a known peak)
+        "tokens_per_s": last.get("tokens_per_s"),
+        "mfu": last.get("mfu"),
         "reports": len(curves),
         "wall_time_s": _wall_time(curves),
         "attempts": attempts,

@@ -60,15 +60,20 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def expand(experiment: ExperimentConfig, *, report_every_steps: int | None = None) -> list[TrialPoint]:
+def expand(experiment: ExperimentConfig, *, report_every_steps: int | None = None,
+           report_every: float | None = None) -> list[TrialPoint]:
     """Every trial of the grid, in grid order, without duplicates.
 
-    `report_every_steps` (the sweep's `report_every_steps`) sets `eval_every_steps` of trials that do not
-    set their own, so ASHA sees a result every N steps as well as at every epoch end.
+    `report_every_steps` (the sweep's `report_every_steps`) sets `eval_every_steps`, and `report_every` (a
+    fraction of an epoch, in samples seen) `eval_every`, of trials that set neither, so ASHA sees a result that
+    often as well as at every epoch end.
     """
     base = experiment.trial.model_dump()
-    if report_every_steps and base.get("eval_every_steps") is None:
+    own_cadence = base.get("eval_every_steps") is not None or base.get("eval_every") is not None
+    if report_every_steps and not own_cadence:
         base["eval_every_steps"] = report_every_steps
+    if report_every and not own_cadence:
+        base["eval_every"] = report_every
     keys = list(experiment.search)
     per_method = method_hyperparameters()
     points: list[TrialPoint] = []

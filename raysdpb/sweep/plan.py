@@ -4,6 +4,7 @@ from the validated config (no Ray), so `--dry-run` and the tests can look at it 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from raysdpb.config import TRACKER_KEYS, ExperimentConfig, SweepConfig, TrialConfig, absolute_path
@@ -18,7 +19,7 @@ from raysdpb.trackers import check_installed, check_wandb_login, wandb_settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepPlan", "plan_sweep", "planned_epochs", "describe_asha", "SWEEP_FORMAT"]
+__all__ = ["SweepPlan", "plan_sweep", "planned_epochs", "describe_asha", "asha_rungs", "SWEEP_FORMAT"]
 
 # what `grid.json` records as the layout of the experiment folder; a sweep of another format (one started by an
 # older raysdpb) is not resumed (raysdpb.sweep.checks.check_experiment)
@@ -108,7 +109,7 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     if experiment.trial.loggers != ["tensorboard"] or "loggers" in experiment.search:
         log.warning("%s: loggers: the trial's loggers are python -m raysdpb.train's; a sweep logs to "
                     "sweep.loggers (%s)", source, ", ".join(sweep.loggers))
-    points = expand(experiment, report_every_steps=sweep.report_every_steps)
+    points = expand(experiment, report_every_steps=sweep.report_every_steps, report_every=sweep.report_every)
     for point in points:
         if point.config.device == "cuda" and not sweep.use_gpu:
             raise UserError(f"{source}: device: cuda needs sweep.use_gpu: true (the workers reserve no GPU otherwise)")
@@ -142,17 +143,26 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     if asha is not None:
         max_t = asha.max_t
         if max_t is None:
-            if asha.time_attr == "training_iteration" and any(p.config.eval_every_steps for p in points):
+            if asha.time_attr == "training_iteration" and any(p.config.eval_every_steps or p.config.eval_every
+                                                              for p in points):
                 raise UserError(f"{source}: sweep.asha.max_t: with time_attr training_iteration and reports every "
                                 "N steps, set max_t (in reports), or use time_attr: epoch")
             max_t = max(planned_epochs(p.config) for p in points)
         if asha.grace_period > max_t:
-            raise UserError(f"{source}: sweep.asha.grace_period: {asha.grace_period} exceeds max_t={max_t:g}; "
-                            f"allowed: 1..{max_t:g}")
+            raise UserError(f"{source}: sweep.asha.grace_period: {asha.grace_period:g} exceeds max_t={max_t:g}; "
+                            f"allowed: up to {max_t:g}")
     storage = _storage(sweep.storage_path)
     return SweepPlan(experiment, sweep, points, metric, mode, max_t, storage, join(storage, sweep.name),
                      score_metrics, asha_groups)
 
+
+
+def asha_rungs(grace_period: float, max_t: float, reduction_factor: float) -> list[float]:
+    """The rungs of Ray Tune's `ASHAScheduler` (its one bracket) in `time_attr` units, first to last: grace_period
+    x reduction_factor^k for k = 0 .. int(log(max_t / grace_period) / log(reduction_factor)) (a trial reaching a
+    rung is compared there with the others that reached it)."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor**k for k in range(count)]
 
 
 def describe_asha(plan: SweepPlan) -> str:
@@ -162,8 +172,9 @@ def describe_asha(plan: SweepPlan) -> str:
         return "ASHA: off (every trial runs all its epochs)"
     groups = (f"{len(set(plan.asha_groups.values()))} group(s) by {'/'.join(asha.group_by)}" if plan.asha_groups
               else "one group (the whole grid)")
-    line = (f"ASHA: {groups}; grace_period {asha.grace_period}, reduction_factor {asha.reduction_factor:g}, "
-            f"max_t {plan.max_t:g} ({asha.time_attr})")
+    rungs = ", ".join(f"{r:g}" for r in asha_rungs(asha.grace_period, plan.max_t, asha.reduction_factor))
+    line = (f"ASHA: {groups}; grace_period {asha.grace_period:g}, reduction_factor {asha.reduction_factor:g}, "
+            f"max_t {plan.max_t:g} ({asha.time_attr}); rungs at {asha.time_attr} {rungs}")
     if plan.metric == SCORE_KEY:
         mains = sorted({f"{p.config.task}: {plan.score_metrics[p.trial_id]}" for p in plan.points})
         line += f"; score = each trial's main metric ({', '.join(mains)})"
