@@ -20,15 +20,20 @@ from raysdpb.methods import METHODS, ClassOutputs, LogitCache, MethodParams, Tea
 from raysdpb.recipe import Recipe
 from raysdpb.sampler import ShuffledBatchSampler
 
-# method -> (loader, shuffle, epoch multiplier, distills), the table of section 5
+# method -> (loader, shuffle, epoch multiplier, soft targets, forward passes), the table of section 5
 TABLE = {
-    "finetune": ("plain", True, 1, False),
-    "double_finetune": ("plain", True, 2, False),
-    "sequential_dlb": ("overlap", False, 1, True),
-    "random_dlb": ("overlap", True, 1, True),
-    "dynamic_finetune": ("plain", True, 1, False),
-    "dynsdpb": ("overlap", True, 1, True),
+    "finetune": ("plain", True, 1, "none", 1),
+    "double_finetune": ("plain", True, 2, "none", 1),
+    "sequential_dlb": ("overlap", False, 1, "previous_batch", 1),
+    "random_dlb": ("overlap", True, 1, "previous_batch", 1),
+    "dynamic_finetune": ("plain", True, 1, "none", 1),
+    "dynsdpb": ("overlap", True, 1, "previous_batch", 1),
+    "dynsdpb_alpha_only": ("overlap", True, 1, "previous_batch", 1),
+    "dynsdpb_tau_only": ("overlap", True, 1, "previous_batch", 1),
 }
+# the methods whose alpha_i (uncertainty) and tau_i (teacher loss) are per sample
+DYNAMIC_ALPHA = {"dynsdpb", "dynsdpb_alpha_only"}
+DYNAMIC_TAU = {"dynsdpb", "dynsdpb_tau_only"}
 
 
 # --- float64 references ----------------------------------------------------------------------------------
@@ -82,12 +87,17 @@ def f64(t: torch.Tensor) -> np.ndarray:
 
 def test_registry_is_the_table_of_section_5():
     assert set(METHODS) == set(TABLE)
-    for name, (loader, shuffle, mult, distills) in TABLE.items():
+    for name, (loader, shuffle, mult, targets, passes) in TABLE.items():
         m = get_method(name)
         assert m.name == name
-        assert (m.loader, m.shuffle, m.epoch_multiplier, m.distills) == (loader, shuffle, mult, distills), name
+        assert (m.loader, m.shuffle, m.epoch_multiplier, m.soft_targets, m.forward_passes) == \
+            (loader, shuffle, mult, targets, passes), name
+        assert m.distills == (targets != "none"), name
     assert set(get_method("dynsdpb").hyperparameters) >= {"alpha", "tau"}
     assert set(get_method("random_dlb").hyperparameters) == {"alpha", "tau"}
+    # each ablation names only the hyperparameters of the part it keeps
+    assert set(get_method("dynsdpb_alpha_only").hyperparameters) == {"alpha", "tau"}
+    assert set(get_method("dynsdpb_tau_only").hyperparameters) == set(get_method("dynsdpb").hyperparameters)
     assert get_method("finetune").hyperparameters == ()
     assert "alpha" in get_method("dynamic_finetune").hyperparameters
 
@@ -212,7 +222,8 @@ def test_dlb_loss_is_ce_plus_alpha_lmbc_by_hand(name):
 def test_first_step_without_teacher_is_plain_ce():
     logits, labels = _class_batch(2)
     ce = np_ce(f64(logits), labels.numpy()).mean()
-    for name in ("random_dlb", "sequential_dlb", "dynsdpb", "finetune", "double_finetune"):
+    for name in ("random_dlb", "sequential_dlb", "dynsdpb", "dynsdpb_alpha_only", "dynsdpb_tau_only", "finetune",
+                 "double_finetune"):
         terms = METHODS[name].loss(ClassOutputs(logits, labels), None, MethodParams(alpha=3.0, tau=4.0))
         assert terms.total.item() == pytest.approx(ce, rel=1e-6), name
         assert terms.distill is None
@@ -252,6 +263,34 @@ def test_dynsdpb_classification_by_hand():
     assert terms.distill.item() == pytest.approx(np.mean(taus ** 2 * kl), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["dynsdpb_alpha_only", "dynsdpb_tau_only"])
+def test_dynsdpb_ablations_by_hand(name):
+    """Each ablation keeps one of DynSDPB's two dynamic parts: alpha_only its alpha_i = alpha * w_i at DLB's fixed
+    tau; tau_only its teacher-loss tau_i with DLB's constant alpha."""
+    params = MethodParams(alpha=0.9, tau=2.0, tau_min_scale=0.6, tau_max_scale=1.5)
+    method = METHODS[name]
+    prev_logits, prev_labels = _class_batch(4, b=8, c=3, scale=3.0)
+    logits, labels = _class_batch(5, b=8, c=3, scale=3.0)
+    teacher = method.teacher_state(ClassOutputs(prev_logits, prev_labels).slice(slice(4, None)),
+                                   torch.arange(4, 8), params)
+    if name == "dynsdpb_tau_only":
+        taus = np_tau(np_ce(f64(prev_logits[4:]), prev_labels[4:].numpy()), 2.0, 0.6, 1.5)
+        assert taus.std() > 0  # really per sample here
+    else:
+        taus = np.full(4, 2.0)
+    np.testing.assert_allclose(f64(teacher.tau), taus, rtol=1e-5)
+
+    terms = method.loss(ClassOutputs(logits, labels), teacher, params)
+    z = f64(logits)
+    alphas = 0.9 * np_weight(z[:4]) if name == "dynsdpb_alpha_only" else np.full(4, 0.9)
+    kl = np_kl(np_log_softmax(f64(prev_logits[4:]) / taus[:, None]), np_log_softmax(z[:4] / taus[:, None]))
+    want = np_ce(z, labels.numpy()).mean() + np.mean(alphas * taus ** 2 * kl)
+    assert terms.total.item() == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(f64(terms.alpha), alphas, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(f64(terms.tau), taus, rtol=1e-5)
+    assert terms.distill.item() == pytest.approx(np.mean(taus ** 2 * kl), rel=1e-5)
+
+
 def _token_batch(seed, b=4, t=6, v=9, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(b, t, v, generator=g) * scale
@@ -263,7 +302,7 @@ def _token_batch(seed, b=4, t=6, v=9, scale=2.0):
     return z, y, mask
 
 
-@pytest.mark.parametrize("name", ["dynsdpb", "random_dlb"])
+@pytest.mark.parametrize("name", ["dynsdpb", "random_dlb", "dynsdpb_alpha_only", "dynsdpb_tau_only"])
 def test_vmm_losses_by_hand(name):
     params = MethodParams(alpha=0.6, tau=1.5)
     method = METHODS[name]
@@ -271,7 +310,7 @@ def test_vmm_losses_by_hand(name):
     z, y, m = _token_batch(7)
     teacher = method.teacher_state(TokenOutputs(pz, py, pm).slice(slice(2, None)), torch.tensor([8, 9]), params)
     l_prev, _ = np_token_stats(f64(pz[2:]), py[2:].numpy(), pm[2:].numpy())
-    taus = np_tau(l_prev, 1.5, 0.5, 2.0) if name == "dynsdpb" else np.full(2, 1.5)
+    taus = np_tau(l_prev, 1.5, 0.5, 2.0) if name in DYNAMIC_TAU else np.full(2, 1.5)
     np.testing.assert_allclose(f64(teacher.tau), taus, rtol=1e-5)
     # the cache holds a V-sized log vocabulary map per sequence, at the teacher's tau_i
     assert teacher.target.shape == (2, 9) and not teacher.target.requires_grad
@@ -283,7 +322,7 @@ def test_vmm_losses_by_hand(name):
     ce, w = np_token_stats(f64(z), y.numpy(), m.numpy())
     s_map = np_log_map(f64(z[:2]), m[:2].numpy(), taus)
     kl = np_kl(t_map, s_map)
-    alpha = 0.6 * (w[:2] if name == "dynsdpb" else np.ones(2))
+    alpha = 0.6 * (w[:2] if name in DYNAMIC_ALPHA else np.ones(2))
     assert terms.total.item() == pytest.approx(ce.mean() + np.mean(alpha * taus ** 2 * kl), rel=1e-5)
     assert terms.ce.item() == pytest.approx(ce.mean(), rel=1e-5)
     terms.total.backward()
@@ -428,14 +467,18 @@ def _check_run(name, kind, params=PARAMS):
         extra = terms.total.item() - terms.ce.item()
         # 0 <= mean(alpha_i tau_i^2 KL_i) <= alpha * mean(tau_i^2 KL_i) since 0 <= alpha_i <= alpha
         assert -1e-6 <= extra <= params.alpha * distill * (1 + 1e-5) + 1e-6
-        if name == "dynsdpb":
+        if name in DYNAMIC_ALPHA:
             assert (terms.alpha >= 0).all() and (terms.alpha <= params.alpha + 1e-6).all()
+        else:
+            assert torch.allclose(terms.alpha, torch.full((half,), params.alpha))
+        if name in DYNAMIC_TAU:
             lo, hi = params.tau * params.tau_min_scale, params.tau * params.tau_max_scale
             assert (terms.tau >= lo - 1e-6).all() and (terms.tau <= hi + 1e-6).all()
         else:
+            assert torch.allclose(terms.tau, torch.full((half,), params.tau))
+        if name not in DYNAMIC_ALPHA:
             assert terms.total.item() == pytest.approx(terms.ce.item() + params.alpha * terms.distill.item(),
                                                        rel=1e-5, abs=1e-7)
-            assert torch.allclose(terms.tau, torch.full((half,), params.tau))
     return log
 
 

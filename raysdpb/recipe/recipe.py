@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from raysdpb.config import TrialConfig
 from raysdpb.data import TokenizedDataset, collate, pad_multiple_for
 from raysdpb.errors import UserError
-from raysdpb.methods import ClassOutputs, LogitCache, LossTerms, MethodParams, TokenOutputs, get_method
+from raysdpb.methods import ClassOutputs, LossTerms, MethodParams, TokenOutputs, get_method
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_trainable_state, mark_complete,
                                        rng_state, set_rng_state, trainable_state_dict, write_state)
@@ -35,10 +35,11 @@ from raysdpb.recipe.components import (autocast_factory, load_eval_data, load_tr
                                        make_sampler, seed_everything)
 from raysdpb.recipe.context import WorkerContext
 from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, step_scalars
+from raysdpb.soft_targets import SoftTargetSource, make_soft_targets
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Recipe", "run_trial", "forward_outputs", "recipe_class", "RECIPE_ENV"]
+__all__ = ["Recipe", "run_trial", "forward_outputs", "forward_passes", "recipe_class", "RECIPE_ENV"]
 
 RECIPE_ENV = "RAYSDPB_RECIPE"
 
@@ -54,6 +55,17 @@ def forward_outputs(model, batch: dict, kind: str, autocast=None) -> ClassOutput
     if kind == "generation":
         return TokenOutputs(logits[:, :-1], batch["input_ids"][:, 1:], batch["answer_mask"][:, 1:].bool())
     return ClassOutputs(logits, batch["labels"])
+
+
+def forward_passes(model, batch: dict, kind: str, passes: int, autocast=None) -> list[ClassOutputs | TokenOutputs]:
+    """`passes` forward passes of the model over `batch` (R-Drop: 2), each with its own dropout masks. Several
+    passes run as one forward of the batch repeated `passes` times: dropout draws a mask per row, so the rows'
+    copies are independent passes, and DDP sees one forward per backward as it requires."""
+    if passes == 1:
+        return [forward_outputs(model, batch, kind, autocast)]
+    size = len(batch["index"])
+    outputs = forward_outputs(model, {k: torch.cat([v] * passes) for k, v in batch.items()}, kind, autocast)
+    return [outputs.slice(slice(k * size, (k + 1) * size)) for k in range(passes)]
 
 
 class Recipe:
@@ -147,7 +159,8 @@ class Recipe:
                                  generator=torch.Generator().manual_seed(cfg.seed))
 
     def setup_optimization(self) -> None:
-        """AdamW, the linear schedule over the trial's steps, a gradient scaler for fp16, the soft-target cache."""
+        """AdamW, the linear schedule over the trial's steps, a gradient scaler for fp16, the source of the soft
+        targets (`self.cache`: the previous batch's, the epoch memory, the teacher's table, or none)."""
         from transformers import get_linear_schedule_with_warmup
 
         cfg = self.cfg
@@ -157,20 +170,23 @@ class Recipe:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * total_steps),
                                                          total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.needs_scaler else None
-        self.cache = LogitCache()
+        self.cache = self.soft_target_source()
+
+    def soft_target_source(self) -> SoftTargetSource:
+        """The method's source of soft targets on this rank (`raysdpb.soft_targets`)."""
+        return make_soft_targets(self.method)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> LossTerms | None:
-        """One optimizer step of the method on `batch` (on this rank's device): the forward pass, the method's
-        loss against the soft targets cached at the previous step, backward, clipping, the optimizer and the
-        schedule, then the soft targets of the batch's second half cached for the next step. Returns the loss
-        terms, or None when the loss was not finite on some rank: every rank then skips the step together (no
-        update, no soft targets from a broken forward; a rank that skipped alone would hang the others'
-        all-reduce)."""
-        outputs = forward_outputs(self.train_model, batch, self.task.kind, self.autocast)
-        half = len(batch["index"]) // 2
-        teacher = self.cache.take(batch["index"][:half], self.device) if self.method.distills else None
-        terms = self.method.loss(outputs, teacher, self.params)
+        """One optimizer step of the method on `batch` (on this rank's device): the forward pass(es), the method's
+        loss against the soft targets its source holds for the batch (the previous step's, the previous epoch's,
+        the teacher's, or none), backward, clipping, the optimizer and the schedule, then what the step leaves
+        for later steps given to the source. Returns the loss terms, or None when the loss was not finite on some
+        rank: every rank then skips the step together (no update, no soft targets from a broken forward; a rank
+        that skipped alone would hang the others' all-reduce)."""
+        passes = forward_passes(self.train_model, batch, self.task.kind, self.method.forward_passes, self.autocast)
+        targets = self.cache.take(batch["index"], self.device, self.sampler.epoch)
+        terms = self.method.step_loss(passes, targets, self.params)
         if not self.context.all_ranks(self.loss_is_finite(terms)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
@@ -192,9 +208,7 @@ class Recipe:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.method.distills:
-            self.cache.put(self.method.teacher_state(outputs.slice(slice(half, None)), batch["index"][half:],
-                                                     self.params))
+        self.cache.put(batch["index"], passes[0], self.params)
         self.step += 1
         return terms
 
