@@ -173,10 +173,17 @@ class TrialConfig(_TrackerSettings):
         if self.custom_task is not None and self.task != "custom":
             raise ValueError("custom_task is given, so task must be 'custom'")
         from raysdpb.methods import METHODS
+        from raysdpb.tasks import TASKS
 
-        if METHODS[self.method].loader == "overlap" and self.batch_size % 2:
+        method = METHODS[self.method]
+        if method.loader == "overlap" and self.batch_size % 2:
             raise ValueError(f"{self.method} needs an even batch_size (each batch's first half repeats the previous "
                              f"batch's second half); got batch_size={self.batch_size}")
+        kind = TASKS[self.task].kind if self.task in TASKS else "classification"  # a custom task classifies
+        if kind not in method.kinds:
+            fit = ", ".join(name for name, m in METHODS.items() if kind in m.kinds)
+            raise ValueError(f"method {self.method} is defined for classifiers only (its targets are class "
+                             f"distributions), and {self.task} is a {kind} task; choose one of: {fit}")
         return self
 
     @field_validator("method")

@@ -607,3 +607,48 @@ def test_large_logits_stay_finite(dtype):
     zc = inp["z_s"].clone().requires_grad_()
     L.lmbc_loss(zc, inp["z_t"], inp["taus"]).backward()
     assert torch.isfinite(zc.grad).all()
+
+
+# --- R-Drop (section 8.2) ----------------------------------------------------------------------------------------
+
+def test_hand_worked_r_drop():
+    # passes p_a = (1/2, 1/2) and p_b = (1/4, 3/4): KL(a||b) = 1/2 ln(4/3); KL(b||a) = 1/4 ln(1/2) + 3/4 ln(3/2)
+    a, b = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, LN3]])
+    sym = 0.5 * (0.5 * math.log(4 / 3) + 0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert L.symmetric_kl_per_sample(a, b).item() == pytest.approx(sym, rel=1e-6)
+    assert L.symmetric_kl_per_sample(b, a).item() == pytest.approx(sym, rel=1e-6)
+    # label 1: CE_a = ln 2, CE_b = ln(4/3); L = (ln 2 + ln(4/3)) / 2 + alpha * sym
+    got = L.r_drop_loss(a, b, torch.tensor([1]), 0.7).item()
+    assert got == pytest.approx(0.5 * (math.log(2) + math.log(4 / 3)) + 0.7 * sym, rel=1e-6)
+    assert L.r_drop_loss(a, a, torch.tensor([1]), 5.0).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 6), c=st.integers(2, 7), scale=st.floats(0.1, 20.0),
+       alpha=st.floats(0.0, 5.0))
+def test_r_drop_matches_reference(seed, b, c, scale, alpha):
+    g = torch.Generator().manual_seed(seed)
+    za, zb = torch.randn(b, c, generator=g) * scale, torch.randn(b, c, generator=g) * scale
+    y = torch.randint(0, c, (b,), generator=g)
+    la, lb = np_log_softmax(za.double().numpy()), np_log_softmax(zb.double().numpy())
+    sym = 0.5 * (np_kl(la, lb) + np_kl(lb, la))
+    np.testing.assert_allclose(L.symmetric_kl_per_sample(za, zb).double().numpy(), sym, rtol=1e-4, atol=1e-6)
+    want = 0.5 * (np_ce(za.numpy(), y.numpy()).mean() + np_ce(zb.numpy(), y.numpy()).mean()) + alpha * sym.mean()
+    assert L.r_drop_loss(za, zb, y, alpha).item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_r_drop_gradient_reaches_both_passes_symmetrically():
+    """Both passes get gradient (neither is a detached target), and swapping them swaps the gradients."""
+    g = torch.Generator().manual_seed(3)
+    za, zb = torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(4, 3, generator=g).requires_grad_()
+    y = torch.tensor([0, 1, 2, 1])
+    L.r_drop_loss(za, zb, y, 1.5).backward()
+    ga, gb = za.grad.clone(), zb.grad.clone()
+    za.grad, zb.grad = None, None
+    L.r_drop_loss(zb, za, y, 1.5).backward()
+    assert torch.allclose(za.grad, ga, atol=1e-6) and torch.allclose(zb.grad, gb, atol=1e-6)
+    # the analytic gradient of the CE halves: (p - onehot) / (2B); the KL part vanishes where za == zb
+    z = torch.randn(4, 3, generator=g).requires_grad_()
+    L.r_drop_loss(z, z.detach().clone().requires_grad_(), y, 3.0).backward()
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    assert torch.allclose(z.grad, (torch.softmax(z.detach(), -1) - onehot) / 8, atol=1e-6)

@@ -30,7 +30,10 @@ TABLE = {
     "dynsdpb": ("overlap", True, 1, "previous_batch", 1),
     "dynsdpb_alpha_only": ("overlap", True, 1, "previous_batch", 1),
     "dynsdpb_tau_only": ("overlap", True, 1, "previous_batch", 1),
+    "r_drop": ("plain", True, 1, "other_pass", 2),
 }
+# the methods defined for classifiers only (refused for a decoder task at config time)
+CLASSIFIERS_ONLY = {"r_drop"}
 # the methods whose alpha_i (uncertainty) and tau_i (teacher loss) are per sample
 DYNAMIC_ALPHA = {"dynsdpb", "dynsdpb_alpha_only"}
 DYNAMIC_TAU = {"dynsdpb", "dynsdpb_tau_only"}
@@ -100,6 +103,22 @@ def test_registry_is_the_table_of_section_5():
     assert set(get_method("dynsdpb_tau_only").hyperparameters) == set(get_method("dynsdpb").hyperparameters)
     assert get_method("finetune").hyperparameters == ()
     assert "alpha" in get_method("dynamic_finetune").hyperparameters
+
+
+def test_registry_says_which_kinds_of_task_each_method_trains():
+    for name, method in METHODS.items():
+        want = M.CLASSIFIER_KINDS if name in CLASSIFIERS_ONLY else M.ALL_KINDS
+        assert method.kinds == want, name
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIFIERS_ONLY))
+def test_a_classifier_method_on_a_decoder_task_is_one_clear_error(name):
+    from raysdpb.config import load_trial_config
+
+    with pytest.raises(UserError, match=rf"method {name} is defined for classifiers only .* nlg/gsm8k is a "
+                                        r"generation task; choose one of: finetune, .*dynsdpb"):
+        load_trial_config(None, raw=dict(task="nlg/gsm8k", model="tiny-llama", method=name))
+    TrialConfig(task="superglue/copa", model="tiny-bert", method=name)  # multiple choice: class distributions
 
 
 def test_registry_refuses_unknown_and_duplicate_names():
@@ -291,6 +310,42 @@ def test_dynsdpb_ablations_by_hand(name):
     assert terms.distill.item() == pytest.approx(np.mean(taus ** 2 * kl), rel=1e-5)
 
 
+def test_r_drop_by_hand_through_step_loss():
+    """R-Drop of two passes: the CE of both halved, alpha times the mean symmetric KL, over the whole batch."""
+    method, params = METHODS["r_drop"], MethodParams(alpha=0.6, tau=3.0)  # tau: not R-Drop's (no temperature)
+    (za, y), (zb, _) = _class_batch(8, b=6, c=4), _class_batch(9, b=6, c=4)
+    terms = method.step_loss([ClassOutputs(za, y), ClassOutputs(zb, y)], None, params)
+    la, lb = np_log_softmax(f64(za)), np_log_softmax(f64(zb))
+    sym = 0.5 * (np_kl(la, lb) + np_kl(lb, la))
+    ce = 0.5 * (np_ce(f64(za), y.numpy()).mean() + np_ce(f64(zb), y.numpy()).mean())
+    assert terms.total.item() == pytest.approx(ce + 0.6 * sym.mean(), rel=1e-5)
+    assert terms.ce.item() == pytest.approx(ce, rel=1e-5)
+    assert terms.distill.item() == pytest.approx(sym.mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="2 forward pass"):
+        method.step_loss([ClassOutputs(za, y)], None, params)
+
+
+def test_two_forward_passes_draw_their_own_dropout_masks():
+    """`forward_passes`: the batch repeated, one forward, split: with dropout the passes differ (and each is a
+    forward of the batch); without it (eval mode) they are the same logits, so R-Drop's KL is zero."""
+    from raysdpb.recipe.recipe import forward_passes
+
+    torch.manual_seed(0)
+    model = _ClassModel(dropout=0.3)
+    x, y = _class_data()
+    batch = {"input_ids": x[:8], "labels": y[:8], "index": torch.arange(8)}
+    first, second = forward_passes(model, batch, "classification", 2)
+    assert first.logits.shape == second.logits.shape == (8, CLASSES)
+    assert torch.equal(first.labels, y[:8]) and torch.equal(second.labels, y[:8])
+    assert not torch.allclose(first.logits, second.logits)
+    model.eval()
+    first, second = forward_passes(model, batch, "classification", 2)
+    assert torch.equal(first.logits, second.logits)
+    assert torch.allclose(first.logits, model(x[:8]).logits)
+    terms = METHODS["r_drop"].step_loss([first, second], None, MethodParams(alpha=2.0))
+    assert terms.distill.item() == 0.0 and terms.total.item() == pytest.approx(terms.ce.item())
+
+
 def _token_batch(seed, b=4, t=6, v=9, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(b, t, v, generator=g) * scale
@@ -369,11 +424,13 @@ def _token_data():
 
 
 class _ClassModel(torch.nn.Module):
-    """A tiny classifier with a Hugging Face model's call: `model(input_ids=...).logits` (features here)."""
+    """A tiny classifier with a Hugging Face model's call: `model(input_ids=...).logits` (features here); dropout
+    before the output layer when asked (R-Drop needs some)."""
 
-    def __init__(self):
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(DIM, 32), torch.nn.Tanh(), torch.nn.Linear(32, CLASSES))
+        layers = [torch.nn.Linear(DIM, 32), torch.nn.Tanh()] + ([torch.nn.Dropout(dropout)] if dropout else [])
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(32, CLASSES))
 
     def forward(self, input_ids, attention_mask=None):
         return SimpleNamespace(logits=self.net(input_ids))
@@ -404,7 +461,7 @@ def _recipe(name: str, kind: str, params: MethodParams, epochs: int) -> Recipe:
     if kind == "class":
         x, y = _class_data()
         items = [{"input_ids": x[i], "labels": y[i], "index": i} for i in range(N_CLASS)]
-        model = _ClassModel()
+        model = _ClassModel(dropout=0.1 if recipe.method.forward_passes > 1 else 0.0)
     else:
         x, mask = _token_data()
         items = [{"input_ids": x[i], "attention_mask": torch.ones(T, dtype=torch.long), "answer_mask": mask[i],
@@ -457,6 +514,11 @@ def _check_run(name, kind, params=PARAMS):
             else:
                 assert terms.total.item() == pytest.approx(terms.ce.item(), rel=1e-6)
             continue
+        if method.soft_targets == "other_pass":  # R-Drop: the other dropout pass, from the first step on
+            assert terms.alpha is None and terms.tau is None and terms.distill.item() >= -1e-6
+            assert terms.total.item() == pytest.approx(terms.ce.item() + params.alpha * terms.distill.item(),
+                                                       rel=1e-5, abs=1e-7)
+            continue
         if step == 0:  # no previous mini-batch yet: CE only
             assert terms.distill is None and terms.total.item() == pytest.approx(terms.ce.item(), rel=1e-6)
             continue
@@ -487,7 +549,7 @@ def test_training_classifier(name):
     _check_run(name, "class")
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(set(METHODS) - CLASSIFIERS_ONLY))
 def test_training_token_model(name):
     _check_run(name, "token")
 
