@@ -179,6 +179,9 @@ class TrialConfig(_TrackerSettings):
         if method.loader == "overlap" and self.batch_size % 2:
             raise ValueError(f"{self.method} needs an even batch_size (each batch's first half repeats the previous "
                              f"batch's second half); got batch_size={self.batch_size}")
+        if method.alpha_at_most is not None and self.alpha > method.alpha_at_most:
+            raise ValueError(f"{self.method}: alpha mixes its two targets, so it must lie in [0, "
+                             f"{method.alpha_at_most:g}]; got alpha={self.alpha:g}")
         kind = TASKS[self.task].kind if self.task in TASKS else "classification"  # a custom task classifies
         if kind not in method.kinds:
             fit = ", ".join(name for name, m in METHODS.items() if kind in m.kinds)

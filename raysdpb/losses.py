@@ -31,6 +31,8 @@ __all__ = [
     "dynamic_ce_loss",
     "symmetric_kl_per_sample",
     "r_drop_loss",
+    "soft_target_ce",
+    "ps_kd_loss",
     "token_ce_per_sequence",
     "sequence_uncertainty_weights",
     "vocabulary_log_map",
@@ -138,6 +140,22 @@ def r_drop_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Te
     `0.5 * (mean CE_a + mean CE_b) + alpha * mean_i 0.5 * (KL(p_a,i || p_b,i) + KL(p_b,i || p_a,i))`."""
     ce = 0.5 * (per_sample_ce(logits_a, labels).mean() + per_sample_ce(logits_b, labels).mean())
     return ce + alpha * symmetric_kl_per_sample(logits_a, logits_b).mean()
+
+
+def soft_target_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a distribution, `-sum_c q_c log softmax(z)_c` per sample, `(B,)` (the target
+    detached)."""
+    return -(target_probs.detach().float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def ps_kd_loss(logits: torch.Tensor, labels: torch.Tensor, previous_probs: torch.Tensor,
+               weights: torch.Tensor | float) -> torch.Tensor:
+    """PS-KD (Kim et al. 2021): `mean_i CE(z_i, (1 - a_i) onehot(y_i) + a_i p_i^{t-1})`, which is
+    `mean_i (1 - a_i) CE(z_i, y_i) + a_i H(p_i^{t-1}, softmax(z_i))`; `a_i` (float or `(B,)`) detached."""
+    a = _weights(weights, logits.shape[0], logits.device)
+    onehot = F.one_hot(labels, logits.shape[-1]).float()
+    target = (1.0 - a).unsqueeze(-1) * onehot + a.unsqueeze(-1) * previous_probs.detach().float()
+    return soft_target_ce(logits, target).mean()
 
 
 # --- decoder-only (NLG): vocabulary map matching ----------------------------------------------------------

@@ -193,6 +193,19 @@ def r_drop(outputs: tuple[ClassOutputs, ClassOutputs], targets: TeacherState | N
     return LossTerms(total=total, ce=ce, distill=distill)
 
 
+def progressive_self_kd(outputs: ClassOutputs, targets: TeacherState | None, params: MethodParams) -> LossTerms:
+    """PS-KD against the memory's predictions of the previous epoch (`losses.ps_kd_loss`), `a_i = alpha *
+    weight_i` (the memory's `t / T`, 0 for a sample it has no prediction of); plain CE in the first epoch."""
+    ce = outputs.per_sample_ce().mean()
+    if targets is None:
+        return LossTerms(total=ce, ce=ce.detach())
+    a = params.alpha * targets.weight
+    total = losses.ps_kd_loss(outputs.logits, outputs.labels, targets.target, a)
+    with torch.no_grad():  # the term a_t weighs, for the logs: H(p^{t-1}, p)
+        distill = losses.soft_target_ce(outputs.logits, targets.target).mean()
+    return LossTerms(total=total, ce=ce.detach(), distill=distill, alpha=a.detach())
+
+
 def fixed_temperature(outputs: Outputs, params: MethodParams) -> torch.Tensor:
     return torch.full((len(outputs),), float(params.tau), device=outputs.logits.device)
 
@@ -232,6 +245,7 @@ class Method:
     # forward passes of the student per step over the batch (R-Drop: 2); what a cost column counts
     forward_passes: int = 1
     kinds: tuple[str, ...] = ALL_KINDS  # the task kinds it trains (a decoder needs "generation")
+    alpha_at_most: float | None = None  # where alpha mixes two targets (PS-KD, KD), it must not exceed this
     hyperparameters: tuple[str, ...] = ()  # the trial keys it uses beyond the shared ones (the sweep grids only these)
     description: str = field(default="", compare=False)
 
@@ -321,6 +335,10 @@ register(Method("dynsdpb_tau_only", loader="overlap", shuffle=True, epoch_multip
 register(Method("r_drop", loader="plain", shuffle=True, epoch_multiplier=1, loss=r_drop, soft_targets="other_pass",
                 forward_passes=2, kinds=CLASSIFIER_KINDS, hyperparameters=("alpha",),
                 description="R-Drop: CE of two dropout passes + alpha * their symmetric KL (two forwards a step)"))
+register(Method("ps_kd", loader="plain", shuffle=True, epoch_multiplier=1, loss=progressive_self_kd,
+                soft_targets="previous_epoch", kinds=CLASSIFIER_KINDS, hyperparameters=("alpha",), alpha_at_most=1.0,
+                description="PS-KD: CE against (1 - a_t) y + a_t p_{t-1}(x), the previous epoch's prediction, "
+                            "a_t = alpha * t / T"))
 
 
 # --- the per-rank cache ------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path):
-    cfg = _config(shared_data_dir, method=method, log_every_steps=1)
+    # PS-KD's targets are the previous epoch's predictions: a second epoch to have some
+    cfg = _config(shared_data_dir, method=method, log_every_steps=1,
+                  epochs=2 if METHODS[method].soft_targets == "previous_epoch" else 1)
     context = RecordingContext(tmp_path / "run")
     result = run_trial(cfg, context)
     assert result.status == "completed"
@@ -64,7 +66,7 @@ def test_same_seed_same_metrics_and_different_seed_differs(shared_data_dir, tmp_
     assert runs[0].history[-1]["train_loss"] != runs[2].history[-1]["train_loss"]
 
 
-@pytest.mark.parametrize("method", ["dynsdpb", "finetune"])
+@pytest.mark.parametrize("method", ["dynsdpb", "finetune", "ps_kd"])
 def test_resume_mid_epoch_matches_uninterrupted_run(method, shared_data_dir, tmp_path):
     cfg = _config(shared_data_dir, method=method, epochs=2, checkpoint_every_steps=4)
     full_ctx = LocalContext(tmp_path / "full", keep=100)
@@ -78,6 +80,9 @@ def test_resume_mid_epoch_matches_uninterrupted_run(method, shared_data_dir, tmp
     assert len(state["ranks"]) == 1 and not {"cache", "rng", "running", "history"} & set(state)
     if METHODS[method].distills:
         assert state["ranks"][0]["cache"], "the logit cache is part of the checkpoint"
+    if METHODS[method].soft_targets == "previous_epoch":  # PS-KD: the predictions of the 4 batches trained on
+        memory = state["ranks"][0]["cache"]
+        assert memory["probs"].shape == (48, 3) and int(memory["seen"].sum()) == 4 * 8
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(mid, resumed_dir / "from")
     resumed = run_trial(cfg, LocalContext(resumed_dir, resume_from=resumed_dir / "from"))

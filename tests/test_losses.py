@@ -652,3 +652,33 @@ def test_r_drop_gradient_reaches_both_passes_symmetrically():
     L.r_drop_loss(z, z.detach().clone().requires_grad_(), y, 3.0).backward()
     onehot = torch.nn.functional.one_hot(y, 3).float()
     assert torch.allclose(z.grad, (torch.softmax(z.detach(), -1) - onehot) / 8, atol=1e-6)
+
+
+# --- PS-KD (section 8.3) -----------------------------------------------------------------------------------------
+
+def test_hand_worked_ps_kd():
+    # prediction p = (1/4, 3/4), label 0, previous prediction (1/2, 1/2), a = 0.4:
+    # target (0.8, 0.2); CE = -(0.8 ln 1/4 + 0.2 ln 3/4) = 0.8 ln 4 + 0.2 ln(4/3)
+    z, y, prev = torch.tensor([[0.0, LN3]]), torch.tensor([0]), torch.tensor([[0.5, 0.5]])
+    want = 0.8 * math.log(4) + 0.2 * math.log(4 / 3)
+    assert L.ps_kd_loss(z, y, prev, 0.4).item() == pytest.approx(want, rel=1e-6)
+    assert L.ps_kd_loss(z, y, prev, 0.0).item() == pytest.approx(math.log(4), rel=1e-6)  # a = 0: plain CE
+    # H((1/2, 1/2), (1/4, 3/4)) = 1/2 ln 4 + 1/2 ln(4/3)
+    assert L.soft_target_ce(z, prev).item() == pytest.approx(0.5 * math.log(4) + 0.5 * math.log(4 / 3), rel=1e-6)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 6), c=st.integers(2, 7), scale=st.floats(0.1, 20.0))
+def test_ps_kd_matches_reference(seed, b, c, scale):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, c, generator=g) * scale
+    y = torch.randint(0, c, (b,), generator=g)
+    prev = torch.softmax(torch.randn(b, c, generator=g) * scale, -1)
+    a = torch.rand(b, generator=g)
+    a64 = a.double().numpy()[:, None]
+    target = (1 - a64) * np.eye(c)[y.numpy()] + a64 * prev.double().numpy()
+    want = -(target * np_log_softmax(z.double().numpy())).sum(-1).mean()
+    assert L.ps_kd_loss(z, y, prev, a).item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # the same as (1 - a) CE + a H(p_prev, p)
+    split = ((1 - a) * L.per_sample_ce(z, y) + a * L.soft_target_ce(z, prev)).mean()
+    assert L.ps_kd_loss(z, y, prev, a).item() == pytest.approx(split.item(), rel=1e-5, abs=1e-6)

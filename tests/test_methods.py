@@ -31,9 +31,10 @@ TABLE = {
     "dynsdpb_alpha_only": ("overlap", True, 1, "previous_batch", 1),
     "dynsdpb_tau_only": ("overlap", True, 1, "previous_batch", 1),
     "r_drop": ("plain", True, 1, "other_pass", 2),
+    "ps_kd": ("plain", True, 1, "previous_epoch", 1),
 }
 # the methods defined for classifiers only (refused for a decoder task at config time)
-CLASSIFIERS_ONLY = {"r_drop"}
+CLASSIFIERS_ONLY = {"r_drop", "ps_kd"}
 # the methods whose alpha_i (uncertainty) and tau_i (teacher loss) are per sample
 DYNAMIC_ALPHA = {"dynsdpb", "dynsdpb_alpha_only"}
 DYNAMIC_TAU = {"dynsdpb", "dynsdpb_tau_only"}
@@ -346,6 +347,66 @@ def test_two_forward_passes_draw_their_own_dropout_masks():
     assert terms.distill.item() == 0.0 and terms.total.item() == pytest.approx(terms.ce.item())
 
 
+def test_ps_kd_alpha_mixes_two_targets_so_it_is_at_most_one():
+    from raysdpb.config import load_trial_config
+
+    with pytest.raises(UserError, match=r"ps_kd: alpha mixes its two targets, so it must lie in \[0, 1\]; got "
+                                        r"alpha=1.5"):
+        load_trial_config(None, raw=dict(task="superglue/cb", model="tiny-bert", method="ps_kd", alpha=1.5))
+    assert TrialConfig(task="superglue/cb", model="tiny-bert", method="dynsdpb", alpha=1.5).alpha == 1.5
+
+
+def test_ps_kd_memory_across_epochs_by_hand():
+    """The memory hands epoch e the predictions recorded when each example was last trained on, weighted
+    (e + 1) / T (0 where it has none); nothing in the first epoch; the loss is then PS-KD's by hand."""
+    from raysdpb.soft_targets import EpochMemory
+
+    params = MethodParams(alpha=0.8)
+    memory = EpochMemory(num_examples=10, total_epochs=4)
+    z0, y0 = _class_batch(10, b=4, c=3)
+    assert memory.take(torch.tensor([1, 3, 5, 7]), "cpu", 0) is None  # nothing recorded, and the first epoch
+    memory.put(torch.tensor([1, 3, 5, 7]), ClassOutputs(z0, y0), params)
+    assert memory.take(torch.tensor([1, 3]), "cpu", 0) is None  # the first epoch is plain CE whatever is recorded
+    z1, _ = _class_batch(11, b=4, c=3)
+    memory.put(torch.tensor([3, 0, 2, 4]), ClassOutputs(z1, y0), params)  # 3 again: the later prediction wins
+    got = memory.take(torch.tensor([7, 3, 9, 1]), "cpu", 2)
+    want = np.stack([np.exp(np_log_softmax(f64(z0[3]))), np.exp(np_log_softmax(f64(z1[0]))), np.zeros(3),
+                     np.exp(np_log_softmax(f64(z0[0])))])
+    np.testing.assert_allclose(f64(got.target), want, rtol=1e-6, atol=1e-7)
+    assert got.weight.tolist() == pytest.approx([0.75, 0.75, 0.0, 0.75])  # epoch index 2 of 4: t / T = 3 / 4
+
+    z, y = _class_batch(12, b=4, c=3)
+    terms = METHODS["ps_kd"].loss(ClassOutputs(z, y), got, params)
+    a = 0.8 * np.array([0.75, 0.75, 0.0, 0.75])
+    target = (1 - a)[:, None] * np.eye(3)[y.numpy()] + a[:, None] * want
+    assert terms.total.item() == pytest.approx(-(target * np_log_softmax(f64(z))).sum(-1).mean(), rel=1e-5)
+    np.testing.assert_allclose(f64(terms.alpha), a, rtol=1e-6)
+    assert terms.ce.item() == pytest.approx(np_ce(f64(z), y.numpy()).mean(), rel=1e-5)
+    assert METHODS["ps_kd"].loss(ClassOutputs(z, y), None, params).total.item() == pytest.approx(terms.ce.item())
+
+    # the state round-trips, and refuses a memory of another training set
+    restored = EpochMemory(num_examples=10, total_epochs=4)
+    restored.load_state_dict(memory.state_dict())
+    again = restored.take(torch.tensor([7, 3, 9, 1]), "cpu", 2)
+    assert torch.equal(again.target, got.target) and torch.equal(again.weight, got.weight)
+    with pytest.raises(ValueError, match="holds 10 examples, this trial trains on 12"):
+        EpochMemory(num_examples=12, total_epochs=4).load_state_dict(memory.state_dict())
+
+
+def test_ps_kd_memory_gathers_every_ranks_predictions():
+    """Under DDP an example may come to another rank next epoch: each step's predictions of all ranks are kept."""
+    from raysdpb.soft_targets import EpochMemory
+
+    z, y = _class_batch(13, b=2, c=3)
+    other = torch.tensor([[6.0, 0.0, 0.0, 0.0], [8.0, 0.0, 5.0, 0.0]])  # rank 1's (index, p) rows
+    memory = EpochMemory(num_examples=10, total_epochs=2, gather=lambda rows: [rows, other])
+    memory.put(torch.tensor([1, 2]), ClassOutputs(z, y), MethodParams())
+    got = memory.take(torch.tensor([8, 1, 6]), "cpu", 1)
+    assert got.weight.tolist() == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(f64(got.target[0]), [0.0, 5.0, 0.0])
+    np.testing.assert_allclose(f64(got.target[1]), np.exp(np_log_softmax(f64(z[0]))), rtol=1e-6)
+
+
 def _token_batch(seed, b=4, t=6, v=9, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(b, t, v, generator=g) * scale
@@ -501,6 +562,16 @@ def _check_run(name, kind, params=PARAMS):
     if method.loader == "overlap":
         assert epochs[-1] >= 1, "the run must cross an epoch boundary"
     half = BATCH // 2
+    if method.soft_targets == "previous_epoch":  # PS-KD: plain CE in the first epoch, then the memory's targets
+        assert epochs[-1] >= 1
+        for terms, epoch in zip(log, epochs):
+            if epoch == 0:
+                assert terms.distill is None and terms.total.item() == pytest.approx(terms.ce.item(), rel=1e-6)
+            else:
+                assert terms.distill is not None and terms.tau is None
+                assert torch.allclose(terms.alpha, torch.full((BATCH,), params.alpha * (epoch + 1) / 8))
+        assert max(abs(t.total.item() - t.ce.item()) for t, e in zip(log, epochs) if e >= 1) > 1e-3
+        return log
     if method.distills:  # the soft targets really pull: a clearly positive term early in the run
         early = [t.total.item() - t.ce.item() for t in log[1:6]]
         assert max(early) > 1e-3, (name, kind, early)

@@ -174,7 +174,8 @@ class Recipe:
 
     def soft_target_source(self) -> SoftTargetSource:
         """The method's source of soft targets on this rank (`raysdpb.soft_targets`)."""
-        return make_soft_targets(self.method)
+        return make_soft_targets(self.method, num_examples=len(self.train_data), total_epochs=self.total_epochs,
+                                 gather=self.context.all_gather)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> LossTerms | None:
