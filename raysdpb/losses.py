@@ -33,6 +33,7 @@ __all__ = [
     "r_drop_loss",
     "soft_target_ce",
     "ps_kd_loss",
+    "kd_loss",
     "token_ce_per_sequence",
     "sequence_uncertainty_weights",
     "vocabulary_log_map",
@@ -156,6 +157,14 @@ def ps_kd_loss(logits: torch.Tensor, labels: torch.Tensor, previous_probs: torch
     onehot = F.one_hot(labels, logits.shape[-1]).float()
     target = (1.0 - a).unsqueeze(-1) * onehot + a.unsqueeze(-1) * previous_probs.detach().float()
     return soft_target_ce(logits, target).mean()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+            temperature: float) -> torch.Tensor:
+    """Hinton et al.'s knowledge distillation: `(1 - alpha) * mean CE + alpha * tau^2 * mean_i
+    KL(softmax(teacher_i / tau) || softmax(student_i / tau))` (the teacher detached)."""
+    ce = per_sample_ce(student_logits, labels).mean()
+    return (1.0 - alpha) * ce + alpha * lmbc_loss(student_logits, teacher_logits, temperature)
 
 
 # --- decoder-only (NLG): vocabulary map matching ----------------------------------------------------------

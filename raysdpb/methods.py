@@ -206,6 +206,16 @@ def progressive_self_kd(outputs: ClassOutputs, targets: TeacherState | None, par
     return LossTerms(total=total, ce=ce.detach(), distill=distill, alpha=a.detach())
 
 
+def knowledge_distillation(outputs: ClassOutputs, targets: TeacherState | None, params: MethodParams) -> LossTerms:
+    """Vanilla KD against the teacher's cached logits (`losses.kd_loss`) at the fixed `tau`."""
+    if targets is None:
+        raise RuntimeError("kd has no teacher logits for this batch: its source must be the teacher's table")
+    total = losses.kd_loss(outputs.logits, targets.target, outputs.labels, params.alpha, params.tau)
+    with torch.no_grad():  # the terms for the logs; the distillation term before alpha
+        distill = losses.lmbc_loss(outputs.logits, targets.target, params.tau)
+    return LossTerms(total=total, ce=outputs.per_sample_ce().detach().mean(), distill=distill)
+
+
 def fixed_temperature(outputs: Outputs, params: MethodParams) -> torch.Tensor:
     return torch.full((len(outputs),), float(params.tau), device=outputs.logits.device)
 
@@ -339,6 +349,10 @@ register(Method("ps_kd", loader="plain", shuffle=True, epoch_multiplier=1, loss=
                 soft_targets="previous_epoch", kinds=CLASSIFIER_KINDS, hyperparameters=("alpha",), alpha_at_most=1.0,
                 description="PS-KD: CE against (1 - a_t) y + a_t p_{t-1}(x), the previous epoch's prediction, "
                             "a_t = alpha * t / T"))
+register(Method("kd", loader="plain", shuffle=True, epoch_multiplier=1, loss=knowledge_distillation,
+                soft_targets="teacher", kinds=CLASSIFIER_KINDS, hyperparameters=("alpha", "tau", "teacher_model"),
+                alpha_at_most=1.0,
+                description="KD from a fine-tuned teacher: (1 - alpha) CE + alpha tau^2 KL, its logits cached on disk"))
 
 
 # --- the per-rank cache ------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ resumed run continues with the same targets.
 * `NoTargets` (`none`, `other_pass`: R-Drop's targets are the step's own second pass, not kept).
 * `PreviousBatch` (`previous_batch`): the `LogitCache` of the previous step's second half (DLB, DynSDPB).
 * `EpochMemory` (`previous_epoch`): every example's prediction when it was last trained on (PS-KD).
+* `TeacherTable` (`teacher`): a teacher's logits on every training example (KD), read from the disk cache of
+  `raysdpb.teacher` when the recipe is set up; nothing of it is checkpointed (the cache is on disk).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable
 
 from raysdpb.methods import LogitCache, Method, MethodParams, Outputs, TeacherState
 
-__all__ = ["SoftTargetSource", "NoTargets", "PreviousBatch", "EpochMemory", "make_soft_targets"]
+__all__ = ["SoftTargetSource", "NoTargets", "PreviousBatch", "EpochMemory", "TeacherTable", "make_soft_targets"]
 
 
 class SoftTargetSource:
@@ -127,10 +129,26 @@ class EpochMemory(SoftTargetSource):
         self.probs, self.seen = state["probs"].float(), state["seen"].bool()
 
 
+class TeacherTable(SoftTargetSource):
+    """A teacher's logits `(N, C)` on the training examples, by dataset index, at the fixed temperature `tau`."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits.float()
+
+    def take(self, indices: torch.Tensor, device: torch.device | str, epoch: int) -> TeacherState | None:
+        idx = indices.detach().cpu().long()
+        return TeacherState(indices=idx, target=self.logits[idx], tau=torch.ones(len(idx))).to(device)
+
+
 def make_soft_targets(method: Method, *, num_examples: int = 0, total_epochs: int = 1,
-                      gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> SoftTargetSource:
+                      gather: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
+                      teacher_logits: torch.Tensor | None = None) -> SoftTargetSource:
     """The source of `method`'s soft targets, empty (`num_examples`, `total_epochs`, `gather`: the epoch
-    memory's)."""
+    memory's; `teacher_logits`: the teacher's table)."""
+    if method.soft_targets == "teacher":
+        if teacher_logits is None or teacher_logits.shape[0] != num_examples:
+            raise ValueError(f"{method.name} needs the teacher's logits of all {num_examples} training examples")
+        return TeacherTable(teacher_logits)
     if method.soft_targets == "previous_batch":
         return PreviousBatch(method)
     if method.soft_targets == "previous_epoch":

@@ -18,7 +18,7 @@ from raysdpb.recipe.context import LocalContext
 from raysdpb.recipe import run_trial
 from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
-from trial_configs import RecordingContext
+from trial_configs import RecordingContext, make_teacher
 from trial_configs import encoder_trial as _config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,10 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path):
-    # PS-KD's targets are the previous epoch's predictions: a second epoch to have some
+def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path, monkeypatch):
+    # PS-KD's targets are the previous epoch's predictions: a second epoch to have some; KD's a teacher's
+    targets = METHODS[method].soft_targets
+    extra = {}
+    if targets == "teacher":
+        monkeypatch.setenv("RAYSDPB_CACHE", str(tmp_path / "cache"))
+        extra = {"teacher_model": str(make_teacher(tmp_path / "teacher")), "alpha": 0.5}
     cfg = _config(shared_data_dir, method=method, log_every_steps=1,
-                  epochs=2 if METHODS[method].soft_targets == "previous_epoch" else 1)
+                  epochs=2 if targets == "previous_epoch" else 1, **extra)
     context = RecordingContext(tmp_path / "run")
     result = run_trial(cfg, context)
     assert result.status == "completed"

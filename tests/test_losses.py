@@ -682,3 +682,15 @@ def test_ps_kd_matches_reference(seed, b, c, scale):
     # the same as (1 - a) CE + a H(p_prev, p)
     split = ((1 - a) * L.per_sample_ce(z, y) + a * L.soft_target_ce(z, prev)).mean()
     assert L.ps_kd_loss(z, y, prev, a).item() == pytest.approx(split.item(), rel=1e-5, abs=1e-6)
+
+
+# --- KD (section 8.4) --------------------------------------------------------------------------------------------
+
+def test_hand_worked_kd():
+    # student (0, 2 ln 3) at tau 2 is (1/4, 3/4); teacher (0, 0) uniform; label 1:
+    # CE at tau 1 = ln(1 + 9) - 2 ln 3 = ln(10/9); tau^2 KL = 4 * 1/2 ln(4/3)
+    s, t, y = torch.tensor([[0.0, 2 * LN3]]), torch.tensor([[0.0, 0.0]]), torch.tensor([1])
+    want = 0.75 * math.log(10 / 9) + 0.25 * 4 * 0.5 * math.log(4 / 3)
+    assert L.kd_loss(s, t, y, 0.25, 2.0).item() == pytest.approx(want, rel=1e-6)
+    assert L.kd_loss(s, t, y, 0.0, 2.0).item() == pytest.approx(math.log(10 / 9), rel=1e-6)  # alpha 0: CE
+    assert L.kd_loss(s, t, y, 1.0, 2.0).item() == pytest.approx(2 * math.log(4 / 3), rel=1e-6)  # alpha 1: KD only

@@ -32,9 +32,10 @@ TABLE = {
     "dynsdpb_tau_only": ("overlap", True, 1, "previous_batch", 1),
     "r_drop": ("plain", True, 1, "other_pass", 2),
     "ps_kd": ("plain", True, 1, "previous_epoch", 1),
+    "kd": ("plain", True, 1, "teacher", 1),
 }
 # the methods defined for classifiers only (refused for a decoder task at config time)
-CLASSIFIERS_ONLY = {"r_drop", "ps_kd"}
+CLASSIFIERS_ONLY = {"r_drop", "ps_kd", "kd"}
 # the methods whose alpha_i (uncertainty) and tau_i (teacher loss) are per sample
 DYNAMIC_ALPHA = {"dynsdpb", "dynsdpb_alpha_only"}
 DYNAMIC_TAU = {"dynsdpb", "dynsdpb_tau_only"}
@@ -118,8 +119,9 @@ def test_a_classifier_method_on_a_decoder_task_is_one_clear_error(name):
 
     with pytest.raises(UserError, match=rf"method {name} is defined for classifiers only .* nlg/gsm8k is a "
                                         r"generation task; choose one of: finetune, .*dynsdpb"):
-        load_trial_config(None, raw=dict(task="nlg/gsm8k", model="tiny-llama", method=name))
-    TrialConfig(task="superglue/copa", model="tiny-bert", method=name)  # multiple choice: class distributions
+        load_trial_config(None, raw=dict(task="nlg/gsm8k", model="tiny-llama", method=name, teacher_model="/t"))
+    # multiple choice: class distributions
+    TrialConfig(task="superglue/copa", model="tiny-bert", method=name, teacher_model="/t")
 
 
 def test_registry_refuses_unknown_and_duplicate_names():
@@ -407,6 +409,24 @@ def test_ps_kd_memory_gathers_every_ranks_predictions():
     np.testing.assert_allclose(f64(got.target[1]), np.exp(np_log_softmax(f64(z[0]))), rtol=1e-6)
 
 
+def test_kd_by_hand_from_the_teacher_table():
+    """KD's loss of a batch against the teacher table's rows of its indices: (1 - alpha) CE + alpha tau^2 KL."""
+    from raysdpb.soft_targets import TeacherTable
+
+    table, _ = _class_batch(14, b=10, c=3, scale=3.0)
+    z, y = _class_batch(15, b=4, c=3)
+    indices = torch.tensor([9, 0, 4, 4])
+    targets = TeacherTable(table).take(indices, "cpu", 0)
+    assert torch.equal(targets.target, table[indices])
+    params = MethodParams(alpha=0.3, tau=2.5)
+    terms = METHODS["kd"].loss(ClassOutputs(z, y), targets, params)
+    kl = np_kl(np_log_softmax(f64(table[indices]) / 2.5), np_log_softmax(f64(z) / 2.5))
+    ce = np_ce(f64(z), y.numpy()).mean()
+    assert terms.total.item() == pytest.approx(0.7 * ce + 0.3 * 2.5 ** 2 * kl.mean(), rel=1e-5)
+    assert terms.distill.item() == pytest.approx(2.5 ** 2 * kl.mean(), rel=1e-5)
+    assert terms.ce.item() == pytest.approx(ce, rel=1e-5)
+
+
 def _token_batch(seed, b=4, t=6, v=9, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(b, t, v, generator=g) * scale
@@ -484,6 +504,13 @@ def _token_data():
     return x, mask
 
 
+def _perfect_teacher_logits():
+    """The logits of the rule that labels `_class_data` (x @ w), as a teacher's table."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_CLASS, DIM, generator=g)
+    return 2.0 * (x @ torch.randn(DIM, CLASSES, generator=g))
+
+
 class _ClassModel(torch.nn.Module):
     """A tiny classifier with a Hugging Face model's call: `model(input_ids=...).logits` (features here); dropout
     before the output layer when asked (R-Drop needs some)."""
@@ -514,6 +541,7 @@ def _recipe(name: str, kind: str, params: MethodParams, epochs: int) -> Recipe:
     """The real recipe, set up step by step with a toy model and data in its format (items with `index`)."""
     task = "superglue/cb" if kind == "class" else "nlg/gsm8k"  # a classification and a generation task
     cfg = TrialConfig(task=task, model="tiny-bert", method=name, alpha=params.alpha, tau=params.tau,
+                      teacher_model="/toy-teacher" if name == "kd" else None,
                       tau_min_scale=params.tau_min_scale, tau_max_scale=params.tau_max_scale, lr=0.02,
                       weight_decay=0.0, max_grad_norm=None, batch_size=BATCH, epochs=epochs, seed=1,
                       progress_bar=False)
@@ -529,6 +557,8 @@ def _recipe(name: str, kind: str, params: MethodParams, epochs: int) -> Recipe:
                   "index": i} for i in range(N_TOK)]
         model = _TokenModel()
     recipe.setup_data(TokenizedDataset(items, "toy"), [])
+    if recipe.method.soft_targets == "teacher":  # the rule that labels the data, as a teacher's logits
+        recipe.teacher_logits = _perfect_teacher_logits
     recipe.setup_model(model)
     recipe.setup_loader(default_collate)
     recipe.setup_optimization()
@@ -584,6 +614,11 @@ def _check_run(name, kind, params=PARAMS):
                 assert terms.total.item() >= terms.ce.item() - 1e-6
             else:
                 assert terms.total.item() == pytest.approx(terms.ce.item(), rel=1e-6)
+            continue
+        if method.soft_targets == "teacher":  # KD: the teacher's table, from the first step on
+            assert terms.alpha is None and terms.tau is None and terms.distill.item() >= -1e-6
+            assert terms.total.item() == pytest.approx((1 - params.alpha) * terms.ce.item()
+                                                       + params.alpha * terms.distill.item(), rel=1e-5, abs=1e-7)
             continue
         if method.soft_targets == "other_pass":  # R-Drop: the other dropout pass, from the first step on
             assert terms.alpha is None and terms.tau is None and terms.distill.item() >= -1e-6

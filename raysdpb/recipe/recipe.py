@@ -91,6 +91,7 @@ class Recipe:
         # (Tune's time_this_iter_s restarts with each attempt and misses a resumed trial's earlier time)
         self._attempt_start = time.perf_counter()
         self._elapsed_before = 0.0
+        self.teacher_forward_passes = 0  # KD: examples the teacher ran forward for this trial (0 on a cache hit)
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> "Recipe":
@@ -174,8 +175,22 @@ class Recipe:
 
     def soft_target_source(self) -> SoftTargetSource:
         """The method's source of soft targets on this rank (`raysdpb.soft_targets`)."""
+        teacher = self.teacher_logits() if self.method.soft_targets == "teacher" else None
         return make_soft_targets(self.method, num_examples=len(self.train_data), total_epochs=self.total_epochs,
-                                 gather=self.context.all_gather)
+                                 gather=self.context.all_gather, teacher_logits=teacher)
+
+    def teacher_logits(self) -> torch.Tensor:
+        """KD's teacher logits on the training examples, from the disk cache (`raysdpb.teacher`): rank 0 reads or
+        computes them first, the other ranks then read them, so the teacher runs once; the forward passes this
+        trial caused are counted (0 on a cache hit)."""
+        from raysdpb.teacher import teacher_table
+
+        if self.context.is_main:
+            logits, self.teacher_forward_passes = teacher_table(self.cfg, self.task, self.tokenizer, self.device)
+        self.context.all_ranks(True)  # a barrier: rank 0's table is on disk
+        if not self.context.is_main:
+            logits, _ = teacher_table(self.cfg, self.task, self.tokenizer, self.device)
+        return logits
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> LossTerms | None:
@@ -255,6 +270,7 @@ class Recipe:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "step": self.step, "nonfinite_total": self.nonfinite_total,
             "initial": self.initial, "elapsed_s": self.elapsed(), "config": self.cfg.model_dump(),
+            "teacher_forward_passes": self.teacher_forward_passes,
         }
 
     def load_state_dict(self, state: dict, checkpoint: Path | str = "the checkpoint") -> None:
@@ -276,6 +292,8 @@ class Recipe:
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
         self.epoch_stats, self.history = EpochStats.from_state(own["running"]), own["history"]
         self.initial, self._elapsed_before = state["initial"], float(state["elapsed_s"])
+        # what the trial caused, not this attempt (a checkpoint written before KD existed has none)
+        self.teacher_forward_passes = state.get("teacher_forward_passes", 0)
         set_rng_state(own["rng"])
 
     def resume(self) -> None:
@@ -365,6 +383,8 @@ class Recipe:
         entry = {"epoch": round(epoch_progress, 4), "step": self.step, **metrics, **self.initial,
                  **self.epoch_stats.summary(), "lr": self.scheduler.get_last_lr()[0],
                  "nonfinite_steps": self.nonfinite_total}
+        if self.method.soft_targets == "teacher":  # the cost column's teacher passes
+            entry["teacher_forward_passes"] = self.teacher_forward_passes
         self.history.append(entry)
         checkpoint_dir = self.save_checkpoint(epoch, position)
         self.context.log_scalars(self.step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
