@@ -300,7 +300,9 @@ def run_config(name: str, args, budget_s: float) -> dict:
     model = args.decoder_model if CONFIGS[name]["kind"] == "generation" else args.encoder_model
     spec = dict(CONFIGS[name], model=model)
     setup = build_setup(name, spec, args)
-    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    # all: every method that trains without a teacher folder (kd's step is finetune's plus a table lookup)
+    methods = ([m for m in METHODS if METHODS[m].soft_targets != "teacher"] if args.methods == "all"
+               else args.methods.split(","))
     if "finetune" not in methods:
         methods.insert(0, "finetune")
     runners = [MethodRunner(m, setup) for m in methods]

@@ -155,6 +155,9 @@ class TrialConfig(_TrackerSettings):
     tau_min_scale: float = Field(0.5, gt=0)
     tau_max_scale: float = Field(2.0, gt=0)
     tau_relative: bool = True
+    teacher_model: str | None = Field(None, description="kd: the folder of a fine-tuned classification model of the "
+                                                        "task (as python -m raysdpb.export writes); other methods "
+                                                        "ignore it")
 
     # optimisation
     lr: float = Field(2e-5, gt=0, lt=1)
@@ -218,10 +221,23 @@ class TrialConfig(_TrackerSettings):
         if self.eval_every is not None and self.eval_every_steps is not None:
             raise ValueError("eval_every (a fraction of an epoch, in samples seen) and eval_every_steps: set one")
         from raysdpb.methods import METHODS
+        from raysdpb.tasks import TASKS
 
-        if METHODS[self.method].loader == "overlap" and self.batch_size % 2:
+        method = METHODS[self.method]
+        if method.loader == "overlap" and self.batch_size % 2:
             raise ValueError(f"{self.method} needs an even batch_size (each batch's first half repeats the previous "
                              f"batch's second half); got batch_size={self.batch_size}")
+        if method.soft_targets == "teacher" and not self.teacher_model:
+            raise ValueError(f"{self.method} distils a teacher: give teacher_model, the folder of a model fine-tuned "
+                             "on the task (python -m raysdpb.export writes one from a finetune trial)")
+        if method.alpha_at_most is not None and self.alpha > method.alpha_at_most:
+            raise ValueError(f"{self.method}: alpha mixes its two targets, so it must lie in [0, "
+                             f"{method.alpha_at_most:g}]; got alpha={self.alpha:g}")
+        kind = TASKS[self.task].kind if self.task in TASKS else "classification"  # a custom task classifies
+        if kind not in method.kinds:
+            fit = ", ".join(name for name, m in METHODS.items() if kind in m.kinds)
+            raise ValueError(f"method {self.method} is defined for classifiers only (its targets are class "
+                             f"distributions), and {self.task} is a {kind} task; choose one of: {fit}")
         return self
 
     @field_validator("method")
@@ -466,6 +482,8 @@ def absolute_path(path: Any, key: str) -> Any:
 def _absolute_paths(data: dict) -> None:
     if "data_dir" in data:
         data["data_dir"] = absolute_path(data["data_dir"], "data_dir")
+    if isinstance(data.get("teacher_model"), str) and Path(data["teacher_model"]).expanduser().exists():
+        data["teacher_model"] = absolute_path(data["teacher_model"], "teacher_model")  # a local folder
     custom = data.get("custom_task")
     if isinstance(custom, dict) and isinstance(custom.get("files"), dict):
         custom["files"] = {split: absolute_path(f, f"custom_task.files.{split}")

@@ -1,4 +1,5 @@
-"""The losses of DLB and DynSDPB as pure functions of tensors (sections 3 and 4 of docs/method.md).
+"""The losses of DLB, DynSDPB and the baselines as pure functions of tensors (sections 3, 4 and 8 of
+docs/method.md).
 
 Conventions:
 
@@ -28,6 +29,11 @@ __all__ = [
     "loss_scaled_temperature",
     "temperature_from_losses",
     "dynamic_ce_loss",
+    "symmetric_kl_per_sample",
+    "r_drop_loss",
+    "soft_target_ce",
+    "ps_kd_loss",
+    "kd_loss",
     "token_ce_per_sequence",
     "sequence_uncertainty_weights",
     "vocabulary_log_map",
@@ -118,6 +124,47 @@ def loss_scaled_temperature(teacher_logits: torch.Tensor, labels: torch.Tensor, 
 def dynamic_ce_loss(per_sample_losses: torch.Tensor, weights: torch.Tensor, alpha: float) -> torch.Tensor:
     """Dynamic Finetune's reweighted CE: `mean_i (1 + alpha * w_i) * l_i` (weights detached)."""
     return ((1.0 + alpha * weights.detach().float()) * per_sample_losses).mean()
+
+
+def symmetric_kl_per_sample(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """`0.5 * (KL(p_a || p_b) + KL(p_b || p_a))` per sample, `(B,)`, with `p = softmax(z)`; both sides keep their
+    graph (R-Drop: each dropout pass is the other's target)."""
+    log_a = F.log_softmax(logits_a.float(), dim=-1)
+    log_b = F.log_softmax(logits_b.float(), dim=-1)
+    a_to_b = F.kl_div(log_b, log_a, reduction="none", log_target=True).sum(-1)  # KL(p_a || p_b)
+    b_to_a = F.kl_div(log_a, log_b, reduction="none", log_target=True).sum(-1)  # KL(p_b || p_a)
+    return 0.5 * (a_to_b + b_to_a)
+
+
+def r_drop_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """R-Drop (Liang et al. 2021) over two dropout passes of one batch:
+    `0.5 * (mean CE_a + mean CE_b) + alpha * mean_i 0.5 * (KL(p_a,i || p_b,i) + KL(p_b,i || p_a,i))`."""
+    ce = 0.5 * (per_sample_ce(logits_a, labels).mean() + per_sample_ce(logits_b, labels).mean())
+    return ce + alpha * symmetric_kl_per_sample(logits_a, logits_b).mean()
+
+
+def soft_target_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a distribution, `-sum_c q_c log softmax(z)_c` per sample, `(B,)` (the target
+    detached)."""
+    return -(target_probs.detach().float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def ps_kd_loss(logits: torch.Tensor, labels: torch.Tensor, previous_probs: torch.Tensor,
+               weights: torch.Tensor | float) -> torch.Tensor:
+    """PS-KD (Kim et al. 2021): `mean_i CE(z_i, (1 - a_i) onehot(y_i) + a_i p_i^{t-1})`, which is
+    `mean_i (1 - a_i) CE(z_i, y_i) + a_i H(p_i^{t-1}, softmax(z_i))`; `a_i` (float or `(B,)`) detached."""
+    a = _weights(weights, logits.shape[0], logits.device)
+    onehot = F.one_hot(labels, logits.shape[-1]).float()
+    target = (1.0 - a).unsqueeze(-1) * onehot + a.unsqueeze(-1) * previous_probs.detach().float()
+    return soft_target_ce(logits, target).mean()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+            temperature: float) -> torch.Tensor:
+    """Hinton et al.'s knowledge distillation: `(1 - alpha) * mean CE + alpha * tau^2 * mean_i
+    KL(softmax(teacher_i / tau) || softmax(student_i / tau))` (the teacher detached)."""
+    ce = per_sample_ce(student_logits, labels).mean()
+    return (1.0 - alpha) * ce + alpha * lmbc_loss(student_logits, teacher_logits, temperature)
 
 
 # --- decoder-only (NLG): vocabulary map matching ----------------------------------------------------------

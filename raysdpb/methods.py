@@ -1,15 +1,18 @@
-"""The methods registry (section 5 of docs/method.md) and the per-rank cache of soft targets.
+"""The methods registry (sections 5 and 8 of docs/method.md) and the per-rank cache of soft targets.
 
-A method is one `Method` entry: which batch sampler it needs, its epoch multiplier, and its loss given the
-batch's model outputs and the teacher state cached at the previous step. Every loss is composed from the
-pure functions of `raysdpb.losses` (`lmbc_loss`, `vmm_loss`, `dynamic_ce_loss`, `uncertainty_weights`,
-`temperature_from_losses`, ...), so the documented functions are the ones that train. The training step
-(`raysdpb.recipe.Recipe.train_step`) is the same for all of them:
+A method is one `Method` entry: which batch sampler it needs, its epoch multiplier, where its soft targets come
+from (`soft_targets`: none, the previous batch, the previous epoch's predictions, the other forward pass of the
+same batch, a teacher's table), how many forward passes a step takes, and its loss given the batch's model
+outputs and those targets. Every loss is composed from the pure functions of `raysdpb.losses` (`lmbc_loss`,
+`vmm_loss`, `dynamic_ce_loss`, `uncertainty_weights`, `temperature_from_losses`, ...), so the documented
+functions are the ones that train. The training step (`raysdpb.recipe.Recipe.train_step`) is the same for all
+of them; `raysdpb.soft_targets` holds each kind of source of targets:
 
-    teacher = cache.take(first_half_indices, device)   # None on the first step of a run
-    terms = method.loss(outputs, teacher, params)      # LossTerms: total, ce, distill, alpha_i, tau_i
+    passes = [forward(batch) for _ in range(method.forward_passes)]
+    targets = source.take(indices, device, epoch)       # None where there are none (yet)
+    terms = method.step_loss(passes, targets, params)   # LossTerms: total, ce, distill, alpha_i, tau_i
     terms.total.backward()
-    cache.put(method.teacher_state(outputs.slice(slice(half, None)), second_half_indices, params))
+    source.put(indices, passes[0], params)             # the previous batch's cache, the epoch memory
 
 `outputs` is a `ClassOutputs` (encoders: `(B, C)` logits, distilled with LMBC) or a `TokenOutputs` (decoders:
 `(B, T, V)` logits, labels and an answer mask, distilled with VMM); both expose the same per-sample signals,
@@ -22,15 +25,16 @@ Adding a method means adding one `register(Method(...))` entry below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 
 from raysdpb import losses
 
 __all__ = [
-    "MethodParams", "ClassOutputs", "TokenOutputs", "TeacherState", "LossTerms", "Method",
-    "LogitCache", "METHODS", "register", "get_method", "compiled_loss", "COMPILE_BACKEND_ENV",
+    "MethodParams", "ClassOutputs", "TokenOutputs", "TeacherState", "LossTerms", "Method", "SoftTargets",
+    "LogitCache", "METHODS", "register", "get_method", "ALL_KINDS", "CLASSIFIER_KINDS", "compiled_loss",
+    "COMPILE_BACKEND_ENV",
 ]
 
 
@@ -124,14 +128,18 @@ Outputs = ClassOutputs | TokenOutputs
 
 @dataclass
 class TeacherState:
-    """What step t-1 leaves for step t about the samples of its second half."""
+    """The soft targets a step gets from its method's source (`raysdpb.soft_targets`): what step t-1 leaves for
+    step t about the samples of its second half (DLB, DynSDPB), or what the epoch memory or the teacher's table
+    holds for the batch's samples (PS-KD, KD)."""
 
     indices: torch.Tensor  # (H,) dataset indices, to check the overlap really lines up
-    target: torch.Tensor   # (H, C) logits or (H, V) log vocabulary maps, float32, detached
+    target: torch.Tensor   # (H, C) logits or (H, V) log vocabulary maps, float32, detached; PS-KD: probabilities
     tau: torch.Tensor      # (H,) the temperature of each sample's soft target
+    weight: torch.Tensor | None = None  # (H,) a per-sample weight the source sets (PS-KD's a_t; 0: no target yet)
 
     def to(self, device: torch.device | str) -> "TeacherState":
-        return TeacherState(self.indices.to(device), self.target.to(device), self.tau.to(device))
+        weight = None if self.weight is None else self.weight.to(device)
+        return TeacherState(self.indices.to(device), self.target.to(device), self.tau.to(device), weight)
 
 
 @dataclass
@@ -175,6 +183,40 @@ def _self_distillation(dynamic: bool) -> Callable[[Outputs, TeacherState | None,
     return loss
 
 
+def r_drop(outputs: tuple[ClassOutputs, ClassOutputs], targets: TeacherState | None,
+           params: MethodParams) -> LossTerms:
+    """R-Drop over the step's two dropout passes (`losses.r_drop_loss`); classifiers only (`kinds`)."""
+    first, second = outputs
+    total = losses.r_drop_loss(first.logits, second.logits, first.labels, params.alpha)
+    with torch.no_grad():  # the terms for the logs
+        ce = 0.5 * (first.per_sample_ce().mean() + second.per_sample_ce().mean())
+        distill = losses.symmetric_kl_per_sample(first.logits, second.logits).mean()
+    return LossTerms(total=total, ce=ce, distill=distill)
+
+
+def progressive_self_kd(outputs: ClassOutputs, targets: TeacherState | None, params: MethodParams) -> LossTerms:
+    """PS-KD against the memory's predictions of the previous epoch (`losses.ps_kd_loss`), `a_i = alpha *
+    weight_i` (the memory's `t / T`, 0 for a sample it has no prediction of); plain CE in the first epoch."""
+    ce = outputs.per_sample_ce().mean()
+    if targets is None:
+        return LossTerms(total=ce, ce=ce.detach())
+    a = params.alpha * targets.weight
+    total = losses.ps_kd_loss(outputs.logits, outputs.labels, targets.target, a)
+    with torch.no_grad():  # the term a_t weighs, for the logs: H(p^{t-1}, p)
+        distill = losses.soft_target_ce(outputs.logits, targets.target).mean()
+    return LossTerms(total=total, ce=ce.detach(), distill=distill, alpha=a.detach())
+
+
+def knowledge_distillation(outputs: ClassOutputs, targets: TeacherState | None, params: MethodParams) -> LossTerms:
+    """Vanilla KD against the teacher's cached logits (`losses.kd_loss`) at the fixed `tau`."""
+    if targets is None:
+        raise RuntimeError("kd has no teacher logits for this batch: its source must be the teacher's table")
+    total = losses.kd_loss(outputs.logits, targets.target, outputs.labels, params.alpha, params.tau)
+    with torch.no_grad():  # the terms for the logs; the distillation term before alpha
+        distill = losses.lmbc_loss(outputs.logits, targets.target, params.tau)
+    return LossTerms(total=total, ce=outputs.per_sample_ce().detach().mean(), distill=distill)
+
+
 def fixed_temperature(outputs: Outputs, params: MethodParams) -> torch.Tensor:
     return torch.full((len(outputs),), float(params.tau), device=outputs.logits.device)
 
@@ -188,21 +230,60 @@ def teacher_loss_temperature(outputs: Outputs, params: MethodParams) -> torch.Te
 
 # --- the registry -----------------------------------------------------------------------------------------
 
+# where a method's soft targets come from (raysdpb.soft_targets has a source for each):
+#   none            no soft targets (fine-tuning, dynamic fine-tuning)
+#   previous_batch  the previous step's second half, cached on the rank (DLB, DynSDPB and its ablations)
+#   previous_epoch  each example's prediction when it was last trained on, a per-example memory (PS-KD)
+#   other_pass      the other forward pass of the same batch, with its graph (R-Drop)
+#   teacher         a fine-tuned teacher's logits, computed once per example and cached on disk (KD)
+SoftTargets = Literal["none", "previous_batch", "previous_epoch", "other_pass", "teacher"]
+ALL_KINDS = ("classification", "multiple_choice", "generation")
+CLASSIFIER_KINDS = ("classification", "multiple_choice")
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     loader: Literal["plain", "overlap"]
     shuffle: bool
     epoch_multiplier: int
-    loss: Callable[[Outputs, TeacherState | None, MethodParams], LossTerms]
-    # per-sample temperature of the soft targets this method caches; None: the method caches nothing
+    # loss(outputs, targets, params): `outputs` is the step's forward pass, or the tuple of them when the method
+    # takes several (`forward_passes`); `targets` what its `soft_targets` source handed the step (or None)
+    loss: Callable[..., LossTerms]
+    soft_targets: SoftTargets = "none"
+    # per-sample temperature of the soft targets this method caches from the previous batch (previous_batch only)
     teacher_temperature: Callable[[Outputs, MethodParams], torch.Tensor] | None = None
-    hyperparameters: tuple[str, ...] = ()  # the MethodParams fields it uses (the sweep grids only these)
+    # forward passes of the student per step over the batch (R-Drop: 2); what a cost column counts
+    forward_passes: int = 1
+    kinds: tuple[str, ...] = ALL_KINDS  # the task kinds it trains (a decoder needs "generation")
+    alpha_at_most: float | None = None  # where alpha mixes two targets (PS-KD, KD), it must not exceed this
+    hyperparameters: tuple[str, ...] = ()  # the trial keys it uses beyond the shared ones (the sweep grids only these)
     description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.soft_targets not in get_args(SoftTargets):
+            raise ValueError(f"{self.name}: soft_targets {self.soft_targets!r} is none of {get_args(SoftTargets)}")
+        if (self.soft_targets == "previous_batch") != (self.teacher_temperature is not None):
+            raise ValueError(f"{self.name}: a teacher_temperature is what the previous-batch targets are cached at, "
+                             "and only they need one")
+        if self.soft_targets == "previous_batch" and self.loader != "overlap":
+            raise ValueError(f"{self.name}: previous-batch targets need the overlap loader")
+        if (self.soft_targets == "other_pass") != (self.forward_passes > 1) or self.forward_passes < 1:
+            raise ValueError(f"{self.name}: a method takes several forward passes exactly when each pass is the "
+                             "other's soft target")
 
     @property
     def distills(self) -> bool:
-        return self.teacher_temperature is not None
+        """Whether the loss has a distillation term (logged as `train_distill`)."""
+        return self.soft_targets != "none"
+
+    def step_loss(self, passes: list[Outputs], targets: TeacherState | None, params: MethodParams,
+                  loss: Callable | None = None) -> LossTerms:
+        """The loss of a step from its `forward_passes` forward passes and the soft targets handed to it; `loss`:
+        this method's loss in another form (compiled: `compiled_loss`), default `self.loss`."""
+        if len(passes) != self.forward_passes:
+            raise ValueError(f"{self.name} takes {self.forward_passes} forward pass(es) per step, got {len(passes)}")
+        return (loss or self.loss)(passes[0] if self.forward_passes == 1 else tuple(passes), targets, params)
 
     def teacher_state(self, second_half: Outputs, indices: torch.Tensor, params: MethodParams) -> TeacherState:
         """The soft targets of this batch's second half, for the next step (detached)."""
@@ -250,20 +331,45 @@ register(Method("finetune", loader="plain", shuffle=True, epoch_multiplier=1, lo
 register(Method("double_finetune", loader="plain", shuffle=True, epoch_multiplier=2, loss=ce_loss,
                 description="cross-entropy for twice the epochs (compute-matched to the overlap loaders)"))
 register(Method("sequential_dlb", loader="overlap", shuffle=False, epoch_multiplier=1,
-                loss=_self_distillation(dynamic=False), teacher_temperature=fixed_temperature,
+                loss=_self_distillation(dynamic=False), soft_targets="previous_batch",
+                teacher_temperature=fixed_temperature,
                 hyperparameters=("alpha", "tau"),
                 description="DLB in dataset order: CE + alpha * LMBC at a fixed tau"))
 register(Method("random_dlb", loader="overlap", shuffle=True, epoch_multiplier=1,
-                loss=_self_distillation(dynamic=False), teacher_temperature=fixed_temperature,
+                loss=_self_distillation(dynamic=False), soft_targets="previous_batch",
+                teacher_temperature=fixed_temperature,
                 hyperparameters=("alpha", "tau"),
                 description="DLB on shuffled data: CE + alpha * LMBC at a fixed tau"))
 register(Method("dynamic_finetune", loader="plain", shuffle=True, epoch_multiplier=1, loss=dynamic_ce,
                 hyperparameters=("alpha",),
                 description="CE reweighted per sample by (1 + alpha * uncertainty); no soft targets"))
 register(Method("dynsdpb", loader="overlap", shuffle=True, epoch_multiplier=1,
-                loss=_self_distillation(dynamic=True), teacher_temperature=teacher_loss_temperature,
+                loss=_self_distillation(dynamic=True), soft_targets="previous_batch",
+                teacher_temperature=teacher_loss_temperature,
                 hyperparameters=("alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative"),
                 description="CE + per-sample alpha_i (uncertainty) and tau_i (teacher loss) LMBC, or VMM for decoders"))
+# the ablations of DynSDPB (section 8): one of its two dynamic parts each (DLB has neither, DynSDPB both)
+register(Method("dynsdpb_alpha_only", loader="overlap", shuffle=True, epoch_multiplier=1,
+                loss=_self_distillation(dynamic=True), soft_targets="previous_batch",
+                teacher_temperature=fixed_temperature, hyperparameters=("alpha", "tau"),
+                description="DynSDPB's per-sample alpha_i (uncertainty) at DLB's fixed tau"))
+register(Method("dynsdpb_tau_only", loader="overlap", shuffle=True, epoch_multiplier=1,
+                loss=_self_distillation(dynamic=False), soft_targets="previous_batch",
+                teacher_temperature=teacher_loss_temperature,
+                hyperparameters=("alpha", "tau", "tau_min_scale", "tau_max_scale", "tau_relative"),
+                description="DLB's constant alpha with DynSDPB's per-sample tau_i (teacher loss)"))
+# the baselines a reviewer asks for (section 8)
+register(Method("r_drop", loader="plain", shuffle=True, epoch_multiplier=1, loss=r_drop, soft_targets="other_pass",
+                forward_passes=2, kinds=CLASSIFIER_KINDS, hyperparameters=("alpha",),
+                description="R-Drop: CE of two dropout passes + alpha * their symmetric KL (two forwards a step)"))
+register(Method("ps_kd", loader="plain", shuffle=True, epoch_multiplier=1, loss=progressive_self_kd,
+                soft_targets="previous_epoch", kinds=CLASSIFIER_KINDS, hyperparameters=("alpha",), alpha_at_most=1.0,
+                description="PS-KD: CE against (1 - a_t) y + a_t p_{t-1}(x), the previous epoch's prediction, "
+                            "a_t = alpha * t / T"))
+register(Method("kd", loader="plain", shuffle=True, epoch_multiplier=1, loss=knowledge_distillation,
+                soft_targets="teacher", kinds=CLASSIFIER_KINDS, hyperparameters=("alpha", "tau", "teacher_model"),
+                alpha_at_most=1.0,
+                description="KD from a fine-tuned teacher: (1 - alpha) CE + alpha tau^2 KL, its logits cached on disk"))
 
 
 # --- the per-rank cache ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from raysdpb.recipe.context import LocalContext
 from raysdpb.recipe import run_trial
 from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
-from trial_configs import RecordingContext
+from trial_configs import RecordingContext, make_teacher
 from trial_configs import encoder_trial as _config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path):
-    cfg = _config(shared_data_dir, method=method, log_every_steps=1)
+def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path, monkeypatch):
+    # PS-KD's targets are the previous epoch's predictions: a second epoch to have some; KD's a teacher's
+    targets = METHODS[method].soft_targets
+    extra = {}
+    if targets == "teacher":
+        monkeypatch.setenv("RAYSDPB_CACHE", str(tmp_path / "cache"))
+        extra = {"teacher_model": str(make_teacher(tmp_path / "teacher")), "alpha": 0.5}
+    cfg = _config(shared_data_dir, method=method, log_every_steps=1,
+                  epochs=2 if targets == "previous_epoch" else 1, **extra)
     context = RecordingContext(tmp_path / "run")
     result = run_trial(cfg, context)
     assert result.status == "completed"
@@ -218,7 +225,8 @@ def test_eval_every_reports_every_method_at_the_same_samples_seen(shared_data_di
     assert [h["samples_seen"] for h in histories["dynsdpb"]] == [16, 24, 40, 48, 64, 72, 88]
 
 
-@pytest.mark.parametrize("method, extra", [("dynsdpb", {}), ("finetune", {}), ("dynsdpb", {"eval_every": 0.25})])
+@pytest.mark.parametrize("method, extra", [("dynsdpb", {}), ("finetune", {}), ("dynsdpb", {"eval_every": 0.25}),
+                                           ("ps_kd", {})])
 def test_resume_mid_epoch_matches_uninterrupted_run(method, extra, shared_data_dir, tmp_path):
     cfg = _config(shared_data_dir, method=method, epochs=2, checkpoint_every_steps=4, **extra)
     full_ctx = LocalContext(tmp_path / "full", keep=100)
@@ -232,6 +240,9 @@ def test_resume_mid_epoch_matches_uninterrupted_run(method, extra, shared_data_d
     assert len(state["ranks"]) == 1 and not {"cache", "rng", "running", "history"} & set(state)
     if METHODS[method].distills:
         assert state["ranks"][0]["cache"], "the logit cache is part of the checkpoint"
+    if METHODS[method].soft_targets == "previous_epoch":  # PS-KD: the predictions of the 4 batches trained on
+        memory = state["ranks"][0]["cache"]
+        assert memory["probs"].shape == (48, 3) and int(memory["seen"].sum()) == 4 * 8
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(mid, resumed_dir / "from")
     resumed = run_trial(cfg, LocalContext(resumed_dir, resume_from=resumed_dir / "from"))

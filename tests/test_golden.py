@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from trial_configs import REPO, decoder_trial, encoder_trial, sweep_env
+from trial_configs import REPO, decoder_trial, encoder_trial, make_teacher, sweep_env
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 RECORD = os.environ.get("RAYSDPB_RECORD_GOLDEN") == "1"
@@ -44,6 +44,8 @@ def _run(kind: str, method: str, overrides: dict, data_dir: Path, out: Path) -> 
     from raysdpb.recipe import run_trial
     from raysdpb.recipe.context import LocalContext
 
+    if method == "kd":  # a teacher folder of this run's own (its cache: the test's $RAYSDPB_CACHE)
+        overrides = {"alpha": 0.5, "teacher_model": str(make_teacher(out.parent / "teacher")), **overrides}
     if kind == "encoder":
         cfg = encoder_trial(data_dir, method=method, eval_every_steps=2, epochs=2, **overrides)
     else:
@@ -78,8 +80,9 @@ def _check(name: str, got, file: Path) -> None:
 
 
 @pytest.mark.parametrize("name", list(_trial_cases()))
-def test_every_report_of_every_method_matches_the_recorded_one(name, shared_data_dir, tmp_path):
+def test_every_report_of_every_method_matches_the_recorded_one(name, shared_data_dir, tmp_path, monkeypatch):
     kind, method, overrides = _trial_cases()[name]
+    monkeypatch.setenv("RAYSDPB_CACHE", str(tmp_path / "cache"))
     _check(name, _run(kind, method, overrides, shared_data_dir, tmp_path / "run"), GOLDEN / "trials.json")
 
 

@@ -44,8 +44,9 @@ def test_dynamic_finetune_is_multiplied_by_alpha_only():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_is_multiplied_exactly_by_what_it_uses(method):
-    search = {"method": [method], "alpha": [0.5, 1.5], "tau": [1.0, 3.0], "seed": [0, 1]}
-    points = expand(_experiment(search))
+    alphas = [0.25, 0.5] if METHODS[method].alpha_at_most == 1.0 else [0.5, 1.5]  # PS-KD's and KD's mix in [0, 1]
+    search = {"method": [method], "alpha": alphas, "tau": [1.0, 3.0], "seed": [0, 1]}
+    points = expand(_experiment(search, teacher_model="/a/teacher"))  # kd's; the others ignore it
     used = [k for k in ("alpha", "tau") if k in METHODS[method].hyperparameters]
     assert len(points) == 2 * 2 ** len(used)
     assert method_hyperparameters() >= set(METHODS[method].hyperparameters)
@@ -118,3 +119,20 @@ def test_flatten_config_dots_nested_keys():
     flat = flatten_config(expand(exp)[0].config)
     assert flat["lora.r"] == 4 and flat["lr"] == 5e-5 and "lora" not in flat
     assert flat["custom_task"] is None
+
+
+def test_a_grid_point_a_method_refuses_is_one_clear_error():
+    """Each searched value is valid on the base trial, but ps_kd with alpha 1.5 is not: one line naming the point."""
+    from raysdpb.errors import UserError
+
+    with pytest.raises(UserError, match=r"search: the point method=ps_kd,alpha=1.5 is invalid: ps_kd: alpha mixes "
+                                        r"its two targets"):
+        expand(_experiment({"method": ["dynsdpb", "ps_kd"], "alpha": [0.5, 1.5]}))
+
+
+def test_teacher_model_is_in_kd_trial_ids_only():
+    points = expand(_experiment({"method": ["finetune", "kd"], "alpha": [0.5]}, teacher_model="/a/teacher"))
+    plain = expand(_experiment({"method": ["finetune"]}))
+    assert points[0].trial_id == plain[0].trial_id  # finetune ignores the teacher
+    other = expand(_experiment({"method": ["finetune", "kd"], "alpha": [0.5]}, teacher_model="/b/teacher"))
+    assert points[1].trial_id != other[1].trial_id and points[1].config.teacher_model == "/a/teacher"

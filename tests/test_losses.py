@@ -607,3 +607,90 @@ def test_large_logits_stay_finite(dtype):
     zc = inp["z_s"].clone().requires_grad_()
     L.lmbc_loss(zc, inp["z_t"], inp["taus"]).backward()
     assert torch.isfinite(zc.grad).all()
+
+
+# --- R-Drop (section 8.2) ----------------------------------------------------------------------------------------
+
+def test_hand_worked_r_drop():
+    # passes p_a = (1/2, 1/2) and p_b = (1/4, 3/4): KL(a||b) = 1/2 ln(4/3); KL(b||a) = 1/4 ln(1/2) + 3/4 ln(3/2)
+    a, b = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, LN3]])
+    sym = 0.5 * (0.5 * math.log(4 / 3) + 0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert L.symmetric_kl_per_sample(a, b).item() == pytest.approx(sym, rel=1e-6)
+    assert L.symmetric_kl_per_sample(b, a).item() == pytest.approx(sym, rel=1e-6)
+    # label 1: CE_a = ln 2, CE_b = ln(4/3); L = (ln 2 + ln(4/3)) / 2 + alpha * sym
+    got = L.r_drop_loss(a, b, torch.tensor([1]), 0.7).item()
+    assert got == pytest.approx(0.5 * (math.log(2) + math.log(4 / 3)) + 0.7 * sym, rel=1e-6)
+    assert L.r_drop_loss(a, a, torch.tensor([1]), 5.0).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 6), c=st.integers(2, 7), scale=st.floats(0.1, 20.0),
+       alpha=st.floats(0.0, 5.0))
+def test_r_drop_matches_reference(seed, b, c, scale, alpha):
+    g = torch.Generator().manual_seed(seed)
+    za, zb = torch.randn(b, c, generator=g) * scale, torch.randn(b, c, generator=g) * scale
+    y = torch.randint(0, c, (b,), generator=g)
+    la, lb = np_log_softmax(za.double().numpy()), np_log_softmax(zb.double().numpy())
+    sym = 0.5 * (np_kl(la, lb) + np_kl(lb, la))
+    np.testing.assert_allclose(L.symmetric_kl_per_sample(za, zb).double().numpy(), sym, rtol=1e-4, atol=1e-6)
+    want = 0.5 * (np_ce(za.numpy(), y.numpy()).mean() + np_ce(zb.numpy(), y.numpy()).mean()) + alpha * sym.mean()
+    assert L.r_drop_loss(za, zb, y, alpha).item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_r_drop_gradient_reaches_both_passes_symmetrically():
+    """Both passes get gradient (neither is a detached target), and swapping them swaps the gradients."""
+    g = torch.Generator().manual_seed(3)
+    za, zb = torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(4, 3, generator=g).requires_grad_()
+    y = torch.tensor([0, 1, 2, 1])
+    L.r_drop_loss(za, zb, y, 1.5).backward()
+    ga, gb = za.grad.clone(), zb.grad.clone()
+    za.grad, zb.grad = None, None
+    L.r_drop_loss(zb, za, y, 1.5).backward()
+    assert torch.allclose(za.grad, ga, atol=1e-6) and torch.allclose(zb.grad, gb, atol=1e-6)
+    # the analytic gradient of the CE halves: (p - onehot) / (2B); the KL part vanishes where za == zb
+    z = torch.randn(4, 3, generator=g).requires_grad_()
+    L.r_drop_loss(z, z.detach().clone().requires_grad_(), y, 3.0).backward()
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    assert torch.allclose(z.grad, (torch.softmax(z.detach(), -1) - onehot) / 8, atol=1e-6)
+
+
+# --- PS-KD (section 8.3) -----------------------------------------------------------------------------------------
+
+def test_hand_worked_ps_kd():
+    # prediction p = (1/4, 3/4), label 0, previous prediction (1/2, 1/2), a = 0.4:
+    # target (0.8, 0.2); CE = -(0.8 ln 1/4 + 0.2 ln 3/4) = 0.8 ln 4 + 0.2 ln(4/3)
+    z, y, prev = torch.tensor([[0.0, LN3]]), torch.tensor([0]), torch.tensor([[0.5, 0.5]])
+    want = 0.8 * math.log(4) + 0.2 * math.log(4 / 3)
+    assert L.ps_kd_loss(z, y, prev, 0.4).item() == pytest.approx(want, rel=1e-6)
+    assert L.ps_kd_loss(z, y, prev, 0.0).item() == pytest.approx(math.log(4), rel=1e-6)  # a = 0: plain CE
+    # H((1/2, 1/2), (1/4, 3/4)) = 1/2 ln 4 + 1/2 ln(4/3)
+    assert L.soft_target_ce(z, prev).item() == pytest.approx(0.5 * math.log(4) + 0.5 * math.log(4 / 3), rel=1e-6)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 6), c=st.integers(2, 7), scale=st.floats(0.1, 20.0))
+def test_ps_kd_matches_reference(seed, b, c, scale):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, c, generator=g) * scale
+    y = torch.randint(0, c, (b,), generator=g)
+    prev = torch.softmax(torch.randn(b, c, generator=g) * scale, -1)
+    a = torch.rand(b, generator=g)
+    a64 = a.double().numpy()[:, None]
+    target = (1 - a64) * np.eye(c)[y.numpy()] + a64 * prev.double().numpy()
+    want = -(target * np_log_softmax(z.double().numpy())).sum(-1).mean()
+    assert L.ps_kd_loss(z, y, prev, a).item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # the same as (1 - a) CE + a H(p_prev, p)
+    split = ((1 - a) * L.per_sample_ce(z, y) + a * L.soft_target_ce(z, prev)).mean()
+    assert L.ps_kd_loss(z, y, prev, a).item() == pytest.approx(split.item(), rel=1e-5, abs=1e-6)
+
+
+# --- KD (section 8.4) --------------------------------------------------------------------------------------------
+
+def test_hand_worked_kd():
+    # student (0, 2 ln 3) at tau 2 is (1/4, 3/4); teacher (0, 0) uniform; label 1:
+    # CE at tau 1 = ln(1 + 9) - 2 ln 3 = ln(10/9); tau^2 KL = 4 * 1/2 ln(4/3)
+    s, t, y = torch.tensor([[0.0, 2 * LN3]]), torch.tensor([[0.0, 0.0]]), torch.tensor([1])
+    want = 0.75 * math.log(10 / 9) + 0.25 * 4 * 0.5 * math.log(4 / 3)
+    assert L.kd_loss(s, t, y, 0.25, 2.0).item() == pytest.approx(want, rel=1e-6)
+    assert L.kd_loss(s, t, y, 0.0, 2.0).item() == pytest.approx(math.log(10 / 9), rel=1e-6)  # alpha 0: CE
+    assert L.kd_loss(s, t, y, 1.0, 2.0).item() == pytest.approx(2 * math.log(4 / 3), rel=1e-6)  # alpha 1: KD only

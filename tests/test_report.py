@@ -162,6 +162,14 @@ def test_a_newly_registered_method_follows_the_paper_s_six_in_order():
         METHODS.pop("a_new_method")
 
 
+def test_every_registered_method_has_a_colour_and_a_marker_of_its_own():
+    from raysdpb.methods import METHODS
+    from raysdpb.report.figures import method_color, method_marker
+
+    assert len({method_color(m) for m in METHODS}) == len(METHODS)
+    assert len({method_marker(m) for m in METHODS}) == len(METHODS)
+
+
 def test_paired_t_test_by_seed_at_the_selected_configurations():
     ft = [0.60, 0.62, 0.58, 0.61]
     diffs = [0.02, 0.04, 0.03, 0.05]

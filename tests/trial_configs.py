@@ -78,3 +78,22 @@ class RecordingContext(LocalContext):
     def log_scalars(self, step, scalars):
         self.scalars.append((step, dict(scalars)))
         super().log_scalars(step, scalars)
+
+
+def make_teacher(folder: Path, task: str = "superglue/cb", model: str = "tiny-bert", seed: int = 0) -> Path:
+    """A teacher folder for KD as `python -m raysdpb.export` writes one (`save_pretrained` of the classification
+    model and its tokenizer): here the tiny random BERT built for `task` from `seed`, not trained (the tests check
+    where its logits go, not how good they are)."""
+    import torch
+
+    from raysdpb.models import build_model, load_tokenizer, resolve_model
+    from raysdpb.tasks import get_task
+
+    spec = get_task(task)
+    source = resolve_model(model)
+    tokenizer = load_tokenizer(source)
+    torch.manual_seed(seed)
+    built = build_model(source, kind=spec.kind, num_labels=spec.num_labels, tokenizer=tokenizer)
+    built.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

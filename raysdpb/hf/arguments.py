@@ -21,6 +21,10 @@ from raysdpb.methods import METHODS, Method, MethodParams, get_method
 
 __all__ = ["SelfDistillationArguments", "METHOD_SETTINGS", "method_settings", "with_method_settings"]
 
+# the sources of soft targets that are the recipe's state, which a Trainer does not keep (PS-KD's memory, KD's table)
+TRAINER_REFUSES = {"previous_epoch": "a memory of every example's prediction across epochs",
+                   "teacher": "a teacher model's logits, cached on disk by the recipe"}
+
 # the MethodParams fields, in its order, plus the method's name
 METHOD_SETTINGS = ("method", *(f.name for f in dataclasses.fields(MethodParams)))
 
@@ -38,8 +42,9 @@ def _default(name: str):
 class SelfDistillationArguments(TrainingArguments):
     """`TrainingArguments` plus the self-distillation method and its hyperparameters (docs/method.md).
 
-    `method` is any registered method (`raysdpb.methods.METHODS`: finetune, double_finetune, sequential_dlb,
-    random_dlb, dynamic_finetune, dynsdpb); a method ignores the hyperparameters it does not use."""
+    `method` is a registered method (`raysdpb.methods.METHODS`: finetune, double_finetune, sequential_dlb,
+    random_dlb, dynamic_finetune, dynsdpb and its ablations, r_drop; not ps_kd or kd, whose memory or teacher table
+    is the recipe's state); a method ignores the hyperparameters it does not use."""
 
     method: str = field(default=_default("method"), metadata={"help": f"one of: {', '.join(METHODS)}"})
     alpha: float = field(default=_default("alpha"), metadata={"help": "weight of the distillation term (>= 0)"})
@@ -61,6 +66,10 @@ def method_settings(args) -> tuple[Method, MethodParams]:
     when one is wrong. Checked again when training starts, because a hyperparameter search sets them after the
     arguments were built."""
     method = get_method(args.method)
+    if method.soft_targets in TRAINER_REFUSES:
+        raise UserError(f"method {method.name!r} needs {TRAINER_REFUSES[method.soft_targets]}, which "
+                        "SelfDistillationTrainer does not keep; train it with raysdpb's own recipe "
+                        "(python -m raysdpb.train, or a sweep)")
     try:
         values = _Settings.model_validate({k: getattr(args, k) for k in METHOD_SETTINGS if k != "method"})
     except ValidationError as err:

@@ -5,8 +5,9 @@ evaluation, checkpoints, callbacks and hyperparameter search stay the Trainer's)
 
 * the training batches: the method's batch sampler from `raysdpb.sampler`, this rank's own share
   (`batches.TrainerBatchSampler`), which accelerate is kept from re-sharding (`batches.keep_own_batches`);
-* the training loss: the method's loss (`raysdpb.methods`, composed from `raysdpb.losses`) against the soft targets
-  this rank cached at its previous step (`LogitCache`), the calls `raysdpb.recipe.Recipe.train_step` makes;
+* the training loss: the method's loss (`raysdpb.methods`, composed from `raysdpb.losses`) over its forward passes
+  (R-Drop: two) against the soft targets its source holds on this rank (`raysdpb.soft_targets`: the previous
+  step's cache, or none), the calls `raysdpb.recipe.Recipe.train_step` makes;
 * the number of steps of an overlap method: training stops after the last batch whose second half lies within
   the planned epochs (the next batch would take its second half from the epoch after), which is
   `OverlapBatchSampler.total_batches(epochs)` steps without gradient accumulation, as in a raysdpb trial; a
@@ -34,9 +35,10 @@ from transformers.utils import is_datasets_available
 from raysdpb.errors import UserError
 from raysdpb.hf.arguments import method_settings, with_method_settings
 from raysdpb.hf.batches import IndexCollator, IndexedDataset, TrainerBatchSampler, keep_own_batches
-from raysdpb.methods import ClassOutputs, LogitCache, LossTerms, TokenOutputs
+from raysdpb.methods import ClassOutputs, LossTerms, TokenOutputs
 from raysdpb.recipe.components import make_sampler
 from raysdpb.recipe.progress import step_scalars
+from raysdpb.soft_targets import SoftTargetSource, make_soft_targets
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ class SelfDistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._method, self._params = method_settings(self.args)  # set again when training starts
         self._batches: TrainerBatchSampler | None = None
-        self._cache = LogitCache()
+        self._cache: SoftTargetSource = SoftTargetSource()
         self._scalars: dict[str, list[float]] = {}
 
     # ---- the training batches ----------------------------------------------------------------------------------
@@ -130,7 +132,7 @@ class SelfDistillationTrainer(Trainer):
                               rank=args.process_index)
         self._method, self._params = method, params
         self._batches = TrainerBatchSampler(stream)
-        self._cache = LogitCache()
+        self._cache = make_soft_targets(method)
         self._scalars = {}
         loader = DataLoader(
             IndexedDataset(dataset), batch_sampler=self._batches, collate_fn=IndexCollator(collator),
@@ -193,14 +195,19 @@ class SelfDistillationTrainer(Trainer):
                             "need them: name the dataset's label column 'label' or 'labels'")
         method, params = self._method, self._params
         index, labels = inputs["index"], inputs["labels"]
-        model_output = model(**{k: v for k, v in inputs.items() if k not in ("index", "labels")})
+        passes = method.forward_passes  # several passes as one forward of the repeated batch, as the recipe runs them
+        model_inputs = {k: (v if passes == 1 else torch.cat([v] * passes)) for k, v in inputs.items()
+                        if k not in ("index", "labels")}
+        model_output = model(**model_inputs)
         logits = model_output["logits"] if isinstance(model_output, dict) else model_output[0]
-        outputs = method_outputs(logits, labels)
-        half = len(index) // 2
-        teacher = self._cache.take(index[:half], logits.device) if method.distills else None
-        terms = method.loss(outputs, teacher, params)
-        if method.distills:
-            self._cache.put(method.teacher_state(outputs.slice(slice(half, None)), index[half:], params))
+        size = len(index)
+        outputs = [method_outputs(logits[k * size:(k + 1) * size], labels) for k in range(passes)]
+        if isinstance(outputs[0], TokenOutputs) and "generation" not in method.kinds:
+            raise UserError(f"{method.name} trains classifiers only (its soft targets are class distributions); "
+                            "choose another method for a causal LM")
+        teacher = self._cache.take(index, logits.device, 0)
+        terms = method.step_loss(outputs, teacher, params)
+        self._cache.put(index, outputs[0], params)
         self._record(terms)
         return (terms.total, model_output) if return_outputs else terms.total
 

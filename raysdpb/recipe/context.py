@@ -96,6 +96,19 @@ class WorkerContext:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return int(total.item())
 
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `tensor` (the same shape on every rank), in rank order; `[tensor]` in a single process. A
+        collective: every rank must call it."""
+        if self.world_size <= 1:
+            return [tensor]
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return [tensor]
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return gathered
+
     def gather_to_main(self, obj: Any) -> list | None:
         """Every rank's `obj` as a list on rank 0 (None on the others); `[obj]` in a single process. A collective:
         every rank must call it."""

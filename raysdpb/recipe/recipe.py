@@ -27,8 +27,7 @@ from torch.utils.data import DataLoader
 from raysdpb.config import TrialConfig
 from raysdpb.data import TokenizedDataset, collate, pad_multiple_for
 from raysdpb.errors import UserError
-from raysdpb.methods import (ClassOutputs, LogitCache, LossTerms, MethodParams, TokenOutputs, compiled_loss,
-                             get_method)
+from raysdpb.methods import ClassOutputs, LossTerms, MethodParams, TokenOutputs, compiled_loss, get_method
 from raysdpb.models import build_model, load_tokenizer, resolve_model
 from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_trainable_state, mark_complete,
                                        rng_state, set_rng_state, trainable_state_dict, write_state)
@@ -36,11 +35,12 @@ from raysdpb.recipe.components import (autocast_factory, data_key, load_trial_da
                                        seed_everything)
 from raysdpb.recipe.context import WorkerContext
 from raysdpb.recipe.progress import EpochStats, TrialResult, layer_grad_norms, report_points, step_scalars
+from raysdpb.soft_targets import SoftTargetSource, make_soft_targets
 from raysdpb.throughput import matmul_parameters, mfu, peak_flops, tokens_per_s, train_flops_per_token
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Recipe", "run_trial", "forward_outputs", "recipe_class", "RECIPE_ENV"]
+__all__ = ["Recipe", "run_trial", "forward_outputs", "forward_passes", "recipe_class", "RECIPE_ENV"]
 
 RECIPE_ENV = "RAYSDPB_RECIPE"
 
@@ -64,6 +64,17 @@ def non_padding_tokens(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
+def forward_passes(model, batch: dict, kind: str, passes: int, autocast=None) -> list[ClassOutputs | TokenOutputs]:
+    """`passes` forward passes of the model over `batch` (R-Drop: 2), each with its own dropout masks. Several
+    passes run as one forward of the batch repeated `passes` times: dropout draws a mask per row, so the rows'
+    copies are independent passes, and DDP sees one forward per backward as it requires."""
+    if passes == 1:
+        return [forward_outputs(model, batch, kind, autocast)]
+    size = len(batch["index"])
+    outputs = forward_outputs(model, {k: torch.cat([v] * passes) for k, v in batch.items()}, kind, autocast)
+    return [outputs.slice(slice(k * size, (k + 1) * size)) for k in range(passes)]
+
+
 class Recipe:
     """One trial: `Recipe(config, context).setup()`, then `train()`. Benchmarks and tests that bring their own
     model or data call the set-up steps one by one (`setup_runtime`, `setup_data`, `setup_model`,
@@ -73,7 +84,7 @@ class Recipe:
         self.cfg = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
         self.context = context if context is not None else WorkerContext()
         self.method = get_method(self.cfg.method)
-        self.loss_fn = self.method.loss  # compiled in setup_runtime on request (compile_loss)
+        self.loss_fn = None  # the method's own loss; compiled in setup_runtime on request (compile_loss)
         self.params = MethodParams(self.cfg.alpha, self.cfg.tau, self.cfg.tau_min_scale, self.cfg.tau_max_scale,
                                    self.cfg.tau_relative)
         # the loop's counters and records: what a checkpoint restores
@@ -93,6 +104,7 @@ class Recipe:
         self.train_tokens, self.train_seconds = 0, 0.0
         self._tokens_unsettled = 0
         self._segment_start: float | None = None
+        self.teacher_forward_passes = 0  # KD: examples the teacher ran forward for this trial (0 on a cache hit)
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> "Recipe":
@@ -179,7 +191,8 @@ class Recipe:
                                  generator=torch.Generator().manual_seed(cfg.data_order_seed))
 
     def setup_optimization(self) -> None:
-        """AdamW, the linear schedule over the trial's steps, a gradient scaler for fp16, the soft-target cache."""
+        """AdamW, the linear schedule over the trial's steps, a gradient scaler for fp16, the source of the soft
+        targets (`self.cache`: the previous batch's, the epoch memory, the teacher's table, or none)."""
         from transformers import get_linear_schedule_with_warmup
 
         cfg = self.cfg
@@ -189,20 +202,38 @@ class Recipe:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * total_steps),
                                                          total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.needs_scaler else None
-        self.cache = LogitCache()
+        self.cache = self.soft_target_source()
+
+    def soft_target_source(self) -> SoftTargetSource:
+        """The method's source of soft targets on this rank (`raysdpb.soft_targets`)."""
+        teacher = self.teacher_logits() if self.method.soft_targets == "teacher" else None
+        return make_soft_targets(self.method, num_examples=len(self.train_data), total_epochs=self.total_epochs,
+                                 gather=self.context.all_gather, teacher_logits=teacher)
+
+    def teacher_logits(self) -> torch.Tensor:
+        """KD's teacher logits on the training examples, from the disk cache (`raysdpb.teacher`): rank 0 reads or
+        computes them first, the other ranks then read them, so the teacher runs once; the forward passes this
+        trial caused are counted (0 on a cache hit)."""
+        from raysdpb.teacher import teacher_table
+
+        if self.context.is_main:
+            logits, self.teacher_forward_passes = teacher_table(self.cfg, self.task, self.tokenizer, self.device)
+        self.context.all_ranks(True)  # a barrier: rank 0's table is on disk
+        if not self.context.is_main:
+            logits, _ = teacher_table(self.cfg, self.task, self.tokenizer, self.device)
+        return logits
 
     # ---- one step --------------------------------------------------------------------------------------------
     def train_step(self, batch: dict) -> LossTerms | None:
-        """One optimizer step of the method on `batch` (on this rank's device): the forward pass, the method's
-        loss against the soft targets cached at the previous step, backward, clipping, the optimizer and the
-        schedule, then the soft targets of the batch's second half cached for the next step. Returns the loss
-        terms, or None when the loss was not finite on some rank: every rank then skips the step together (no
-        update, no soft targets from a broken forward; a rank that skipped alone would hang the others'
-        all-reduce)."""
-        outputs = forward_outputs(self.train_model, batch, self.task.kind, self.autocast)
-        half = len(batch["index"]) // 2
-        teacher = self.cache.take(batch["index"][:half], self.device) if self.method.distills else None
-        terms = self.loss_fn(outputs, teacher, self.params)
+        """One optimizer step of the method on `batch` (on this rank's device): the forward pass(es), the method's
+        loss against the soft targets its source holds for the batch (the previous step's, the previous epoch's,
+        the teacher's, or none), backward, clipping, the optimizer and the schedule, then what the step leaves
+        for later steps given to the source. Returns the loss terms, or None when the loss was not finite on some
+        rank: every rank then skips the step together (no update, no soft targets from a broken forward; a rank
+        that skipped alone would hang the others' all-reduce)."""
+        passes = forward_passes(self.train_model, batch, self.task.kind, self.method.forward_passes, self.autocast)
+        targets = self.cache.take(batch["index"], self.device, self.sampler.epoch)
+        terms = self.method.step_loss(passes, targets, self.params, self.loss_fn)
         if not self.context.all_ranks(self.loss_is_finite(terms)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_row += 1
@@ -224,9 +255,7 @@ class Recipe:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.method.distills:
-            self.cache.put(self.method.teacher_state(outputs.slice(slice(half, None)), batch["index"][half:],
-                                                     self.params))
+        self.cache.put(batch["index"], passes[0], self.params)
         self.step += 1
         return terms
 
@@ -278,6 +307,7 @@ class Recipe:
             "step": self.step, "nonfinite_total": self.nonfinite_total,
             "initial": self.initial, "elapsed_s": self.elapsed(), "config": self.cfg.model_dump(),
             "throughput": {"tokens": self.train_tokens, "seconds": self.train_seconds},
+            "teacher_forward_passes": self.teacher_forward_passes,
         }
 
     def load_state_dict(self, state: dict, checkpoint: Path | str = "the checkpoint") -> None:
@@ -301,6 +331,8 @@ class Recipe:
         self.initial, self._elapsed_before = state["initial"], float(state["elapsed_s"])
         throughput = state["throughput"]
         self.train_tokens, self.train_seconds = int(throughput["tokens"]), float(throughput["seconds"])
+        # what the trial caused, not this attempt (a checkpoint written before KD existed has none)
+        self.teacher_forward_passes = state.get("teacher_forward_passes", 0)
         set_rng_state(own["rng"])
 
     def resume(self) -> None:
@@ -424,6 +456,8 @@ class Recipe:
                  "samples_seen": self.samples_seen(epoch, position), **metrics, **self.initial,
                  **self.epoch_stats.summary(), "lr": self.scheduler.get_last_lr()[0],
                  "nonfinite_steps": self.nonfinite_total}
+        if self.method.soft_targets == "teacher":  # the cost column's teacher passes
+            entry["teacher_forward_passes"] = self.teacher_forward_passes
         self.history.append(entry)
         checkpoint_dir = self.save_checkpoint(epoch, position)
         self.context.log_scalars(self.step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
@@ -441,7 +475,8 @@ class Recipe:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.train_seconds += time.perf_counter() - self._segment_start
+        if self._tokens_unsettled:  # a segment without a batch (after the last report) is no training time
+            self.train_seconds += time.perf_counter() - self._segment_start
         self._segment_start = None
         self.train_tokens += self.context.sum_over_ranks(self._tokens_unsettled)
         self._tokens_unsettled = 0

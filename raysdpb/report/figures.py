@@ -32,14 +32,15 @@ def _style(method: str, styles: list[str]) -> str:
 
 
 def method_color(method: str) -> str:
-    """One colour per method, the same in every figure (tab10, in the registry's order)."""
+    """One colour per method, the same in every figure (tab10, then tab20's light shades, in the registry's
+    order: the paper's six, DynSDPB's ablations, the baselines, room for more)."""
     return _style(method, ["#1f77b4", "#ff7f0e", "#8c564b", "#2ca02c", "#9467bd", "#d62728", "#17becf", "#bcbd22",
-                           "#e377c2", "#7f7f7f"])
+                           "#e377c2", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5"])
 
 
 def method_marker(method: str) -> str:
     """One marker per method, so that lines lying on top of each other stay told apart."""
-    return _style(method, ["o", "s", "^", "D", "v", "P", "X", "*"])
+    return _style(method, ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "p", "h", "d", "8", "H"])
 
 
 def _save(fig: Figure, path: Path) -> None:

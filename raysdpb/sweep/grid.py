@@ -9,7 +9,8 @@ Pure functions of the validated config (no Ray), so the grid can be tested and p
 * A trial id is the method and a hash of the trial's config values (those that differ from the defaults), so
   it is the same in every run of the same grid (what `--resume` relies on), and does not change when other
   points are added to the grid or a new config key with a default appears. Keys that only say where things
-  are on this machine (`data_dir`, `output_dir`, `progress_bar`) are not hashed.
+  are on this machine (`data_dir`, `output_dir`, `progress_bar`) are not hashed, nor `teacher_model` in a
+  method without a teacher (which ignores it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from raysdpb.config import NOT_HASHED, ExperimentConfig, TrialConfig
+from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
 
 __all__ = ["TrialPoint", "expand", "trial_id", "method_hyperparameters", "flatten_config"]
@@ -46,7 +50,7 @@ def trial_id(config: TrialConfig) -> str:
     dumped = config.model_dump(mode="json")
     values = {}
     for name, field in TrialConfig.model_fields.items():
-        if name in NOT_HASHED:
+        if name in NOT_HASHED or (name == "teacher_model" and METHODS[config.method].soft_targets != "teacher"):
             continue
         if field.is_required() or getattr(config, name) != field.get_default(call_default_factory=True):
             values[name] = dumped[name]
@@ -83,12 +87,17 @@ def expand(experiment: ExperimentConfig, *, report_every_steps: int | None = Non
         method = METHODS[values.get("method", base["method"])]
         # a hyperparameter the method ignores keeps the base value, so it does not multiply the trials
         used = {k: v for k, v in values.items() if k not in per_method or k in method.hyperparameters}
-        config = TrialConfig.model_validate({**base, **used})
+        label = ",".join(f"{k}={_format(v)}" for k, v in used.items()) or values.get("method", base["method"])
+        try:  # each searched value is valid on the base trial, but a combination may not be (ps_kd, alpha 1.5)
+            config = TrialConfig.model_validate({**base, **used})
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise UserError(f"search: the point {label} is invalid: {first['msg'].removeprefix('Value error, ')}; "
+                            "search that method in a grid of its own") from None
         tid = trial_id(config)
         if tid in seen:
             continue
         seen.add(tid)
-        label = ",".join(f"{k}={_format(v)}" for k, v in used.items()) or config.method
         points.append(TrialPoint(tid, label, config))
     return points
 
