@@ -184,6 +184,19 @@ def _load(experiment: Path, group_by: list[str]) -> tuple[list[dict], list[dict]
 
     trials = pq.read_table(experiment / "trials.parquet").to_pylist()
     curves = pq.read_table(experiment / "curves.parquet").to_pylist()
+    unfinished = [t for t in trials if t.get("status") not in ("completed", "diverged", "stopped_by_asha")]
+    if unfinished:  # a grid still running (or cut short): its finished trials only, said
+        print(f"asha_replay: {experiment}: left out {len(unfinished)} unfinished trial(s) "
+              f"({', '.join(sorted({str(t.get('status')) for t in unfinished}))})", file=sys.stderr)
+        trials = [t for t in trials if t not in unfinished]
+        kept = {t["trial_id"] for t in trials}
+        curves = [c for c in curves if c["trial_id"] in kept]
+    if curves and not any("samples_seen" in c for c in curves):
+        # curves of a raysdpb before samples_seen was reported: a step is batch_size x world_size examples
+        batch = {t["trial_id"]: int(t["batch_size"]) for t in trials}
+        for c in curves:
+            c["samples_seen"] = int(c["step"]) * batch[c["trial_id"]] * int(c.get("world_size") or 1)
+        print(f"asha_replay: {experiment}: samples_seen derived as step x batch_size x world_size", file=sys.stderr)
     stopped = [t["trial_id"] for t in trials if t.get("status") == "stopped_by_asha"]
     if stopped:
         print(f"asha_replay: {experiment}: {len(stopped)} trials were stopped by ASHA in the run itself; a replay "
