@@ -568,3 +568,13 @@ def test_v2_statistics_on_hand_made_runs(v2):
     assert pooled["p_holm"] == pooled["p"]  # one pooled comparison with data: a family of one
     text = v2.markdown(rows, "t")
     assert "| dynsdpb - double_finetune | pooled | 8 | +1.50 |" in text
+
+
+def test_v2_methods_are_registered_and_search_only_what_they_use(v2):
+    """Every method of protocol v2 is in the registry, and the keys the harness searches for it are among the
+    hyperparameters the method uses (a key it ignores would collapse its grid and break the equal budgets)."""
+    from raysdpb.methods import METHODS
+
+    for method in v2.V2_METHODS:
+        assert method in METHODS, method
+        assert set(v2.KNOBS[method]) <= set(METHODS[method].hyperparameters), method
