@@ -183,7 +183,8 @@ def eval_examples(experiment: Path) -> int:
     from raysdpb.tasks import data_dir_from, load_examples, resolve_task
 
     grid = json.loads((experiment / "grid.json").read_text())
-    config = TrialConfig.model_validate(next(iter(grid["trials"].values())))
+    sampled = json.loads((experiment / "samples.json").read_text())["samples"] if not grid["trials"] else []
+    config = TrialConfig.model_validate(next(iter(grid["trials"].values())) if grid["trials"] else sampled[0]["config"])
     task = resolve_task(config)
     split = task.evaluation_splits(config.eval_split)[0][0]
     n = len(load_examples(task, split, data_dir_from(config.data_dir)))
