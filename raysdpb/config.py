@@ -340,6 +340,10 @@ class ExperimentConfig(_Strict):
     def _distributions(cls, search: Any) -> Any:
         if not isinstance(search, dict):
             return search
+        for key, spec in search.items():
+            if not isinstance(spec, (list, dict, Distribution)):
+                raise ValueError(f"search.{key}: Input should be a valid list of values, or a distribution "
+                                 f"({{uniform|loguniform|randint: [low, high]}}); got {spec!r}")
         return {key: Distribution.parse(key, spec) if isinstance(spec, dict) else spec for key, spec in search.items()}
 
     @model_validator(mode="after")
