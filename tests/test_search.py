@@ -248,6 +248,23 @@ def test_a_searcher_saved_and_restored_midway_continues_as_the_uninterrupted_one
     assert [s["trial_id"] for s in read_samples(f"{tmp_path}/cut")] == expected  # each recorded once
 
 
+def test_the_trackers_find_a_sampled_trials_config_and_label(tmp_path, shared_data_dir):
+    """MLflow and W&B runs are named and parametrised from grid.json's trials, and a searcher's from samples.json,
+    which grows as it suggests them."""
+    import json
+
+    from raysdpb.sweep.trackers import _label, _trial_configs
+
+    searcher, plan = _searcher(tmp_path, shared_data_dir, "optuna", {"lr": {"loguniform": [1e-5, 1e-3]}})
+    (tmp_path / "s").mkdir(exist_ok=True)
+    (tmp_path / "s" / "grid.json").write_text(json.dumps({"format": 2, "trial_ids": [], "trials": {}}))
+    configs, labels = _trial_configs(str(tmp_path / "s")), {}
+    first = searcher.suggest("t0")["trial_id"]
+    assert configs[first]["lr"] == read_samples(str(tmp_path / "s"))[0]["values"]["lr"]
+    assert _label(labels, str(tmp_path / "s"), first) == read_samples(str(tmp_path / "s"))[0]["label"]
+    assert configs["dynsdpb-00000000"] == {} and _label(labels, str(tmp_path / "s"), "dynsdpb-00000000") == ""
+
+
 # --- on a real local Ray -----------------------------------------------------------------------------------------
 
 def _sweep(tmp_path, raw: dict, *args: str, env=None, background: bool = False):
