@@ -297,10 +297,13 @@ def test_an_optuna_sweep_is_deterministic_and_a_killed_one_resumes_its_searcher(
     rows = _rows(storage / "whole" / "trials.parquet")
     assert [r["trial_id"] for r in rows] == whole and len(set(whole)) == 4
     assert all(r["status"] == "completed" and r["method"] == "dynsdpb" for r in rows)
-    samples = {s["trial_id"]: s["values"] for s in read_samples(str(storage / "whole"))}
+    samples = {s["trial_id"]: s for s in read_samples(str(storage / "whole"))}
     for row in rows:  # each row holds the config its searcher sampled, as a grid trial's row does
-        assert row["lr"] == samples[row["trial_id"]]["lr"] and row["alpha"] == samples[row["trial_id"]]["alpha"]
-        assert row["label"] == f"lr={row['lr']:g},alpha={row['alpha']:g}" and row["best_eval_accuracy"] is not None
+        values = samples[row["trial_id"]]["values"]
+        assert row["lr"] == values["lr"] and row["alpha"] == values["alpha"]
+        # (the label's keys in the search block's order: the YAML file's, which safe_dump sorted)
+        assert row["label"] == samples[row["trial_id"]]["label"] == f"alpha={row['alpha']:g},lr={row['lr']:g}"
+        assert row["best_eval_accuracy"] is not None
 
     raw = sweep_raw(shared_data_dir, storage, "cut", search, sweep, epochs=1)
     first = _sweep(tmp_path, raw, background=True)
@@ -331,8 +334,9 @@ def test_random_and_bohb_sweeps_on_ray(tmp_path, shared_data_dir):
     storage = tmp_path / "results"
     search = {"lr": {"loguniform": [1e-5, 1e-3]}, "alpha": [0.5, 1.0]}
     raw = sweep_raw(shared_data_dir, storage, "random", search, {"search": "random", "num_samples": 2}, epochs=1)
-    planned = [p.trial_id for p in plan_sweep(load_experiment(None, raw=raw)).points]
     _sweep(tmp_path, raw)
+    # (from the file the sweep read: the draws follow the search block's key order, which safe_dump sorted)
+    planned = [p.trial_id for p in plan_sweep(load_experiment(tmp_path / "random.yaml")).points]
     assert [r["trial_id"] for r in _rows(storage / "random" / "trials.parquet")] == planned
 
     raw = sweep_raw(shared_data_dir, storage, "bohb", search, {"search": "bohb", "num_samples": 4, "asha": {}},

@@ -141,7 +141,8 @@ class SampledTrials(Searcher):
         write_json(path, self._recorded)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.inner_id:
+        # (a resumed trial sends its reports up to its checkpoint again: the searcher has them already)
+        if trial_id in self.inner_id and not result.get("replayed"):
             with self._own_numpy():
                 self.inner.on_trial_result(self.inner_id[trial_id], result)
 

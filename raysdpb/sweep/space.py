@@ -6,7 +6,8 @@ trials, and the sampled values of a searcher (Optuna, BOHB) as trials with stabl
 * `random` draws its trials when the sweep is planned, with Tune's own variant generator (`generate_variants`, what
   `BasicVariantGenerator(random_state=seed)` runs) and the sweep's seed, so the sweep runs them as a grid of sampled
   points: `--dry-run` lists them, `--resume` finds the same ones. A draw whose trial is drawn already is drawn again
-  (sampling without repeats); a search block with fewer distinct trials than `num_samples` gives them all.
+  (sampling without repeats); a search block with fewer distinct trials than `num_samples` gives them all. The
+  draws follow the block's keys in the order the config lists them (the same config: the same order too).
 * `optuna` and `bohb` choose their trials as results come in (`raysdpb.sweep.searchers`); `SampledSpace` turns each
   suggestion into the trial it names, the same way the grid does (`grid.point_of`: the same id for the same config;
   values of hyperparameters the method does not use dropped). Lists reach those searchers as choices of positions
