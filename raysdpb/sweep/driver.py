@@ -45,11 +45,10 @@ def trial_driver(config: dict, settings: dict) -> None:
 
     trial_id = config["trial_id"]
     experiment = settings["experiment_path"]
-    # a grid's (or random search's) trial is in grid.json; a searcher's, in samples.json (raysdpb.sweep.searchers)
-    trial_config = read_json(join(experiment, "grid.json"))["trials"].get(trial_id) or sampled_config(experiment,
-                                                                                                       trial_id)
-    if trial_config is None:
-        raise RuntimeError(f"trial {trial_id}: its config is neither in grid.json nor in samples.json")
+    # a grid's (or random search's) trial is in grid.json; a searcher's is made from its sampled values
+    grid = read_json(join(experiment, "grid.json"))
+    trial_config = grid["trials"].get(trial_id) or sampled_config(
+        grid, trial_id, {k: v for k, v in config.items() if k != "trial_id"}, localize)
     finished = read_finished_marker(experiment, trial_id)
     if finished is not None:
         # finished in an earlier run whose Tune state was lost (a killed driver): announce, do not retrain

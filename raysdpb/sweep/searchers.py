@@ -4,8 +4,9 @@ suggestion a trial of the sweep:
 
 * the suggestion becomes the trial it names (`SampledSpace.point`): a stable id from its config, as the grid's, and
   the values of hyperparameters its method does not use dropped. The Tune trial's config is that id and those
-  values; the trial's whole config is recorded in `<experiment>/samples.json` (in the order suggested) before
-  Tune starts it, where the trial's driver, the results and the trackers read it as they read `grid.json`'s.
+  values, from which the trial's driver makes its config (`sampled_config`); the trial is recorded in
+  `<experiment>/samples.json` (in the order suggested, with its config) before Tune starts it, where the results
+  and the trackers read it as they read `grid.json`'s.
 * a suggestion of a trial this sweep has already run or is running is not run twice: the searcher is told the
   earlier trial's last result (or, while it runs, that the repeat failed, which TPE skips) and asked again. TPE
   and BOHB repeat the best points of a small search; after `MAX_REPEATS` repeats in a row the searcher waits for
@@ -60,9 +61,14 @@ def read_samples(experiment_path: str) -> list[dict]:
     return (read_json(join(experiment_path, SAMPLES_FILE)) or {}).get("samples", [])
 
 
-def sampled_config(experiment_path: str, trial_id: str) -> dict | None:
-    """A sampled trial's config as its workers run it (None if the sweep did not sample it)."""
-    return next((s["config"] for s in read_samples(experiment_path) if s["trial_id"] == trial_id), None)
+def sampled_config(grid: dict, trial_id: str, values: dict, localize) -> dict:
+    """A sampled trial's config as its workers run it, from what the sweep samples (grid.json's `search.space`) and
+    the values its Tune config holds: made again by the same rule, not read from samples.json, which Tune's
+    copying of its staging folder may hold back for a moment."""
+    point = SampledSpace.from_json(grid["search"]["space"]).point(values)
+    if point.trial_id != trial_id:  # the same rule made both: a mismatch is a bug, not the user's
+        raise RuntimeError(f"sampled trial {trial_id}: its values {values} make trial {point.trial_id}")
+    return localize(point.config)
 
 
 class SampledTrials(Searcher):
@@ -166,6 +172,11 @@ class SampledTrials(Searcher):
 
     # --- saved with the experiment's state (Tune's searcher-state file), restored on --resume
     def save(self, checkpoint_path: str) -> None:
+        # Tune saves the searcher into its driver's staging folder, then copies that folder to the experiment's. A
+        # resumed sweep's staging folder starts as a copy of the experiment's, samples.json with it: left there
+        # as it was, it would be copied back over the trials suggested since
+        if self._recorded is not None:
+            write_json(os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), SAMPLES_FILE), self._recorded)
         with tempfile.TemporaryDirectory() as folder:
             inner_path = os.path.join(folder, "inner.pkl")
             self.inner.save(inner_path)
