@@ -131,7 +131,7 @@ def test_cli_dry_run_describes_each_search(tmp_path, shared_data_dir):
     random, optuna, bohb = lines["random"], lines["optuna"], lines["bohb"]
     assert len(random) == 3 + 3 and random[0].startswith("dynsdpb-") and "lr=" in random[0]
     assert random[-3].startswith("3 trials; metric eval_accuracy (max)")
-    keys = "lr: loguniform(1e-05, 0.001), alpha: [0.5, 1.0]"
+    keys = "alpha: [0.5, 1.0], lr: loguniform(1e-05, 0.001)"  # (the keys as the YAML file lists them: sorted)
     assert random[-2] == f"search: random (Ray Tune's variant generator), num_samples 3, seed 0; {keys}"
     assert optuna == [f"3 trials, chosen by optuna as results come in; metric eval_accuracy (max); experiment "
                       f"{tmp_path / 'results' / 'optuna'}",
@@ -263,6 +263,26 @@ def test_the_trackers_find_a_sampled_trials_config_and_label(tmp_path, shared_da
     assert configs[first]["lr"] == read_samples(str(tmp_path / "s"))[0]["values"]["lr"]
     assert _label(labels, str(tmp_path / "s"), first) == read_samples(str(tmp_path / "s"))[0]["label"]
     assert configs["dynsdpb-00000000"] == {} and _label(labels, str(tmp_path / "s"), "dynsdpb-00000000") == ""
+
+
+def test_a_sampled_trials_driver_makes_the_config_the_searcher_recorded(tmp_path, shared_data_dir):
+    """The trial's driver makes its config from grid.json's search space and its Tune config (no samples.json read);
+    it is the config recorded, and values that make another trial are refused."""
+    from raysdpb.sweep.driver import localize
+    from raysdpb.sweep.plan import search_record
+    from raysdpb.sweep.searchers import sampled_config
+
+    searcher, plan = _searcher(tmp_path, shared_data_dir, "optuna", {"lr": {"loguniform": [1e-5, 1e-3]},
+                                                                     "method": ["finetune", "dynsdpb"]})
+    grid = {"trials": {}, "search": search_record(plan)}
+    for n in range(4):
+        tune_config = searcher.suggest(f"t{n}")
+        values = {k: v for k, v in tune_config.items() if k != "trial_id"}
+        recorded = read_samples(f"{tmp_path}/s")[n]
+        assert sampled_config(grid, tune_config["trial_id"], values, localize) == recorded["config"]
+        assert values == recorded["values"]
+    with pytest.raises(RuntimeError, match="make trial"):
+        sampled_config(grid, recorded["trial_id"], {**values, "lr": 0.5e-4 + values["lr"]}, localize)
 
 
 # --- on a real local Ray -----------------------------------------------------------------------------------------
