@@ -18,10 +18,10 @@ tokens, RTE batch 32 and 128 tokens), four sweeps, each a `python -m raysdpb.swe
 
 The compute a sweep needs is counted from its curves (`curves.parquet`): the training epochs all its trials had
 run when a report first reached the target (each trial's last reported epoch at that moment, by the reports'
-timestamps), and the same as training examples seen (epochs x the training set). `--max-concurrent` (default 1)
-keeps the searchers' order of results, and so their suggestions, reproducible; with more at a time the
-searchers see results in the order they arrive. A sweep that never reaches the target reports its whole compute
-and `reached: false`.
+timestamps), the trials started by then, and the same as training examples seen (epochs x the training set).
+`--max-concurrent` (default 1) keeps the searchers' order of results, and so their suggestions, reproducible; with
+more at a time the searchers see results in the order they arrive. A sweep that never reaches the target reports
+its whole compute and `reached: false`.
 
 Resumable and archivable like `benchmarks/quality.py`: a sweep finished earlier (its archived copy in `--archive`,
 or under `--root`) is read, not run again; `--resume` continues an interrupted one with `python -m raysdpb.sweep
@@ -70,7 +70,7 @@ def compute_to_reach(curves: list[dict], metric: str, target: float) -> dict:
     for r in rows:
         if r["timestamp"] <= until:
             last_epoch[r["trial_id"]] = max(last_epoch.get(r["trial_id"], 0.0), float(r.get("epoch") or 0.0))
-    return {"reached": bool(hits), "epochs": sum(last_epoch.values()), "trials": len(last_epoch),
+    return {"reached": bool(hits), "epochs": sum(last_epoch.values()), "trials_started": len(last_epoch),
             "by_trial": hits[0]["trial_id"] if hits else None}
 
 

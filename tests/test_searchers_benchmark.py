@@ -31,11 +31,11 @@ def test_compute_to_reach_counts_every_trials_epochs_until_the_first_report_at_t
                dict(trial_id="b", epoch=2, timestamp=25, eval_accuracy=0.8),
                dict(trial_id="c", epoch=1, timestamp=26, eval_accuracy=0.9),
                dict(trial_id="c", epoch=1, timestamp=None, eval_accuracy=1.0)]  # no time: not counted
-    assert bench.compute_to_reach(curves, "eval_accuracy", 0.8) == {"reached": True, "epochs": 4.0, "trials": 2,
-                                                                     "by_trial": "b"}
+    assert bench.compute_to_reach(curves, "eval_accuracy", 0.8) == {"reached": True, "epochs": 4.0,
+                                                                     "trials_started": 2, "by_trial": "b"}
     assert bench.compute_to_reach(curves, "eval_accuracy", 0.9)["epochs"] == 5.0
-    assert bench.compute_to_reach(curves, "eval_accuracy", 0.95) == {"reached": False, "epochs": 6.0, "trials": 3,
-                                                                      "by_trial": None}
+    assert bench.compute_to_reach(curves, "eval_accuracy", 0.95) == {"reached": False, "epochs": 6.0,
+                                                                      "trials_started": 3, "by_trial": None}
     assert bench.best_score([{"best_eval_accuracy": 0.5}, {"best_eval_accuracy": None}, {"best_eval_accuracy": 0.7}],
                             "eval_accuracy") == 0.7
 
