@@ -366,7 +366,8 @@ def test_random_and_bohb_sweeps_on_ray(tmp_path, shared_data_dir):
                     eval_every_steps=None)
     _sweep(tmp_path, raw)
     rows = _rows(storage / "bohb" / "trials.parquet")
-    assert [r["trial_id"] for r in rows] == [s["trial_id"] for s in read_samples(str(storage / "bohb"))]
+    # (rows in the order trials start: HyperBand picks which suggested trial starts next, so as a set)
+    assert sorted(r["trial_id"] for r in rows) == sorted(s["trial_id"] for s in read_samples(str(storage / "bohb")))
     assert len(rows) == 4 and {r["status"] for r in rows} <= {"completed", "stopped_by_asha"}
     for row in rows:
         if row["status"] == "stopped_by_asha":
