@@ -1,11 +1,13 @@
 """Configuration as data: one YAML file, validated once at the edge with pydantic.
 
 A config file holds one *trial* (the keys of `TrialConfig`, flat), an optional `search:` block (trial keys
-mapped to lists of values, the grid a sweep runs) and an optional `sweep:` block (how `raysdpb.sweep` runs
-the grid on Ray). Any key can be overridden on the command line as `key=value` (nested keys with dots,
-`lora.r=16`, `sweep.asha.grace_period=2`); values are parsed as YAML (`lr=3e-5`, `search.seed=[0,1,2]`).
+mapped to lists of values, the grid a sweep runs, or to distributions a searcher samples: `{loguniform: [a, b]}`,
+`Distribution`) and an optional `sweep:` block (how `raysdpb.sweep` runs the search on Ray). Any key can be
+overridden on the command line as `key=value` (nested keys with dots, `lora.r=16`, `sweep.asha.grace_period=2`);
+values are parsed as YAML (`lr=3e-5`, `search.seed=[0,1,2]`).
 
-`python -m raysdpb.train` runs one trial: a searched key takes its first value unless overridden.
+`python -m raysdpb.train` runs one trial: a searched key takes its first value unless overridden (a key searched
+by a distribution keeps the trial's own value).
 Errors name the file, the key and the allowed values, and are raised as `UserError`.
 """
 
@@ -22,7 +24,8 @@ from raysdpb.errors import UserError
 
 __all__ = [
     "TrialConfig", "LoraConfig", "CustomTaskConfig", "HeldoutDevConfig", "SweepConfig", "AshaConfig",
-    "ExperimentConfig", "MlflowConfig", "WandbConfig", "LOGGERS", "TRACKER_KEYS",
+    "ExperimentConfig", "Distribution", "DISTRIBUTIONS", "SEARCHERS", "MlflowConfig", "WandbConfig", "LOGGERS",
+    "TRACKER_KEYS",
     "load_experiment", "load_trial_config", "apply_overrides", "parse_overrides",
 ]
 
@@ -336,6 +339,13 @@ class SweepConfig(_TrackerSettings):
                        "'none' (0)")
     asha: AshaConfig | None = Field(default_factory=AshaConfig)
     report_every_steps: int | None = Field(None, ge=1, description="also report (for ASHA) every N steps")
+    search: Literal["grid", "random", "optuna", "bohb"] = Field(
+        "grid", description="grid: every point of the search block; random: num_samples draws (Ray Tune's variant "
+                            "generator); optuna: Optuna's TPE (OptunaSearch); bohb: TuneBOHB with HyperBandForBOHB "
+                            "as the scheduler instead of ASHA")
+    num_samples: int | None = Field(None, ge=1, description="trials a searcher runs (random, optuna, bohb)")
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds the searcher: the same config and seed draw the same "
+                                                     "configurations")
     report_every: float | None = Field(None, gt=0, description="also report (for ASHA) every this fraction of an "
                                                                "epoch, in samples seen (the trials' eval_every): "
                                                                "every method at the same points")
@@ -357,30 +367,134 @@ class SweepConfig(_TrackerSettings):
         return value
 
 
+# the distributions a `search:` entry may be, as `{name: [low, high]}`; a list stays a choice
+DISTRIBUTIONS = ("uniform", "loguniform", "randint")
+# `sweep.search`: the grid, and the searchers that sample (they need `sweep.num_samples`)
+SEARCHERS = ("random", "optuna", "bohb")
+
+
+class Distribution(_Strict):
+    """A searched key's distribution: `uniform` and `loguniform` draw floats in [low, high) (loguniform: uniform in
+    log space, low > 0); `randint` draws integers from low to high, **both included** (`{randint: [1, 3]}` gives 1,
+    2 or 3; Ray Tune's own `randint` excludes its upper bound, raysdpb passes it high + 1)."""
+
+    kind: Literal["uniform", "loguniform", "randint"]
+    low: float
+    high: float
+
+    @classmethod
+    def parse(cls, key: str, spec: dict) -> "Distribution":
+        """`{loguniform: [1e-5, 1e-4]}` as a Distribution; `ValueError` naming `search.<key>` otherwise."""
+        if len(spec) != 1:
+            raise ValueError(f"search.{key}: a distribution is one of {', '.join(DISTRIBUTIONS)} with its bounds, "
+                             f"e.g. {{loguniform: [1.0e-5, 1.0e-4]}}; got {spec!r}")
+        (kind, bounds), = spec.items()
+        if kind not in DISTRIBUTIONS:
+            raise ValueError(f"search.{key}: unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)} "
+                             "(or a list of values)")
+        if (not isinstance(bounds, list) or len(bounds) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+            raise ValueError(f"search.{key}: {kind} takes two numbers [low, high]; got {bounds!r}")
+        low, high = bounds
+        if kind == "randint" and not all(float(b).is_integer() for b in bounds):
+            raise ValueError(f"search.{key}: randint takes two integers [low, high] (both included); got {bounds!r}")
+        if not low < high:
+            raise ValueError(f"search.{key}: {kind} needs low < high; got [{low}, {high}]")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"search.{key}: loguniform needs low > 0 (it draws in log space); got [{low}, {high}]")
+        return cls(kind=kind, low=low, high=high)
+
+    def bounds(self) -> tuple:
+        """The lowest and highest value it draws (randint's as integers)."""
+        if self.kind == "randint":
+            return int(self.low), int(self.high)
+        return self.low, self.high
+
+    def describe(self) -> str:
+        low, high = self.bounds()
+        return f"{self.kind}({low:g}, {high:g}{', both included' if self.kind == 'randint' else ''})"
+
+
+def _integer_field(key: str) -> bool:
+    annotation = TrialConfig.model_fields[key].annotation
+    return annotation is int or set(getattr(annotation, "__args__", ())) == {int, type(None)}
+
+
 class ExperimentConfig(_Strict):
-    """A whole config file: the base trial, the grid and the sweep settings."""
+    """A whole config file: the base trial, the search block (lists: the grid or choices; distributions: what a
+    searcher samples) and the sweep settings."""
 
     trial: TrialConfig
-    search: dict[str, list[Any]] = Field(default_factory=dict)
+    search: dict[str, list[Any] | Distribution] = Field(default_factory=dict)
     sweep: SweepConfig | None = None
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _distributions(cls, search: Any) -> Any:
+        if not isinstance(search, dict):
+            return search
+        for key, spec in search.items():
+            if not isinstance(spec, (list, dict, Distribution)):
+                raise ValueError(f"search.{key}: Input should be a valid list of values, or a distribution "
+                                 f"({{uniform|loguniform|randint: [low, high]}}); got {spec!r}")
+        return {key: Distribution.parse(key, spec) if isinstance(spec, dict) else spec for key, spec in search.items()}
 
     @model_validator(mode="after")
     def _check_search(self) -> "ExperimentConfig":
         for key, values in self.search.items():
             if key not in TrialConfig.model_fields:
                 raise ValueError(f"search.{key}: not a trial key; allowed: {', '.join(TrialConfig.model_fields)}")
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"search.{key}: must be a non-empty list of values")
+            if isinstance(values, Distribution):
+                if values.kind != "randint" and _integer_field(key):
+                    raise ValueError(f"search.{key}: {key} is an integer, and {values.kind} draws floats; use "
+                                     f"{{randint: [{values.low:g}, {values.high:g}]}}")
+                values = list(values.bounds())  # both ends must make a valid trial
+            elif not isinstance(values, list) or not values:
+                raise ValueError(f"search.{key}: must be a non-empty list of values, or a distribution "
+                                 "({uniform|loguniform|randint: [low, high]})")
             for value in values:  # each value must make a valid trial
                 try:
                     TrialConfig.model_validate({**self.trial.model_dump(), key: value})
                 except ValidationError as err:
                     raise ValueError(f"search.{key}: value {value!r} is invalid: {_first_error(err)}") from None
+        self._check_searcher()
         return self
 
+    def _check_searcher(self) -> None:
+        sweep = self.sweep
+        if sweep is None:
+            return
+        sampled = [k for k, v in self.search.items() if isinstance(v, Distribution)]
+        if sweep.search == "grid":
+            if sampled:
+                raise ValueError(f"search.{sampled[0]}: a distribution needs a searcher that samples (sweep.search: "
+                                 f"{', '.join(SEARCHERS)}, with sweep.num_samples); the grid takes lists of values")
+            if sweep.num_samples is not None:
+                raise ValueError("sweep.num_samples: only with sweep.search: random, optuna or bohb (the grid runs "
+                                 "each point once; repeat it with search.seed: [0, 1, 2])")
+            return
+        if sweep.num_samples is None:
+            raise ValueError(f"sweep.num_samples: sweep.search: {sweep.search} needs the number of trials to sample")
+        if not self.search:
+            raise ValueError(f"sweep.search: {sweep.search} samples the search block, which is empty")
+        if sweep.search in ("optuna", "bohb") and "task" in self.search:
+            raise ValueError(f"search.task: sweep.search: {sweep.search} optimises one objective; search one task "
+                             "per sweep (tasks' scores are not comparable)")
+        if sweep.search == "bohb":
+            if sweep.asha is None:
+                raise ValueError("sweep.asha: sweep.search: bohb runs its own HyperBand (HyperBandForBOHB) over "
+                                 "sweep.asha's time_attr, max_t and reduction_factor; remove asha: null")
+            grouped = [k for k in sweep.asha.group_by if k in self.search]
+            if grouped:
+                raise ValueError(f"search.{grouped[0]}: sweep.search: bohb runs one HyperBand over every trial (no "
+                                 f"groups); search one {', '.join(sweep.asha.group_by)} at a time "
+                                 "(sweep.asha.group_by)")
+
     def first_point(self) -> TrialConfig:
-        """The trial that takes every searched key's first value."""
-        return TrialConfig.model_validate({**self.trial.model_dump(), **{k: v[0] for k, v in self.search.items()}})
+        """The trial that takes every searched key's first value (a key searched by a distribution keeps the
+        trial's own value)."""
+        first = {k: v[0] for k, v in self.search.items() if isinstance(v, list)}
+        return TrialConfig.model_validate({**self.trial.model_dump(), **first})
 
 
 # --- loading and overrides ---------------------------------------------------------------------------------
@@ -465,6 +579,8 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None,
             msg = f"unknown key; allowed keys: {', '.join(_allowed_keys(loc))}"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif len(loc) <= 1 and msg.startswith(("search.", "sweep.")):
+            raise UserError(f"{source}: {msg}") from None  # the message names its key
         raise UserError(f"{source}: {key or 'config'}: {msg}") from None
 
 

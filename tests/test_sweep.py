@@ -146,7 +146,8 @@ def test_cli_dry_run_and_one_line_errors(tmp_path, shared_data_dir):
                                    {"method": ["finetune", "dynsdpb"], "alpha": [0.5, 1.0]}))
     out = _sweep(config, "--dry-run")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[-2].startswith("3 trials; metric eval_accuracy (max)")
+    assert out.stdout.splitlines()[-3].startswith("3 trials; metric eval_accuracy (max)")
+    assert out.stdout.splitlines()[-2] == "search: grid (alpha: [0.5, 1.0], method: ['finetune', 'dynsdpb'])"
     assert out.stdout.splitlines()[-1] == ("ASHA: 2 group(s) by task/model/num_layers/method; grace_period 1, "
                                            "reduction_factor 2, max_t 2 (epoch); rungs at epoch 1, 2")
     bad = _sweep(config, "sweep.num_workerz=2")

@@ -196,13 +196,19 @@ class ResultsRecorder:
     """
 
     def __init__(self, experiment_path: str, trials: list[TrialInfo], *, metric: str | None, mode: str = "max",
-                 time_attr: str = "epoch", flush_every_s: float = 10.0) -> None:
+                 time_attr: str = "epoch", flush_every_s: float = 10.0, scheduler: str = "ASHA") -> None:
         self.experiment_path = experiment_path
+        self.scheduler = scheduler  # who stops trials early, as the stop reason names it (ASHA, or BOHB's HyperBand)
         self.metric, self.mode, self.time_attr = metric, mode, time_attr
         self.flush_every_s = flush_every_s
         self.trials: dict[str, _TrialState] = {t.trial_id: _TrialState(t) for t in trials}
         self._last_write = 0.0
         self._unwritten = False  # results recorded since the last write
+
+    def add_trial(self, info: TrialInfo) -> None:
+        """A trial a searcher suggested (its row appears as it is suggested, in that order)."""
+        if info.trial_id not in self.trials:
+            self.trials[info.trial_id] = _TrialState(info)
 
     # paths
     @property
@@ -266,8 +272,12 @@ class ResultsRecorder:
         if self._unwritten and time.monotonic() - self._last_write >= self.flush_every_s:
             self.write()
 
-    def on_complete(self, trial_id: str) -> None:
+    def on_complete(self, trial_id: str, *, stopped_while_paused: bool = False) -> None:
+        """The trial ended. `stopped_while_paused`: the scheduler stopped it while it was paused (HyperBand ends the
+        trials of a rung it does not promote so), on its last result."""
         state = self.trials[trial_id]
+        if stopped_while_paused and state.stopped_at is None and state.curves:
+            state.stopped_at = self._curves(state)[-1]
         if state.status in FINISHED:  # replayed after a resume: keep the row of the first run
             self.write()
             return
@@ -284,7 +294,8 @@ class ResultsRecorder:
             value = at.get(self.metric)
             shown = f"{value:.4g}" if is_number(value) else value
             state.status = "stopped_by_asha"
-            state.stop_reason = (f"ASHA stopped it at {self.time_attr} {at.get(self.time_attr, epochs_run):g}: "
+            where = at.get(self.time_attr, epochs_run)
+            state.stop_reason = (f"{self.scheduler} stopped it at {self.time_attr} {where:g}: "
                                  f"{self.metric}={shown} was worse than its rung's cutoff")
         else:
             state.status = "interrupted"

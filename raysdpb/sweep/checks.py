@@ -13,7 +13,7 @@ from pathlib import Path
 from raysdpb.config import SweepConfig
 from raysdpb.errors import UserError
 from raysdpb.results.storage import join, read_json
-from raysdpb.sweep.plan import SWEEP_FORMAT, SweepPlan
+from raysdpb.sweep.plan import SWEEP_FORMAT, SweepPlan, search_record
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
         return cfg.task, cfg.data_dir, repr(cfg.custom_task), cfg.train_split, cfg.eval_split
 
     train_sizes: dict[tuple, int | None] = {}  # examples in the training split; None: not read here
-    for point in plan.points:
+    for point in plan.check_points:
         cfg = point.config
         key = source_of(cfg)
         if key in train_sizes:
@@ -59,7 +59,7 @@ def check_data(plan: SweepPlan, source: str = "<config>", *, cluster: bool = Fal
                 raise UserError(f"{source}: {err}") from None
             if split == splits[0]:
                 train_sizes[key] = len(records)
-    for point in plan.points:
+    for point in plan.check_points:
         size = train_sizes[source_of(point.config)]
         if size is not None:
             _check_train_size(point.config, size, plan.sweep.num_workers, source)
@@ -92,7 +92,7 @@ def check_models(plan: SweepPlan, source: str = "<config>", *, cluster: bool = F
     from raysdpb.models import check_model, is_missing_local_folder
 
     seen = set()
-    for point in plan.points:
+    for point in plan.check_points:
         cfg = point.config
         key = (cfg.model, cfg.gguf_file, cfg.num_layers)
         if key in seen:
@@ -181,6 +181,12 @@ def check_experiment(plan: SweepPlan, resume: bool, source: str = "<config>") ->
             raise UserError(f"{source}: sweep.name: the sweep at {path} was started by an older raysdpb ({found}; this "
                             f"version resumes format {SWEEP_FORMAT}); start a new sweep (sweep.name=...), or resume it "
                             "with the raysdpb version that started it")
+        record = search_record(plan) if plan.sweep.search != "grid" else None
+        if saved.get("search") != record:
+            was = (saved.get("search") or {}).get("searcher", "grid")
+            raise UserError(f"{source}: sweep.search: the search differs from the one the sweep at {path} started "
+                            f"with ({was}: its searcher, num_samples, seed or search block); resume with the same "
+                            "config and overrides, or start a new sweep (sweep.name=...)")
         if saved.get("trial_ids") != [p.trial_id for p in plan.points]:
             raise UserError(f"{source}: search: the grid differs from the one the sweep at {path} started with "
                             f"({len(saved.get('trial_ids', []))} trials); resume with the same config and overrides, "

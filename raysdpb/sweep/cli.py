@@ -16,6 +16,7 @@ from raysdpb.results.schema import best_per_method
 from raysdpb.results.storage import join
 from raysdpb.sweep.checks import check_data, check_experiment, check_models
 from raysdpb.sweep.plan import describe_asha, plan_sweep
+from raysdpb.sweep.space import describe_search
 
 __all__ = ["main", "summary"]
 
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the sweep of the same name where it stopped")
     p.add_argument("--dry-run", action="store_true",
                    help="check the config, the local data files and the models, print the trials of the grid "
-                        "and exit (no Ray)")
+                        "(or random search's draws), the search and the scheduler, and exit (no Ray)")
     p.add_argument("-q", "--quiet", action="store_true", help="nothing while it runs: the final table and paths only")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also Tune's status tables and the trials' own output (Ray Train's, the libraries' logs)")
@@ -63,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for point in plan.points:
             print(f"{point.trial_id}  {point.label}")
-        print(f"{len(plan.points)} trials; metric {plan.metric} ({plan.mode}); experiment {plan.experiment_path}")
+        trials = (f"{len(plan.points)} trials" if plan.space is None
+                  else f"{plan.sweep.num_samples} trials, chosen by {plan.sweep.search} as results come in")
+        print(f"{trials}; metric {plan.metric} ({plan.mode}); experiment {plan.experiment_path}")
+        print(describe_search(plan.experiment, len(plan.points) if plan.sweep.search == "random" else None))
         print(describe_asha(plan))
         return 0
 

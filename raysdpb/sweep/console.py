@@ -110,7 +110,10 @@ class ConsoleCallback(Callback):
         if started is None:
             return  # finished in an earlier run of the sweep, only re-announced
         state = self._state(trial)
-        self._print(f"{trial_name(trial)} {SHOWN.get(state.status, state.status)}: {state.stop_reason}")
+        shown = SHOWN.get(state.status, state.status)
+        if state.status == "stopped_by_asha":  # (or by BOHB's HyperBand: the recorder knows which)
+            shown = f"stopped by {self.results.recorder.scheduler}"
+        self._print(f"{trial_name(trial)} {shown}: {state.stop_reason}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended(trial)

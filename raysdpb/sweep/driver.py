@@ -18,8 +18,9 @@ from raysdpb.results.storage import join, read_json, read_rows, write_json
 from raysdpb.sweep.callback import ResultsCallback, trial_name
 from raysdpb.sweep.checks import check_experiment, check_resources, max_concurrent_trials
 from raysdpb.sweep.console import ConsoleCallback
-from raysdpb.sweep.plan import SWEEP_FORMAT, SweepPlan
+from raysdpb.sweep.plan import SWEEP_FORMAT, SweepPlan, search_record
 from raysdpb.sweep.scheduler import GroupedASHA
+from raysdpb.sweep.searchers import make_searcher, sampled_config
 from raysdpb.sweep.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,17 @@ def trial_driver(config: dict, settings: dict) -> None:
 
     trial_id = config["trial_id"]
     experiment = settings["experiment_path"]
-    trial_config = read_json(join(experiment, "grid.json"))["trials"][trial_id]
+    # a grid's (or random search's) trial is in grid.json; a searcher's is made from its sampled values
+    grid = read_json(join(experiment, "grid.json"))
+    trial_config = grid["trials"].get(trial_id) or sampled_config(
+        grid, trial_id, {k: v for k, v in config.items() if k != "trial_id"}, localize)
     finished = read_finished_marker(experiment, trial_id)
     if finished is not None:
         # finished in an earlier run whose Tune state was lost (a killed driver): announce, do not retrain
         ray.tune.report({**finished["last_result"], "replayed": 1})
         return
-    loop_config = {"trial": trial_config, "trial_id": trial_id, "score_metric": settings["score_metrics"].get(trial_id),
+    loop_config = {"trial": trial_config, "trial_id": trial_id,
+                   "score_metric": settings["score_metrics"].get(trial_id, settings.get("score_metric")),
                    "tensorboard_path": join(experiment, "tensorboard", trial_id),
                    "run_path": join(experiment, "train_runs", trial_id),
                    "artifacts_path": join(experiment, "artifacts", trial_id)}
@@ -164,54 +169,81 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
         log.warning("sweep.storage_path %s is a local path on a multi-node cluster: it must be a shared "
                     "file system (NFS), or use a cloud URI (s3://...)", plan.storage_path)
     check_experiment(plan, resume, source)
-    if not resume:
-        # the trials' configs as the workers run them; Tune's own trial config is just the id and label
-        write_json(join(plan.experiment_path, "grid.json"),
-                   {"format": SWEEP_FORMAT, "trial_ids": [p.trial_id for p in plan.points],
-                    "trials": {p.trial_id: localize(p.config) for p in plan.points}})
-
     sweep = plan.sweep
+    if not resume:
+        # the trials' configs as the workers run them; Tune's own trial config is just the id and label. A searcher's
+        # trials are recorded as it suggests them (samples.json); grid.json holds what it samples.
+        grid = {"format": SWEEP_FORMAT, "trial_ids": [p.trial_id for p in plan.points],
+                "trials": {p.trial_id: localize(p.config) for p in plan.points}}
+        if sweep.search != "grid":
+            grid |= {"search": search_record(plan)}
+        write_json(join(plan.experiment_path, "grid.json"), grid)
+
     settings = {"experiment_path": plan.experiment_path, "num_workers": sweep.num_workers, "use_gpu": sweep.use_gpu,
                 "cpus_per_worker": sweep.cpus_per_worker, "gpus_per_worker": sweep.gpus_per_worker,
                 "keep_checkpoints": sweep.keep_checkpoints, "max_failures": sweep.max_failures,
                 "metric": plan.metric, "mode": plan.mode, "score_metrics": plan.score_metrics,
-                "warm_trials": sweep.warm_trials}
+                "warm_trials": sweep.warm_trials, "score_metric": plan.score_metric}
     trainable = tune.with_resources(tune.with_parameters(trial_driver, settings=settings), trial_resources(settings))
     if resume:
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
     else:
         scheduler = None
-        if sweep.asha is not None:
+        if sweep.search == "bohb":
+            from ray.tune.schedulers import HyperBandForBOHB
+
+            # BOHB's HyperBand instead of ASHA (one over every trial: plan_sweep refuses a bohb search over groups)
+            scheduler = HyperBandForBOHB(time_attr=sweep.asha.time_attr, max_t=plan.max_t,
+                                         reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
+        elif sweep.asha is not None:
             # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it there would
             # end its Train run abruptly (see raysdpb.sweep.cleanup)
             asha = dict(time_attr=sweep.asha.time_attr, max_t=plan.max_t, grace_period=sweep.asha.grace_period,
                         reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
-            # one ASHA per group of comparable trials (raysdpb.sweep.scheduler), or one over the grid (group_by: [])
-            scheduler = GroupedASHA(plan.asha_groups or {p.trial_id: () for p in plan.points}, **asha)
+            # one ASHA per group of comparable trials (raysdpb.sweep.scheduler), or one over the grid (group_by: []);
+            # a searcher's trials join their group as they are suggested
+            if plan.space is not None:
+                scheduler = GroupedASHA({}, group_by=sweep.asha.group_by, base=plan.space.base, **asha)
+            else:
+                scheduler = GroupedASHA(plan.asha_groups or {p.trial_id: () for p in plan.points}, **asha)
+        sampled = None
+        if plan.space is not None:  # the searcher's trials get their rows as they are suggested
+            sampled = (plan.space, plan.held, plan.score_metric)
         callback = ResultsCallback(plan.experiment_path, plan.trials, plan.metric, plan.mode,
-                                   sweep.asha.time_attr if sweep.asha else "epoch", scheduler,
-                                   keep_checkpoints=sweep.keep_checkpoints, keep_weights=sweep.keep_weights)
+                                   sweep.asha.time_attr if sweep.asha else "epoch",
+                                   scheduler if isinstance(scheduler, GroupedASHA) else None,
+                                   keep_checkpoints=sweep.keep_checkpoints, keep_weights=sweep.keep_weights,
+                                   sampled=sampled, bohb=sweep.search == "bohb")
         from raysdpb.sweep.trackers import tracker_callbacks  # MLflow, W&B (sweep.loggers); pickled for --resume
 
         callbacks = [callback]  # first: the others read the trials' states it records
         if verbose >= 1:
             callbacks.append(ConsoleCallback(callback, plan.metric, plan.mode, concurrent))
         callbacks += tracker_callbacks(plan)
+        if plan.space is None:
+            # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid; random search's
+            # draws, raysdpb.sweep.space)
+            param_space, searched = {"trial_id": tune.grid_search([p.trial_id for p in plan.points])}, {}
+        else:
+            # the searcher's suggestions, each the trial id and values of a sampled trial (raysdpb.sweep.searchers)
+            param_space = {}
+            searched = {"search_alg": make_searcher(plan, localize), "num_samples": sweep.num_samples}
         tuner = tune.Tuner(
             trainable,
-            # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid)
-            param_space={"trial_id": tune.grid_search([p.trial_id for p in plan.points])},
+            param_space=param_space,
             tune_config=tune.TuneConfig(metric=plan.metric, mode=plan.mode, scheduler=scheduler,
                                         max_concurrent_trials=concurrent, reuse_actors=runs_warm(settings),
-                                        trial_name_creator=trial_name,
-                                        trial_dirname_creator=trial_name),
+                                        trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+                                        **searched),
             run_config=tune.RunConfig(name=sweep.name, storage_path=plan.storage_path,
                                       failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                       callbacks=callbacks, verbose=1 if verbose >= 2 else 0),
         )
     if verbose >= 1:
-        print(f"raysdpb: {'resuming ' if resume else ''}{len(plan.points)} trials, at most {concurrent} at a time, "
+        trials = f"{len(plan.points)} trials" if plan.space is None else (f"{sweep.num_samples} trials sampled by "
+                                                                          f"{sweep.search}")
+        print(f"raysdpb: {'resuming ' if resume else ''}{trials}, at most {concurrent} at a time, "
               f"{sweep.num_workers} worker(s) each; results in {plan.experiment_path}", flush=True)
     tuner.fit()
     return read_rows(join(plan.experiment_path, "trials.parquet"))

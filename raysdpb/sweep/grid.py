@@ -2,7 +2,8 @@
 
 Pure functions of the validated config (no Ray), so the grid can be tested and printed on its own.
 
-* The grid is the cartesian product of the searched keys, in the order the config lists them.
+* The grid is the cartesian product of the searched keys, in the order the config lists them. A searcher's
+  sampled values become a trial the same way (`point_of`, used by `raysdpb.sweep.space`).
 * A method does not get multiplied by the grid of a hyperparameter it does not use (`Method.hyperparameters`):
   `finetune` ignores alpha and tau, so a 3-alpha x 2-tau grid gives 6 dynsdpb trials but one finetune trial.
   Such a key keeps the base trial's value, and the duplicates this makes are dropped.
@@ -18,25 +19,29 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from raysdpb.config import NOT_HASHED, ExperimentConfig, TrialConfig
+from raysdpb.config import NOT_HASHED, Distribution, ExperimentConfig, TrialConfig
 from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
 
-__all__ = ["TrialPoint", "expand", "trial_id", "method_hyperparameters", "flatten_config"]
+__all__ = ["TrialPoint", "expand", "expand_search", "point_of", "base_trial", "trial_id", "method_hyperparameters",
+           "flatten_config"]
 
 
 @dataclass(frozen=True)
 class TrialPoint:
-    """One trial of the grid: its stable id, a short label of its searched values, and its config."""
+    """One trial of the search: its stable id, a short label of its searched values, its config, and the searched
+    values it uses (those of hyperparameters its method ignores dropped)."""
 
     trial_id: str
     label: str
     config: TrialConfig
+    values: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
 def method_hyperparameters() -> frozenset[str]:
@@ -64,42 +69,56 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def expand(experiment: ExperimentConfig, *, report_every_steps: int | None = None,
-           report_every: float | None = None) -> list[TrialPoint]:
-    """Every trial of the grid, in grid order, without duplicates.
-
-    `report_every_steps` (the sweep's `report_every_steps`) sets `eval_every_steps`, and `report_every` (a
-    fraction of an epoch, in samples seen) `eval_every`, of trials that set neither, so ASHA sees a result that
-    often as well as at every epoch end.
-    """
+def base_trial(experiment: ExperimentConfig, *, report_every_steps: int | None = None,
+               report_every: float | None = None) -> dict:
+    """The trial every point starts from, as a plain dict. `report_every_steps` (the sweep's `report_every_steps`)
+    sets `eval_every_steps`, and `report_every` (a fraction of an epoch, in samples seen) `eval_every`, of trials
+    that set neither, so ASHA sees a result that often as well as at every epoch end."""
     base = experiment.trial.model_dump()
     own_cadence = base.get("eval_every_steps") is not None or base.get("eval_every") is not None
     if report_every_steps and not own_cadence:
         base["eval_every_steps"] = report_every_steps
     if report_every and not own_cadence:
         base["eval_every"] = report_every
-    keys = list(experiment.search)
+    return base
+
+
+def point_of(base: dict, values: dict) -> TrialPoint:
+    """The trial of `base` with the searched `values`; a hyperparameter its method ignores keeps the base value (so
+    it does not multiply the trials, and a sampled value of it is dropped)."""
+    method = METHODS[values.get("method", base["method"])]
     per_method = method_hyperparameters()
+    used = {k: v for k, v in values.items() if k not in per_method or k in method.hyperparameters}
+    label = ",".join(f"{k}={_format(v)}" for k, v in used.items()) or method.name
+    try:  # each searched value is valid on the base trial, but a combination may not be (ps_kd, alpha 1.5)
+        config = TrialConfig.model_validate({**base, **used})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"search: the point {label} is invalid: {first['msg'].removeprefix('Value error, ')}; "
+                        "search that method in a grid of its own") from None
+    return TrialPoint(trial_id(config), label, config, used)
+
+
+def expand_search(base: dict, search: dict[str, list]) -> list[TrialPoint]:
+    """Every point of the cartesian product of `search`'s lists over `base`, in grid order, without duplicates."""
+    keys = list(search)
     points: list[TrialPoint] = []
     seen: set[str] = set()
-    for combo in itertools.product(*(experiment.search[k] for k in keys)):
-        values = dict(zip(keys, combo))
-        method = METHODS[values.get("method", base["method"])]
-        # a hyperparameter the method ignores keeps the base value, so it does not multiply the trials
-        used = {k: v for k, v in values.items() if k not in per_method or k in method.hyperparameters}
-        label = ",".join(f"{k}={_format(v)}" for k, v in used.items()) or values.get("method", base["method"])
-        try:  # each searched value is valid on the base trial, but a combination may not be (ps_kd, alpha 1.5)
-            config = TrialConfig.model_validate({**base, **used})
-        except ValidationError as err:
-            first = err.errors()[0]
-            raise UserError(f"search: the point {label} is invalid: {first['msg'].removeprefix('Value error, ')}; "
-                            "search that method in a grid of its own") from None
-        tid = trial_id(config)
-        if tid in seen:
-            continue
-        seen.add(tid)
-        points.append(TrialPoint(tid, label, config))
+    for combo in itertools.product(*(search[k] for k in keys)):
+        point = point_of(base, dict(zip(keys, combo)))
+        if point.trial_id not in seen:
+            seen.add(point.trial_id)
+            points.append(point)
     return points
+
+
+def expand(experiment: ExperimentConfig, *, report_every_steps: int | None = None,
+           report_every: float | None = None) -> list[TrialPoint]:
+    """Every trial of the grid, in grid order, without duplicates (a distribution is not a grid: its bounds are
+    taken, as `raysdpb.sweep.space.corner_points` does)."""
+    search = {k: list(v.bounds()) if isinstance(v, Distribution) else v for k, v in experiment.search.items()}
+    return expand_search(base_trial(experiment, report_every_steps=report_every_steps, report_every=report_every),
+                         search)
 
 
 def flatten_config(config: TrialConfig | dict, prefix: str = "") -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""The plan of a sweep: its grid, its metric, ASHA's groups and time scale, and where the experiment lives, all
-from the validated config (no Ray), so `--dry-run` and the tests can look at it alone."""
+"""The plan of a sweep: its grid (or its sampled search), its metric, ASHA's groups and time scale, and where the
+experiment lives, all from the validated config (no Ray), so `--dry-run` and the tests can look at it alone."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -15,11 +16,13 @@ from raysdpb.results.schema import SCORE_KEY, TRAIN_METRICS, eval_metric_keys, m
 from raysdpb.results.storage import join
 from raysdpb.sweep.grid import TrialPoint, expand, flatten_config
 from raysdpb.sweep.scheduler import group_key
+from raysdpb.sweep.space import SampledSpace, corner_points, draw_random
 from raysdpb.trackers import check_installed, check_wandb_login, wandb_settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepPlan", "plan_sweep", "planned_epochs", "describe_asha", "asha_rungs", "SWEEP_FORMAT"]
+__all__ = ["SweepPlan", "plan_sweep", "planned_epochs", "describe_asha", "asha_rungs", "trial_info", "search_record",
+           "SWEEP_FORMAT"]
 
 # what `grid.json` records as the layout of the experiment folder; a sweep of another format (one started by an
 # older raysdpb) is not resumed (raysdpb.sweep.checks.check_experiment)
@@ -30,23 +33,35 @@ SWEEP_FORMAT = 2
 class SweepPlan:
     experiment: ExperimentConfig
     sweep: SweepConfig
-    points: list[TrialPoint]
+    points: list[TrialPoint]       # the trials known before the sweep runs (grid, random); none for optuna and bohb
     metric: str
     mode: str
-    max_t: float | None           # ASHA's max_t (None without ASHA)
+    max_t: float | None           # ASHA's (or HyperBand's) max_t (None without ASHA)
     storage_path: str              # absolute local path or URI
     experiment_path: str           # <storage_path>/<name>
     score_metrics: dict[str, str] = field(default_factory=dict)  # trial id -> its task's main metric (`score`)
     asha_groups: dict[str, tuple] = field(default_factory=dict)  # trial id -> its ASHA group (see scheduler.py)
+    space: SampledSpace | None = None  # what optuna or bohb sample (their trials are made as they suggest them)
+    check_points: list[TrialPoint] = field(default_factory=list)  # what is checked before Ray: points, or the
+    # search's corners (raysdpb.sweep.space.corner_points) when the trials are not known before
+    score_metric: str | None = None  # the one task's main metric of a sampled search (one task per searcher)
+
+    @property
+    def held(self) -> dict:
+        """What each trial holds, for the report's cost table (GPU-hours)."""
+        gpus = self.sweep.num_workers * self.sweep.gpus_per_worker if self.sweep.use_gpu else 0.0
+        return {"gpus_per_trial": float(gpus), "cpus_per_trial": self.sweep.num_workers * self.sweep.cpus_per_worker}
 
     @property
     def trials(self) -> list[TrialInfo]:
-        # what each trial holds, for the report's cost table (GPU-hours)
-        gpus = self.sweep.num_workers * self.sweep.gpus_per_worker if self.sweep.use_gpu else 0.0
-        held = {"gpus_per_trial": float(gpus), "cpus_per_trial": self.sweep.num_workers * self.sweep.cpus_per_worker}
-        # (without the local-mode tracker keys: a sweep's trackers are the sweep's, sweep.loggers)
-        return [TrialInfo(p.trial_id, p.label, _config_columns(p.config) | held, planned_epochs(p.config),
-                          main_metric=self.score_metrics.get(p.trial_id)) for p in self.points]
+        return [trial_info(p, self.held, self.score_metrics.get(p.trial_id)) for p in self.points]
+
+
+def trial_info(point: TrialPoint, held: dict, main_metric: str | None) -> TrialInfo:
+    """A trial's row before any report: its config columns (without the local-mode tracker keys: a sweep's trackers
+    are the sweep's, sweep.loggers), what it holds, its planned epochs and its task's main metric."""
+    return TrialInfo(point.trial_id, point.label, _config_columns(point.config) | held, planned_epochs(point.config),
+                     main_metric=main_metric)
 
 
 def _config_columns(config: TrialConfig) -> dict:
@@ -109,8 +124,20 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     if experiment.trial.loggers != ["tensorboard"] or "loggers" in experiment.search:
         log.warning("%s: loggers: the trial's loggers are python -m raysdpb.train's; a sweep logs to "
                     "sweep.loggers (%s)", source, ", ".join(sweep.loggers))
-    points = expand(experiment, report_every_steps=sweep.report_every_steps, report_every=sweep.report_every)
-    for point in points:
+    space = None
+    cadence = {"report_every_steps": sweep.report_every_steps, "report_every": sweep.report_every}
+    if sweep.search == "grid":
+        points = check_points = expand(experiment, **cadence)
+    elif sweep.search == "random":
+        sampled = SampledSpace.of(experiment, **cadence)
+        points = check_points = draw_random(sampled, sweep.num_samples, sweep.seed)
+    else:  # optuna, bohb: trials are made as the searcher suggests them
+        from raysdpb.sweep.searchers import check_searcher_installed
+
+        check_searcher_installed(sweep.search, source)  # before Ray starts
+        space = SampledSpace.of(experiment, **cadence)
+        points, check_points = [], corner_points(experiment, **cadence)
+    for point in check_points:
         if point.config.device == "cuda" and not sweep.use_gpu:
             raise UserError(f"{source}: device: cuda needs sweep.use_gpu: true (the workers reserve no GPU otherwise)")
 
@@ -119,12 +146,14 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     asha = sweep.asha
     by_task: dict[tuple, tuple[str, list[str]]] = {}
     score_metrics = {}
-    for p in points:
+    for p in check_points:
         key = (p.config.task, p.config.eval_split, p.config.data_dir, repr(p.config.custom_task),
                p.config.heldout_dev is not None)
         if key not in by_task:
             by_task[key] = _metrics_of(p.config)
         score_metrics[p.trial_id] = by_task[key][0]
+    score_metric = next(iter(score_metrics.values())) if space is not None else None  # (one task per searcher)
+    score_metrics = {p.trial_id: score_metrics[p.trial_id] for p in points}
     reported = list(by_task.values())
     common = set.intersection(*(set(keys) for _, keys in reported)) | {SCORE_KEY}
     metric = asha.metric if asha is not None and asha.metric else None
@@ -135,7 +164,7 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
         raise UserError(f"{source}: sweep.asha.metric: {metric!r} is not reported by every trial; allowed: "
                         f"{', '.join(sorted(common) + list(TRAIN_METRICS))}")
     asha_groups = {}
-    if asha is not None and asha.group_by:
+    if asha is not None and asha.group_by and sweep.search != "bohb":  # (bohb: one HyperBand, no groups)
         asha_groups = {p.trial_id: group_key(p.config.model_dump(), asha.group_by) for p in points}
     mode = asha.mode if asha is not None else "max"
 
@@ -144,17 +173,25 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
         max_t = asha.max_t
         if max_t is None:
             if asha.time_attr == "training_iteration" and any(p.config.eval_every_steps or p.config.eval_every
-                                                              for p in points):
+                                                              for p in check_points):
                 raise UserError(f"{source}: sweep.asha.max_t: with time_attr training_iteration and reports every "
                                 "N steps, set max_t (in reports), or use time_attr: epoch")
-            max_t = max(planned_epochs(p.config) for p in points)
+            max_t = max(planned_epochs(p.config) for p in check_points)
         if asha.grace_period > max_t:
             raise UserError(f"{source}: sweep.asha.grace_period: {asha.grace_period:g} exceeds max_t={max_t:g}; "
                             f"allowed: up to {max_t:g}")
     storage = _storage(sweep.storage_path)
     return SweepPlan(experiment, sweep, points, metric, mode, max_t, storage, join(storage, sweep.name),
-                     score_metrics, asha_groups)
+                     score_metrics, asha_groups, space, check_points, score_metric)
 
+
+def search_record(plan: SweepPlan) -> dict:
+    """What a sampled sweep records of its search in grid.json: `--resume` continues it only with the same one."""
+    sweep = plan.sweep
+    record = {"searcher": sweep.search, "num_samples": sweep.num_samples, "seed": sweep.seed}
+    if plan.space is not None:
+        record["space"] = plan.space.to_json()
+    return json.loads(json.dumps(record))  # as grid.json holds it
 
 
 def asha_rungs(grace_period: float, max_t: float, reduction_factor: float) -> list[float]:
@@ -170,12 +207,18 @@ def describe_asha(plan: SweepPlan) -> str:
     asha = plan.sweep.asha
     if asha is None:
         return "ASHA: off (every trial runs all its epochs)"
+    if plan.sweep.search == "bohb":
+        return (f"scheduler: HyperBandForBOHB instead of ASHA (one HyperBand over every trial); reduction_factor "
+                f"{asha.reduction_factor:g}, max_t {plan.max_t:g} ({asha.time_attr}); it pauses trials between its "
+                "brackets' rungs and resumes them from their checkpoints")
     groups = (f"{len(set(plan.asha_groups.values()))} group(s) by {'/'.join(asha.group_by)}" if plan.asha_groups
+              else f"groups by {'/'.join(asha.group_by)} as trials are sampled" if plan.space and asha.group_by
               else "one group (the whole grid)")
     rungs = ", ".join(f"{r:g}" for r in asha_rungs(asha.grace_period, plan.max_t, asha.reduction_factor))
     line = (f"ASHA: {groups}; grace_period {asha.grace_period:g}, reduction_factor {asha.reduction_factor:g}, "
             f"max_t {plan.max_t:g} ({asha.time_attr}); rungs at {asha.time_attr} {rungs}")
     if plan.metric == SCORE_KEY:
-        mains = sorted({f"{p.config.task}: {plan.score_metrics[p.trial_id]}" for p in plan.points})
+        mains = sorted({f"{p.config.task}: {plan.score_metrics.get(p.trial_id, plan.score_metric)}"
+                        for p in plan.points or plan.check_points})
         line += f"; score = each trial's main metric ({', '.join(mains)})"
     return line

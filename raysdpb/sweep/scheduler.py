@@ -32,9 +32,13 @@ class GroupedASHA(FIFOScheduler):
     config, as `raysdpb.sweep.driver` sets it) to its group (one group for all: ASHA over the whole grid). Plain
     data, so Tune can pickle the scheduler."""
 
-    def __init__(self, group_of: dict[str, Hashable], **asha_kwargs):
+    def __init__(self, group_of: dict[str, Hashable], *, group_by: Iterable[str] = (), base: dict | None = None,
+                 **asha_kwargs):
         super().__init__()
         self.group_of = dict(group_of)
+        # a searcher's trials are not known in advance: one not in `group_of` gets the group of its `group_by` values,
+        # from its Tune config (the values sampled for it) over `base` (the sweep's base trial)
+        self.group_by, self.base = tuple(group_by), dict(base or {})
         self.asha_kwargs = asha_kwargs
         self.groups: dict[Hashable, ASHAScheduler] = {}
         self._metric = asha_kwargs.get("metric")
@@ -47,8 +51,14 @@ class GroupedASHA(FIFOScheduler):
         self._mode = self._mode or mode
         return all(s.set_search_properties(metric, mode, **spec) for s in self.groups.values())
 
-    def scheduler_of(self, trial_id: str) -> ASHAScheduler:
-        key = self.group_of[trial_id]
+    def group(self, trial_id: str, values: dict | None = None) -> Hashable:
+        """The trial's group: given, or (a sampled trial) from its sampled `values` over the base trial."""
+        if trial_id not in self.group_of:
+            self.group_of[trial_id] = group_key({**self.base, **(values or {})}, self.group_by)
+        return self.group_of[trial_id]
+
+    def scheduler_of(self, trial_id: str, values: dict | None = None) -> ASHAScheduler:
+        key = self.group(trial_id, values)
         if key not in self.groups:
             scheduler = ASHAScheduler(**self.asha_kwargs)
             scheduler.set_search_properties(self._metric, self._mode)
@@ -58,12 +68,13 @@ class GroupedASHA(FIFOScheduler):
     def _inner(self, trial) -> tuple[ASHAScheduler, SimpleNamespace]:
         """The trial's group's ASHA, and the trial as that ASHA knows it: by the sweep's trial id."""
         trial_id = trial.config["trial_id"]
-        return self.scheduler_of(trial_id), SimpleNamespace(trial_id=trial_id)
+        return self.scheduler_of(trial_id, trial.config), SimpleNamespace(trial_id=trial_id)
 
-    def record_past_results(self, trial_id: str, results: Iterable[dict]) -> None:
+    def record_past_results(self, trial_id: str, results: Iterable[dict], values: dict | None = None) -> None:
         """On a resume: put the results a trial reported before (in order) into its rungs, as if just
-        reported; their decisions were taken then. A later report at a rung it is in continues the trial."""
-        scheduler = self.scheduler_of(trial_id)
+        reported; their decisions were taken then. A later report at a rung it is in continues the trial.
+        `values`: a sampled trial's values (its group)."""
+        scheduler = self.scheduler_of(trial_id, values)
         trial = SimpleNamespace(trial_id=trial_id)
         scheduler.on_trial_add(None, trial)
         for result in results:

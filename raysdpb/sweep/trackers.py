@@ -38,6 +38,7 @@ from raysdpb.results.recorder import curve_row
 from raysdpb.results.storage import join, read_json
 from raysdpb.sweep.callback import trial_name
 from raysdpb.sweep.plan import SweepPlan
+from raysdpb.sweep.searchers import read_samples
 from raysdpb.trackers import (MlflowSettings, WandbSettings, mlflow_log_metrics, mlflow_log_params, mlflow_settings,
                               numeric_metrics, tracked_params, wandb_settings)
 
@@ -63,9 +64,29 @@ def tracker_callbacks(plan: SweepPlan) -> list:
     return callbacks
 
 
+class _TrialConfigs(dict):
+    """Each trial's config as its workers run it: `grid.json`'s (written before Tune starts), and a searcher's
+    trials from `samples.json` (written as it suggests them: read again for a trial not seen yet)."""
+
+    def __init__(self, experiment_path: str):
+        super().__init__(read_json(join(experiment_path, "grid.json"))["trials"])
+        self.experiment_path = experiment_path
+
+    def __missing__(self, trial_id: str) -> dict:
+        for sample in read_samples(self.experiment_path):
+            self.setdefault(sample["trial_id"], sample["config"])
+        return self[trial_id] if trial_id in self.keys() else {}
+
+
 def _trial_configs(experiment_path: str) -> dict[str, dict]:
-    """Each trial's config as its workers run it (`grid.json`, written before Tune starts)."""
-    return read_json(join(experiment_path, "grid.json"))["trials"]
+    return _TrialConfigs(experiment_path)
+
+
+def _label(labels: dict[str, str], experiment_path: str, trial_id: str) -> str:
+    """A trial's label: the grid's, or the one its searcher recorded."""
+    if trial_id not in labels:
+        labels.update({s["trial_id"]: s["label"] for s in read_samples(experiment_path)})
+    return labels.get(trial_id, "")
 
 
 def _report(trial_id: str, result: dict) -> tuple[dict, int, bool]:
@@ -117,8 +138,8 @@ class SweepMLflowCallback(MLflowLoggerCallback):
             run = self.client.create_run(self.mlflow_util.experiment_id, run_name=trial_id,
                                          tags={**self.tags, "trial_name": trial_id, "raysdpb.trial_id": trial_id})
             run_id = run.info.run_id
-            mlflow_log_params(self.client, run_id, tracked_params(self.configs[trial_id], trial_id=trial_id,
-                                                                  label=self.labels.get(trial_id, "")))
+            mlflow_log_params(self.client, run_id, tracked_params(
+                self.configs[trial_id], trial_id=trial_id, label=_label(self.labels, self.experiment_path, trial_id)))
             self.logged_steps[trial_id] = set()
         else:  # the sweep resumed: the trial goes on in its run
             self.client.update_run(run_id, status="RUNNING")
@@ -190,7 +211,8 @@ class SweepWandbCallback(WandbLoggerCallback):
 
     def log_trial_start(self, trial):
         trial_id = trial_name(trial)
-        config = tracked_params(self.configs[trial_id], trial_id=trial_id, label=self.labels.get(trial_id, ""),
+        config = tracked_params(self.configs[trial_id], trial_id=trial_id,
+                                label=_label(self.labels, self.experiment_path, trial_id),
                                 sweep=self.sweep_name)
         self._start_logging_actor(
             trial, [*self._exclude_results, *self.excludes, "config"],
