@@ -191,7 +191,8 @@ def _load(experiment: Path, group_by: list[str]) -> tuple[list[dict], list[dict]
         trials = [t for t in trials if t not in unfinished]
         kept = {t["trial_id"] for t in trials}
         curves = [c for c in curves if c["trial_id"] in kept]
-    if curves and not any("samples_seen" in c for c in curves):
+    if (curves and not any("samples_seen" in c for c in curves) and all("step" in c for c in curves)
+            and all(t.get("batch_size") for t in trials)):
         # curves of a raysdpb before samples_seen was reported: a step is batch_size x world_size examples
         batch = {t["trial_id"]: int(t["batch_size"]) for t in trials}
         for c in curves:

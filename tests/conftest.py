@@ -30,7 +30,7 @@ def faulty_sweep(tmp_path_factory, shared_data_dir):
     * dynsdpb seed 0 gets two non-finite losses at step 1 (skipped, counted) and three in a row at step 4
       (`max_nonfinite_steps=3`: diverged).
 
-    One sweep serves two test modules because each Ray trial costs ~35 s of start-up on 2 cores:
+    One sweep serves two test modules because a sweep costs a Ray start-up and its trials' imports (~30 s on 2 cores):
     test_reliability checks how the sweep came through the faults, test_report the report of it (on a copy).
     Returns the experiment folder, the sweep's CompletedProcess, the `killed` marker and the scratch folder."""
     from trial_configs import fault_env, sweep_env, sweep_raw

@@ -124,25 +124,21 @@ def test_nonfinite_losses_are_skipped_and_counted_then_the_trial_diverges(monkey
     # 7 + 8 batches in the two epochs, 2 of them skipped (no optimizer step, no soft targets from them)
     assert result.steps == result.history[-1]["step"] == 13
 
-    # a loss that really is NaN (not only the injected fault): a method whose loss breaks on its 4th..6th call
-    class Broken:
-        def __init__(self, method):
-            self._method, self.calls = method, 0
-
-        def __getattr__(self, name):
-            return getattr(self._method, name)
-
-        def loss(self, outputs, teacher, params):
-            terms = self._method.loss(outputs, teacher, params)
-            self.calls += 1
-            if 4 <= self.calls <= 6:
-                terms.total = terms.total * float("nan")
-            return terms
-
+    # a loss that really is NaN (not only the injected fault): the method's loss breaks on its 4th..6th call (put in
+    # through the recipe's loss hook, `Recipe.loss_fn`, which a compiled loss uses too)
     class BrokenRecipe(Recipe):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.method = Broken(self.method)
+            calls = []
+
+            def broken(outputs, teacher, params):
+                terms = self.method.loss(outputs, teacher, params)
+                calls.append(1)
+                if 4 <= len(calls) <= 6:
+                    terms.total = terms.total * float("nan")
+                return terms
+
+            self.loss_fn = broken
 
     diverged = run_trial(cfg, LocalContext(tmp_path / "diverged"), recipe=BrokenRecipe)
     assert diverged.status == "diverged"

@@ -520,9 +520,9 @@ def test_html_renders_in_headless_chromium(tiny_report, chromium, tmp_path):
     out = _headless(chromium, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom", copy.as_uri())
     dom = out.stdout
     assert out.returncode == 0 and "<table>" in dom, out.stderr[-2000:]
-    assert re.search(r'data-decoded="3"', dom) and re.search(r'data-images="3"', dom), dom[:500]
+    assert re.search(r'data-decoded="4"', dom) and re.search(r'data-images="4"', dom), dom[:500]
     assert "<strong>" in dom and "superglue/cb (eval_accuracy)" in dom  # the results table, best in bold
-    assert dom.count("<figure>") == 3
+    assert dom.count("<figure>") == 4
 
     shot = tmp_path / "page.png"
     out = _headless(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2400",

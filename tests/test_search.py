@@ -137,7 +137,7 @@ def test_cli_dry_run_describes_each_search(tmp_path, shared_data_dir):
                       f"{tmp_path / 'results' / 'optuna'}",
                       f"search: optuna (OptunaSearch, TPE sampler), num_samples 3, seed 0; {keys}",
                       "ASHA: groups by task/model/num_layers/method as trials are sampled; grace_period 1, "
-                      "reduction_factor 2, max_t 2 (epoch)"]
+                      "reduction_factor 2, max_t 2 (epoch); rungs at epoch 1, 2"]
     assert bohb[1] == f"search: bohb (TuneBOHB, with HyperBandForBOHB as the scheduler), num_samples 3, seed 0; {keys}"
     assert bohb[2].startswith("scheduler: HyperBandForBOHB instead of ASHA (one HyperBand over every trial); "
                               "reduction_factor 2, max_t 2 (epoch)")
