@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from raysdpb.results.schema import is_number
 from raysdpb.results.storage import filesystem, join, read_json, upload, write_json
-from raysdpb.sweep.worker import SweepContext
+from raysdpb.sweep.worker import SweepContext, run_sweep_trial
 
 log = logging.getLogger(__name__)
 
@@ -157,21 +157,10 @@ def run_in_trial_actor(loop_config: dict, settings: dict) -> None:
     threads of the CPUs Tune reserved for it."""
     import torch
 
-    from raysdpb.config import TrialConfig
-    from raysdpb.recipe import run_trial
-
     threads = max(1, int(settings["cpus_per_worker"]))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)  # a Ray Train worker gets OMP_NUM_THREADS from its CPUs; so does this trial
-    context = TrialActorContext(loop_config["tensorboard_path"], loop_config["run_path"],
-                                loop_config.get("score_metric"), loop_config.get("artifacts_path"),
-                                settings["metric"], settings["mode"], settings["keep_checkpoints"])
-    try:
-        result = run_trial(TrialConfig.model_validate(loop_config["trial"]), context)
-        context.announce_resumed_report()  # resumed from the checkpoint of the last epoch: nothing was reported
-        if result.status == "diverged":
-            log.warning("trial %s diverged: %s", loop_config["trial_id"], result.message)
-    finally:
-        context.close()
-        shutil.rmtree(context.scratch, ignore_errors=True)
+    run_sweep_trial(loop_config, TrialActorContext(loop_config["tensorboard_path"], loop_config["run_path"],
+                                                   loop_config.get("score_metric"), loop_config.get("artifacts_path"),
+                                                   settings["metric"], settings["mode"], settings["keep_checkpoints"]))
 

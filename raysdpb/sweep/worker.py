@@ -25,7 +25,8 @@ from raysdpb.sweep.cleanup import PLACEMENT_GROUP_KEY
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepContext", "RayTrainContext", "train_worker", "worker_scratch", "REPORT_FILE", "SCRATCH_ENV"]
+__all__ = ["SweepContext", "RayTrainContext", "run_sweep_trial", "train_worker", "worker_scratch", "REPORT_FILE",
+           "SCRATCH_ENV"]
 
 # the reports of the run up to a checkpoint, kept inside it (a resumed run sends them again)
 REPORT_FILE = "raysdpb_report.json"
@@ -257,16 +258,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def train_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker of a trial: the recipe's training loop."""
+def run_sweep_trial(loop_config: dict, context: SweepContext) -> None:
+    """The recipe's training loop for a sweep trial in `context`, however the trial runs (a Ray Train worker, or
+    Tune's trial actor); the context's scratch folder removed at the end, however it ends."""
     from raysdpb.recipe import run_trial
 
-    context = RayTrainContext(loop_config["tensorboard_path"], loop_config.get("run_path"),
-                              loop_config.get("score_metric"), loop_config.get("artifacts_path"))
     try:
         result = run_trial(TrialConfig.model_validate(loop_config["trial"]), context)
         context.announce_resumed_report()  # resumed from the checkpoint of the last epoch: nothing was reported
         if result.status == "diverged":
             log.warning("trial %s diverged: %s", loop_config["trial_id"], result.message)
     finally:
+        context.close()  # (again, where the loop ended early: its events flushed)
         shutil.rmtree(context.scratch, ignore_errors=True)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker of a trial: the recipe's training loop."""
+    run_sweep_trial(loop_config, RayTrainContext(loop_config["tensorboard_path"], loop_config.get("run_path"),
+                                                 loop_config.get("score_metric"), loop_config.get("artifacts_path")))
