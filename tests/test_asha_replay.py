@@ -4,25 +4,18 @@ by hand from ASHA's rule (Ray Tune's AsyncHyperBand: at each rung, a trial is st
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-REPLAY = Path(__file__).resolve().parents[1] / "benchmarks" / "asha_replay.py"
+from trial_configs import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def asha_replay():
-    spec = importlib.util.spec_from_file_location("asha_replay", REPLAY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["asha_replay"] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("asha_replay.py", "asha_replay")
 
 
 def _grid(scores: dict[str, list[float]], seconds_per_epoch: float = 10.0):

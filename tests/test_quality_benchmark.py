@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from raysdpb.config import load_experiment
 from raysdpb.sweep.grid import expand
-
-QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from trial_configs import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality.py", "quality_benchmark")
 
 
 def _args(quality, tmp_path, *options):

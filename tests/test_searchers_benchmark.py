@@ -3,21 +3,16 @@ run end to end on a real local Ray: a grid and the three searchers, scored."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "searchers.py"
+from trial_configs import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("searchers_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("searchers.py", "searchers_benchmark")
 
 
 def test_compute_to_reach_counts_every_trials_epochs_until_the_first_report_at_the_target(bench):

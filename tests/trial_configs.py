@@ -67,6 +67,19 @@ def sweep_env(**extra) -> dict:
     return env
 
 
+def load_benchmark(script: str, name: str):
+    """A script of benchmarks/ (`script`, e.g. "quality.py") as a module named `name`, for its tests (registered in
+    `sys.modules` first: dataclasses look their module up while the class is made)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 class RecordingContext(LocalContext):
     """LocalContext that also keeps every TensorBoard scalar (the recipe's per-step losses, `train/loss`), to
     check what the loop logs."""
