@@ -329,10 +329,10 @@ class Recipe:
         self.step, self.nonfinite_total = state["step"], state["nonfinite_total"]
         self.epoch_stats, self.history = EpochStats.from_state(own["running"]), own["history"]
         self.initial, self._elapsed_before = state["initial"], float(state["elapsed_s"])
-        throughput = state["throughput"]
+        # checkpoints of formats 2 and 3 written before these counters existed have neither: counted from here
+        throughput = state.get("throughput") or {"tokens": 0, "seconds": 0.0}
         self.train_tokens, self.train_seconds = int(throughput["tokens"]), float(throughput["seconds"])
-        # what the trial caused, not this attempt (a checkpoint written before KD existed has none)
-        self.teacher_forward_passes = state.get("teacher_forward_passes", 0)
+        self.teacher_forward_passes = state.get("teacher_forward_passes", 0)  # what the trial caused, not this attempt
         set_rng_state(own["rng"])
 
     def resume(self) -> None:

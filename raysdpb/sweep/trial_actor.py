@@ -129,14 +129,10 @@ class TrialActorContext(SweepContext):
         if "://" in self.run_path:
             upload(checkpoint_dir, target)
             return
-        final = Path(target)
+        final = Path(target)  # `new_checkpoint_dir` put the checkpoint beside it
         if final.exists():  # the same step written by an earlier attempt: replace it
             shutil.rmtree(final)
-        if checkpoint_dir.parent == final.parent:
-            os.replace(checkpoint_dir, final)
-        else:
-            shutil.copytree(checkpoint_dir, final.parent / f".{name}.tmp", dirs_exist_ok=True)
-            os.replace(final.parent / f".{name}.tmp", final)
+        os.replace(checkpoint_dir, final)
 
     def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
         if key in _MEMO:
