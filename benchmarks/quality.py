@@ -200,9 +200,9 @@ ARCHIVED = ("trials.parquet", "curves.parquet", "tensorboard")
 
 
 def archive_sweep(experiment: Path, archive: Path, config: Path) -> Path:
-    """Copy a finished sweep's results (`ARCHIVED`) and its config (`config.yaml`) to `<archive>/<sweep>/`:
-    a few hundred KB that a repository or a bucket keeps where `--root` does not survive (a preemptible node,
-    a new checkout)."""
+    """Copy a finished sweep's results (`ARCHIVED`, the trials' saved predictions) and its config (`config.yaml`)
+    to `<archive>/<sweep>/`: a few hundred KB that a repository or a bucket keeps where `--root` does not survive
+    (a preemptible node, a new checkout)."""
     target = archive / experiment.name
     target.mkdir(parents=True, exist_ok=True)
     for entry in ARCHIVED:
@@ -211,6 +211,9 @@ def archive_sweep(experiment: Path, archive: Path, config: Path) -> Path:
             shutil.copytree(source, target / entry, dirs_exist_ok=True)
         elif source.exists():
             shutil.copy2(source, target / entry)
+    # a trial's saved predictions (`save_predictions`: protocol v2's bootstrap over examples), a few KB each
+    for predictions in experiment.glob("artifacts/*/predictions"):
+        shutil.copytree(predictions, target / predictions.relative_to(experiment), dirs_exist_ok=True)
     if config.exists():
         shutil.copy2(config, target / "config.yaml")
     return target

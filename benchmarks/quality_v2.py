@@ -17,7 +17,8 @@ What differs from the paper's protocol (`--protocol paper`, quality.py's docstri
 * **A fixed training budget, scored at the end.** The primary score is the last epoch's validation metric;
   the best-epoch score is taken only over the evaluations every `--eval-every` optimizer steps, which are the
   same points in samples seen for every method (a step is `batch_size` examples for every method), up to each
-  method's own end.
+  method's own end. Stage 1 on RTE evaluates twice as often (`V2_GRID_REPORTS_PER_EPOCH`): its full grids are
+  issue 33's larger-task grid for the ASHA and searcher replays, which need reports below an epoch.
 * **Fresh seeds.** Stage 2 runs each selected configuration with `--seeds` fresh seeds (1001, 1002, ...; the
   selection ran seed 0), `data_seed` left to its default (the trial's seed: a fresh data order with every
   fresh initialisation; `v2_runs` in the summary records both), `save_predictions: true` so that the bootstrap
@@ -26,6 +27,9 @@ What differs from the paper's protocol (`--protocol paper`, quality.py's docstri
   distils from the whole 6-layer MiniLM-L6 fine-tuned first on the same training data (stage 0, one
   finetune trial per task, exported to `<root>/teachers/<task>`), the paper's "6-layer student of a 12-layer
   model" at this machine's scale.
+* **Across sessions**: `--archive DIR` keeps every finished sweep's tables, curves and saved predictions
+  (what the statistics read); a new `--root` trains kd's teacher again (seeded) since its weights are not
+  archived.
 * **Statistics** (`raysdpb.report.stats`): per task and pooled (equal task weights) paired differences with
   bootstrap intervals, sign-flip p-values, Holm over the pre-declared family `PRIMARY` (DynSDPB against double
   finetune, random DLB and each new baseline), the ablation `ABLATION` (its own Holm family), the minimum
@@ -69,6 +73,9 @@ V2_TRAIN_SAMPLES = {"superglue/cb": None, "glue/rte": 600, "glue/mrpc": 800, "gl
 V2_MAX_LENGTH = {"superglue/cb": 128, "glue/rte": 128, "glue/mrpc": 96, "glue/cola": 64}
 V2_DEV_SIZE = {"superglue/cb": 50}   # held-out dev examples per task (others: 200; --dev-size sets all)
 V2_TRAIN_TOTAL = {"superglue/cb": 250}  # CB's whole training split
+# stage 1 evaluates this many times per finetune epoch on these tasks (stage 2: once): RTE's full grid is issue 33's
+# larger-task grid for the ASHA replay (benchmarks/asha_replay.py), which needs reports below an epoch
+V2_GRID_REPORTS_PER_EPOCH = {"glue/rte": 2}
 V2_TRIAL_KEYS = ("heldout_dev", "save_predictions", "teacher_model")  # keys the other v2 branches add
 
 
@@ -138,6 +145,14 @@ def eval_every(task: str, args) -> int:
     return max(1, math.ceil(train / v2_settings(task, args, with_eval=False)["batch_size"]))
 
 
+def grid_eval_every(task: str, args) -> int:
+    """Stage 1's steps between evaluations: `eval_every`, divided on the tasks of `V2_GRID_REPORTS_PER_EPOCH`."""
+    every = eval_every(task, args)
+    if args.eval_every or args.smoke:
+        return every
+    return max(1, math.ceil(every / V2_GRID_REPORTS_PER_EPOCH.get(task, 1)))
+
+
 def v2_settings(task: str, args, with_eval: bool = True) -> dict:
     if task.startswith("superglue/"):
         base = {"batch_size": 8, "eval_batch_size": 16, "warmup_ratio": 0.1}
@@ -197,12 +212,23 @@ def teacher_config(task: str, args) -> tuple[str, Path]:
     return name, path
 
 
+def teacher_args(args):
+    """`args` for stage 0 where the teacher's folder is missing: no `--archive` to take the finished sweep from
+    (its archived tables have no weights to export), so it trains under `--root` (`--resume` if it stopped)."""
+    import copy
+
+    again = copy.copy(args)
+    again.archive = None
+    return again
+
+
 def grid_config(task: str, method: str, args) -> tuple[str, Path]:
     from quality import sweep_block, write_config
 
     name = grid_name(task, method)
     search = {**method_grid(method, args.configs), "seed": [SELECTION_SEED]}
-    path = write_config(Path(args.root) / "configs" / f"{name}.yaml", v2_trial(task, method, args), search,
+    trial = {**v2_trial(task, method, args), "eval_every_steps": grid_eval_every(task, args)}
+    path = write_config(Path(args.root) / "configs" / f"{name}.yaml", trial, search,
                         sweep_block(name, args), f"stage 1 of protocol v2: {method}'s grid on {task}")
     return name, path
 
@@ -464,7 +490,7 @@ def check_methods(args) -> None:
 def main_v2(args) -> None:
     import time
 
-    from quality import experiment_dir, run_sweep, table, write_json
+    from quality import _finished, archive_sweep, experiment_dir, run_sweep, table, write_json
 
     args.v2_missing = trial_keys_missing()
     root = Path(args.root)
@@ -490,10 +516,16 @@ def main_v2(args) -> None:
     for task in args.tasks:
         if "kd" in methods:  # stage 0: the teacher, exported once
             name, path = teacher_config(task, args)
-            rows = run_sweep(name, path, args)
             target = teacher_path(task, args)
-            if not (target / "config.json").exists() and rows:
-                subprocess.run([sys.executable, "-m", "raysdpb.export", str(experiment_dir(name, args)), "--trial",
+            # an archived teacher sweep keeps no weights: a new --root trains it again (seeded, the same teacher)
+            needs_weights = not (target / "config.json").exists()
+            stage0 = teacher_args(args) if needs_weights else args
+            rows = run_sweep(name, path, stage0)
+            if needs_weights and rows:
+                experiment = experiment_dir(name, stage0)
+                if args.archive and _finished(rows):
+                    archive_sweep(experiment, Path(args.archive), path)
+                subprocess.run([sys.executable, "-m", "raysdpb.export", str(experiment), "--trial",
                                 rows[0]["trial_id"], "--out", str(target)], check=True)
         column = selection_column(task, args)
         for method in methods:

@@ -213,6 +213,9 @@ def _finished_experiment(folder: Path, statuses: list[str]) -> None:
     (folder / "tuner.pkl").write_bytes(b"Tune's state")
     (folder / "checkpoint_000001").mkdir()
     (folder / "checkpoint_000001" / "model.pt").write_bytes(b"weights")
+    (folder / "artifacts" / "t0" / "predictions").mkdir(parents=True)
+    (folder / "artifacts" / "t0" / "predictions" / "eval_step000010.parquet").write_bytes(b"predictions")
+    (folder / "artifacts" / "t0" / "samples.jsonl").write_bytes(b"generations")
 
 
 def test_an_archived_sweep_is_read_from_the_archive_and_never_run_again(quality, tmp_path, monkeypatch):
@@ -224,8 +227,11 @@ def test_an_archived_sweep_is_read_from_the_archive_and_never_run_again(quality,
     monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: launched.append(a))
     first = quality.run_sweep(name, Path("unused.yaml"), args)  # finished in --root: archived, not run
     kept = tmp_path / "kept" / name
-    assert sorted(p.name for p in kept.iterdir()) == ["curves.parquet", "tensorboard", "trials.parquet"]
+    assert sorted(p.name for p in kept.iterdir()) == ["artifacts", "curves.parquet", "tensorboard", "trials.parquet"]
     assert (kept / "tensorboard" / "t0" / "events.out.tfevents.1").read_bytes() == b"events"
+    # of the artifacts, the saved predictions only (protocol v2's bootstrap resamples them)
+    assert [str(p.relative_to(kept)) for p in sorted((kept / "artifacts").rglob("*")) if p.is_file()] == [
+        "artifacts/t0/predictions/eval_step000010.parquet"]
     # a new checkout: --root is gone; the archived copy is the sweep, finished
     quality.shutil.rmtree(args.root)
     assert quality.experiment_dir(name, args) == kept
@@ -484,7 +490,10 @@ def test_v2_stage_2_seeds_are_fresh_and_never_the_selection_run(quality, v2, tmp
         assert (two["lr"], two["alpha"], two["tau"], two["warmup_ratio"]) == (1e-4, 0.5, 2.0, 0.1)
         # the same evaluation points (in steps, so in samples: one batch size per task) for every method
         points = {v2.load_config(v2.grid_config(task, m, args)[1])["eval_every_steps"] for m in v2.V2_METHODS}
-        assert len(points) == 1 and two["eval_every_steps"] in points
+        assert two["eval_every_steps"] == v2.eval_every(task, args)
+        # stage 1 (RTE: issue 33's grid for the ASHA replay) reports k times as often, the same for every method
+        k = v2.V2_GRID_REPORTS_PER_EPOCH.get(task, 1)
+        assert points == {-(-two["eval_every_steps"] // k)}
 
 
 def test_v2_dev_split_settings(quality, v2, tmp_path):
@@ -573,3 +582,35 @@ def test_v2_methods_are_registered_and_search_only_what_they_use(v2):
     for method in v2.V2_METHODS:
         assert method in METHODS, method
         assert set(v2.KNOBS[method]) <= set(METHODS[method].hyperparameters), method
+
+
+def test_v2_trains_the_teacher_again_where_its_folder_is_gone(quality, v2, tmp_path, monkeypatch):
+    """A new --root (a new checkout, the sweeps archived): the teacher's archived sweep has no weights to export,
+    so stage 0 trains it again under --root (not from the archive) and exports it; with the folder there, the
+    sweep is read as finished and nothing is exported."""
+    args = _v2_args(quality, tmp_path / "root", "--archive", str(tmp_path / "kept"), "--resume",
+                    "--tasks", "superglue/cb", "--methods", "kd")
+    calls, exported = [], []
+
+    def run_sweep(name, path, run_args, reuse_from=None):
+        calls.append((name, run_args.archive))
+        return [{"trial_id": "teacher-1", "status": "completed"}] if name.startswith("qv2-teacher") else []
+
+    import quality as harness  # the module quality_v2 imports from (the fixture's is another copy of the file)
+
+    monkeypatch.setattr(harness, "run_sweep", run_sweep)
+    monkeypatch.setattr(harness, "archive_sweep", lambda experiment, archive, config: exported.append(
+        ("archived", experiment)))
+    monkeypatch.setattr(v2.subprocess, "run", lambda cmd, check: exported.append(("export", cmd[3], cmd[-1])))
+    v2.main_v2(args)
+    teacher = v2.teacher_name("superglue/cb")
+    assert calls[0] == (teacher, None)  # trained under --root, the archive not consulted
+    experiment = str(Path(args.root) / teacher)
+    assert exported == [("archived", Path(experiment)),
+                        ("export", experiment, str(v2.teacher_path("superglue/cb", args)))]
+    # the folder exported: the next run reads the sweep (from the archive) and exports nothing
+    (v2.teacher_path("superglue/cb", args)).mkdir(parents=True)
+    (v2.teacher_path("superglue/cb", args) / "config.json").write_text("{}")
+    calls.clear(), exported.clear()
+    v2.main_v2(args)
+    assert calls[0] == (teacher, args.archive) and exported == []
