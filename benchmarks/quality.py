@@ -223,6 +223,8 @@ def what_it_trains(config: Path) -> dict:
     """A sweep config without what does not change its results (where it is stored, the resources)."""
     body = yaml.safe_load(config.read_text())
     sweep = body.pop("sweep", None) or {}
+    if body.get("teacher_model"):  # protocol v2's teacher, exported under --root: its task's folder is what counts
+        body["teacher_model"] = Path(body["teacher_model"]).name
     return {**body, "asha": sweep.get("asha")}
 
 

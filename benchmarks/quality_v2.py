@@ -212,6 +212,14 @@ def teacher_config(task: str, args) -> tuple[str, Path]:
     return name, path
 
 
+def kd_finished(task: str, args) -> bool:
+    """Whether kd's stage-1 and stage-2 sweeps of the task have both finished (under --root or in --archive):
+    then no trial needs the teacher, and stage 0 is not run (nor, on a new --root, trained again)."""
+    from quality import _finished, _rows, experiment_dir
+
+    return all(_finished(_rows(experiment_dir(name, args))) for name in (grid_name(task, "kd"), seeds_name(task, "kd")))
+
+
 def teacher_args(args):
     """`args` for stage 0 where the teacher's folder is missing: no `--archive` to take the finished sweep from
     (its archived tables have no weights to export), so it trains under `--root` (`--resume` if it stopped)."""
@@ -397,6 +405,9 @@ def scores_table(runs: dict[str, dict[str, list[dict]]]) -> str:
     lines = ["| task | method | seeds | last epoch (mean ± std) | best at the common points |", "|---|---|---|---|---|"]
     for task, methods in runs.items():
         for method, rs in methods.items():
+            if not rs:  # no finished stage-2 run (its sweep's log says why)
+                lines.append(f"| {task} | {method} | 0 | — | — |")
+                continue
             last = [r["last"] for r in rs]
             common = [r["best_common"] for r in rs if r["best_common"] is not None]
             sd = f" ± {100 * st.stdev(last):.2f}" if len(last) > 1 else ""
@@ -514,7 +525,7 @@ def main_v2(args) -> None:
     selection = json.loads(selection_path.read_text()) if selection_path.exists() else {}
     runs: dict[str, dict[str, list[dict]]] = {}
     for task in args.tasks:
-        if "kd" in methods:  # stage 0: the teacher, exported once
+        if "kd" in methods and not kd_finished(task, args):  # stage 0: the teacher, exported once
             name, path = teacher_config(task, args)
             target = teacher_path(task, args)
             # an archived teacher sweep keeps no weights: a new --root trains it again (seeded, the same teacher)

@@ -196,7 +196,7 @@ def test_a_grid_per_method_is_the_same_trials_as_the_one_grid(quality, tmp_path)
     assert split == points(whole) and len(split) == 32
 
 
-def _finished_experiment(folder: Path, statuses: list[str]) -> None:
+def _finished_experiment(folder: Path, statuses: list[str], **columns) -> None:
     """An experiment folder as raysdpb.sweep leaves it: the two tables, TensorBoard events, Tune's files."""
     from raysdpb.results.storage import write_table
 
@@ -204,7 +204,7 @@ def _finished_experiment(folder: Path, statuses: list[str]) -> None:
 
     folder.mkdir(parents=True)
     rows = [{"trial_id": f"t{i}", "status": s, "method": "finetune", "lr": 5e-5 * (i + 1), "alpha": 1.0,
-             "tau": 1.0, "label": "", "best_eval_mcc": 0.1 * i} for i, s in enumerate(statuses)]
+             "tau": 1.0, "label": "", "best_eval_mcc": 0.1 * i, **columns} for i, s in enumerate(statuses)]
     write_table(pa.Table.from_pylist(rows), str(folder / "trials.parquet"))
     write_table(pa.Table.from_pylist([{"trial_id": "t0", "step": 1, "epoch": 1.0, "eval_mcc": 0.0}]),
                 str(folder / "curves.parquet"))
@@ -614,3 +614,35 @@ def test_v2_trains_the_teacher_again_where_its_folder_is_gone(quality, v2, tmp_p
     calls.clear(), exported.clear()
     v2.main_v2(args)
     assert calls[0] == (teacher, args.archive) and exported == []
+
+
+def test_v2_needs_no_teacher_once_kd_has_finished(quality, v2, tmp_path, monkeypatch):
+    """kd's two sweeps archived as finished: a new --root (the final report on a new checkout) neither trains nor
+    reads the teacher; and their configs, which name the teacher under the old --root, stand for the new one's."""
+    import quality as harness
+
+    archive = tmp_path / "kept"
+    old = _v2_args(quality, tmp_path / "old", "--archive", str(archive), "--tasks", "superglue/cb", "--methods", "kd")
+    old.v2_missing = []
+    for name, config in (v2.grid_config("superglue/cb", "kd", old), v2.seeds_config(
+            "superglue/cb", "kd", {"lr": 5e-5, "alpha": 1.0, "tau": 1.0}, old)):
+        _finished_experiment(archive / name, ["completed"], last_eval_dev_accuracy=0.5, last_eval_accuracy=0.5,
+                             warmup_ratio=0.1)
+        harness.shutil.copy2(config, archive / name / "config.yaml")
+    new = _v2_args(quality, tmp_path / "new", "--archive", str(archive), "--resume", "--tasks", "superglue/cb",
+                   "--methods", "kd")
+    new.v2_missing = []
+    assert v2.kd_finished("superglue/cb", new)
+    calls = []
+    real = harness.run_sweep
+    monkeypatch.setattr(harness, "run_sweep", lambda name, path, a, reuse_from=None: calls.append(name) or real(
+        name, path, a))
+    monkeypatch.setattr(v2.subprocess, "run", lambda *a, **k: pytest.fail(f"nothing is run: {a}"))
+    monkeypatch.setattr(v2, "stage2_runs", lambda *a: [])  # the statistics' input, tested on their own
+    v2.main_v2(new)
+    assert calls == [v2.grid_name("superglue/cb", "kd"), v2.seeds_name("superglue/cb", "kd")]
+    # a method without a finished stage-2 run is a row of its own in the scores, not a crash
+    assert "| superglue/cb | kd | 0 | — | — |" in (Path(new.root) / "v2_statistics.md").read_text()
+    # an unfinished kd sweep needs the teacher again
+    (archive / v2.seeds_name("superglue/cb", "kd") / "trials.parquet").unlink()
+    assert not v2.kd_finished("superglue/cb", new)
