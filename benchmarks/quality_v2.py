@@ -294,7 +294,7 @@ def last_predictions(experiment: Path, trial_id: str):
     files = sorted((experiment / "artifacts" / trial_id / "predictions").glob("eval_step*.parquet"))
     if not files:
         return None
-    return pd.read_parquet(files[-1]).sort_values("index").reset_index(drop=True)
+    return pd.read_parquet(files[-1]).sort_values("idx").reset_index(drop=True)
 
 
 def stage2_runs(task: str, method: str, experiment: Path, args) -> list[dict]:
@@ -332,7 +332,7 @@ def _pair_inputs(runs_a: list[dict], runs_b: list[dict], metric_name: str) -> di
     spec = {"scores_a": [a["last"] for a, _ in pairs], "scores_b": [b["last"] for _, b in pairs],
             "metric": metric_name}
     frames = [x["predictions"] for pair in pairs for x in pair]
-    if all(f is not None for f in frames) and all(f["index"].equals(frames[0]["index"]) for f in frames):
+    if all(f is not None for f in frames) and all(f["idx"].equals(frames[0]["idx"]) for f in frames):
         spec |= {"predictions_a": np.stack([a["predictions"]["prediction"].to_numpy() for a, _ in pairs]),
                  "predictions_b": np.stack([b["predictions"]["prediction"].to_numpy() for _, b in pairs]),
                  "labels": frames[0]["label"].to_numpy()}

@@ -550,7 +550,7 @@ def test_v2_statistics_on_hand_made_runs(v2):
     def frame(correct):  # the first `correct` examples right
         prediction = labels.copy()
         prediction[correct:] = 1 - prediction[correct:]
-        return pd.DataFrame({"index": np.arange(100), "prediction": prediction, "label": labels})
+        return pd.DataFrame({"idx": np.arange(100), "prediction": prediction, "label": labels})
 
     a_correct, b_correct = [61, 60, 63, 62], [60, 61, 60, 61]
     data = {"superglue/cb": {"dynsdpb": runs([0.72, 0.74, 0.70, 0.76]),
@@ -646,3 +646,19 @@ def test_v2_needs_no_teacher_once_kd_has_finished(quality, v2, tmp_path, monkeyp
     # an unfinished kd sweep needs the teacher again
     (archive / v2.seeds_name("superglue/cb", "kd") / "trials.parquet").unlink()
     assert not v2.kd_finished("superglue/cb", new)
+
+
+def test_v2_reads_the_predictions_a_trial_saves(v2, tmp_path):
+    """`last_predictions` reads what the recipe writes (`save_predictions`: the evaluation module's writer), the
+    last validation evaluation's (not the held-out dev split's), sorted by the example's index."""
+    from raysdpb.recipe.evaluation import predictions_file, write_class_predictions
+
+    folder = tmp_path / "experiment" / "artifacts" / "t0" / "predictions"
+    folder.mkdir(parents=True)
+    write_class_predictions(folder / predictions_file("", 10, ".parquet"), [2, 0, 1], [1, 1, 1], [0, 1, 1])
+    write_class_predictions(folder / predictions_file("", 20, ".parquet"), [2, 0, 1], [0, 1, 0], [0, 1, 1])
+    write_class_predictions(folder / predictions_file("dev_", 20, ".parquet"), [7, 5], [1, 1], [1, 0])
+    frame = v2.last_predictions(tmp_path / "experiment", "t0")
+    assert frame["idx"].tolist() == [0, 1, 2]
+    assert frame["prediction"].tolist() == [1, 0, 0] and frame["label"].tolist() == [1, 1, 0]
+    assert v2.last_predictions(tmp_path / "experiment", "t1") is None
