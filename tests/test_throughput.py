@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -98,3 +100,48 @@ def test_a_trial_reports_its_throughput_and_restores_it(shared_data_dir, tmp_pat
     resumed = Recipe(cfg, RecordingContext(tmp_path / "resumed")).setup()
     resumed.load_state_dict(state)
     assert (resumed.train_tokens, resumed.train_seconds) == (again.train_tokens, again.train_seconds)
+
+
+def test_a_trial_reports_where_its_time_went(shared_data_dir, tmp_path, monkeypatch):
+    """Every report carries time_setup_s, time_train_s, time_eval_s and time_checkpoint_s, cumulative: a known
+    delay added to each evaluation and to each checkpoint write shows up in its own phase and no other; the
+    phases account for the trial's clock (elapsed_s) but for the reports themselves; a resume restores them."""
+    from raysdpb.recipe import Recipe
+    from raysdpb.results.schema import PHASE_TIME_KEYS
+    from trial_configs import RecordingContext, encoder_trial
+
+    cfg = encoder_trial(shared_data_dir, method="dynsdpb", epochs=1, eval_every=0.5)
+
+    def run(folder, delay_eval=0.0, delay_checkpoint=0.0):
+        recipe = Recipe(cfg, RecordingContext(tmp_path / folder)).setup()
+        evaluate, write = recipe.evaluate, recipe.write_checkpoint
+        monkeypatch.setattr(recipe, "evaluate", lambda: (time.sleep(delay_eval), evaluate())[1])
+        monkeypatch.setattr(recipe, "write_checkpoint", lambda *a: (time.sleep(delay_checkpoint), write(*a))[1])
+        recipe.train()
+        return recipe, recipe.context.reports
+
+    plain, reports = run("plain")
+    n = len(reports)
+    assert n >= 2
+    for key in PHASE_TIME_KEYS:
+        values = [r[key] for r in reports]
+        assert values[0] > 0 and values == sorted(values), key  # cumulative
+    assert all(r["time_setup_s"] == reports[0]["time_setup_s"] for r in reports)  # once per attempt
+    last = reports[-1]
+    assert last["time_train_s"] == pytest.approx(plain.train_seconds)
+    accounted = sum(last[k] for k in PHASE_TIME_KEYS)
+    assert 0.8 * last["elapsed_s"] < accounted <= last["elapsed_s"]
+
+    slow, slow_reports = run("slow", delay_eval=0.4, delay_checkpoint=0.3)
+    assert len(slow_reports) == n
+    end = slow_reports[-1]
+    # each report's delays counted in its own phase (a bound no load can break) ...
+    assert end["time_eval_s"] >= n * 0.4 and end["time_checkpoint_s"] >= n * 0.3
+    # ... and in no other: set-up and training leave room for them on the trial's own clock, nothing counted twice
+    assert end["time_setup_s"] + end["time_train_s"] <= end["elapsed_s"] - n * (0.4 + 0.3)
+    assert 0.8 * end["elapsed_s"] < sum(end[k] for k in PHASE_TIME_KEYS) <= end["elapsed_s"]
+    # a checkpoint carries the phases; a resumed recipe continues from them
+    state = slow.state_dict(slow.sampler.epoch, 0, [slow.rank_state()])
+    resumed = Recipe(cfg, RecordingContext(tmp_path / "resumed")).setup()
+    resumed.load_state_dict(state)
+    assert resumed.phase_seconds == slow.phase_seconds

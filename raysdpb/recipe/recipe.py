@@ -18,7 +18,7 @@ import importlib
 import logging
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -105,6 +105,9 @@ class Recipe:
         self._tokens_unsettled = 0
         self._segment_start: float | None = None
         self.teacher_forward_passes = 0  # KD: examples the teacher ran forward for this trial (0 on a cache hit)
+        # where the trial's time went besides training (over every attempt, checkpointed): set-up (model, data,
+        # resume), evaluation, checkpoint writing; reported as time_<phase>_s with time_train_s
+        self.phase_seconds = {"setup": 0.0, "eval": 0.0, "checkpoint": 0.0}
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> "Recipe":
@@ -263,6 +266,15 @@ class Recipe:
         return bool(torch.isfinite(terms.total))
 
     # ---- evaluation ------------------------------------------------------------------------------------------
+    @contextmanager
+    def timed(self, phase: str):
+        """Add the block's seconds to `phase_seconds[phase]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] += time.perf_counter() - start
+
     def evaluate(self) -> dict[str, float]:
         """`eval_<prefix><metric>` of every evaluation split. A decoder's generated answers are saved (JSONL), and
         with `save_predictions` each example's predicted class (Parquet), under `<artifacts>/predictions/` (local
@@ -307,6 +319,7 @@ class Recipe:
             "step": self.step, "nonfinite_total": self.nonfinite_total,
             "initial": self.initial, "elapsed_s": self.elapsed(), "config": self.cfg.model_dump(),
             "throughput": {"tokens": self.train_tokens, "seconds": self.train_seconds},
+            "phase_seconds": dict(self.phase_seconds),
             "teacher_forward_passes": self.teacher_forward_passes,
         }
 
@@ -333,6 +346,7 @@ class Recipe:
         throughput = state.get("throughput") or {"tokens": 0, "seconds": 0.0}
         self.train_tokens, self.train_seconds = int(throughput["tokens"]), float(throughput["seconds"])
         self.teacher_forward_passes = state.get("teacher_forward_passes", 0)  # what the trial caused, not this attempt
+        self.phase_seconds = {**self.phase_seconds, **state.get("phase_seconds", {})}
         set_rng_state(own["rng"])
 
     def resume(self) -> None:
@@ -350,9 +364,10 @@ class Recipe:
         path = self.context.new_checkpoint_dir(self.step, reported=reported)  # None on every rank, or a folder
         if path is None:
             return None
-        ranks = self.context.gather_to_main(self.rank_state())
-        if self.context.is_main:
-            self.write_checkpoint(path, self.state_dict(epoch, position, ranks))
+        with self.timed("checkpoint"):
+            ranks = self.context.gather_to_main(self.rank_state())
+            if self.context.is_main:
+                self.write_checkpoint(path, self.state_dict(epoch, position, ranks))
         return path
 
     def write_checkpoint(self, path: Path, state: dict) -> None:
@@ -377,8 +392,10 @@ class Recipe:
         status, message, position = "completed", "", 0
         # the model as loaded, before any step: a baseline carried in every report, restored with a checkpoint
         # (also one written before the first report)
+        self.phase_seconds["setup"] += time.perf_counter() - self._attempt_start  # this attempt's
         if cfg.eval_before_training and not self.initial and self.step == 0:
-            self.initial = {f"initial_{k}": v for k, v in self.evaluate().items()}
+            with self.timed("eval"):
+                self.initial = {f"initial_{k}": v for k, v in self.evaluate().items()}
             log.info("before training: %s", ", ".join(f"{k}={v:.4f}" for k, v in self.initial.items()))
         self.start_training_clock()
         for epoch in range(self.sampler.epoch, self.total_epochs):
@@ -401,7 +418,8 @@ class Recipe:
                 mid_epoch = position < len(self.sampler)
                 if self.report_due(epoch, position) and mid_epoch:
                     self.stop_training_clock()
-                    last = self.evaluate()
+                    with self.timed("eval"):
+                        last = self.evaluate()
                     self.report(epoch + position / max(len(self.sampler), 1), last, epoch, position)
                     self.start_training_clock()
                 elif cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0 and mid_epoch:
@@ -409,7 +427,8 @@ class Recipe:
             if status == "diverged":
                 break
             self.stop_training_clock()
-            last = self.evaluate()
+            with self.timed("eval"):
+                last = self.evaluate()
             self.report(epoch + 1, last, epoch + 1, 0)
             self.start_training_clock()
         self.stop_training_clock()
@@ -486,7 +505,8 @@ class Recipe:
         peak of the trial's devices (`raysdpb.throughput`; None without a known peak)."""
         rate = tokens_per_s(self.train_tokens, self.train_seconds)
         devices = self.context.world_size
-        return {"tokens_per_s": rate, "mfu": mfu(rate, self.flops_per_token, self.peak_flops, devices)}
+        return {"tokens_per_s": rate, "mfu": mfu(rate, self.flops_per_token, self.peak_flops, devices),
+                "time_train_s": self.train_seconds, **{f"time_{k}_s": v for k, v in self.phase_seconds.items()}}
 
     def _log_step(self, terms: LossTerms, bar) -> None:
         if self.context.is_main and self.step % self.cfg.log_every_steps == 0:

@@ -44,7 +44,7 @@ BASELINES = ("finetune", "double_finetune")
 _BOOKKEEPING = frozenset({
     "trial_id", "label", "status", "message", "stop_reason", "main_metric", "best_epoch", "epochs_run",
     "planned_epochs", "steps", "reports", "wall_time_s", "attempts", "finished_at", "experiment",
-    "samples_seen", "tokens_per_s", "mfu",
+    "samples_seen", "tokens_per_s", "mfu", *schema.PHASE_TIME_KEYS,
 })
 # config keys that are not part of "the configuration": what the table's rows and columns already are and the
 # seeds (averaged over); the keys that do not change what is trained (raysdpb.config.NOT_HASHED) come with the

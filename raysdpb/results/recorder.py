@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from raysdpb.results.schema import FINISHED, TERMINAL, is_number, metric_direction
+from raysdpb.results.schema import FINISHED, PHASE_TIME_KEYS, TERMINAL, is_number, metric_direction
 from raysdpb.results.storage import join, read_json, read_rows, remove_stale_temporaries, write_json, write_table
 
 __all__ = [
@@ -32,7 +32,7 @@ _TUNE_BOOKKEEPING = frozenset({
 _NOT_METRICS = frozenset({
     "trial_id", "epoch", "step", "samples_seen", "tokens_per_s", "mfu", "training_iteration", "timestamp",
     "time_this_iter_s", "time_total_s",
-    "checkpoint_path", "status", "message", "replayed", "elapsed_s",
+    "checkpoint_path", "status", "message", "replayed", "elapsed_s", *PHASE_TIME_KEYS,
 })
 
 
@@ -120,6 +120,7 @@ def summarize_trial(info: TrialInfo, curves: list[dict], *, status: str, message
         # throughput over the whole trial up to its last report (raysdpb.throughput; mfu None without a known peak)
         "tokens_per_s": last.get("tokens_per_s"),
         "mfu": last.get("mfu"),
+        **{key: last.get(key) for key in PHASE_TIME_KEYS},  # where the wall time went
         "reports": len(curves),
         "wall_time_s": _wall_time(curves),
         "attempts": attempts,

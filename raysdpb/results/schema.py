@@ -26,6 +26,9 @@ STATUSES = ("pending", "running", "completed", "stopped_by_asha", "diverged", "e
 TERMINAL = frozenset({"completed", "stopped_by_asha", "diverged", "errored"})
 FINISHED = frozenset({"completed", "stopped_by_asha", "diverged"})
 
+# where a trial's time went (cumulative over its attempts, in every report and trial row): set-up, training, evaluation,
+# checkpoint writing (raysdpb.recipe.Recipe.phase_seconds)
+PHASE_TIME_KEYS = ("time_setup_s", "time_train_s", "time_eval_s", "time_checkpoint_s")
 SCORE_KEY = "score"  # every trial's report repeats its own task's main metric under this name
 # training metrics the engine reports besides eval_<metric> (ASHA may use them too, e.g. train_loss with mode min)
 TRAIN_METRICS = ("train_loss", "train_ce", "train_distill", "alpha_mean", "tau_mean")
