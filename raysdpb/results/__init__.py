@@ -6,7 +6,8 @@
   column (nested keys dotted, `lora.r`), `trial_id`, `label`, `status`, `message`, `stop_reason`,
   `main_metric` (the trial's own task's main metric, `eval_<metric>`; null where the sweep did not say),
   `best_<metric>` and `last_<metric>` of every reported metric, `epochs_run`, `planned_epochs`, `steps`,
-  `wall_time_s` (the trial's own clock, `elapsed_s`, which its checkpoints carry across a resume), `attempts`.
+  `wall_time_s` (the trial's own clock, `elapsed_s`, which its checkpoints carry across a resume), where it went
+  (`time_setup_s`, `time_train_s`, `time_eval_s`, `time_checkpoint_s`), `tokens_per_s`, `mfu`, `attempts`.
 
 Statuses: `pending` (not started yet), `running`, `completed`, `stopped_by_asha`, `diverged`, `errored`,
 `interrupted` (the sweep ended before the trial did; `--resume` continues it). A failed trial keeps its row
