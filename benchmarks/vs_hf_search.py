@@ -94,6 +94,7 @@ def run_raysdpb(out: Path, args) -> dict:
     import yaml
 
     from raysdpb.results import read_rows
+    from raysdpb.results.schema import PHASE_TIME_KEYS
 
     raw = {**_trial(args), "search": {"lr": list(args.lrs)},
            "sweep": {"name": "raysdpb_search", "storage_path": str(out / "ray"), "num_workers": 1,
@@ -105,8 +106,10 @@ def run_raysdpb(out: Path, args) -> dict:
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
     rows = read_rows(str(out / "ray" / "raysdpb_search" / "trials.parquet"))
+    # where each trial's time went (the trial rows' time_*_s: set-up, training, evaluation, checkpoint writing)
     return {"trials": [{"lr": r["lr"], "time_total_s": r.get("wall_time_s"),
-                        "eval_accuracy": r.get("last_eval_accuracy")} for r in rows]}
+                        "eval_accuracy": r.get("last_eval_accuracy"),
+                        **{k: r.get(k) for k in PHASE_TIME_KEYS}} for r in rows]}
 
 
 def _env() -> dict:
@@ -170,6 +173,10 @@ def main() -> None:
     mean = {run["tool"]: sum(t["time_total_s"] for t in run["trials"]) / len(run["trials"]) for run in runs}
     walls = {run["tool"]: run["command_wall_s"] for run in runs}
     print(f"raysdpb/hf: per trial {mean['raysdpb'] / mean['hf']:.2f}x, command {walls['raysdpb'] / walls['hf']:.2f}x")
+    for trial in next(run for run in runs if run["tool"] == "raysdpb")["trials"]:
+        phases = ", ".join(f"{k[5:-2]} {trial[k]:.1f} s" for k in trial if k.startswith("time_") and k != "time_total_s"
+                           and trial[k] is not None)
+        print(f"raysdpb lr {trial['lr']:g}: {trial['time_total_s']:.1f} s = {phases} + the rest")
     write_json(args.json, {"benchmark": "vs_hf_search", "machine": machine, "machine_after": machine_info(),
                            "settings": vars(args) | {"run": None, "out": None}, "runs": runs,
                            "per_trial_ratio": mean["raysdpb"] / mean["hf"],
