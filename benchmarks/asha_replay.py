@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysdpb.results.schema import is_number  # noqa: E402
 
-__all__ = ["replay", "ReplayResult", "main"]
+__all__ = ["replay", "ReplayResult", "derive_samples_seen", "main"]
 
 
 @dataclass
@@ -177,6 +177,18 @@ def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mod
 
 # --- the command ---------------------------------------------------------------------------------------------
 
+def derive_samples_seen(trials: list[dict], curves: list[dict]) -> bool:
+    """Curves of a raysdpb before `samples_seen` was reported get it (in place) as step x batch_size x world_size
+    (the training examples a step forwards over all ranks); True when derived."""
+    if (curves and not any("samples_seen" in c for c in curves) and all("step" in c for c in curves)
+            and all(t.get("batch_size") for t in trials)):
+        batch = {t["trial_id"]: int(t["batch_size"]) for t in trials}
+        for c in curves:
+            c["samples_seen"] = int(c["step"]) * batch[c["trial_id"]] * int(c.get("world_size") or 1)
+        return True
+    return False
+
+
 def _load(experiment: Path, group_by: list[str]) -> tuple[list[dict], list[dict], dict[str, object]]:
     import pyarrow.parquet as pq
 
@@ -191,12 +203,7 @@ def _load(experiment: Path, group_by: list[str]) -> tuple[list[dict], list[dict]
         trials = [t for t in trials if t not in unfinished]
         kept = {t["trial_id"] for t in trials}
         curves = [c for c in curves if c["trial_id"] in kept]
-    if (curves and not any("samples_seen" in c for c in curves) and all("step" in c for c in curves)
-            and all(t.get("batch_size") for t in trials)):
-        # curves of a raysdpb before samples_seen was reported: a step is batch_size x world_size examples
-        batch = {t["trial_id"]: int(t["batch_size"]) for t in trials}
-        for c in curves:
-            c["samples_seen"] = int(c["step"]) * batch[c["trial_id"]] * int(c.get("world_size") or 1)
+    if derive_samples_seen(trials, curves):
         print(f"asha_replay: {experiment}: samples_seen derived as step x batch_size x world_size", file=sys.stderr)
     stopped = [t["trial_id"] for t in trials if t.get("status") == "stopped_by_asha"]
     if stopped:

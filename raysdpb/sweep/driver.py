@@ -25,7 +25,8 @@ from raysdpb.sweep.worker import train_worker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_sweep", "trial_driver", "runs_warm", "trial_resources", "connect", "localize"]
+__all__ = ["run_sweep", "trial_driver", "runs_warm", "trial_resources", "connect", "localize", "make_scheduler",
+           "search_settings"]
 
 # what each Tune trial (the Train driver) reserves: no CPU, so that the trial's CPUs are its workers'
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
@@ -149,6 +150,42 @@ def localize(config: TrialConfig) -> dict:
     return data
 
 
+def make_scheduler(plan: SweepPlan):
+    """The plan's Tune scheduler: HyperBandForBOHB for a bohb search, else ASHA per group of comparable trials
+    (`GroupedASHA`), or None without ASHA. What `run_sweep` runs, and what benchmarks/searcher_replay.py replays."""
+    sweep = plan.sweep
+    if sweep.search == "bohb":
+        from ray.tune.schedulers import HyperBandForBOHB
+
+        # BOHB's HyperBand instead of ASHA (one over every trial: plan_sweep refuses a bohb search over groups)
+        return HyperBandForBOHB(time_attr=sweep.asha.time_attr, max_t=plan.max_t,
+                                reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
+    if sweep.asha is None:
+        return None
+    # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it there would
+    # end its Train run abruptly (see raysdpb.sweep.cleanup)
+    asha = dict(time_attr=sweep.asha.time_attr, max_t=plan.max_t, grace_period=sweep.asha.grace_period,
+                reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
+    # one ASHA per group of comparable trials (raysdpb.sweep.scheduler), or one over the grid (group_by: []);
+    # a searcher's trials join their group as they are suggested
+    if plan.space is not None:
+        return GroupedASHA({}, group_by=sweep.asha.group_by, base=plan.space.base, **asha)
+    return GroupedASHA(plan.asha_groups or {p.trial_id: () for p in plan.points}, **asha)
+
+
+def search_settings(plan: SweepPlan, localize=localize) -> tuple[dict, dict]:
+    """Tune's `param_space` and the `TuneConfig` settings of the plan's search: the grid's (or random search's
+    drawn) trial ids, or the searcher (`search_alg`) and its `num_samples`."""
+    from ray import tune
+
+    if plan.space is None:
+        # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid; random search's
+        # draws, raysdpb.sweep.space)
+        return {"trial_id": tune.grid_search([p.trial_id for p in plan.points])}, {}
+    # the searcher's suggestions, each the trial id and values of a sampled trial (raysdpb.sweep.searchers)
+    return {}, {"search_alg": make_searcher(plan, localize), "num_samples": plan.sweep.num_samples}
+
+
 def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>", verbose: int = 1) -> list[dict]:
     """Run (or resume) the sweep on the connected Ray; returns the rows of trials.parquet. `verbose`: 0 prints
     nothing while it runs, 1 a line per trial event and a periodic summary (`raysdpb.sweep.console`), 2 also
@@ -189,24 +226,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
         tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
     else:
-        scheduler = None
-        if sweep.search == "bohb":
-            from ray.tune.schedulers import HyperBandForBOHB
-
-            # BOHB's HyperBand instead of ASHA (one over every trial: plan_sweep refuses a bohb search over groups)
-            scheduler = HyperBandForBOHB(time_attr=sweep.asha.time_attr, max_t=plan.max_t,
-                                         reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
-        elif sweep.asha is not None:
-            # stop_last_trials=False: a trial that reaches max_t ends by itself; Tune stopping it there would
-            # end its Train run abruptly (see raysdpb.sweep.cleanup)
-            asha = dict(time_attr=sweep.asha.time_attr, max_t=plan.max_t, grace_period=sweep.asha.grace_period,
-                        reduction_factor=sweep.asha.reduction_factor, stop_last_trials=False)
-            # one ASHA per group of comparable trials (raysdpb.sweep.scheduler), or one over the grid (group_by: []);
-            # a searcher's trials join their group as they are suggested
-            if plan.space is not None:
-                scheduler = GroupedASHA({}, group_by=sweep.asha.group_by, base=plan.space.base, **asha)
-            else:
-                scheduler = GroupedASHA(plan.asha_groups or {p.trial_id: () for p in plan.points}, **asha)
+        scheduler = make_scheduler(plan)
         sampled = None
         if plan.space is not None:  # the searcher's trials get their rows as they are suggested
             sampled = (plan.space, plan.held, plan.score_metric)
@@ -221,14 +241,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, source: str = "<config>"
         if verbose >= 1:
             callbacks.append(ConsoleCallback(callback, plan.metric, plan.mode, concurrent))
         callbacks += tracker_callbacks(plan)
-        if plan.space is None:
-            # one grid point per trial: the search space is already expanded (raysdpb.sweep.grid; random search's
-            # draws, raysdpb.sweep.space)
-            param_space, searched = {"trial_id": tune.grid_search([p.trial_id for p in plan.points])}, {}
-        else:
-            # the searcher's suggestions, each the trial id and values of a sampled trial (raysdpb.sweep.searchers)
-            param_space = {}
-            searched = {"search_alg": make_searcher(plan, localize), "num_samples": sweep.num_samples}
+        param_space, searched = search_settings(plan)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
