@@ -535,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="16 samples, 1 epoch, a one-point grid: a start-up check")
     p.add_argument("--dry-run", action="store_true",
                    help="write the configs, check them, and print each task's workload (no Ray)")
-    p.add_argument("--tokens-per-s", type=float, default=MEASURED_TOKENS_PER_S,
+    p.add_argument("--tokens-per-s", type=float, default=None,
                    help="training throughput for --dry-run's hours (default: what RTE measured on 2 CPU cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="pass -q to the sweeps")
     p.add_argument("--protocol", choices=["paper", "v2"], default="paper",
@@ -552,7 +552,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help=f"the summary as JSON (e.g. {RESULTS / 'quality.json'})")
     args = p.parse_args(argv)
     if args.protocol == "v2":
-        from quality_v2 import V2_METHODS, V2_TASKS
+        from quality_v2 import V2_METHODS, V2_TASKS, V2_MEASURED_TOKENS_PER_S
+
+        args.tokens_per_s = args.tokens_per_s or V2_MEASURED_TOKENS_PER_S
 
         args.tasks = args.tasks or (["superglue/cb"] if args.smoke else V2_TASKS)
         if args.methods == METHODS:
@@ -562,6 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.root == p.get_default("root"):
             args.root = str(REPO / "ray_results" / ("quality-v2-smoke" if args.smoke else "quality-v2"))
     args.tasks = args.tasks or (["superglue/cb"] if args.smoke else TASKS)
+    args.tokens_per_s = args.tokens_per_s or MEASURED_TOKENS_PER_S
     args.seeds = args.seeds or ([0, 1] if args.smoke else [0, 1, 2])
     if args.smoke and args.root == p.get_default("root"):
         args.root = str(REPO / "ray_results" / "quality-smoke")

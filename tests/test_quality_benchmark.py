@@ -511,9 +511,9 @@ def test_v2_dev_split_settings(quality, v2, tmp_path):
         assert kd["teacher_model"] == str(tmp_path / "teachers" / task.replace("/", "-"))
         teacher = v2.load_config(configs[0])
         assert "num_layers" not in teacher and teacher["method"] == "finetune"
-        # the training subset leaves the dev examples out of the same count
+        # the training subset is taken after the dev set is carved out of the whole split (the recipe's order)
         if v2.V2_TRAIN_SAMPLES.get(task):
-            assert kd["max_train_samples"] == v2.V2_TRAIN_SAMPLES[task] + size
+            assert kd["max_train_samples"] == v2.V2_TRAIN_SAMPLES[task]
     assert v2.selection_column("glue/cola", args) == "last_eval_dev_matthews"
     other = _v2_args(quality, tmp_path / "b", "--dev-size", "120")
     other.v2_missing = []
@@ -662,3 +662,25 @@ def test_v2_reads_the_predictions_a_trial_saves(v2, tmp_path):
     assert frame["idx"].tolist() == [0, 1, 2]
     assert frame["prediction"].tolist() == [1, 0, 0] and frame["label"].tolist() == [1, 1, 0]
     assert v2.last_predictions(tmp_path / "experiment", "t1") is None
+
+
+def test_v2_trials_train_on_the_planned_examples_and_the_dry_run_counts_them(quality, v2, tmp_path, shared_data_dir,
+                                                                             monkeypatch):
+    """Each task's trials train on exactly V2_TRAIN_SAMPLES examples (CB: its split less the dev set), none of
+    them in the held-out dev set, and the dry run's workload counts those (it had CB at 150 for 200, and the
+    others' trials would have trained on 200 more than planned)."""
+    from raysdpb.config import TrialConfig
+    from raysdpb.recipe.components import training_records
+    from raysdpb.tasks import resolve_task
+
+    monkeypatch.setenv("RAYSDPB_DATA_DIR", str(shared_data_dir))
+    args = _v2_args(quality, tmp_path, "--tasks", "superglue/cb", "glue/rte")
+    args.v2_missing = []
+    for task, planned in (("superglue/cb", 250 - 50), ("glue/rte", v2.V2_TRAIN_SAMPLES["glue/rte"])):
+        trial = {k: v for k, v in v2.v2_trial(task, "finetune", args).items() if k in TrialConfig.model_fields}
+        cfg = TrialConfig.model_validate(trial)
+        train, dev = training_records(cfg, resolve_task(cfg))
+        assert len(train) == planned and len(dev) == v2.dev_size(task, args)
+        assert not {r["idx"] for r in train} & {r["idx"] for r in dev}
+        args.methods = ["finetune"]
+        assert v2.v2_workload(task, args)["train_examples"] == planned
