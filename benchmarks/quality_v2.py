@@ -272,6 +272,19 @@ def selection_column(task: str, args) -> str:
     return f"last_{dev}"
 
 
+def stage1_done(name: str, rows: list[dict]) -> list[dict]:
+    """A stage-1 sweep's rows, once every trial has ended (`--keep-going` lets errored trials through); a sweep
+    that stopped short (interrupted or pending trials: stopped by hand, the machine lost) ends the run, since a
+    configuration chosen from part of the grid would be another protocol."""
+    from raysdpb.results.schema import TERMINAL
+
+    unfinished = [r["trial_id"] for r in rows if r["status"] not in TERMINAL]
+    if unfinished:
+        raise SystemExit(f"[{name}] stopped with {len(unfinished)} of {len(rows)} trials unfinished; no configuration "
+                         "is selected from part of a grid: run again with --resume")
+    return rows
+
+
 def select_v2(rows: list[dict], column: str) -> dict | None:
     """The best finished configuration by `column`; ties to the first in grid order (the rows' order)."""
     from raysdpb.results.schema import FINISHED, is_number
@@ -547,7 +560,7 @@ def main_v2(args) -> None:
         for method in methods:
             name, path = grid_config(task, method, args)
             chosen = selection.get(task, {}).get(method) if args.resume else None
-            chosen = chosen or select_v2(run_sweep(name, path, args), column)
+            chosen = chosen or select_v2(stage1_done(name, run_sweep(name, path, args)), column)
             if chosen is None:
                 print(f"[{task}] {method}: no finished stage-1 trial; stage 2 skipped", flush=True)
                 continue

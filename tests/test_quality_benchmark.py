@@ -684,3 +684,31 @@ def test_v2_trials_train_on_the_planned_examples_and_the_dry_run_counts_them(qua
         assert not {r["idx"] for r in train} & {r["idx"] for r in dev}
         args.methods = ["finetune"]
         assert v2.v2_workload(task, args)["train_examples"] == planned
+
+
+def test_v2_never_selects_from_part_of_a_grid(quality, v2, tmp_path, monkeypatch):
+    """A stage-1 sweep that stopped short (interrupted, pending) ends the run, even with --keep-going: no stage 2
+    from a configuration chosen among the trials that happened to finish. Errored trials (--keep-going) do not."""
+    import quality as harness
+
+    args = _v2_args(quality, tmp_path / "root", "--resume", "--keep-going", "--tasks", "superglue/cb",
+                    "--methods", "dynsdpb")
+    statuses = {"grid": ["completed", "completed", "interrupted", "pending"]}
+    calls = []
+
+    def run_sweep(name, path, run_args, reuse_from=None):
+        calls.append(name)
+        return [{"trial_id": f"t{i}", "status": s, "lr": 1e-4, "alpha": 1.0, "tau": 1.0, "warmup_ratio": 0.1,
+                 "last_eval_dev_accuracy": 0.5 + i / 10} for i, s in enumerate(statuses["grid"])]
+
+    monkeypatch.setattr(harness, "run_sweep", run_sweep)
+    monkeypatch.setattr(v2, "stage2_runs", lambda *a: [])
+    with pytest.raises(SystemExit, match="2 of 4 trials unfinished.*--resume"):
+        v2.main_v2(args)
+    assert calls == [v2.grid_name("superglue/cb", "dynsdpb")]  # no stage 2
+    assert not (Path(args.root) / "selection_v2.json").exists() or "dynsdpb" not in (
+        Path(args.root) / "selection_v2.json").read_text()
+    statuses["grid"] = ["completed", "errored", "completed", "completed"]
+    calls.clear()
+    v2.main_v2(args)
+    assert calls == [v2.grid_name("superglue/cb", "dynsdpb"), v2.seeds_name("superglue/cb", "dynsdpb")]
