@@ -502,7 +502,8 @@ class Recipe:
 
     def throughput(self) -> dict[str, float | None]:
         """`tokens_per_s` (non-padding training tokens of every rank per second of training) and `mfu` over the
-        peak of the trial's devices (`raysdpb.throughput`; None without a known peak)."""
+        peak of the trial's devices (`raysdpb.throughput`; None without a known peak); and where the trial's time
+        went: `time_train_s` and `time_<phase>_s` of `phase_seconds`."""
         rate = tokens_per_s(self.train_tokens, self.train_seconds)
         devices = self.context.world_size
         return {"tokens_per_s": rate, "mfu": mfu(rate, self.flops_per_token, self.peak_flops, devices),
