@@ -528,3 +528,20 @@ def test_html_renders_in_headless_chromium(tiny_report, chromium, tmp_path):
     out = _headless(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2400",
                     (tiny_report / "report.html").as_uri())
     assert shot.exists() and shot.stat().st_size > 20_000, out.stderr[-2000:]
+
+
+def test_runs_pair_by_seed_and_data_seed_where_they_differ():
+    """A trial's data order may be seeded apart from its initialisation (`data_seed`): runs pair only where both
+    seeds agree; where every data_seed is its seed (or unset), pairing is by seed as before."""
+    same = _trials([dict(method=m, seed=s, data_seed=s, best_eval_accuracy=v)
+                    for m, values in (("finetune", [0.6, 0.7, 0.65]), ("dynsdpb", [0.7, 0.8, 0.7]))
+                    for s, v in enumerate(values)])
+    cell = {r.method: r for r in select_configs(prepare(same)).itertuples()}
+    assert cell["dynsdpb"].seeds == {0: 0.7, 1: 0.8, 2: 0.7}
+    apart = _trials([dict(method="finetune", seed=s, data_seed=s, best_eval_accuracy=0.6 + s / 10) for s in range(3)]
+                    + [dict(method="dynsdpb", seed=s, data_seed=d, best_eval_accuracy=0.7)
+                       for s, d in ((0, 5), (1, 1), (2, 2))])
+    comparisons = paired_comparisons(select_configs(prepare(apart)))
+    row = comparisons[(comparisons.method == "dynsdpb") & (comparisons.baseline == "finetune")].iloc[0]
+    assert row.shared == 2 and row.seeds == ["1/1", "2/2"]
+    assert row.mean_diff == pytest.approx(((0.7 - 0.7) + (0.7 - 0.8)) / 2)

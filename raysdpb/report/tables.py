@@ -159,6 +159,10 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
     df["_value"] = pd.to_numeric(pd.Series(values, index=df.index, dtype=object), errors="coerce")
     df.loc[~np.isfinite(df["_value"].astype(float)), "_value"] = np.nan
     df["_seed"] = df["seed"] if "seed" in df else 0
+    if "data_seed" in df:  # a data order seeded apart from the initialisation: a seed is the pair (seed/data_seed)
+        data = df["data_seed"].where(df["data_seed"].notna(), df["_seed"])
+        if (data != df["_seed"]).any():
+            df["_seed"] = [f"{_short(s)}/{_short(d)}" for s, d in zip(df["_seed"], data)]
     columns = config_columns(trials)
     df["_config"] = [tuple((c, _hashable(v)) for c, v in zip(columns, row))
                      for row in df[columns].itertuples(index=False, name=None)] if columns else [()] * len(df)
