@@ -54,6 +54,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, write_json  # noqa: E402
 
+from raysdpb.results.schema import is_number  # noqa: E402
+
 SEARCHERS = ("grid", "random", "optuna", "bohb")
 CONFIG_FILES = ("sweep.yaml", "config.yaml")
 # a trial's status that means its curve is whole: it ran to its end (or diverged, and stopped where it did)
@@ -222,14 +224,10 @@ def selection_scores(curves: dict[str, list[dict]], metric: str, select: str, mo
     sign = 1.0 if mode == "max" else -1.0
     out = {}
     for trial_id, rows in curves.items():
-        values = [float(r[metric]) for r in rows if _number(r.get(metric))]
+        values = [float(r[metric]) for r in rows if is_number(r.get(metric))]
         if values:
             out[trial_id] = values[-1] if select == "last" else sign * max(sign * v for v in values)
     return out
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def compute_to_reach(events: list[dict], metric: str, target: float, *, select: str = "best",
@@ -244,7 +242,7 @@ def compute_to_reach(events: list[dict], metric: str, target: float, *, select: 
     for i, event in enumerate(events):
         if select == "last" and last_index[event["trial_id"]] != i:
             continue
-        if _number(event.get(metric)) and sign * (event[metric] - target) >= -1e-12:
+        if is_number(event.get(metric)) and sign * (event[metric] - target) >= -1e-12:
             hit = i
             break
     until = events if hit is None else events[:hit + 1]
@@ -374,7 +372,7 @@ def replay(group: RecordedGroup, searcher: str, seed: int, num_samples: int, wor
     scheduler = make_scheduler(plan)
     param_space, searched = search_settings(plan)
     fields = (*REPORTED, plan.metric)
-    curves = {t: [{k: r[k] for k in fields if _number(r.get(k))} for r in rows] for t, rows in group.curves.items()}
+    curves = {t: [{k: r[k] for k in fields if is_number(r.get(k))} for r in rows] for t, rows in group.curves.items()}
     log = _recorder(plan.metric)
     t0 = time.perf_counter()
     tuner = tune.Tuner(

@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS, machine_info, offline_env, table, write_json  # noqa: E402
 
+from raysdpb.results.schema import PHASE_TIME_KEYS  # noqa: E402
+
 offline_env()
 
 
@@ -94,7 +96,6 @@ def run_raysdpb(out: Path, args) -> dict:
     import yaml
 
     from raysdpb.results import read_rows
-    from raysdpb.results.schema import PHASE_TIME_KEYS
 
     raw = {**_trial(args), "search": {"lr": list(args.lrs)},
            "sweep": {"name": "raysdpb_search", "storage_path": str(out / "ray"), "num_workers": 1,
@@ -174,8 +175,7 @@ def main() -> None:
     walls = {run["tool"]: run["command_wall_s"] for run in runs}
     print(f"raysdpb/hf: per trial {mean['raysdpb'] / mean['hf']:.2f}x, command {walls['raysdpb'] / walls['hf']:.2f}x")
     for trial in next(run for run in runs if run["tool"] == "raysdpb")["trials"]:
-        phases = ", ".join(f"{k[5:-2]} {trial[k]:.1f} s" for k in trial if k.startswith("time_") and k != "time_total_s"
-                           and trial[k] is not None)
+        phases = ", ".join(f"{k[5:-2]} {trial[k]:.1f} s" for k in PHASE_TIME_KEYS if trial.get(k) is not None)
         print(f"raysdpb lr {trial['lr']:g}: {trial['time_total_s']:.1f} s = {phases} + the rest")
     write_json(args.json, {"benchmark": "vs_hf_search", "machine": machine, "machine_after": machine_info(),
                            "settings": vars(args) | {"run": None, "out": None}, "runs": runs,
