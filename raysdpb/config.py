@@ -208,6 +208,10 @@ class TrialConfig(_TrackerSettings):
     log_every_steps: int = Field(10, ge=1)
     grad_norm_every_steps: int = Field(50, ge=1)
     checkpoint_every_steps: int | None = Field(None, ge=1)
+    background_checkpoints: bool = Field(True, description="a single-process trial writes its checkpoints in a "
+                                                           "thread while training goes on (a copy of the state in "
+                                                           "host memory meanwhile); each report goes out once its "
+                                                           "checkpoint is whole. false: training waits for the write")
     output_dir: str | None = Field(None, description="local mode: TensorBoard events and checkpoints; "
                                                        "default runs/<name>")
     progress_bar: bool = True
@@ -274,7 +278,7 @@ class TrialConfig(_TrackerSettings):
 # trial keys that do not change what is trained: where things lie, how progress shows, what memory it takes
 # (left out of the trial id, raysdpb.sweep.grid, and of a report's configuration columns, raysdpb.report.tables)
 NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "compile_loss", "loggers",
-                        "mlflow", "wandb", "save_predictions"})
+                        "mlflow", "wandb", "save_predictions", "background_checkpoints"})
 # the trial keys that say where a local run's metrics go (a sweep's are in its `sweep:` block)
 TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 

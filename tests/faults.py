@@ -7,8 +7,9 @@ the tests' `PYTHONPATH` holds `tests/`). Nothing of it is in the production loop
 
 * `loss`: the step's loss counts as non-finite (the recipe's `loss_is_finite` says no);
 * `after_step`: right after optimizer step N the process SIGKILLs itself (a worker dying for real: no
-  `finally`, no flush); with `until` (a file path) it holds there instead until that file exists (a trial kept
-  at a known step, after its reports so far, while a test acts);
+  `finally`, no flush; a checkpoint still being written in the background is finished and reported first);
+  with `until` (a file path) it holds there instead until that file exists (a trial kept at a known step,
+  after its reports so far, while a test acts);
 * `save`: the checkpoint of step N is written to a full disk (its temporary file is `/dev/full`), so the
   checkpoint writer meets a real ENOSPC.
 
@@ -50,9 +51,9 @@ class Faults:
         self.faults = faults if isinstance(faults, list) else [faults]
         self.fired = [0] * len(self.faults)
 
-    def fire(self, point: str, step: int, config=None, rank: int = 0) -> bool:
-        """Whether a fault fires at `point` and `step` for this trial and rank (counting it if so)."""
-        hit = False
+    def _matching(self, point: str, step: int, config=None, rank: int = 0) -> list[int]:
+        """The faults set for `point` and `step` on this trial and rank that have not fired their `times` yet."""
+        found = []
         for i, fault in enumerate(self.faults):
             if fault.get("point") != point or int(fault.get("step", -1)) != int(step):
                 continue
@@ -60,7 +61,22 @@ class Faults:
                 continue
             if any(_value(config, k) != v for k, v in (fault.get("where") or {}).items()):
                 continue
-            if self.fired[i] >= int(fault.get("times", 1)) or not _claim(fault.get("marker")):
+            if self.fired[i] >= int(fault.get("times", 1)):
+                continue
+            found.append(i)
+        return found
+
+    def due(self, point: str, step: int, config=None, rank: int = 0) -> bool:
+        """Whether a fault may fire at `point` and `step` (its marker not taken yet); nothing is counted."""
+        return any(not self.faults[i].get("marker") or not os.path.exists(self.faults[i]["marker"])
+                   for i in self._matching(point, step, config, rank))
+
+    def fire(self, point: str, step: int, config=None, rank: int = 0) -> bool:
+        """Whether a fault fires at `point` and `step` for this trial and rank (counting it if so)."""
+        hit = False
+        for i in self._matching(point, step, config, rank):
+            fault = self.faults[i]
+            if not _claim(fault.get("marker")):
                 continue
             self.fired[i] += 1
             log.warning("fault injection (%s): %s at step %d", FAULTS_ENV, point, step)
@@ -103,11 +119,16 @@ class FaultyRecipe(Recipe):
     def train_step(self, batch):
         terms = super().train_step(batch)
         if terms is not None:
+            if self.faults.due("after_step", self.step, self.cfg, self.context.rank):
+                # the checkpoint a writer thread may still be writing finished and reported first, so a test knows
+                # which checkpoint a kill after step N leaves (a kill during a write: tests/test_engine.py)
+                self.finish_checkpoint()
             self.faults.fire("after_step", self.step, self.cfg, self.context.rank)
         return terms
 
     def write_checkpoint(self, path: Path, state: dict) -> None:
-        if self.faults.fire("save", self.step, self.cfg, self.context.rank):
+        # the state's step, not self.step: a writer thread runs while the loop takes further steps
+        if self.faults.fire("save", state["step"], self.cfg, self.context.rank):
             path.mkdir(parents=True, exist_ok=True)
             (path / f"{STATE_FILE}.tmp").symlink_to("/dev/full")  # the writer meets a real ENOSPC there
         super().write_checkpoint(path, state)

@@ -323,6 +323,69 @@ def test_checkpoints_on_disk_are_bounded(shared_data_dir, tmp_path):
     assert len(kept) == 2 and all(is_complete_folder(k) for k in kept)
 
 
+def test_a_checkpoint_is_written_while_training_goes_on(shared_data_dir, tmp_path):
+    """`background_checkpoints` (the default for one process): the first report's checkpoint is written by a
+    thread that cannot finish until training has taken two more steps (so training did not wait for it); the
+    report goes out only once its checkpoint is whole, late but in order; every checkpoint holds exactly what the
+    same trial writes when it waits for each write (weights, optimizer, sampler, history), and the losses and
+    scores are the same."""
+    import threading
+
+    from safetensors.torch import load_file
+
+    from raysdpb.recipe import Recipe
+
+    cfg = _config(shared_data_dir, method="dynsdpb", epochs=2, eval_every=0.5)
+    waited = _config(shared_data_dir, method="dynsdpb", epochs=2, eval_every=0.5, background_checkpoints=False)
+
+    class Watching(LocalContext):
+        def report(self, metrics, checkpoint_dir=None):
+            handed.append((metrics["step"], recipe.step, is_complete_folder(checkpoint_dir)))
+            super().report(metrics, checkpoint_dir)
+
+    handed: list[tuple[int, int, bool]] = []
+    recipe = Recipe(cfg, Watching(tmp_path / "background", keep=100)).setup()
+    stepped = threading.Event()
+    first: list[int] = []
+    write, train_step = recipe.write_checkpoint, recipe.train_step
+
+    def slow_first_write(path, state):
+        if not first:
+            first.append(state["step"])
+            assert stepped.wait(60), "training waited for the checkpoint"  # the loop must step on meanwhile
+        write(path, state)
+
+    def step_and_signal(batch):
+        terms = train_step(batch)
+        if first and recipe.step >= first[0] + 2:
+            stepped.set()
+        return terms
+
+    recipe.write_checkpoint, recipe.train_step = slow_first_write, step_and_signal
+    background = recipe.train()
+    assert background.status == "completed" and stepped.is_set()
+    reported = [step for step, _, _ in handed]
+    assert len(handed) >= 3 and reported == sorted(reported) and reported[0] == first[0]
+    assert handed[0][1] >= first[0] + 2  # the first report went out after the steps its write waited for
+    assert all(whole for _, _, whole in handed)  # never before its checkpoint was whole
+
+    plain = Recipe(waited, LocalContext(tmp_path / "waited", keep=100)).setup()
+    synchronous = plain.train()
+    assert [e["train_loss"] for e in background.history] == [e["train_loss"] for e in synchronous.history]
+    assert [e["eval_accuracy"] for e in background.history] == [e["eval_accuracy"] for e in synchronous.history]
+    folders = sorted((tmp_path / "waited" / "checkpoints").iterdir())
+    assert [f.name for f in folders] == [checkpoint_name(s) for s in reported]
+    for folder in folders:
+        ours = tmp_path / "background" / "checkpoints" / folder.name
+        a, b = load_file(str(ours / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        sa, sb = load_state(ours), load_state(folder)
+        assert sa["sampler"] == sb["sampler"] and sa["step"] == sb["step"]
+        assert sa["ranks"][0]["history"] == sb["ranks"][0]["history"]
+        for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+            assert all(torch.equal(x[k], y[k]) for k in x)
+
+
 def _run_cli(args, **kwargs):
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "raysdpb.train", *args], capture_output=True, text=True,

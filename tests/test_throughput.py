@@ -110,7 +110,9 @@ def test_a_trial_reports_where_its_time_went(shared_data_dir, tmp_path, monkeypa
     from raysdpb.results.schema import PHASE_TIME_KEYS
     from trial_configs import RecordingContext, encoder_trial
 
-    cfg = encoder_trial(shared_data_dir, method="dynsdpb", epochs=1, eval_every=0.5)
+    # training waits for each checkpoint write here (with `background_checkpoints`, the default, a write overlaps
+    # the next steps and only the wait for it counts: tests/test_engine.py)
+    cfg = encoder_trial(shared_data_dir, method="dynsdpb", epochs=1, eval_every=0.5, background_checkpoints=False)
 
     def run(folder, delay_eval=0.0, delay_checkpoint=0.0):
         recipe = Recipe(cfg, RecordingContext(tmp_path / folder)).setup()

@@ -19,6 +19,7 @@ clear message, never half-loaded.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -31,7 +32,8 @@ import torch
 from raysdpb.errors import UserError
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_PREFIX", "STATE_FILE", "MANIFEST_FILE", "CheckpointError",
-           "WEIGHTS_FILE", "checkpoint_name", "checkpoint_step", "write_state", "mark_complete", "is_complete",
+           "WEIGHTS_FILE", "checkpoint_name", "checkpoint_step", "detached_copy", "write_state", "mark_complete",
+           "is_complete",
            "is_complete_folder", "complete_checkpoints", "slim_checkpoint", "is_slim",
            "load_state", "load_weights", "rng_state", "set_rng_state", "trainable_state_dict", "load_trainable_state",
            "RESUME_MUST_MATCH", "check_resume_config"]
@@ -92,6 +94,20 @@ def write_state(path: Path, state: dict) -> Path:
                               f"{todo} (or write checkpoints elsewhere: --output-dir, sweep.storage_path); the "
                               "previous checkpoint is intact") from err
     return path
+
+
+def detached_copy(state):
+    """`state` as it is now, for a writer that runs while training changes the live tensors in place: every tensor
+    copied to host memory (its own storage, off the autograd graph), every container and other value copied."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: detached_copy(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [detached_copy(value) for value in state]
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return tuple(detached_copy(value) for value in state)
+    return copy.deepcopy(state)
 
 
 def _write_file(folder: Path, name: str, write) -> None:

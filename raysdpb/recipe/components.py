@@ -46,7 +46,7 @@ _NOT_DATA_KEYS = frozenset({
     "max_nonfinite_steps", "gradient_checkpointing", "max_new_tokens", "choice_scoring", "eval_every_steps",
     "eval_every", "eval_before_training", "log_every_steps", "grad_norm_every_steps", "checkpoint_every_steps",
     "output_dir", "progress_bar", "loggers", "mlflow", "wandb", "lora", "num_layers", "save_predictions",
-    "compile_loss", "teacher_model",
+    "compile_loss", "teacher_model", "background_checkpoints",
 })
 
 

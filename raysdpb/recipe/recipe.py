@@ -18,7 +18,9 @@ import importlib
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,8 +31,8 @@ from raysdpb.data import TokenizedDataset, collate, pad_multiple_for
 from raysdpb.errors import UserError
 from raysdpb.methods import ClassOutputs, LossTerms, MethodParams, TokenOutputs, compiled_loss, get_method
 from raysdpb.models import build_model, load_tokenizer, resolve_model
-from raysdpb.recipe.checkpoint import (check_resume_config, load_state, load_trainable_state, mark_complete,
-                                       rng_state, set_rng_state, trainable_state_dict, write_state)
+from raysdpb.recipe.checkpoint import (check_resume_config, detached_copy, load_state, load_trainable_state,
+                                       mark_complete, rng_state, set_rng_state, trainable_state_dict, write_state)
 from raysdpb.recipe.components import (autocast_factory, data_key, load_trial_data, make_optimizer, make_sampler,
                                        seed_everything)
 from raysdpb.recipe.context import WorkerContext
@@ -43,6 +45,16 @@ log = logging.getLogger(__name__)
 __all__ = ["Recipe", "run_trial", "forward_outputs", "forward_passes", "recipe_class", "RECIPE_ENV"]
 
 RECIPE_ENV = "RAYSDPB_RECIPE"
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint a writer thread is writing into `path`, and the report that goes out with it once it is whole
+    (None for a checkpoint between reports)."""
+
+    future: Future
+    path: Path
+    report: dict | None = None
 
 
 def forward_outputs(model, batch: dict, kind: str, autocast=None) -> ClassOutputs | TokenOutputs:
@@ -108,6 +120,9 @@ class Recipe:
         # where the trial's time went besides training (over every attempt, checkpointed): set-up (model, data,
         # resume), evaluation, checkpoint writing; reported as time_<phase>_s with time_train_s
         self.phase_seconds = {"setup": 0.0, "eval": 0.0, "checkpoint": 0.0}
+        # a checkpoint being written by a thread of its own while training goes on (`background_checkpoints`)
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: PendingCheckpoint | None = None
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> "Recipe":
@@ -360,15 +375,53 @@ class Recipe:
 
     def save_checkpoint(self, epoch: int, position: int, reported: bool = True) -> Path | None:
         """A checkpoint where the context keeps them (None where it keeps none). A collective: every rank's part
-        is gathered to rank 0, which writes the folder."""
+        is gathered to rank 0, which writes the folder, or, in a single-process trial with `background_checkpoints`,
+        hands a copy of the state to a writer thread and goes on training (`finish_checkpoint` then hands it over).
+        The previous checkpoint is finished first: checkpoints and their reports go out in order."""
+        self.finish_checkpoint()
         path = self.context.new_checkpoint_dir(self.step, reported=reported)  # None on every rank, or a folder
         if path is None:
             return None
         with self.timed("checkpoint"):
             ranks = self.context.gather_to_main(self.rank_state())
             if self.context.is_main:
-                self.write_checkpoint(path, self.state_dict(epoch, position, ranks))
+                state = self.state_dict(epoch, position, ranks)
+                if self.writes_in_background():
+                    # the state as it is now (training changes the live tensors in place); the copy is the memory
+                    # this costs: one more of the trainable weights and the optimizer state, in host memory
+                    state = detached_copy(state)
+                    if self._writer is None:
+                        self._writer = ThreadPoolExecutor(1, thread_name_prefix="raysdpb-checkpoint")
+                    self._pending = PendingCheckpoint(self._writer.submit(self.write_checkpoint, path, state), path)
+                else:
+                    self.write_checkpoint(path, state)
         return path
+
+    def writes_in_background(self) -> bool:
+        """Whether checkpoints are written by a thread while training goes on: asked for (the default) and one
+        process (in DDP the ranks report together, at the same step)."""
+        return self.cfg.background_checkpoints and self.context.world_size == 1
+
+    def finish_checkpoint(self, wait: bool = True) -> None:
+        """The checkpoint being written in the background, once whole (`wait`: wait for it; otherwise only if it
+        is), handed to the context with its report: a report never goes out before its checkpoint is whole. A
+        write's error (`CheckpointError`: a full disk) is raised here, on the training thread. The time waited
+        counts as checkpoint time; the whole call is left out of the running training segment's time."""
+        pending = self._pending
+        if pending is None or (not wait and not pending.future.done()):
+            return
+        self._pending = None
+        start = time.perf_counter()
+        try:
+            pending.future.result()
+        finally:
+            self.phase_seconds["checkpoint"] += time.perf_counter() - start
+        if pending.report is not None:  # the trial's clock and time checkpointing as they are now: the write's too
+            pending.report.update(elapsed_s=self.elapsed(),
+                                  time_checkpoint_s=self.phase_seconds["checkpoint"])
+            self.context.report(pending.report, pending.path)
+        if self._segment_start is not None:
+            self._segment_start += time.perf_counter() - start  # not training time
 
     def write_checkpoint(self, path: Path, state: dict) -> None:
         write_state(path, state)
@@ -407,6 +460,7 @@ class Recipe:
                 position += 1
                 self._tokens_unsettled += non_padding_tokens(batch)
                 terms = self.train_step({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+                self.finish_checkpoint(wait=False)  # a checkpoint written in the background, with its report
                 if terms is None:
                     if self.nonfinite_in_row >= cfg.max_nonfinite_steps:
                         status = "diverged"
@@ -432,6 +486,9 @@ class Recipe:
             self.report(epoch + 1, last, epoch + 1, 0)
             self.start_training_clock()
         self.stop_training_clock()
+        self.finish_checkpoint()
+        if self._writer is not None:
+            self._writer.shutdown()
         if bar is not None:
             bar.close()
         if status == "diverged":
@@ -470,7 +527,8 @@ class Recipe:
         return False
 
     def report(self, epoch_progress: float, metrics: dict, epoch: int, position: int) -> None:
-        """Record an evaluation in the history, checkpoint (so the checkpoint holds its own report), report."""
+        """Record an evaluation in the history, checkpoint (so the checkpoint holds its own report), report (at
+        once, or with a checkpoint written in the background once it is whole: `finish_checkpoint`)."""
         entry = {"epoch": round(epoch_progress, 4), "step": self.step,
                  "samples_seen": self.samples_seen(epoch, position), **metrics, **self.initial,
                  **self.epoch_stats.summary(), "lr": self.scheduler.get_last_lr()[0],
@@ -480,7 +538,11 @@ class Recipe:
         self.history.append(entry)
         checkpoint_dir = self.save_checkpoint(epoch, position)
         self.context.log_scalars(self.step, {f"eval/{k[5:]}": v for k, v in metrics.items()})
-        self.context.report({**entry, "elapsed_s": self.elapsed(), **self.throughput()}, checkpoint_dir)
+        report = {**entry, "elapsed_s": self.elapsed(), **self.throughput()}
+        if self._pending is not None and self._pending.path == checkpoint_dir:
+            self._pending.report = report  # handed over with its checkpoint, once that is whole
+        else:
+            self.context.report(report, checkpoint_dir)
 
     # ---- throughput ------------------------------------------------------------------------------------------
     def start_training_clock(self) -> None:
