@@ -89,7 +89,21 @@ def run_hf(out: Path, args) -> dict:
         direction="maximize", compute_objective=lambda m: m["eval_accuracy"], resources_per_trial={"cpu": 1},
         storage_path=str(out / "ray"), name="hf_search", verbose=0)
     return {"trials": [{"lr": t.config["learning_rate"], "time_total_s": t.last_result.get("time_total_s"),
-                        "eval_accuracy": t.last_result.get("eval_accuracy")} for t in best.run_summary.trials]}
+                        "eval_accuracy": t.last_result.get("eval_accuracy"), **_hf_phases(Path(t.path))}
+                       for t in best.run_summary.trials]}
+
+
+def _hf_phases(trial_dir: Path) -> dict:
+    """Where an HF trial's time went, as far as its reports tell: the evaluations' seconds (`eval_runtime` of each
+    report) and the time to its first report (set-up, the first epoch's training, the first evaluation)."""
+    import pandas as pd
+
+    progress = trial_dir / "progress.csv"
+    if not progress.exists():
+        return {}
+    frame = pd.read_csv(progress)
+    return {"hf_eval_s": float(frame["eval_runtime"].sum()) if "eval_runtime" in frame else None,
+            "first_report_s": float(frame["time_total_s"].iloc[0])}
 
 
 def run_raysdpb(out: Path, args) -> dict:
@@ -108,8 +122,13 @@ def run_raysdpb(out: Path, args) -> dict:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
     rows = read_rows(str(out / "ray" / "raysdpb_search" / "trials.parquet"))
     # where each trial's time went (the trial rows' time_*_s: set-up, training, evaluation, checkpoint writing)
-    return {"trials": [{"lr": r["lr"], "time_total_s": r.get("wall_time_s"),
-                        "eval_accuracy": r.get("last_eval_accuracy"),
+    # Tune's own clock of each trial (what the peer's figure is), beside raysdpb's (the trial rows' wall_time_s)
+    tune_total = {}
+    for result in (out / "ray" / "raysdpb_search").glob("*/result.json"):
+        last = json.loads(result.read_text().strip().splitlines()[-1])
+        tune_total[last["config"]["trial_id"]] = last.get("time_total_s")
+    return {"trials": [{"lr": r["lr"], "time_total_s": r.get("wall_time_s"), "tune_time_total_s":
+                        tune_total.get(r["trial_id"]), "eval_accuracy": r.get("last_eval_accuracy"),
                         **{k: r.get(k) for k in PHASE_TIME_KEYS}} for r in rows]}
 
 
@@ -176,7 +195,13 @@ def main() -> None:
     print(f"raysdpb/hf: per trial {mean['raysdpb'] / mean['hf']:.2f}x, command {walls['raysdpb'] / walls['hf']:.2f}x")
     for trial in next(run for run in runs if run["tool"] == "raysdpb")["trials"]:
         phases = ", ".join(f"{k[5:-2]} {trial[k]:.1f} s" for k in PHASE_TIME_KEYS if trial.get(k) is not None)
-        print(f"raysdpb lr {trial['lr']:g}: {trial['time_total_s']:.1f} s = {phases} + the rest")
+        tune = trial.get("tune_time_total_s")
+        print(f"raysdpb lr {trial['lr']:g}: {trial['time_total_s']:.1f} s = {phases} + the rest"
+              + (f" (Tune's time_total_s {tune:.1f} s)" if tune is not None else ""))
+    for trial in next(run for run in runs if run["tool"] == "hf")["trials"]:
+        if trial.get("hf_eval_s") is not None:
+            print(f"hf lr {trial['lr']:g}: {trial['time_total_s']:.1f} s, of which evaluation "
+                  f"{trial['hf_eval_s']:.1f} s; first report at {trial['first_report_s']:.1f} s")
     write_json(args.json, {"benchmark": "vs_hf_search", "machine": machine, "machine_after": machine_info(),
                            "settings": vars(args) | {"run": None, "out": None}, "runs": runs,
                            "per_trial_ratio": mean["raysdpb"] / mean["hf"],

@@ -806,7 +806,10 @@ def test_a_full_disk_on_a_worker_errors_that_trial_only_and_resume_continues_it(
 
 _NOT_COMPARED = ("wall_time_s", "finished_at", "last_time", "best_time", "last_timestamp", "last_worker",
                  "last_pid", "last_node", "last_date", "last_hostname", "last_world_size", "last_num_worker",
-                 "last_iterations", "last_training_iteration", "last_checkpoint")
+                 "last_iterations", "last_training_iteration", "last_checkpoint",
+                 # which warm actor ran the trial, and whether it had the data from an earlier trial: Tune's
+                 # placement, not the trial's result
+                 "last_actor_trial", "last_data_reused", "best_actor_trial", "best_data_reused")
 
 
 @pytest.mark.slow
