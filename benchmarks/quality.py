@@ -542,10 +542,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the paper's protocol (this docstring) or issue 36's v2 (benchmarks/quality_v2.py)")
     v2 = p.add_argument_group("protocol v2")
     v2.add_argument("--configs", type=int, default=None, help="stage-1 configurations per method (2, 4, 8; "
-                    "default 8, smoke 2)")
+                    "default per task, quality_v2.V2_CONFIGS: CB 8, others 4; smoke 2)")
     v2.add_argument("--seeds-n", type=int, default=None, help="stage-2 fresh seeds (default 5, smoke 2)")
     v2.add_argument("--dev-size", type=int, default=None, help="held-out dev examples (default CB 50, others 200)")
-    v2.add_argument("--student-layers", type=int, default=3, help="the student: the first k layers of --model")
+    v2.add_argument("--student-layers", type=int, default=None,
+                    help="the student on every task: the first k layers of --model (0: the whole model; default: "
+                         "per task, quality_v2.V2_STUDENT_LAYERS)")
     v2.add_argument("--eval-every", type=int, default=None,
                     help="optimizer steps between evaluations, the same for every method (default: a finetune epoch)")
     v2.add_argument("--n-boot", type=int, default=4000, help="bootstrap replicates")
@@ -559,7 +561,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.tasks = args.tasks or (["superglue/cb"] if args.smoke else V2_TASKS)
         if args.methods == METHODS:
             args.methods = list(V2_METHODS)
-        args.configs = args.configs or (2 if args.smoke else 8)
+        # args.configs and args.student_layers: None leaves them to each task (quality_v2.configs_per_method,
+        # student_layers)
         args.seeds_n = args.seeds_n or (2 if args.smoke else 5)
         if args.root == p.get_default("root"):
             args.root = str(REPO / "ray_results" / ("quality-v2-smoke" if args.smoke else "quality-v2"))

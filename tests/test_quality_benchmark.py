@@ -460,7 +460,7 @@ def test_v2_plan_gives_every_method_the_same_number_of_configurations(quality, v
                 body = v2.load_config(path)
                 search = {k: v for k, v in body["search"].items() if k != "seed"}
                 assert v2.grid_size(search) == size and body["search"]["seed"] == [v2.SELECTION_SEED], (method, body)
-                assert body["method"] == method and body["num_layers"] == 3
+                assert body["method"] == method and body.get("num_layers") == v2.V2_STUDENT_LAYERS.get(task)
                 if method in METHODS and not args.v2_missing:
                     assert len(expand(load_experiment(path))) == size
                 elif method in METHODS:  # the v2 keys are not in this checkout: the sweep's own count on the rest
@@ -468,6 +468,19 @@ def test_v2_plan_gives_every_method_the_same_number_of_configurations(quality, v
                     trimmed_path = path.with_name(path.stem + "-trimmed.yaml")
                     trimmed_path.write_text(quality.yaml.safe_dump(trimmed))
                     assert len(expand(load_experiment(trimmed_path))) == size
+    # by default each task has its own size and student (CB: 8 configurations of the 3-layer student; the others
+    # 4 of the whole model), the same for every method of the task; --student-layers sets every task's
+    args = _v2_args(quality, tmp_path / "default")
+    for task, paths in v2.write_planned_configs(args).items():
+        size = 8 if task == "superglue/cb" else 4
+        layers = {v2.load_config(p).get("num_layers") for p in paths}
+        assert layers == ({3} if task == "superglue/cb" else {None}), task
+        assert {v2.grid_size({k: v for k, v in v2.load_config(p)["search"].items() if k != "seed"})
+                for p in paths} == {size}, task
+    for option, layers in (("2", 2), ("0", None)):
+        args = _v2_args(quality, tmp_path / f"layers{option}", "--student-layers", option)
+        args.v2_missing = []
+        assert {v2.v2_trial(t, "dynsdpb", args).get("num_layers") for t in v2.V2_TASKS} == {layers}
     # methods without alpha or tau search more learning rates and the warm-up instead
     assert v2.method_grid("finetune", 8) == {"lr": [2e-5, 5e-5, 1e-4, 2e-4], "warmup_ratio": [0.0, 0.1]}
     assert set(v2.method_grid("dynsdpb", 8)) == {"lr", "alpha", "tau"}
@@ -491,7 +504,7 @@ def test_v2_stage_2_seeds_are_fresh_and_never_the_selection_run(quality, v2, tmp
         # the same evaluation points (in steps, so in samples: one batch size per task) for every method
         points = {v2.load_config(v2.grid_config(task, m, args)[1])["eval_every_steps"] for m in v2.V2_METHODS}
         assert two["eval_every_steps"] == v2.eval_every(task, args)
-        # stage 1 (RTE: issue 33's grid for the ASHA replay) reports k times as often, the same for every method
+        # stage 1 (MRPC: issue 33's grid for the ASHA replay) reports k times as often, the same for every method
         k = v2.V2_GRID_REPORTS_PER_EPOCH.get(task, 1)
         assert points == {-(-two["eval_every_steps"] // k)}
 
@@ -674,9 +687,9 @@ def test_v2_trials_train_on_the_planned_examples_and_the_dry_run_counts_them(qua
     from raysdpb.tasks import resolve_task
 
     monkeypatch.setenv("RAYSDPB_DATA_DIR", str(shared_data_dir))
-    args = _v2_args(quality, tmp_path, "--tasks", "superglue/cb", "glue/rte")
+    args = _v2_args(quality, tmp_path, "--tasks", "superglue/cb", "glue/mrpc")
     args.v2_missing = []
-    for task, planned in (("superglue/cb", 250 - 50), ("glue/rte", v2.V2_TRAIN_SAMPLES["glue/rte"])):
+    for task, planned in (("superglue/cb", 250 - 50), ("glue/mrpc", v2.V2_TRAIN_SAMPLES["glue/mrpc"])):
         trial = {k: v for k, v in v2.v2_trial(task, "finetune", args).items() if k in TrialConfig.model_fields}
         cfg = TrialConfig.model_validate(trial)
         train, dev = training_records(cfg, resolve_task(cfg))
