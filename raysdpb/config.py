@@ -72,6 +72,11 @@ class HeldoutDevConfig(_Strict):
     seed: int = Field(0, ge=0, lt=2**32, description="which examples: its own seed, apart from the trial's")
     stratify: bool = Field(True, description="each class's share as in the training split (to within one "
                                              "example); ignored for generation tasks")
+    evaluate: Literal["both", "dev", "validation"] = Field(
+        "both", description="what the trial evaluates: the dev split and the task's validation split(s) (both); "
+                            "the dev split alone (dev: a selection sweep that never looks at the validation set, "
+                            "and spends no time on it); or the validation split(s) alone (validation: the dev "
+                            "examples are still held out of training)")
 
     @field_validator("size", mode="before")
     @classmethod

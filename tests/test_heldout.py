@@ -166,3 +166,54 @@ def test_the_report_falls_back_to_the_dev_metric_of_a_trial_with_a_dev_split():
     prepared = prepare(trials)  # no main_metric column (an older sweep): the rule of schema.main_metric
     assert list(prepared["_metric"]) == ["eval_dev_accuracy", "eval_accuracy"]
     assert list(prepared["_value"]) == [0.6, 0.8]
+
+
+# --- what a trial evaluates: heldout_dev.evaluate ---------------------------------------------------------------
+
+def test_what_a_trial_with_a_dev_split_evaluates(shared_data_dir, tmp_path):
+    """`heldout_dev.evaluate`: "dev" evaluates the dev split alone (no validation example is even read), and the
+    sweep selects on it; "validation" the validation split alone, the dev examples still out of training; "both"
+    (the default) both, dev first. The keys the sweep plans are the keys a real trial reports, and the training
+    examples are the same in every mode."""
+    from raysdpb.recipe import run_trial
+    from raysdpb.recipe.components import load_trial_data
+    from raysdpb.recipe.context import LocalContext
+
+    cb = get_task("superglue/cb")
+    assert eval_metric_keys(cb, heldout_dev="dev") == ["eval_dev_accuracy", "eval_dev_macro_f1"]
+    assert eval_metric_keys(cb, heldout_dev="validation") == ["eval_accuracy", "eval_macro_f1"]
+    assert eval_metric_keys(cb, heldout_dev="both") == eval_metric_keys(cb, heldout_dev=True)
+    assert main_metric(cb, heldout_dev="validation") == "eval_accuracy"
+    train_sets = {}
+    for mode, keys in (("dev", ["eval_dev_accuracy", "eval_dev_macro_f1"]),
+                       ("validation", ["eval_accuracy", "eval_macro_f1"]),
+                       ("both", ["eval_dev_accuracy", "eval_dev_macro_f1", "eval_accuracy", "eval_macro_f1"])):
+        heldout = {"size": 24, "evaluate": mode}
+        cfg = encoder_trial(shared_data_dir, heldout_dev=heldout, method="finetune", max_eval_samples=8)
+        _, evals = load_trial_data(cfg, resolve_task(cfg), _tokenizer(cfg))
+        train_sets[mode] = [r["idx"] for r in training_records(cfg, cb)[0]]
+        expected = {"dev": {"dev_": 24}, "validation": {"": 8}, "both": {"dev_": 24, "": 8}}[mode]
+        assert {prefix: len(records) for prefix, records, _ in evals} == expected
+        result = run_trial(cfg, LocalContext(tmp_path / mode))
+        assert sorted(k for k in result.history[-1] if k.startswith("eval_")) == sorted(keys), mode
+        raw = sweep_raw(shared_data_dir, tmp_path / "plans", mode, {"method": ["finetune"]}, heldout_dev=heldout)
+        plan = plan_sweep(load_experiment(None, raw=raw))
+        assert plan.metric == keys[0] and {t.main_metric for t in plan.trials} == {keys[0]}
+    assert train_sets["dev"] == train_sets["validation"] == train_sets["both"]
+
+
+def _tokenizer(cfg):
+    from raysdpb.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(cfg.model))
+
+
+def test_the_report_scores_a_validation_only_trial_on_validation():
+    import pandas as pd
+
+    from raysdpb.report.tables import prepare
+
+    rows = [{"heldout_dev.size": 20, "heldout_dev.evaluate": mode} for mode in ("validation", "dev", None)]
+    trials = pd.DataFrame([dict(method="finetune", task="superglue/cb", seed=0, status="completed", **row,
+                                best_eval_dev_accuracy=0.6, best_eval_accuracy=0.8) for row in rows])
+    assert list(prepare(trials)["_metric"]) == ["eval_accuracy", "eval_dev_accuracy", "eval_dev_accuracy"]

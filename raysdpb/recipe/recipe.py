@@ -489,6 +489,7 @@ class Recipe:
         self.finish_checkpoint()
         if self._writer is not None:
             self._writer.shutdown()
+            self._writer = None
         if bar is not None:
             bar.close()
         if status == "diverged":

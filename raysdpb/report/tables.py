@@ -90,7 +90,7 @@ def config_columns(trials: pd.DataFrame) -> list[str]:
     return out
 
 
-def trial_metric(main_metric: Any, task: Any, eval_split: Any = None, heldout_dev: bool = False) -> str | None:
+def trial_metric(main_metric: Any, task: Any, eval_split: Any = None, heldout_dev: bool | str = False) -> str | None:
     """A trial's main metric: its `main_metric` column (the sweep wrote its task's); without one, the rule of
     `raysdpb.results.schema.main_metric` for a registered task; else None: a custom or unknown task's metric
     cannot be told, and guessing `eval_accuracy` would score the trial by a metric it may not report."""
@@ -148,9 +148,12 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
         none = pd.Series(None, index=df.index, dtype=object)
         own = df["main_metric"] if "main_metric" in df else none
         eval_split = df["eval_split"] if "eval_split" in df else none
-        # a trial with a held-out dev split has its `heldout_dev.size` column set
+        # a trial with a held-out dev split has its `heldout_dev.size` column set, and what it evaluated in
+        # `heldout_dev.evaluate` (both where the column predates it)
         heldout = df["heldout_dev.size"].notna() if "heldout_dev.size" in df else pd.Series(False, index=df.index)
-        metrics = [trial_metric(m, t, s, bool(h)) for m, t, s, h in zip(own, tasks, eval_split, heldout)]
+        evaluated = df["heldout_dev.evaluate"] if "heldout_dev.evaluate" in df else none
+        modes = [(e if isinstance(e, str) and e else "both") if h else False for h, e in zip(heldout, evaluated)]
+        metrics = [trial_metric(m, t, s, h) for m, t, s, h in zip(own, tasks, eval_split, modes)]
         df["_metric"] = pd.Series(metrics, index=df.index, dtype=object)
     values = []
     for i, name in enumerate(df["_metric"]):

@@ -51,16 +51,20 @@ def metric_direction(name: str, main_metric: str | None = None, main_mode: str =
     return None
 
 
-def eval_metric_keys(task: TaskSpec, eval_split: str | None = None, heldout_dev: bool = False) -> list[str]:
+def eval_metric_keys(task: TaskSpec, eval_split: str | None = None, heldout_dev: bool | str = False) -> list[str]:
     """Every eval key a trial of `task` reports: `eval_<prefix><metric>` for each evaluation split and metric.
     With `eval_split` set the trial evaluates that one split, without a prefix (`TaskSpec.evaluation_splits`);
-    with `heldout_dev` it also evaluates the dev split held out from its training split, first, as
-    `eval_dev_<metric>` (`raysdpb.tasks.heldout`)."""
-    prefixes = (["dev_"] if heldout_dev else []) + [prefix for _, prefix in task.evaluation_splits(eval_split)]
+    with `heldout_dev` (True, or what `heldout_dev.evaluate` says: "both", "dev", "validation") it also evaluates
+    the dev split held out from its training split, first, as `eval_dev_<metric>` (`raysdpb.tasks.heldout`), or
+    that alone ("dev"), or not ("validation": held out of training, not evaluated)."""
+    mode = "both" if heldout_dev is True else (heldout_dev or "none")
+    prefixes = ["dev_"] if mode in ("both", "dev") else []
+    if mode != "dev":
+        prefixes += [prefix for _, prefix in task.evaluation_splits(eval_split)]
     return [f"eval_{prefix}{metric}" for prefix in prefixes for metric in task.metrics]
 
 
-def main_metric(task: TaskSpec, eval_split: str | None = None, heldout_dev: bool = False) -> str:
+def main_metric(task: TaskSpec, eval_split: str | None = None, heldout_dev: bool | str = False) -> str:
     """The main metric a trial of `task` reports: the task's first metric on its first evaluation split
     (`eval_matthews` for CoLA; prefix-less when `eval_split` is set). A trial with a held-out dev split is
     selected on it: `eval_dev_<metric>` (the validation split is then left for the final scores)."""
