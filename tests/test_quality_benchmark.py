@@ -519,6 +519,10 @@ def test_v2_dev_split_settings(quality, v2, tmp_path):
                    v2.seeds_config(task, "kd", {"lr": 5e-5, "alpha": 1.0, "tau": 1.0}, args)[1]]
         splits = [v2.load_config(p)["heldout_dev"] for p in configs]
         size = 50 if task == "superglue/cb" else 200
+        # stage 1 of V2_STAGE1_DEV_ONLY's tasks evaluates the dev split alone; the split is the same everywhere
+        evaluated = [split.pop("evaluate", "both") for split in splits]
+        stage1 = "dev" if task in v2.V2_STAGE1_DEV_ONLY else "both"
+        assert evaluated == ["both", *[stage1] * len(v2.V2_METHODS), "both"]
         assert splits == [{"size": size, "seed": v2.DEV_SEED, "stratify": True}] * len(configs)
         kd = v2.load_config(v2.grid_config(task, "kd", args)[1])
         assert kd["teacher_model"] == str(tmp_path / "teachers" / task.replace("/", "-"))
