@@ -33,8 +33,7 @@ from raysdpb.errors import UserError
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_PREFIX", "STATE_FILE", "MANIFEST_FILE", "CheckpointError",
            "WEIGHTS_FILE", "checkpoint_name", "checkpoint_step", "detached_copy", "write_state", "mark_complete",
-           "is_complete",
-           "is_complete_folder", "complete_checkpoints", "slim_checkpoint", "is_slim",
+           "is_complete", "is_complete_folder", "complete_checkpoints", "slim_checkpoint", "is_slim",
            "load_state", "load_weights", "rng_state", "set_rng_state", "trainable_state_dict", "load_trainable_state",
            "RESUME_MUST_MATCH", "check_resume_config"]
 

@@ -67,7 +67,8 @@ def eval_metric_keys(task: TaskSpec, eval_split: str | None = None, heldout_dev:
 def main_metric(task: TaskSpec, eval_split: str | None = None, heldout_dev: bool | str = False) -> str:
     """The main metric a trial of `task` reports: the task's first metric on its first evaluation split
     (`eval_matthews` for CoLA; prefix-less when `eval_split` is set). A trial with a held-out dev split is
-    selected on it: `eval_dev_<metric>` (the validation split is then left for the final scores)."""
+    selected on it: `eval_dev_<metric>` (the validation split is then left for the final scores), unless it
+    evaluates the validation split alone (`heldout_dev.evaluate: validation`)."""
     return eval_metric_keys(task, eval_split, heldout_dev)[0]
 
 
