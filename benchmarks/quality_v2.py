@@ -227,8 +227,9 @@ def v2_trial(task: str, method: str, args, *, student: bool = True) -> dict:
     trial = {"task": task, "model": args.model, "method": method, "epochs": 1 if args.smoke else args.epochs,
              "lr": 5.0e-5, "weight_decay": 0.01, "max_grad_norm": 1.0, "alpha": 1.0, "tau": 1.0,
              "seed": SELECTION_SEED, "precision": "auto", "device": args.device, **v2_settings(task, args)}
-    if student and student_layers(task, args):
-        trial["num_layers"] = student_layers(task, args)
+    layers = student_layers(task, args) if student else None
+    if layers:
+        trial["num_layers"] = layers
     if args.data_dir:
         trial["data_dir"] = args.data_dir
     if "heldout_dev" not in args.v2_missing:
