@@ -284,6 +284,10 @@ class TrialConfig(_TrackerSettings):
 # (left out of the trial id, raysdpb.sweep.grid, and of a report's configuration columns, raysdpb.report.tables)
 NOT_HASHED = frozenset({"data_dir", "output_dir", "progress_bar", "gradient_checkpointing", "compile_loss", "loggers",
                         "mlflow", "wandb", "save_predictions", "background_checkpoints"})
+# keys added to a block (`heldout_dev:`, `lora:`, `custom_task:`) after it shipped: hashed only where set away from
+# their default, so a sweep started before the key existed keeps its trial ids and its --resume (a new top-level key
+# needs nothing here: top-level defaults are never hashed). Add a block's new key here.
+HASHED_WHEN_SET = frozenset({"heldout_dev.evaluate"})
 # the trial keys that say where a local run's metrics go (a sweep's are in its `sweep:` block)
 TRACKER_KEYS = frozenset({"loggers", "mlflow", "wandb"})
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from raysdpb.config import load_experiment
+from raysdpb.config import TrialConfig, load_experiment
 from raysdpb.errors import UserError
 from raysdpb.sweep.grid import expand, flatten_config, method_hyperparameters, trial_id
 from raysdpb.methods import METHODS
 
+# trial ids of one config per block (test_known_ids_of_trials_with_every_block_do_not_drift)
+PINNED_BLOCK_IDS = ["dynsdpb-874093e8", "dynsdpb-b3cb1e57", "dynsdpb-425921e6"]
 BASE = {"task": "superglue/cb", "model": "tiny-bert", "method": "dynsdpb", "alpha": 1.0, "tau": 2.0, "lr": 5e-5,
         "sweep": {"name": "t"}}
 
@@ -77,6 +79,30 @@ def test_known_trial_id_does_not_drift():
     # method=dynsdpb are defaults)
     point = expand(_experiment({}))[0]
     assert point.trial_id == trial_id(point.config) == "dynsdpb-462157b4"
+
+
+def test_a_key_added_to_a_block_leaves_the_ids_of_sweeps_started_before_it():
+    # a real trial of protocol v2 (MRPC, random DLB), started before `heldout_dev.evaluate` existed: its id, as
+    # saved in that sweep's grid.json, must survive the new key at its default, or the sweep cannot --resume
+    trial = TrialConfig.model_validate({
+        "task": "glue/mrpc", "model": "minilm-l6", "method": "random_dlb", "max_train_samples": 800,
+        "heldout_dev": {"size": 200, "seed": 0, "stratify": True}, "alpha": 0.5, "lr": 5e-05, "warmup_ratio": 0.1,
+        "eval_batch_size": 64, "max_length": 96, "device": "cpu", "eval_every_steps": 50})
+    assert trial.heldout_dev.evaluate == "both"
+    assert trial_id(trial) == "random_dlb-f853c847"
+    # set away from its default, the new key is a different trial
+    dev_only = trial.model_copy(update={"heldout_dev": trial.heldout_dev.model_copy(update={"evaluate": "dev"})})
+    assert trial_id(dev_only) not in {trial_id(trial), "random_dlb-f853c847"}
+
+
+def test_known_ids_of_trials_with_every_block_do_not_drift():
+    # pinned: a new key in `heldout_dev:`, `lora:` or `custom_task:` changes these unless it is listed in
+    # raysdpb.config.HASHED_WHEN_SET, and every saved sweep with that block would lose its --resume
+    blocks = {"heldout_dev": {"size": 50}, "lora": {"r": 4},
+              "custom_task": {"files": {"train": "t.jsonl"}, "text_fields": ["s"], "label_field": "y"}}
+    ids = [trial_id(TrialConfig.model_validate({"task": "custom" if k == "custom_task" else "superglue/cb",
+                                                "model": "tiny-bert", k: v})) for k, v in blocks.items()]
+    assert ids == PINNED_BLOCK_IDS
 
 
 def test_report_every_steps_sets_eval_every_steps_unless_the_trial_has_its_own():

@@ -23,9 +23,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from raysdpb.config import NOT_HASHED, Distribution, ExperimentConfig, TrialConfig
+from raysdpb.config import HASHED_WHEN_SET, NOT_HASHED, Distribution, ExperimentConfig, TrialConfig
 from raysdpb.errors import UserError
 from raysdpb.methods import METHODS
 
@@ -51,16 +51,26 @@ def method_hyperparameters() -> frozenset[str]:
 
 def trial_id(config: TrialConfig) -> str:
     """`<method>-<8 hex>`: a hash of the config values that change what is trained and differ from the
-    defaults (so a new config key with a default leaves the ids of existing sweeps as they were)."""
+    defaults (so a new config key with a default leaves the ids of existing sweeps as they were; a new key of a block
+    does where it is listed in `raysdpb.config.HASHED_WHEN_SET`)."""
     dumped = config.model_dump(mode="json")
     values = {}
     for name, field in TrialConfig.model_fields.items():
         if name in NOT_HASHED or (name == "teacher_model" and METHODS[config.method].soft_targets != "teacher"):
             continue
         if field.is_required() or getattr(config, name) != field.get_default(call_default_factory=True):
-            values[name] = dumped[name]
+            values[name] = _hashed_block(name, getattr(config, name), dumped[name])
     digest = hashlib.sha1(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return f"{config.method}-{digest[:8]}"
+
+
+def _hashed_block(name: str, value: Any, dumped: Any) -> Any:
+    """A block's dumped values less its keys in `HASHED_WHEN_SET` that are at their default."""
+    if not isinstance(value, BaseModel):
+        return dumped
+    fields = type(value).model_fields
+    return {k: v for k, v in dumped.items() if f"{name}.{k}" not in HASHED_WHEN_SET
+            or getattr(value, k) != fields[k].get_default(call_default_factory=True)}
 
 
 def _format(value: Any) -> str:
