@@ -61,6 +61,16 @@ class CustomTaskConfig(_Strict):
         return files
 
 
+def evaluated_splits(heldout_dev: bool, evaluate: str | None = None) -> str:
+    """What a trial evaluates: "both" (its held-out dev split, then the task's validation split(s)), "dev" (the dev
+    split alone) or "validation" (the validation split(s) alone; also a trial that holds no dev split out), from
+    whether it holds a dev split out and its `heldout_dev.evaluate` (unset in results written before that key:
+    "both"). The one place this is decided: the trial's evaluation, its sweep's metrics and the report's follow it."""
+    if not heldout_dev:
+        return "validation"
+    return evaluate or "both"
+
+
 class HeldoutDevConfig(_Strict):
     """A dev split held out from the training split, for model selection (raysdpb.tasks.heldout). It is carved
     from the whole training split before `max_train_samples` takes the first examples of the rest, so the dev
@@ -275,6 +285,11 @@ class TrialConfig(_TrackerSettings):
         """The seed of the order the training examples come in: `data_seed`, else `seed` (as before there was a
         `data_seed`, so a trial without one trains as it did and keeps its id)."""
         return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def evaluates(self) -> str:
+        """What this trial evaluates: "both", "dev" or "validation" (`evaluated_splits`)."""
+        return evaluated_splits(self.heldout_dev is not None, self.heldout_dev and self.heldout_dev.evaluate)
 
     def run_name(self) -> str:
         return f"{self.task.replace('/', '-')}_{Path(self.model).name}_{self.method}_seed{self.seed}"

@@ -102,11 +102,10 @@ def _eval_sets(cfg: TrialConfig, task, tokenizer, dev: list[dict] | None) -> lis
     from raysdpb.tasks.heldout import DEV_PREFIX, check_dev_prefix
 
     named = []
-    evaluate = cfg.heldout_dev.evaluate if cfg.heldout_dev is not None else "validation"
-    if dev is not None and evaluate != "validation":
+    if dev is not None and cfg.evaluates != "validation":
         check_dev_prefix(task, cfg.eval_split)
         named.append((DEV_PREFIX, dev, f"{task.name}:{task.training_split(cfg.train_split)} (held out)"))
-    for split, prefix in task.evaluation_splits(cfg.eval_split) if evaluate != "dev" else ():
+    for split, prefix in task.evaluation_splits(cfg.eval_split) if cfg.evaluates != "dev" else ():
         records = load_examples(task, split, data_dir_from(cfg.data_dir), custom=cfg.custom_task)
         if cfg.max_eval_samples:
             records = records[: cfg.max_eval_samples]

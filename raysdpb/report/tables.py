@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from raysdpb.config import evaluated_splits
 from raysdpb.methods import METHODS
 from raysdpb.report.stats import holm_adjusted
 from raysdpb.results import schema
@@ -149,10 +150,10 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
         own = df["main_metric"] if "main_metric" in df else none
         eval_split = df["eval_split"] if "eval_split" in df else none
         # a trial with a held-out dev split has its `heldout_dev.size` column set, and what it evaluated in
-        # `heldout_dev.evaluate` (both where the column predates it)
+        # `heldout_dev.evaluate` (raysdpb.config.evaluated_splits)
         heldout = df["heldout_dev.size"].notna() if "heldout_dev.size" in df else pd.Series(False, index=df.index)
         evaluated = df["heldout_dev.evaluate"] if "heldout_dev.evaluate" in df else none
-        modes = [(e if isinstance(e, str) and e else "both") if h else False for h, e in zip(heldout, evaluated)]
+        modes = [evaluated_splits(h, e if isinstance(e, str) else None) for h, e in zip(heldout, evaluated)]
         metrics = [trial_metric(m, t, s, h) for m, t, s, h in zip(own, tasks, eval_split, modes)]
         df["_metric"] = pd.Series(metrics, index=df.index, dtype=object)
     values = []

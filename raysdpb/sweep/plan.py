@@ -84,10 +84,10 @@ def _metrics_of(config: TrialConfig) -> tuple[str, list[str]]:
         raise
     except Exception as err:  # noqa: BLE001 - a task that cannot be resolved is the user's config
         raise UserError(f"task: {config.task!r} could not be set up: {err}") from None
-    heldout = config.heldout_dev.evaluate if config.heldout_dev is not None else False
-    if heldout:
+    evaluates = config.evaluates
+    if evaluates != "validation":
         check_dev_prefix(task, config.eval_split)
-    return (main_metric(task, config.eval_split, heldout), eval_metric_keys(task, config.eval_split, heldout))
+    return (main_metric(task, config.eval_split, evaluates), eval_metric_keys(task, config.eval_split, evaluates))
 
 
 def _storage(path: str) -> str:
@@ -148,7 +148,7 @@ def plan_sweep(experiment: ExperimentConfig, source: str = "<config>") -> SweepP
     score_metrics = {}
     for p in check_points:
         key = (p.config.task, p.config.eval_split, p.config.data_dir, repr(p.config.custom_task),
-               p.config.heldout_dev.evaluate if p.config.heldout_dev is not None else None)
+               p.config.evaluates)
         if key not in by_task:
             by_task[key] = _metrics_of(p.config)
         score_metrics[p.trial_id] = by_task[key][0]
