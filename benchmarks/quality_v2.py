@@ -160,6 +160,10 @@ def trial_keys_missing() -> list[str]:
 
 # --- configs -------------------------------------------------------------------------------------------
 
+# a smoke trial's training examples (its dev split, `dev_size`, is carved from the whole split first)
+SMOKE_TRAIN_SAMPLES = 24
+
+
 def dev_size(task: str, args) -> int:
     if args.smoke:
         return 8
@@ -211,7 +215,7 @@ def v2_settings(task: str, args, with_eval: bool = True) -> dict:
         # the training examples: the dev split is carved from the whole split first (`heldout_dev`), then these
         base["max_train_samples"] = V2_TRAIN_SAMPLES[task]
     if args.smoke:
-        base.update(batch_size=8, eval_batch_size=16, max_length=64, max_train_samples=24 + dev_size(task, args),
+        base.update(batch_size=8, eval_batch_size=16, max_length=64, max_train_samples=SMOKE_TRAIN_SAMPLES,
                     max_eval_samples=16)
     if with_eval:
         base["eval_every_steps"] = eval_every(task, args)

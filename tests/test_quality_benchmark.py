@@ -701,6 +701,13 @@ def test_v2_trials_train_on_the_planned_examples_and_the_dry_run_counts_them(qua
         assert not {r["idx"] for r in train} & {r["idx"] for r in dev}
         args.methods = ["finetune"]
         assert v2.v2_workload(task, args)["train_examples"] == planned
+    # a smoke run's trials: SMOKE_TRAIN_SAMPLES, not that plus the dev split (they trained on 32 for 24)
+    smoke = _v2_args(quality, tmp_path / "smoke", "--smoke", "--tasks", "superglue/cb")
+    smoke.v2_missing = []
+    cfg = TrialConfig.model_validate({k: v for k, v in v2.v2_trial("superglue/cb", "finetune", smoke).items()
+                                      if k in TrialConfig.model_fields})
+    train, dev = training_records(cfg, resolve_task(cfg))
+    assert len(train) == v2.SMOKE_TRAIN_SAMPLES == 24 and len(dev) == v2.dev_size("superglue/cb", smoke) == 8
 
 
 def test_v2_never_selects_from_part_of_a_grid(quality, v2, tmp_path, monkeypatch):
