@@ -98,6 +98,27 @@ def default_peak(device: str, given: float | None) -> float | None:
     return H100_BF16_DENSE_TFLOPS if device.startswith("cuda") else None
 
 
+def scored_examples(trial) -> int:
+    """The examples a trial's main metric is scored on (one example = 1 / this, for 'within one example'): its
+    held-out dev split's size where it evaluates that split, else its first evaluation split's length (at most
+    `max_eval_samples`). `trial`: a `raysdpb.config.TrialConfig`."""
+    from raysdpb.tasks import data_dir_from, load_examples, resolve_task
+
+    task = resolve_task(trial)
+    if trial.evaluates != "validation":
+        from raysdpb.tasks.heldout import heldout_size
+
+        size = trial.heldout_dev.size
+        if isinstance(size, int):
+            return size
+        # a fraction of the whole training split (carved before max_train_samples)
+        return heldout_size(size, len(load_examples(task, task.training_split(trial.train_split),
+                                                    data_dir_from(trial.data_dir))))
+    split = task.evaluation_splits(trial.eval_split)[0][0]
+    n = len(load_examples(task, split, data_dir_from(trial.data_dir)))
+    return min(n, trial.max_eval_samples or n)
+
+
 def write_json(path: str | None, data: dict) -> None:
     if not path:
         return

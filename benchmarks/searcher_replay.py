@@ -52,7 +52,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_json  # noqa: E402
+from _common import scored_examples, table, write_json  # noqa: E402
 
 from raysdpb.results.schema import is_number  # noqa: E402
 
@@ -428,25 +428,10 @@ def summarise(outcomes: list[dict]) -> dict:
 
 
 def eval_examples_of(raw: dict) -> int:
-    """Validation examples a trial scores on (one example = 1 / this): the held-out dev split's size, else the
-    evaluation split's length (at most max_eval_samples)."""
+    """Validation examples the trials of a sweep config (`raw`) score on (`_common.scored_examples`)."""
     from raysdpb.config import load_trial_config
-    from raysdpb.tasks import data_dir_from, load_examples, resolve_task
 
-    trial = load_trial_config(None, raw={k: v for k, v in raw.items() if k not in ("search", "sweep")})
-    task = resolve_task(trial)
-    if trial.heldout_dev is not None:
-        from raysdpb.tasks.heldout import heldout_size
-
-        size = trial.heldout_dev.size
-        if isinstance(size, int):
-            return size
-        # a fraction of the whole training split (carved before max_train_samples)
-        return heldout_size(size, len(load_examples(task, task.training_split(trial.train_split),
-                                                    data_dir_from(trial.data_dir))))
-    split = task.evaluation_splits(trial.eval_split)[0][0]
-    n = len(load_examples(task, split, data_dir_from(trial.data_dir)))
-    return min(n, trial.max_eval_samples or n)
+    return scored_examples(load_trial_config(None, raw={k: v for k, v in raw.items() if k not in ("search", "sweep")}))
 
 
 def score_group(group: RecordedGroup, args, work: Path) -> dict:

@@ -44,7 +44,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, offline_env, table, write_json  # noqa: E402
+from _common import REPO, RESULTS, offline_env, scored_examples, table, write_json  # noqa: E402
 
 offline_env()
 
@@ -176,19 +176,15 @@ def main_metric(task: str) -> str:
 
 
 def eval_examples(experiment: Path) -> int:
-    """The validation examples a trial of the sweep scored (for 'within one example')."""
+    """The validation examples a trial of the sweep scored (for 'within one example'; `_common.scored_examples`)."""
     import json
 
     from raysdpb.config import TrialConfig
-    from raysdpb.tasks import data_dir_from, load_examples, resolve_task
 
     grid = json.loads((experiment / "grid.json").read_text())
     sampled = json.loads((experiment / "samples.json").read_text())["samples"] if not grid["trials"] else []
-    config = TrialConfig.model_validate(next(iter(grid["trials"].values())) if grid["trials"] else sampled[0]["config"])
-    task = resolve_task(config)
-    split = task.evaluation_splits(config.eval_split)[0][0]
-    n = len(load_examples(task, split, data_dir_from(config.data_dir)))
-    return min(n, config.max_eval_samples or n)
+    return scored_examples(TrialConfig.model_validate(next(iter(grid["trials"].values())) if grid["trials"]
+                                                      else sampled[0]["config"]))
 
 
 def train_examples(config: Path) -> int:
