@@ -85,11 +85,15 @@ def machine_info() -> dict:
     return info
 
 
-def mfu(params: int, tokens_per_s: float, peak_tflops: float | None) -> float | None:
-    """Model FLOP utilisation: 6 x params x tokens/s over the peak (None without a peak)."""
-    if not peak_tflops:
-        return None
-    return 6.0 * params * tokens_per_s / (peak_tflops * 1e12)
+def mfu(model, tokens_per_s: float, peak_tflops: float | None) -> float | None:
+    """Model FLOP utilisation of a torch `model` training at `tokens_per_s`, counted as the trial rows count it
+    (`raysdpb.throughput`: the parameters that multiply, the input embeddings left out; 4N + 2N_trained FLOPs a
+    token), over the peak (None without a peak)."""
+    from raysdpb.throughput import matmul_parameters, train_flops_per_token
+    from raysdpb.throughput import mfu as model_flops_utilisation
+
+    peak = peak_tflops * 1e12 if peak_tflops else None
+    return model_flops_utilisation(tokens_per_s, train_flops_per_token(*matmul_parameters(model)), peak)
 
 
 def default_peak(device: str, given: float | None) -> float | None:

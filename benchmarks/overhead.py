@@ -368,7 +368,7 @@ def run_config(name: str, args, budget_s: float) -> dict:
             "peak_memory_ratio": r.memory["peak_bytes"] / base.memory["peak_bytes"],
             "resident_mib": r.memory["resident_bytes"] / 2**20,
             "step_increase_mib": r.memory["step_increase_bytes"] / 2**20,
-            "tokens_per_s": tokens / step_s, "mfu": mfu(setup.params, tokens / step_s, peak),
+            "tokens_per_s": tokens / step_s, "mfu": mfu(setup.base, tokens / step_s, peak),
             "steps_per_epoch": r.steps_per_epoch, "trial_steps": r.trial_steps,
             "trial_cost_ratio": (step_s * r.trial_steps) / (median(base.wall) * base.trial_steps),
             "phases_ms": {p: median(v) * 1e3 for p, v in r.phases.items() if v},

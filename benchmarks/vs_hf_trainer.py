@@ -345,7 +345,7 @@ def main() -> None:
         active = (s.t_end - s.t_begin) - ring.waited[n] + s.setup_s
         summary[n] = {"steps_timed": len(st), "step_s": step_s, "samples_per_s": args.batch_size / step_s,
                       "tokens_per_s": tps, "mean_tokens_per_step": sum(t for _, _, t in st) / max(len(st), 1),
-                      "active_s": active, "mfu": mfu(params, tps, peak),
+                      "active_s": active, "mfu": mfu(trainer.model, tps, peak),
                       "paired_speedup_vs_hf": median(paired) if n != "hf" else 1.0,
                       "paired_q25": quantile(paired, 0.25) if n != "hf" else None,
                       "paired_q75": quantile(paired, 0.75) if n != "hf" else None,

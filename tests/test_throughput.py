@@ -72,7 +72,7 @@ def test_a_trial_reports_its_throughput_and_restores_it(shared_data_dir, tmp_pat
     token over it). The history (what golden tests and resumes compare) holds no timing."""
     from raysdpb.data import collate
     from raysdpb.recipe import Recipe
-    from trial_configs import RecordingContext, encoder_trial
+    from trial_configs import RecordingContext, encoder_trial, load_benchmark
 
     cfg = encoder_trial(shared_data_dir, method="dynsdpb", epochs=1, eval_every=0.5)
     recipe = Recipe(cfg, RecordingContext(tmp_path / "cpu")).setup()
@@ -95,6 +95,11 @@ def test_a_trial_reports_its_throughput_and_restores_it(shared_data_dir, tmp_pat
     n, trainable = matmul_parameters(again.model)
     assert n == trainable  # full fine-tuning: 6N
     assert last["mfu"] == pytest.approx(last["tokens_per_s"] * 6 * n / 1e12)
+    # the benchmarks' MFU (benchmarks/_common.py) counts as the trial rows do (it counted 6 x every parameter,
+    # the input embeddings included: 55x the rows' figure for this tiny model, 2.1x for MiniLM-L6)
+    benchmark_mfu = load_benchmark("_common.py", "benchmarks_common").mfu
+
+    assert benchmark_mfu(again.model, last["tokens_per_s"], 1.0) == pytest.approx(last["mfu"])
     # a checkpoint holds the counts, and a resumed recipe continues them
     state = again.state_dict(again.sampler.epoch, 0, [again.rank_state()])
     resumed = Recipe(cfg, RecordingContext(tmp_path / "resumed")).setup()
