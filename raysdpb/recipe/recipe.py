@@ -416,9 +416,8 @@ class Recipe:
             pending.future.result()
         finally:
             self.phase_seconds["checkpoint"] += time.perf_counter() - start
-        if pending.report is not None:  # the trial's clock and time checkpointing as they are now: the write's too
-            pending.report.update(elapsed_s=self.elapsed(),
-                                  time_checkpoint_s=self.phase_seconds["checkpoint"])
+        if pending.report is not None:  # the trial's clock and its phases' times as they are now: the write's too
+            pending.report.update(elapsed_s=self.elapsed(), **self.phase_times())
             self.context.report(pending.report, pending.path)
         if self._segment_start is not None:
             self._segment_start += time.perf_counter() - start  # not training time
@@ -570,7 +569,11 @@ class Recipe:
         rate = tokens_per_s(self.train_tokens, self.train_seconds)
         devices = self.context.world_size
         return {"tokens_per_s": rate, "mfu": mfu(rate, self.flops_per_token, self.peak_flops, devices),
-                "time_train_s": self.train_seconds, **{f"time_{k}_s": v for k, v in self.phase_seconds.items()}}
+                "time_train_s": self.train_seconds, **self.phase_times()}
+
+    def phase_times(self) -> dict[str, float]:
+        """`time_<phase>_s` of every phase but training (`raysdpb.results.schema.PHASE_TIME_KEYS`)."""
+        return {f"time_{phase}_s": seconds for phase, seconds in self.phase_seconds.items()}
 
     def _log_step(self, terms: LossTerms, bar) -> None:
         if self.context.is_main and self.step % self.cfg.log_every_steps == 0:
