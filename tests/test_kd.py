@@ -82,6 +82,9 @@ def test_the_teacher_runs_once_and_a_second_trial_reuses_its_cached_logits(share
     second = run_trial(cfg.model_copy(update={"seed": 0}), LocalContext(tmp_path / "second"))
     assert teacher_calls == []
     assert [e["teacher_forward_passes"] for e in second.history] == [0]
+    # the table it distils from took 48 teacher passes, whoever ran them: the cost column's count, for both
+    tables = [[e["teacher_table_passes"] for e in trial.history] for trial in (first, second)]
+    assert tables == [[48], [48]]
     strip = [{k: v for k, v in e.items() if k != "teacher_forward_passes"} for e in first.history]
     assert [{k: v for k, v in e.items() if k != "teacher_forward_passes"} for e in second.history] == strip
     assert len(list(cache.glob("*.safetensors"))) == 1

@@ -277,32 +277,55 @@ def test_cost_table_hours_epochs_and_gpus_when_the_columns_say():
     assert not any("No MFU" in n for n in notes)
 
 
+def _kd_rows(tables_of_passes: list[int | None]) -> list[dict]:
+    """kd trials' rows as the recorder writes them (`summarize_trial`) from reports with the recipe's keys: the
+    first trial ran the teacher (`teacher_forward_passes` 250), the second read the cache (0); both distil from
+    the same 250-example table (`teacher_table_passes`; None: a report from before that key)."""
+    from raysdpb.results.recorder import TrialInfo, summarize_trial
+
+    rows = []
+    for s, (value, ran, table) in enumerate(zip([0.8, 0.9], [250, 0], tables_of_passes)):
+        config = dict(task="superglue/cb", model="tiny-bert", method="kd", lr=1e-4, alpha=1.0, tau=2.0, seed=s,
+                      epochs=2, batch_size=8)
+        report = {"epoch": 2.0, "step": 100 + 10 * s, "eval_accuracy": value, "teacher_forward_passes": ran,
+                  "elapsed_s": 60.0 * (s + 1)}
+        if table is not None:
+            report["teacher_table_passes"] = table
+        row = summarize_trial(TrialInfo(f"kd-{s:08x}", f"seed={s}", config, 2.0), [report], status="completed")
+        rows.append({**row, "last_world_size": 1, "wall_time_s": 60.0 * (s + 1)})
+    return rows
+
+
 def test_compute_costs_steps_passes_teacher_and_wall_time(monkeypatch):
     """Forward passes are steps x batch x ranks x the method's passes per example (its `forward_passes`, 1
-    where the registry does not say); the teacher's passes are added where recorded; means per trial over the
-    selected configuration's seeds only."""
+    where the registry does not say); a teacher method's table passes are added to every trial that distils from
+    the table, whichever computed it; means per trial over the selected configuration's seeds only."""
     from types import SimpleNamespace
 
     monkeypatch.setitem(tables.METHODS, "r_drop", SimpleNamespace(forward_passes=2))
-    trials = _trials(
-        _seeds("finetune", [0.60, 0.70], steps=100, batch_size=8, wall_time_s=120.0)
-        + _seeds("finetune", [0.10, 0.10], lr=3e-5, steps=999, batch_size=8)              # not selected
-        + _seeds("r_drop", [0.72, 0.74], steps=100, batch_size=8, last_world_size=2, wall_time_s=300.0)
-        + [dict(method="kd", seed=s, best_eval_accuracy=v, steps=100 + 10 * s, batch_size=8,
-                teacher_forward_passes=t, wall_time_s=60.0 * (s + 1))
-           for s, (v, t) in enumerate([(0.8, 250.0), (0.9, 0.0)])])
+    common = (_seeds("finetune", [0.60, 0.70], steps=100, batch_size=8, wall_time_s=120.0)
+              + _seeds("finetune", [0.10, 0.10], lr=3e-5, steps=999, batch_size=8)              # not selected
+              + _seeds("r_drop", [0.72, 0.74], steps=100, batch_size=8, last_world_size=2, wall_time_s=300.0))
+    trials = _trials(common + _kd_rows([250, 250]))
+    assert "last_teacher_table_passes" in trials  # the recorder's name for the recipe's key
     costs = compute_costs(prepare(trials), select_configs(prepare(trials))).set_index("method")
     assert costs.loc["finetune", ["steps", "forward_passes", "teacher_passes", "wall_s", "n"]].tolist() == [
         100, 800, 0, 120, 2]
     assert costs.loc["r_drop", "forward_passes"] == 100 * 8 * 2 * 2 and costs.loc["r_drop", "wall_s"] == 300
-    # kd: steps 100 and 110, passes 800 and 880, teacher 250 (its first trial filled the cache) and 0
+    # kd: steps 100 and 110, passes 800 and 880, and the table's 250 teacher passes each (the cache shares
+    # the computation; each trial distils from all of it), whether the trial ran the teacher (250) or not (0)
     assert costs.loc["kd", ["steps", "forward_passes", "teacher_passes", "total_passes", "wall_s"]].tolist() == [
-        105, 840, 125, 965, 90]
-    assert costs.loc["kd", "mean"] == pytest.approx(0.85)
+        105, 840, 250, 1090, 90]
+    assert costs.loc["kd", "mean"] == pytest.approx(0.85) and not costs.loc["kd", "teacher_estimated"]
     table = compute_table(costs.reset_index(), 100.0)
     rows = {r[1]: r for r in table.rows}
     assert rows["finetune"][2:] == ["65.00 ± 7.07", "100", "800", "0", "1.00x", "2.0"]
-    assert rows["r_drop"][6] == "4.00x" and rows["kd"][6] == f"{965 / 800:.2f}x"
+    assert rows["r_drop"][6] == "4.00x" and rows["kd"][5:7] == ["250", f"{1090 / 800:.2f}x"]
+    # kd rows from before the table key: one epoch's examples, estimated (steps x batch / epochs run: 400, 440)
+    old = compute_costs(prepare(_trials(common + _kd_rows([None, None]))),
+                        select_configs(prepare(_trials(common + _kd_rows([None, None]))))).set_index("method")
+    assert old.loc["kd", "teacher_passes"] == 420 and old.loc["kd", "teacher_estimated"]
+    assert {r[1]: r for r in compute_table(old.reset_index(), 100.0).rows}["kd"][5] == "~420"
     # no steps or batch column (an old sweep): no numbers, not a crash
     bare = compute_costs(prepare(trials.drop(columns=["steps", "batch_size"])),
                          select_configs(prepare(trials)))

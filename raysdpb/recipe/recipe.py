@@ -117,6 +117,7 @@ class Recipe:
         self._tokens_unsettled = 0
         self._segment_start: float | None = None
         self.teacher_forward_passes = 0  # KD: examples the teacher ran forward for this trial (0 on a cache hit)
+        self.teacher_table_passes = 0  # KD: teacher passes its soft targets took, one per example, whoever ran them
         # where the trial's time went besides training (over every attempt, checkpointed): set-up (model, data,
         # resume), evaluation, checkpoint writing; reported as time_<phase>_s with time_train_s
         self.phase_seconds = {"setup": 0.0, "eval": 0.0, "checkpoint": 0.0}
@@ -230,8 +231,9 @@ class Recipe:
 
     def teacher_logits(self) -> torch.Tensor:
         """KD's teacher logits on the training examples, from the disk cache (`raysdpb.teacher`): rank 0 reads or
-        computes them first, the other ranks then read them, so the teacher runs once; the forward passes this
-        trial caused are counted (0 on a cache hit)."""
+        computes them first, the other ranks then read them, so the teacher runs once. Counted: the forward passes
+        this trial caused (`teacher_forward_passes`, 0 on a cache hit) and those the table took
+        (`teacher_table_passes`, one per training example: the cost column's, whichever trial paid them)."""
         from raysdpb.teacher import teacher_table
 
         if self.context.is_main:
@@ -239,6 +241,7 @@ class Recipe:
         self.context.all_ranks(True)  # a barrier: rank 0's table is on disk
         if not self.context.is_main:
             logits, _ = teacher_table(self.cfg, self.task, self.tokenizer, self.device)
+        self.teacher_table_passes = int(logits.shape[0])
         return logits
 
     # ---- one step --------------------------------------------------------------------------------------------
@@ -533,8 +536,9 @@ class Recipe:
                  "samples_seen": self.samples_seen(epoch, position), **metrics, **self.initial,
                  **self.epoch_stats.summary(), "lr": self.scheduler.get_last_lr()[0],
                  "nonfinite_steps": self.nonfinite_total}
-        if self.method.soft_targets == "teacher":  # the cost column's teacher passes
+        if self.method.soft_targets == "teacher":  # the cache's reuse, and the cost column's teacher passes
             entry["teacher_forward_passes"] = self.teacher_forward_passes
+            entry["teacher_table_passes"] = self.teacher_table_passes
         self.history.append(entry)
         checkpoint_dir = self.save_checkpoint(epoch, position)
         self.context.log_scalars(self.step, {f"eval/{k[5:]}": v for k, v in metrics.items()})

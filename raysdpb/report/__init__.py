@@ -191,9 +191,12 @@ class _Report:
         section.blocks.append(
             "Each method at its selected configuration, the mean per trial over its seeds: optimizer steps, "
             "forward passes through the student (steps × batch size × ranks × the method's passes per example: 2 "
-            "for a method that runs each batch twice), passes through a separate teacher (`teacher_forward_passes`, "
-            "0 where none is recorded), their total against finetune's (or, without finetune, the column's "
-            "smallest), and wall minutes (`wall_time_s`). A method that wins by spending more shows as such.")
+            "for a method that runs each batch twice), passes through a separate teacher for the soft targets "
+            "(`teacher_table_passes`: one per training example, computed once and shared through the cache, so "
+            "counted for every trial that distils from them; ~: estimated as one epoch's examples, for rows from "
+            "before that column; the teacher's own fine-tuning is not counted), their total against finetune's (or, "
+            "without finetune, the column's smallest), and wall minutes (`wall_time_s`). A method that wins by "
+            "spending more shows as such.")
         section.blocks.append(compute_table(costs, self.scale))
         for column, here in costs.groupby("column", sort=False):
             if len(here) < 2:  # one method: nothing to set against it

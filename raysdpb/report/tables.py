@@ -439,6 +439,25 @@ def _per_trial(frame: pd.DataFrame, name: str, default: float) -> pd.Series:
     return values.fillna(default).astype(float)
 
 
+def teacher_passes_of(trials: pd.DataFrame, method: str) -> tuple[pd.Series, bool]:
+    """Per trial, the teacher forward passes its soft targets took: `last_teacher_table_passes` (the recipe's
+    `teacher_table_passes`, one per training example, whichever trial computed the cached table); for a teacher
+    method's row from before that column, one epoch's examples (steps x batch size x ranks / epochs run), and
+    True (estimated). 0 for a method without a separate teacher."""
+    zero = pd.Series(0.0, index=trials.index)
+    spec = METHODS.get(method)
+    if spec is None or getattr(spec, "soft_targets", None) != "teacher":
+        return zero, False
+    recorded = _per_trial(trials, "last_teacher_table_passes", float("nan"))
+    missing = recorded.isna()
+    if not missing.any():
+        return recorded, False
+    epochs = _per_trial(trials, "epochs_run", float("nan")).where(lambda e: e > 0)
+    per_epoch = (_per_trial(trials, "steps", float("nan")) * _per_trial(trials, "batch_size", float("nan"))
+                 * _per_trial(trials, "last_world_size", 1.0) / epochs)
+    return recorded.where(~missing, per_epoch).fillna(0.0), True
+
+
 def compute_costs(prepared: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFrame:
     """Per (column, method), at its selected configuration, the mean per trial (over its seeds) of what it spent:
 
@@ -447,8 +466,10 @@ def compute_costs(prepared: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFra
       x the method's `forward_passes` (a `Method` field: 2 for a method that runs each batch twice, e.g.
       R-Drop; 1 where the registry does not say); an overlap method's step is a full batch, half of it the
       previous batch's second half, so it counts as batch_size passes;
-    * `teacher_passes`: examples through a separate teacher (`teacher_forward_passes`, recorded by methods
-      that have one; 0 where the column is missing or empty);
+    * `teacher_passes`: examples through a separate teacher for the trial's soft targets (`teacher_passes_of`):
+      one per training example, computed once and shared through the cache, so counted for every trial that
+      distils from them (what one such run costs on its own); 0 for a method without a teacher;
+      `teacher_estimated`: some of them estimated (rows from before the column);
     * `total_passes` (student + teacher) and `wall_s` (`wall_time_s`, the trial's own clock);
 
     with the score (`mean`, `std`) of `selection` and `n`, the trials averaged."""
@@ -462,14 +483,15 @@ def compute_costs(prepared: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFra
         steps = _per_trial(trials, "steps", 0.0)
         passes = steps * _per_trial(trials, "batch_size", float("nan")) * _per_trial(trials, "last_world_size", 1.0) \
             * per_pass
-        teacher = _per_trial(trials, "teacher_forward_passes", 0.0)
+        teacher, estimated = teacher_passes_of(trials, r.method)
         wall = _per_trial(trials, "wall_time_s", float("nan"))
         rows.append({"column": r.column, "method": r.method, "metric": r.metric, "mean": r.mean, "std": r.std,
                      "n": len(trials), "steps": float(steps.mean()), "forward_passes": float(passes.mean()),
                      "forward_passes_per_step": per_pass, "teacher_passes": float(teacher.mean()),
-                     "total_passes": float((passes + teacher).mean()), "wall_s": float(wall.mean())})
+                     "teacher_estimated": estimated, "total_passes": float((passes + teacher).mean()),
+                     "wall_s": float(wall.mean())})
     columns = ["column", "method", "metric", "mean", "std", "n", "steps", "forward_passes", "forward_passes_per_step",
-               "teacher_passes", "total_passes", "wall_s"]
+               "teacher_passes", "teacher_estimated", "total_passes", "wall_s"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -489,8 +511,9 @@ def compute_table(costs: pd.DataFrame, scale: float = 1.0) -> Table:
         reference = float(base.iloc[0]) if len(base) else float(here["total_passes"].min())
         for r in here.itertuples(index=False):
             relative = f"{r.total_passes / reference:.2f}x" if reference > 0 and np.isfinite(r.total_passes) else "—"
+            teacher = ("~" if r.teacher_estimated else "") + _count(r.teacher_passes)
             rows.append([column, r.method, format_value(r.mean, r.std, scale), f"{r.steps:,.0f}",
-                         _count(r.forward_passes), _count(r.teacher_passes), relative,
+                         _count(r.forward_passes), teacher, relative,
                          f"{r.wall_s / 60:.1f}" if np.isfinite(r.wall_s) else "—"])
     return Table(["column", "method", "score", "optimizer steps", "forward passes", "teacher passes",
                   "passes vs finetune", "wall min/trial"], rows)
