@@ -321,16 +321,24 @@ def selection_column(task: str, args) -> str:
     return f"last_{dev}"
 
 
-def stage1_done(name: str, rows: list[dict]) -> list[dict]:
-    """A stage-1 sweep's rows, once every trial has ended (`--keep-going` lets errored trials through); a sweep
-    that stopped short (interrupted or pending trials: stopped by hand, the machine lost) ends the run, since a
-    configuration chosen from part of the grid would be another protocol."""
+def stage1_done(name: str, rows: list[dict]) -> list[dict] | None:
+    """A stage-1 sweep's rows, once every trial has finished. A configuration chosen from part of the grid would
+    be another protocol, so: a sweep that stopped short (interrupted or pending trials: stopped by hand, the
+    machine lost) ends the run; one with errored trials (`--keep-going` lets a sweep's errors through) gives None,
+    and the method's stage 2 waits (the run goes on with the next method; `--resume` tries the errored trials
+    again). On MRPC two trials errored on resuming their checkpoints and the rest were selected from, 2026-12-06."""
     from raysdpb.results.schema import TERMINAL
 
     unfinished = [r["trial_id"] for r in rows if r["status"] not in TERMINAL]
     if unfinished:
         raise SystemExit(f"[{name}] stopped with {len(unfinished)} of {len(rows)} trials unfinished; no configuration "
                          "is selected from part of a grid: run again with --resume")
+    errored = [r["trial_id"] for r in rows if r["status"] == "errored"]
+    if errored:
+        print(f"[{name}] {len(errored)} of {len(rows)} trials errored ({', '.join(errored)}); no configuration is "
+              "selected from part of a grid, so this method's stage 2 waits: fix the cause (the sweep's log) and "
+              "run again with --resume", flush=True)
+        return None
     return rows
 
 
@@ -612,7 +620,11 @@ def main_v2(args) -> None:
         for method in methods:
             name, path = grid_config(task, method, args)
             chosen = selection.get(task, {}).get(method) if args.resume else None
-            chosen = chosen or select_v2(stage1_done(name, run_sweep(name, path, args)), column)
+            if chosen is None:
+                rows = stage1_done(name, run_sweep(name, path, args))
+                if rows is None:  # errored trials: said why
+                    continue
+                chosen = select_v2(rows, column)
             if chosen is None:
                 print(f"[{task}] {method}: no finished stage-1 trial; stage 2 skipped", flush=True)
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -712,7 +713,8 @@ def test_v2_trials_train_on_the_planned_examples_and_the_dry_run_counts_them(qua
 
 def test_v2_never_selects_from_part_of_a_grid(quality, v2, tmp_path, monkeypatch):
     """A stage-1 sweep that stopped short (interrupted, pending) ends the run, even with --keep-going: no stage 2
-    from a configuration chosen among the trials that happened to finish. Errored trials (--keep-going) do not."""
+    from a configuration chosen among the trials that happened to finish. With errored trials (--keep-going) the
+    method's stage 2 waits and the run goes on with the next method; once they finish, stage 2 runs."""
     import quality as harness
 
     args = _v2_args(quality, tmp_path / "root", "--resume", "--keep-going", "--tasks", "superglue/cb",
@@ -722,8 +724,9 @@ def test_v2_never_selects_from_part_of_a_grid(quality, v2, tmp_path, monkeypatch
 
     def run_sweep(name, path, run_args, reuse_from=None):
         calls.append(name)
+        grid = statuses["grid"] if "dynsdpb" in name else ["completed"] * 4
         return [{"trial_id": f"t{i}", "status": s, "lr": 1e-4, "alpha": 1.0, "tau": 1.0, "warmup_ratio": 0.1,
-                 "last_eval_dev_accuracy": 0.5 + i / 10} for i, s in enumerate(statuses["grid"])]
+                 "last_eval_dev_accuracy": 0.5 + i / 10} for i, s in enumerate(grid)]
 
     monkeypatch.setattr(harness, "run_sweep", run_sweep)
     monkeypatch.setattr(v2, "stage2_runs", lambda *a: [])
@@ -734,5 +737,14 @@ def test_v2_never_selects_from_part_of_a_grid(quality, v2, tmp_path, monkeypatch
         Path(args.root) / "selection_v2.json").read_text()
     statuses["grid"] = ["completed", "errored", "completed", "completed"]
     calls.clear()
+    args.methods = ["dynsdpb", "finetune"]
     v2.main_v2(args)
-    assert calls == [v2.grid_name("superglue/cb", "dynsdpb"), v2.seeds_name("superglue/cb", "dynsdpb")]
+    assert calls == [v2.grid_name("superglue/cb", "dynsdpb"),  # errored: no stage 2, and nothing selected
+                     v2.grid_name("superglue/cb", "finetune"), v2.seeds_name("superglue/cb", "finetune")]
+    selected = json.loads((Path(args.root) / "selection_v2.json").read_text())["superglue/cb"]
+    assert list(selected) == ["finetune"]
+    statuses["grid"] = ["completed"] * 4  # --resume: the errored trials trained again
+    calls.clear()
+    v2.main_v2(args)
+    assert calls == [v2.grid_name("superglue/cb", "dynsdpb"), v2.seeds_name("superglue/cb", "dynsdpb"),
+                     v2.seeds_name("superglue/cb", "finetune")]  # finetune's selection kept

@@ -283,6 +283,34 @@ def test_resume_refuses_a_checkpoint_written_by_another_trial(tmp_path, shared_d
     assert again.status == "completed"
 
 
+def test_resume_reads_a_checkpoint_from_before_a_config_key_existed(tmp_path, shared_data_dir):
+    """Protocol v2's MRPC grid: checkpoints written before `heldout_dev.evaluate` existed were refused after it
+    came ("written by another trial": the new key at its default against its absence). A key added since compares
+    at its default; what only chooses the evaluation (`heldout_dev.evaluate`) may change; a trained value may not."""
+    from raysdpb.recipe.checkpoint import check_resume_config, load_state, mark_complete, write_state
+
+    cfg = _config(shared_data_dir, heldout_dev={"size": 8})
+    out = tmp_path / "out"
+    run_trial(cfg, LocalContext(out))
+    newest = sorted((out / "checkpoints").iterdir())[-1]
+    state = load_state(newest)
+    assert state["config"]["heldout_dev"] == {"size": 8, "seed": 0, "stratify": True, "evaluate": "both"}
+    del state["config"]["heldout_dev"]["evaluate"]  # as the version before the key wrote it
+    write_state(newest, state)
+    mark_complete(newest)
+    for change in ({}, {"heldout_dev": {"size": 8, "evaluate": "dev"}}):
+        again = run_trial(cfg.model_copy(update=change) if not change else _config(shared_data_dir, **change),
+                          LocalContext(out, resume_from="latest"))
+        assert again.status == "completed"
+    with pytest.raises(UserError, match=re.escape("heldout_dev={'size': 9, 'seed': 0, 'stratify': True} (the "
+                                                  "checkpoint's: {'size': 8, 'seed': 0, 'stratify': True})")):
+        run_trial(_config(shared_data_dir, heldout_dev={"size": 9}), LocalContext(out, resume_from="latest"))
+    # a key the config no longer knows: the dump is compared as it is, and a trained value still decides
+    check_resume_config({**state["config"], "retired_key": 1}, cfg.model_dump(), newest)
+    with pytest.raises(UserError, match=re.escape("lr=0.5 (the checkpoint's:")):
+        check_resume_config({**state["config"], "retired_key": 1}, {**cfg.model_dump(), "lr": 0.5}, newest)
+
+
 def test_a_new_run_into_a_folder_with_an_earlier_runs_checkpoints_is_refused(tmp_path, shared_data_dir, capsys):
     """Checkpoints are pruned by step: an earlier run's later steps would outlive the new run's, and `--resume
     latest` would then continue the earlier run."""

@@ -293,12 +293,37 @@ RESUME_MUST_MATCH = ("task", "model", "gguf_file", "custom_task", "train_split",
                      "seed", "data_seed")
 
 
+# keys of the blocks above that only say what is evaluated: they may change between attempts too
+RESUME_MAY_DIFFER_IN_BLOCKS = {"heldout_dev": ("evaluate",)}
+
+
+def _trained_values(config: dict) -> dict:
+    """`RESUME_MUST_MATCH`'s values of a trial config dump as this version reads it: a key added to the config (or
+    to a block of it) since the dump was written takes its default, as the trial that wrote it behaved; the keys of
+    `RESUME_MAY_DIFFER_IN_BLOCKS` left out. A dump this version cannot read is compared as it is."""
+    from pydantic import ValidationError
+
+    from raysdpb.config import TrialConfig
+
+    try:
+        config = TrialConfig.model_validate(config).model_dump()
+    except ValidationError:
+        pass
+    values = {key: config[key] for key in RESUME_MUST_MATCH if key in config}
+    for block, keys in RESUME_MAY_DIFFER_IN_BLOCKS.items():
+        if isinstance(values.get(block), dict):
+            values[block] = {k: v for k, v in values[block].items() if k not in keys}
+    return values
+
+
 def check_resume_config(saved: dict, current: dict, checkpoint) -> None:
     """Raise a `UserError` naming every key where the trial config `current` (a dump) differs from `saved`, the one
     that wrote the checkpoint: resuming a dynsdpb checkpoint as finetune, or with another batch size, would
-    silently skip or repeat data."""
-    differ = [f"{key}={current[key]!r} (the checkpoint's: {saved[key]!r})" for key in RESUME_MUST_MATCH
-              if key in saved and saved[key] != current[key]]
+    silently skip or repeat data. Keys added since the checkpoint was written compare at their defaults (a v2
+    sweep's checkpoints, written before `heldout_dev.evaluate`, were refused after it came)."""
+    saved, current = _trained_values(saved), _trained_values(current)
+    differ = [f"{key}={current.get(key)!r} (the checkpoint's: {saved[key]!r})" for key in RESUME_MUST_MATCH
+              if key in saved and saved[key] != current.get(key)]
     if differ:
         raise UserError(f"the checkpoint {checkpoint} was written by another trial: {', '.join(differ)}; resume with "
                         "the checkpoint's values, or start a new run in another output folder")
