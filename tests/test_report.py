@@ -568,3 +568,25 @@ def test_runs_pair_by_seed_and_data_seed_where_they_differ():
     row = comparisons[(comparisons.method == "dynsdpb") & (comparisons.baseline == "finetune")].iloc[0]
     assert row.shared == 2 and row.seeds == ["1/1", "2/2"]
     assert row.mean_diff == pytest.approx(((0.7 - 0.7) + (0.7 - 0.8)) / 2)
+
+
+def test_validation_scores_trials_selected_on_a_dev_split_by_their_final_scores(tmp_path):
+    """Protocol v2's stage-2 sweeps of CB (real, archived): by default the report scores them on the held-out dev
+    split, as their sweep selected; `validation=True` on the validation split, and its means over the seeds equal
+    the ones protocol v2's own statistics computed from the same runs (`quality-v2-cb.json`)."""
+    import json
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    paths = [str(results / "quality-v2" / f"qv2-seeds-superglue-cb-{m}") for m in ("finetune", "kd", "ps_kd")]
+    harness = json.loads((results / "quality-v2-cb.json").read_text())["v2_runs"]["superglue/cb"]
+    final = build_report(paths, tmp_path / "final", at="last", validation=True)
+    means = final["selection"].set_index("method")["mean"]
+    for method in ("finetune", "kd", "ps_kd"):
+        assert means[method] == pytest.approx(np.mean([r["last"] for r in harness[method]]))
+    text = final["markdown"].read_text()
+    assert "Each trial's score is its validation `eval_accuracy`" in text
+    selected = build_report(paths, tmp_path / "dev", at="last")
+    assert "Each trial's score is its held-out dev split's `eval_dev_accuracy`" in selected["markdown"].read_text()
+    assert not np.allclose(selected["selection"].set_index("method")["mean"][list(means.index)], means)
+    with pytest.raises(UserError, match="--metric eval_accuracy and --validation: give one"):
+        build_report(paths, tmp_path / "both", metric="eval_accuracy", validation=True)

@@ -66,9 +66,9 @@ class _Report:
     """Builds the sections of one report; figures go to `out` as they are made."""
 
     def __init__(self, trials: pd.DataFrame, curves: pd.DataFrame, out: Path, metric: str | None, at: str,
-                 download: Path | None = None):
+                 download: Path | None = None, validation: bool = False):
         self.trials, self.curves, self.out, self.at = trials, curves, out, at
-        self.prepared = prepare(trials, metric=metric, at=at)
+        self.prepared = prepare(trials, metric=metric, at=at, validation=validation)
         self.selection = select_configs(self.prepared)
         self.scale = value_scale(self.selection)
         self.figures: list[Path] = []
@@ -129,7 +129,9 @@ class _Report:
                   f"{len(p)} trial{'s' if len(p) != 1 else ''}: {counts}." if len(p) else "No trials yet."]
         if metrics:
             what = "the best value over its reports" if self.at == "best" else "its last report's value"
-            blocks.append(f"Each trial's score is its validation {', '.join(f'`{m}`' for m in metrics)} "
+            on_dev = [m.startswith("eval_dev_") for m in metrics]
+            split = "held-out dev split's " if all(on_dev) else "" if any(on_dev) else "validation "
+            blocks.append(f"Each trial's score is its {split}{', '.join(f'`{m}`' for m in metrics)} "
                           f"({what}, `{self.at}_<metric>` in trials.parquet). The tables use the finished trials "
                           f"({', '.join(s for s in STATUSES if s in FINISHED)}) that have a score.")
         unknown = int(p["_metric"].isna().sum()) if len(p) else 0
@@ -370,10 +372,14 @@ class _Report:
 
 
 def build_report(paths: list[str], out: str | Path | None = None, *, metric: str | None = None,
-                 at: str = "best") -> dict[str, object]:
-    """Write report.md, report.html and the PNG figures for these experiment folders; returns their paths."""
+                 at: str = "best", validation: bool = False) -> dict[str, object]:
+    """Write report.md, report.html and the PNG figures for these experiment folders; returns their paths.
+    `validation`: score on each task's validation split where trials hold a dev split out (`prepare`)."""
     if not paths:
         raise UserError("give at least one experiment folder (<sweep.storage_path>/<sweep.name>)")
+    if metric and validation:
+        raise UserError(f"--metric {metric} and --validation: give one (--metric names its split itself: "
+                        "eval_<m> is the validation split, eval_dev_<m> the held-out dev split)")
     if at not in ("best", "last"):
         raise UserError(f"--at: {at!r}; allowed: best, last")
     trials, curves, notes = load_experiments([str(p) for p in paths])
@@ -387,11 +393,12 @@ def build_report(paths: list[str], out: str | Path | None = None, *, metric: str
         for old in out.glob(f"{prefix}_*.png"):
             old.unlink()
     with tempfile.TemporaryDirectory(prefix="raysdpb-report-") as download:
-        return _write_report(paths, trials, curves, notes, out, metric, at, Path(download))
+        return _write_report(paths, trials, curves, notes, out, metric, at, Path(download), validation)
 
 
-def _write_report(paths, trials, curves, notes, out: Path, metric, at, download: Path) -> dict[str, object]:
-    report = _Report(trials, curves, out, metric, at, download)
+def _write_report(paths, trials, curves, notes, out: Path, metric, at, download: Path,
+                  validation: bool = False) -> dict[str, object]:
+    report = _Report(trials, curves, out, metric, at, download, validation)
     experiments = list(dict.fromkeys(resolve(str(p)) for p in paths))
     sections = [report.overview(experiments, notes), report.results(), report.cost(), report.compute(), report.paired(),
                 report.heatmaps(), report.curves_section(), report.grad_norms()]
@@ -412,13 +419,17 @@ def _parser() -> argparse.ArgumentParser:
                         "task's main metric")
     p.add_argument("--at", choices=("best", "last"), default="best",
                    help="a trial's score: the best value over its reports (default) or its last report's")
+    p.add_argument("--validation", action="store_true",
+                   help="score trials that hold a dev split out (heldout_dev) on the task's validation split, "
+                        "their final score after selection on dev (default: the dev split, as their sweep "
+                        "selected)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    written = build_report(args.experiments, args.out, metric=args.metric, at=args.at)
+    written = build_report(args.experiments, args.out, metric=args.metric, at=args.at, validation=args.validation)
     print(f"report: {written['markdown']}\n        {written['html']}\n"
           f"figures: {len(written['figures'])} PNG in {Path(written['html']).parent}", flush=True)
     return 0

@@ -129,11 +129,21 @@ def _model_name(model: Any) -> str:
     return PurePath(str(model)).name or str(model)
 
 
-def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best") -> pd.DataFrame:
+def on_validation(metric: str | None) -> str | None:
+    """A main metric on the task's validation split: `eval_dev_<m>` (a trial that holds a dev split out is
+    selected on it) becomes `eval_<m>`; any other stays as it is."""
+    dev = "eval_dev_"
+    return "eval_" + metric[len(dev):] if isinstance(metric, str) and metric.startswith(dev) else metric
+
+
+def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best",
+            validation: bool = False) -> pd.DataFrame:
     """The trials with `_column`, `_metric`, `_value`, `_seed`, `_config`, `_finished` added (a copy).
 
-    `metric`: one metric for every trial (default: each task's main metric). `at`: "best" (the best value
-    over the trial's reports, `best_<metric>`) or "last" (`last_<metric>`)."""
+    `metric`: one metric for every trial (default: each task's main metric, on the held-out dev split for a
+    trial that holds one out). `at`: "best" (the best value over the trial's reports, `best_<metric>`) or "last"
+    (`last_<metric>`). `validation`: each task's main metric on its validation split even where the trial holds a
+    dev split out (final scores, after selection on dev: protocol v2's stage 2)."""
     df = trials.copy().reset_index(drop=True)
     if "method" not in df:
         df["method"] = "(method)"
@@ -155,6 +165,8 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
         evaluated = df["heldout_dev.evaluate"] if "heldout_dev.evaluate" in df else none
         modes = [evaluated_splits(h, e if isinstance(e, str) else None) for h, e in zip(heldout, evaluated)]
         metrics = [trial_metric(m, t, s, h) for m, t, s, h in zip(own, tasks, eval_split, modes)]
+        if validation:
+            metrics = [on_validation(m) for m in metrics]
         df["_metric"] = pd.Series(metrics, index=df.index, dtype=object)
     values = []
     for i, name in enumerate(df["_metric"]):
