@@ -14,6 +14,10 @@ Reported per group and in all:
 * compute: the `time_attr` the trials ran (epochs, or `--time-attr samples_seen`, the training examples forwarded
   that every report carries: the unit in which double_finetune and the overlap methods cost what they do),
   against the whole grid's; `saved` is the fraction not run;
+Several experiments are replayed as one sweep (their trials in the order given, `--concurrent` at a time), each
+with its own groups; `--one-sweep` takes them for parts of one grid, grouped by `--group-by` alone (`--group-by
+task`: one group per task, every method's configurations ranked together, as a sweep that searches `method`).
+
 * regret: the configuration the ASHA sweep would choose (the best `best_<metric>` among what its trials reported
   before they were stopped; ties to grid order, as the sweep's summary) scored by what it reached in the full run,
   against the grid's best; in validation examples too when `--eval-examples` (or the task's known size) is given.
@@ -189,7 +193,8 @@ def derive_samples_seen(trials: list[dict], curves: list[dict]) -> bool:
     return False
 
 
-def _load(experiment: Path, group_by: list[str]) -> tuple[list[dict], list[dict], dict[str, object]]:
+def _load(experiment: Path, group_by: list[str], one_sweep: bool = False
+          ) -> tuple[list[dict], list[dict], dict[str, object]]:
     import pyarrow.parquet as pq
 
     from raysdpb.sweep.scheduler import group_key
@@ -209,7 +214,8 @@ def _load(experiment: Path, group_by: list[str]) -> tuple[list[dict], list[dict]
     if stopped:
         print(f"asha_replay: {experiment}: {len(stopped)} trials were stopped by ASHA in the run itself; a replay "
               "needs every trial run to the end (asha: null): their later reports are missing", file=sys.stderr)
-    group_of = {t["trial_id"]: (experiment.name, *group_key(t, group_by)) for t in trials}
+    # each experiment's groups are its own, unless the experiments are parts of one grid (`one_sweep`)
+    group_of = {t["trial_id"]: (*(() if one_sweep else (experiment.name,)), *group_key(t, group_by)) for t in trials}
     return trials, curves, group_of
 
 
@@ -223,6 +229,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["max", "min"], default="max")
     p.add_argument("--concurrent", type=int, default=2, help="trials at a time in the simulated sweep")
     p.add_argument("--group-by", nargs="*", default=["task", "model", "num_layers", "method"])
+    p.add_argument("--one-sweep", action="store_true",
+                   help="the experiments are parts of one grid (e.g. one sweep per method): their trials share "
+                        "ASHA groups by --group-by alone (default: each experiment's groups are its own)")
     p.add_argument("--eval-examples", type=int, default=None,
                    help="validation examples of the task(s), to state the regret in examples")
     p.add_argument("--json", type=Path, default=None, help="write every replay's result here")
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     trials, curves, group_of = [], [], {}
     for experiment in args.experiments:
-        t, c, g = _load(experiment, args.group_by)
+        t, c, g = _load(experiment, args.group_by, args.one_sweep)
         trials += t
         curves += c
         group_of |= g

@@ -98,3 +98,28 @@ def test_the_command_reads_an_experiment_folder_and_writes_its_json(asha_replay,
     assert printed[2].split()[:4] == ["2", "2", "8.3%", "0.0000"]
     saved = json.loads(out.read_text())
     assert [(r["grace"], r["stopped_at"]) for r in saved] == [(1.0, {"B": 1.0, "D": 1.0}), (2.0, {"D": 2.0})]
+
+
+def test_experiments_of_one_grid_share_their_groups_with_one_sweep(asha_replay, tmp_path, capsys):
+    """Two experiments, {A, C} and {B, D} of HAND, replayed one trial at a time in that order. Apart (each its own
+    groups): A and C both pass (C's 0.8 over A's 0.5, then 0.6); B passes alone, D passes rung 1 (0.45 over B's
+    0.4) and stops at rung 2 (0.6 under B's 0.9): 1 of 12 epochs saved, no regret. As one grid grouped by task
+    (`--one-sweep`): B's 0.4 is under the median of A's and C's 0.5 and 0.8, D's 0.45 under that of 0.5, 0.8 and
+    0.4: both stop at epoch 1, 4 of 12 saved, and C (0.8) is chosen over B's 0.95."""
+    trials, curves = _grid(HAND)
+    for name, members in (("ac", {"A", "C"}), ("bd", {"B", "D"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(pa.Table.from_pylist([t for t in trials if t["trial_id"] in members]), folder / "trials.parquet")
+        pq.write_table(pa.Table.from_pylist([c for c in curves if c["trial_id"] in members]), folder / "curves.parquet")
+    options = [str(tmp_path / "ac"), str(tmp_path / "bd"), "--grace", "1", "--reduction", "2", "--concurrent", "1",
+               "--group-by", "task"]
+    asha_replay.main(options + ["--json", str(tmp_path / "apart.json")])
+    asha_replay.main(options + ["--one-sweep", "--json", str(tmp_path / "one.json")])
+    apart, = json.loads((tmp_path / "apart.json").read_text())
+    one, = json.loads((tmp_path / "one.json").read_text())
+    assert apart["stopped_at"] == {"D": 2.0} and len(apart["groups"]) == 2
+    assert one["stopped_at"] == {"B": 1.0, "D": 1.0} and len(one["groups"]) == 1
+    assert one["groups"][0]["chosen"] == "C" and one["groups"][0]["regret"] == pytest.approx(0.15)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split()[2] == "8.3%" and printed[3].split()[2] == "33.3%"
