@@ -39,8 +39,8 @@ def test_every_method_trains_and_evaluates(method, shared_data_dir, tmp_path, mo
     context = RecordingContext(tmp_path / "run")
     result = run_trial(cfg, context)
     assert result.status == "completed"
-    assert set(result.metrics) == {"eval_accuracy", "eval_macro_f1"}
-    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+    assert set(result.metrics) == {"eval_accuracy", "eval_macro_f1", "eval_loss"}
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0 and result.metrics["eval_loss"] > 0
     epochs = cfg.epochs * METHODS[method].epoch_multiplier
     assert len(result.history) == epochs and result.history[-1]["epoch"] == epochs
     # samples seen at each epoch's end: N a plain epoch; an overlap epoch forwards every sample twice (2N), less
@@ -78,7 +78,8 @@ def test_a_heldout_dev_split_is_evaluated_besides_the_validation_split(shared_da
     assert [(prefix, len(records)) for prefix, records, _ in recipe.eval_sets] == [("dev_", 20), ("", 24)]
     assert len(recipe.train_data) == 48  # max_train_samples of the 230 the dev set leaves
     result = recipe.train()
-    assert set(result.metrics) == {"eval_dev_accuracy", "eval_dev_macro_f1", "eval_accuracy", "eval_macro_f1"}
+    assert set(result.metrics) == {"eval_dev_accuracy", "eval_dev_macro_f1", "eval_dev_loss", "eval_accuracy",
+                                   "eval_macro_f1", "eval_loss"}
     assert result.history[-1]["eval_dev_accuracy"] == result.metrics["eval_dev_accuracy"]
 
 
@@ -179,6 +180,38 @@ def test_under_ddp_rank_0_writes_the_gathered_predictions_once(shared_data_dir, 
     metrics = {name: json.loads((tmp_path / name).read_text()) for name in
                ("metrics0_of1.json", "metrics0_of2.json", "metrics1_of2.json")}
     assert metrics["metrics0_of2.json"] == metrics["metrics1_of2.json"] == metrics["metrics0_of1.json"]
+
+
+@pytest.mark.parametrize("task_name", ["superglue/cb", "superglue/copa"])
+def test_eval_loss_is_the_mean_cross_entropy_of_the_labels_by_hand(task_name, shared_data_dir):
+    """`eval_loss`: each example alone through the model (no padding, no batch), the cross-entropy of its label
+    by hand (log-sum-exp of the logits minus the label's logit), averaged; a classifier and a multiple-choice
+    task."""
+    from raysdpb.data import collate, tokenize_records
+    from raysdpb.models import build_model, load_tokenizer, resolve_model
+    from raysdpb.recipe.components import seed_everything
+    from raysdpb.recipe.evaluation import evaluate_split
+    from raysdpb.tasks import get_task, load_examples
+
+    seed_everything(0)
+    task = get_task(task_name)
+    source = resolve_model("tiny-bert")
+    tokenizer = load_tokenizer(source)
+    model = build_model(source, kind=task.kind, num_labels=task.num_labels, tokenizer=tokenizer)
+    records = load_examples(task, "validation", str(shared_data_dir))[:21]
+    dataset = tokenize_records(records, task.kind, tokenizer, 64)
+    collator = collate(tokenizer.pad_token_id)
+    metrics = evaluate_split(model, task, dataset, records, batch_size=8, collator=collator,
+                             device=torch.device("cpu"))
+    model.eval()
+    by_hand = []
+    with torch.no_grad():
+        for i, record in enumerate(records):
+            batch = collator([dataset[i]])
+            logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "index")}).logits[0].double()
+            by_hand.append(float(torch.logsumexp(logits, 0) - logits[record["label"]]))
+    assert metrics["eval_loss"] == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
+    assert set(metrics) == {f"eval_{m}" for m in task.metrics} | {"eval_loss"}
 
 
 def test_same_seed_same_metrics_and_different_seed_differs(shared_data_dir, tmp_path):

@@ -115,12 +115,13 @@ def test_a_dev_set_as_large_as_the_split_is_a_user_error(shared_data_dir):
 
 def test_metric_keys_with_a_dev_split():
     cb, mnli = get_task("superglue/cb"), get_task("glue/mnli")
-    assert eval_metric_keys(cb, heldout_dev=True) == ["eval_dev_accuracy", "eval_dev_macro_f1", "eval_accuracy",
-                                                      "eval_macro_f1"]
+    assert eval_metric_keys(cb, heldout_dev=True) == ["eval_dev_accuracy", "eval_dev_macro_f1", "eval_dev_loss",
+                                                      "eval_accuracy", "eval_macro_f1", "eval_loss"]
     assert main_metric(cb, heldout_dev=True) == "eval_dev_accuracy" and main_metric(cb) == "eval_accuracy"
-    assert eval_metric_keys(mnli, heldout_dev=True) == ["eval_dev_accuracy", "eval_accuracy", "eval_mm_accuracy"]
-    assert eval_metric_keys(cb, "validation[:10]", heldout_dev=True)[:3] == ["eval_dev_accuracy",
-                                                                            "eval_dev_macro_f1", "eval_accuracy"]
+    assert eval_metric_keys(mnli, heldout_dev=True) == ["eval_dev_accuracy", "eval_dev_loss", "eval_accuracy",
+                                                        "eval_loss", "eval_mm_accuracy", "eval_mm_loss"]
+    assert eval_metric_keys(cb, "validation[:10]", heldout_dev=True)[:4] == [
+        "eval_dev_accuracy", "eval_dev_macro_f1", "eval_dev_loss", "eval_accuracy"]
 
 
 def test_the_sweep_selects_on_the_dev_split(tmp_path, shared_data_dir):
@@ -180,14 +181,15 @@ def test_what_a_trial_with_a_dev_split_evaluates(shared_data_dir, tmp_path):
     from raysdpb.recipe.context import LocalContext
 
     cb = get_task("superglue/cb")
-    assert eval_metric_keys(cb, heldout_dev="dev") == ["eval_dev_accuracy", "eval_dev_macro_f1"]
-    assert eval_metric_keys(cb, heldout_dev="validation") == ["eval_accuracy", "eval_macro_f1"]
+    assert eval_metric_keys(cb, heldout_dev="dev") == ["eval_dev_accuracy", "eval_dev_macro_f1", "eval_dev_loss"]
+    assert eval_metric_keys(cb, heldout_dev="validation") == ["eval_accuracy", "eval_macro_f1", "eval_loss"]
     assert eval_metric_keys(cb, heldout_dev="both") == eval_metric_keys(cb, heldout_dev=True)
     assert main_metric(cb, heldout_dev="validation") == "eval_accuracy"
     train_sets = {}
-    for mode, keys in (("dev", ["eval_dev_accuracy", "eval_dev_macro_f1"]),
-                       ("validation", ["eval_accuracy", "eval_macro_f1"]),
-                       ("both", ["eval_dev_accuracy", "eval_dev_macro_f1", "eval_accuracy", "eval_macro_f1"])):
+    for mode, keys in (("dev", ["eval_dev_accuracy", "eval_dev_macro_f1", "eval_dev_loss"]),
+                       ("validation", ["eval_accuracy", "eval_macro_f1", "eval_loss"]),
+                       ("both", ["eval_dev_accuracy", "eval_dev_macro_f1", "eval_dev_loss", "eval_accuracy",
+                                 "eval_macro_f1", "eval_loss"])):
         heldout = {"size": 24, "evaluate": mode}
         cfg = encoder_trial(shared_data_dir, heldout_dev=heldout, method="finetune", max_eval_samples=8)
         _, evals = load_trial_data(cfg, resolve_task(cfg), _tokenizer(cfg))

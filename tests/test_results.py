@@ -51,13 +51,16 @@ def test_metric_direction():
 def test_main_metric_of_registered_tasks():
     # MNLI: the matched split has no prefix, the mismatched one `mm_`
     assert main_metric(get_task("glue/mnli")) == "eval_accuracy"
-    assert eval_metric_keys(get_task("glue/mnli")) == ["eval_accuracy", "eval_mm_accuracy"]
+    # (and a classifier's mean cross-entropy of the labels after each split's metrics)
+    assert eval_metric_keys(get_task("glue/mnli")) == ["eval_accuracy", "eval_loss", "eval_mm_accuracy", "eval_mm_loss"]
     assert main_metric(get_task("superglue/cb")) == "eval_accuracy"
-    assert eval_metric_keys(get_task("superglue/cb")) == ["eval_accuracy", "eval_macro_f1"]
+    assert eval_metric_keys(get_task("superglue/cb")) == ["eval_accuracy", "eval_macro_f1", "eval_loss"]
     assert main_metric(get_task("glue/cola")) == "eval_matthews"
     # one evaluation split asked for: evaluated without a prefix
     assert main_metric(get_task("glue/mnli"), "validation_mismatched") == "eval_accuracy"
-    assert eval_metric_keys(get_task("glue/mnli"), "validation_mismatched") == ["eval_accuracy"]
+    assert eval_metric_keys(get_task("glue/mnli"), "validation_mismatched") == ["eval_accuracy", "eval_loss"]
+    # a generation task reports no loss (greedy decoding scores no label)
+    assert eval_metric_keys(get_task("nlg/gsm8k")) == ["eval_exact_match"]
     assert main_metric(get_task("glue/cola"), "validation") == "eval_matthews"
 
 

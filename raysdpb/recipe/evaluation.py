@@ -1,4 +1,6 @@
-"""Evaluation of a trial on its validation split(s): predictions, then the task's metrics.
+"""Evaluation of a trial on its validation split(s): predictions, then the task's metrics, and for a classifier
+the mean cross-entropy of the true labels (`eval_<prefix>loss`, as the HF Trainer's `eval_loss`: a continuous
+score that, unlike accuracy on a small split, rarely ties at an ASHA rung).
 
 Under data parallelism each rank predicts a disjoint slice (`rank::world_size`, no padding, so no sample
 counts twice) and the predictions are gathered before the metrics are computed, so every rank returns
@@ -7,6 +9,7 @@ the same numbers.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -30,20 +33,25 @@ def gather_predictions(indices: list[int], predictions: list, world_size: int) -
 
 @torch.no_grad()
 def predict_classes(model, dataset: TokenizedDataset, batch_size: int, collator, device: torch.device,
-                    rank: int = 0, world_size: int = 1, autocast=None) -> tuple[list[int], list[int]]:
+                    rank: int = 0, world_size: int = 1, autocast=None
+                    ) -> tuple[list[int], list[int], list[float]]:
+    """Every example's index, predicted class and cross-entropy of its label (in fp32), gathered from every rank
+    in index order."""
     model.eval()
     shard = list(range(rank, len(dataset), world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size, shuffle=False,
                         collate_fn=collator)
-    indices, predictions = [], []
+    indices, outputs = [], []
     for batch in loader:
         inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "index")}
         with autocast() if autocast else nullcontext():
             logits = model(**inputs).logits
-        predictions += logits.argmax(-1).tolist()
+        losses = torch.nn.functional.cross_entropy(logits.float(), batch["labels"].to(device), reduction="none")
+        outputs += zip(logits.argmax(-1).tolist(), losses.tolist())
         indices += batch["index"].tolist()
     model.train()
-    return gather_predictions(indices, predictions, world_size)
+    indices, outputs = gather_predictions(indices, outputs, world_size)
+    return indices, [p for p, _ in outputs], [loss for _, loss in outputs]
 
 
 def predictions_file(prefix: str, step: int, suffix: str) -> str:
@@ -55,15 +63,19 @@ def predictions_file(prefix: str, step: int, suffix: str) -> str:
 def evaluate_split(model, task, dataset: TokenizedDataset, records: list[dict], *, batch_size: int, collator,
                    device, prefix: str = "", rank: int = 0, world_size: int = 1, autocast=None,
                    predictions_path=None) -> dict[str, float]:
-    """`{"eval_<prefix><metric>": value}` for the task's metrics on one split. With `predictions_path` rank 0
+    """`{"eval_<prefix><metric>": value}` for the task's metrics on one split, and `eval_<prefix>loss` (the mean
+    cross-entropy of the labels, `schema.EVAL_LOSS`). With `predictions_path` rank 0
     writes every example's `idx` (its index in its split: the training split's for a held-out dev set),
     `prediction` and `label` there as Parquet, the very predictions the metrics are computed from (gathered
     from every rank)."""
     from raysdpb.metrics import compute_metrics
 
-    indices, predictions = predict_classes(model, dataset, batch_size, collator, device, rank, world_size, autocast)
+    from raysdpb.results.schema import EVAL_LOSS
+
+    indices, predictions, losses = predict_classes(model, dataset, batch_size, collator, device, rank, world_size,
+                                                   autocast)
     labels = [records[i]["label"] for i in indices]
-    scores = compute_metrics(task.metrics, predictions, labels)
+    scores = {**compute_metrics(task.metrics, predictions, labels), EVAL_LOSS: math.fsum(losses) / len(losses)}
     if predictions_path is not None and rank == 0:
         write_class_predictions(predictions_path, [records[i]["idx"] for i in indices], predictions, labels)
     return {f"eval_{prefix}{name}": float(value) for name, value in scores.items()}

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # only a type: raysdpb.tasks is not imported here
     from raysdpb.tasks import TaskSpec
 
 __all__ = [
-    "STATUSES", "TERMINAL", "FINISHED", "SCORE_KEY", "TRAIN_METRICS", "is_number", "metric_direction",
+    "STATUSES", "TERMINAL", "FINISHED", "SCORE_KEY", "TRAIN_METRICS", "EVAL_LOSS", "is_number", "metric_direction",
     "eval_metric_keys", "main_metric", "best_per_method",
 ]
 
@@ -51,17 +51,24 @@ def metric_direction(name: str, main_metric: str | None = None, main_mode: str =
     return None
 
 
+# a classifier's evaluation also reports the mean cross-entropy of the labels, `eval_<prefix>loss`, after the
+# task's metrics (raysdpb.recipe.evaluation.evaluate_split)
+EVAL_LOSS = "loss"
+
+
 def eval_metric_keys(task: TaskSpec, eval_split: str | None = None, heldout_dev: bool | str = False) -> list[str]:
-    """Every eval key a trial of `task` reports: `eval_<prefix><metric>` for each evaluation split and metric.
-    With `eval_split` set the trial evaluates that one split, without a prefix (`TaskSpec.evaluation_splits`);
-    with `heldout_dev` (True, or what `heldout_dev.evaluate` says: "both", "dev", "validation") it also evaluates
-    the dev split held out from its training split, first, as `eval_dev_<metric>` (`raysdpb.tasks.heldout`), or
-    that alone ("dev"), or not ("validation": held out of training, not evaluated)."""
+    """Every eval key a trial of `task` reports: `eval_<prefix><metric>` for each evaluation split and metric, and
+    a classifier's `eval_<prefix>loss` after its split's metrics (`EVAL_LOSS`). With `eval_split` set the trial
+    evaluates that one split, without a prefix (`TaskSpec.evaluation_splits`); with `heldout_dev` (True, or what
+    `heldout_dev.evaluate` says: "both", "dev", "validation") it also evaluates the dev split held out from its
+    training split, first, as `eval_dev_<metric>` (`raysdpb.tasks.heldout`), or that alone ("dev"), or not
+    ("validation": held out of training, not evaluated)."""
     mode = "both" if heldout_dev is True else (heldout_dev or "none")
     prefixes = ["dev_"] if mode in ("both", "dev") else []
     if mode != "dev":
         prefixes += [prefix for _, prefix in task.evaluation_splits(eval_split)]
-    return [f"eval_{prefix}{metric}" for prefix in prefixes for metric in task.metrics]
+    metrics = [*task.metrics, EVAL_LOSS] if task.kind != "generation" else list(task.metrics)
+    return [f"eval_{prefix}{metric}" for prefix in prefixes for metric in metrics]
 
 
 def main_metric(task: TaskSpec, eval_split: str | None = None, heldout_dev: bool | str = False) -> str:
