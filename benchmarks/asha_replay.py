@@ -9,15 +9,15 @@ grid order, `--concurrent` at a time; each one's reports arrive at its own recor
 `time_total_s`, in `curves.parquet`); each report goes to the same scheduler the sweep uses
 (`raysdpb.sweep.scheduler.GroupedASHA`, Ray Tune's ASHA per group of comparable trials, `--group-by`), and a trial it
 stops sends nothing more and frees its slot, so the next trial starts earlier, as in a real sweep.
+Several experiments are replayed as one sweep (their trials in the order given, `--concurrent` at a time), each
+with its own groups; `--one-sweep` takes them for parts of one grid, grouped by `--group-by` alone (`--group-by
+task`: one group per task, every method's configurations ranked together, as a sweep that searches `method`).
+
 Reported per group and in all:
 
 * compute: the `time_attr` the trials ran (epochs, or `--time-attr samples_seen`, the training examples forwarded
   that every report carries: the unit in which double_finetune and the overlap methods cost what they do),
   against the whole grid's; `saved` is the fraction not run;
-Several experiments are replayed as one sweep (their trials in the order given, `--concurrent` at a time), each
-with its own groups; `--one-sweep` takes them for parts of one grid, grouped by `--group-by` alone (`--group-by
-task`: one group per task, every method's configurations ranked together, as a sweep that searches `method`).
-
 * regret: the configuration the ASHA sweep would choose (the best `best_<metric>` among what its trials reported
   before they were stopped; ties to grid order, as the sweep's summary) scored by what it reached in the full run,
   against the grid's best; in validation examples too when `--eval-examples` (or the task's known size) is given.

@@ -64,12 +64,10 @@ def evaluate_split(model, task, dataset: TokenizedDataset, records: list[dict], 
                    device, prefix: str = "", rank: int = 0, world_size: int = 1, autocast=None,
                    predictions_path=None) -> dict[str, float]:
     """`{"eval_<prefix><metric>": value}` for the task's metrics on one split, and `eval_<prefix>loss` (the mean
-    cross-entropy of the labels, `schema.EVAL_LOSS`). With `predictions_path` rank 0
-    writes every example's `idx` (its index in its split: the training split's for a held-out dev set),
-    `prediction` and `label` there as Parquet, the very predictions the metrics are computed from (gathered
-    from every rank)."""
+    cross-entropy of the labels, `schema.EVAL_LOSS`). With `predictions_path` rank 0 writes every example's `idx`
+    (its index in its split: the training split's for a held-out dev set), `prediction` and `label` there as
+    Parquet, the very predictions the metrics are computed from (gathered from every rank)."""
     from raysdpb.metrics import compute_metrics
-
     from raysdpb.results.schema import EVAL_LOSS
 
     indices, predictions, losses = predict_classes(model, dataset, batch_size, collator, device, rank, world_size,
