@@ -92,10 +92,13 @@ def _best(values: list[float], mode: str) -> float:
 
 def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mode: str = "max",
            time_attr: str = "epoch", grace: float = 1.0, reduction: float = 2.0, concurrent: int = 1,
-           group_of: dict[str, object] | None = None, eval_examples: dict[str, int] | None = None) -> ReplayResult:
+           group_of: dict[str, object] | None = None, eval_examples: dict[str, int] | None = None,
+           score_metric: str | None = None, score_mode: str | None = None) -> ReplayResult:
     """Replay ASHA over fully-run `trials` (trials.parquet rows, grid order) and their `curves` (curves.parquet
     rows). `group_of`: trial id -> its ASHA group (default: one group); `eval_examples`: group -> validation
-    examples, to state the regret in examples."""
+    examples, to state the regret in examples. ASHA ranks by `metric` (`mode`); the configuration is chosen and
+    the regret stated by `score_metric` (`score_mode`), by default the same (e.g. ASHA on `eval_dev_loss`, chosen
+    and judged by `eval_dev_accuracy`)."""
     from raysdpb.sweep.scheduler import GroupedASHA
 
     by_trial: dict[str, list[dict]] = {t["trial_id"]: [] for t in trials}
@@ -153,6 +156,7 @@ def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mod
                 start(waiting.pop(0), now)
 
     result = ReplayResult(grace=grace, reduction=reduction, time_attr=time_attr, stopped_at=stopped_at)
+    metric, mode = score_metric or metric, score_mode or (mode if score_metric is None else "max")
     sign = 1.0 if mode == "max" else -1.0
     groups: dict[object, list[str]] = {}
     for trial_id in order:
@@ -227,6 +231,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-attr", default="epoch", help="epoch, or a curves column such as samples_seen")
     p.add_argument("--metric", default="score")
     p.add_argument("--mode", choices=["max", "min"], default="max")
+    p.add_argument("--score-metric", default=None,
+                   help="the metric the configuration is chosen and the regret stated by (default: --metric), "
+                        "e.g. ASHA on eval_dev_loss judged by eval_dev_accuracy")
+    p.add_argument("--score-mode", choices=["max", "min"], default=None,
+                   help="default: --mode with the same metric, else max")
     p.add_argument("--concurrent", type=int, default=2, help="trials at a time in the simulated sweep")
     p.add_argument("--group-by", nargs="*", default=["task", "model", "num_layers", "method"])
     p.add_argument("--one-sweep", action="store_true",
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     for grace in args.grace:
         for reduction in args.reduction:
             r = replay(trials, curves, metric=args.metric, mode=args.mode, time_attr=args.time_attr, grace=grace,
-                       reduction=reduction, concurrent=args.concurrent, group_of=group_of, eval_examples=examples)
+                       reduction=reduction, concurrent=args.concurrent, group_of=group_of, eval_examples=examples,
+                       score_metric=args.score_metric, score_mode=args.score_mode)
             worst = max(r.groups, key=lambda g: g.regret)
             in_examples = f" ({worst.regret_examples:.2f} examples)" if worst.regret_examples is not None else ""
             print(f"{grace:>6g} {reduction:>9g} {r.saved:>7.1%} {r.max_regret:>10.4f}  {worst.group}{in_examples}")

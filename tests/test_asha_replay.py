@@ -123,3 +123,24 @@ def test_experiments_of_one_grid_share_their_groups_with_one_sweep(asha_replay, 
     assert one["groups"][0]["chosen"] == "C" and one["groups"][0]["regret"] == pytest.approx(0.15)
     printed = capsys.readouterr().out.splitlines()
     assert printed[1].split()[2] == "8.3%" and printed[3].split()[2] == "33.3%"
+
+
+def test_asha_on_one_metric_judged_by_another(asha_replay):
+    """ASHA ranks on a loss (min) and the configuration is chosen and judged by the score (HAND, max). Losses,
+    the same at every epoch: A 0.5, B 0.1, C 0.9, D 0.2. One at a time, grace 1, reduction 2: A alone passes; B's 0.1
+    beats A's 0.5; C's 0.9 is worse than the median of 0.5 and 0.1 (0.3): stopped at epoch 1; D's 0.2 beats the
+    median of 0.5, 0.1, 0.9 (0.5) and at rung 2 that of A's and B's (0.3). 2 of 12 epochs saved; B, whose score ends
+    the best (0.95), ran to the end and is chosen: regret 0, where ASHA on the score itself stopped B (regret
+    0.15)."""
+    trials, curves = _grid(HAND)
+    loss = {"A": 0.5, "B": 0.1, "C": 0.9, "D": 0.2}
+    for row in curves:
+        row["loss"] = loss[row["trial_id"]]
+    result = asha_replay.replay(trials, curves, metric="loss", mode="min", grace=1, reduction=2, concurrent=1,
+                                score_metric="score", score_mode="max")
+    assert result.stopped_at == {"C": 1.0} and result.saved == pytest.approx(2 / 12)
+    (group,) = result.groups
+    assert (group.chosen, group.best, group.regret, group.best_score) == ("B", "B", 0.0, 0.95)
+    # chosen by the loss itself (no score metric): B too, the lowest loss, judged by the loss
+    by_loss = asha_replay.replay(trials, curves, metric="loss", mode="min", grace=1, reduction=2, concurrent=1)
+    assert by_loss.groups[0].chosen == "B" and by_loss.groups[0].best_score == 0.1
