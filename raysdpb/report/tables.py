@@ -451,22 +451,19 @@ def _per_trial(frame: pd.DataFrame, name: str, default: float) -> pd.Series:
     return values.fillna(default).astype(float)
 
 
-def teacher_passes_of(trials: pd.DataFrame, method: str) -> tuple[pd.Series, bool]:
+def teacher_passes_of(trials: pd.DataFrame, method: str, batched: pd.Series) -> tuple[pd.Series, bool]:
     """Per trial, the teacher forward passes its soft targets took: `last_teacher_table_passes` (the recipe's
     `teacher_table_passes`, one per training example, whichever trial computed the cached table); for a teacher
-    method's row from before that column, one epoch's examples (steps x batch size x ranks / epochs run), and
-    True (estimated). 0 for a method without a separate teacher."""
-    zero = pd.Series(0.0, index=trials.index)
+    method's row from before that column, one epoch's examples (`batched`, the examples its steps took, over the
+    epochs run), and True (estimated). 0 for a method without a separate teacher."""
     spec = METHODS.get(method)
     if spec is None or getattr(spec, "soft_targets", None) != "teacher":
-        return zero, False
+        return pd.Series(0.0, index=trials.index), False
     recorded = _per_trial(trials, "last_teacher_table_passes", float("nan"))
     missing = recorded.isna()
     if not missing.any():
         return recorded, False
-    epochs = _per_trial(trials, "epochs_run", float("nan")).where(lambda e: e > 0)
-    per_epoch = (_per_trial(trials, "steps", float("nan")) * _per_trial(trials, "batch_size", float("nan"))
-                 * _per_trial(trials, "last_world_size", 1.0) / epochs)
+    per_epoch = batched / _per_trial(trials, "epochs_run", float("nan")).where(lambda e: e > 0)
     return recorded.where(~missing, per_epoch).fillna(0.0), True
 
 
@@ -493,9 +490,9 @@ def compute_costs(prepared: pd.DataFrame, selection: pd.DataFrame) -> pd.DataFra
         trials = by_id.loc[[t for t in r.trial_ids if t in by_id.index]]
         per_pass = float(getattr(METHODS.get(r.method), "forward_passes", 1) or 1)
         steps = _per_trial(trials, "steps", 0.0)
-        passes = steps * _per_trial(trials, "batch_size", float("nan")) * _per_trial(trials, "last_world_size", 1.0) \
-            * per_pass
-        teacher, estimated = teacher_passes_of(trials, r.method)
+        batched = steps * _per_trial(trials, "batch_size", float("nan")) * _per_trial(trials, "last_world_size", 1.0)
+        passes = batched * per_pass
+        teacher, estimated = teacher_passes_of(trials, r.method, batched)
         wall = _per_trial(trials, "wall_time_s", float("nan"))
         rows.append({"column": r.column, "method": r.method, "metric": r.metric, "mean": r.mean, "std": r.std,
                      "n": len(trials), "steps": float(steps.mean()), "forward_passes": float(passes.mean()),
