@@ -18,9 +18,12 @@ Reported per group and in all:
 * compute: the `time_attr` the trials ran (epochs, or `--time-attr samples_seen`, the training examples forwarded
   that every report carries: the unit in which double_finetune and the overlap methods cost what they do),
   against the whole grid's; `saved` is the fraction not run;
-* regret: the configuration the ASHA sweep would choose (the best `best_<metric>` among what its trials reported
-  before they were stopped; ties to grid order, as the sweep's summary) scored by what it reached in the full run,
-  against the grid's best; in validation examples too when `--eval-examples` (or the task's known size) is given.
+* regret: the configuration the ASHA sweep would choose (ties to grid order, as the sweep's summary) scored by what
+  it reached in the full run, against the grid's best; in validation examples too when `--eval-examples` (or the
+  task's known size) is given. `--select` is the sweep's selection rule: `best` (the default), a trial's best report
+  (`best_<metric>`) among what it reported before it was stopped; `last`, its last report (`last_<metric>`:
+  protocol v2's fixed-budget rule), which for a stopped trial is its score where ASHA stopped it, as the sweep's
+  trials.parquet holds it, and for the full run the score at the end of training.
 
 The grid must have run without stopping (`asha: null` in its sweep config) and should report every fraction of an
 epoch (`eval_every_steps`), so that rungs below an epoch can be replayed. A trial that diverged stops where it did.
@@ -52,7 +55,7 @@ class GroupResult:
     compute_run: float         # time_attr units the trials ran under ASHA
     compute_full: float        # time_attr units of the whole grid
     chosen: str                # the trial ASHA's sweep would pick
-    chosen_score: float        # its score in the full run (its best_<metric> over all its reports)
+    chosen_score: float        # its score in the full run (best_<metric> over all its reports, or last_<metric>)
     best: str                  # the grid's best trial
     best_score: float
     regret: float              # best_score - chosen_score in the metric's direction (>= 0)
@@ -68,6 +71,7 @@ class ReplayResult:
     grace: float
     reduction: float
     time_attr: str
+    select: str = "best"
     groups: list[GroupResult] = field(default_factory=list)
     stopped_at: dict[str, float] = field(default_factory=dict)  # trial id -> time_attr of the report it stopped on
 
@@ -81,8 +85,8 @@ class ReplayResult:
         return max((g.regret for g in self.groups), default=0.0)
 
     def as_dict(self) -> dict:
-        return {"grace": self.grace, "reduction": self.reduction, "time_attr": self.time_attr, "saved": self.saved,
-                "max_regret": self.max_regret, "stopped_at": self.stopped_at,
+        return {"grace": self.grace, "reduction": self.reduction, "time_attr": self.time_attr, "select": self.select,
+                "saved": self.saved, "max_regret": self.max_regret, "stopped_at": self.stopped_at,
                 "groups": [{**asdict(g), "saved": g.saved} for g in self.groups]}
 
 
@@ -93,12 +97,14 @@ def _best(values: list[float], mode: str) -> float:
 def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mode: str = "max",
            time_attr: str = "epoch", grace: float = 1.0, reduction: float = 2.0, concurrent: int = 1,
            group_of: dict[str, object] | None = None, eval_examples: dict[str, int] | None = None,
-           score_metric: str | None = None, score_mode: str | None = None) -> ReplayResult:
+           score_metric: str | None = None, score_mode: str | None = None, select: str = "best") -> ReplayResult:
     """Replay ASHA over fully-run `trials` (trials.parquet rows, grid order) and their `curves` (curves.parquet
     rows). `group_of`: trial id -> its ASHA group (default: one group); `eval_examples`: group -> validation
     examples, to state the regret in examples. ASHA ranks by `metric` (`mode`); the configuration is chosen and
     the regret stated by `score_metric` (`score_mode`), by default the same (e.g. ASHA on `eval_dev_loss`, chosen
-    and judged by `eval_dev_accuracy`)."""
+    and judged by `eval_dev_accuracy`). `select`: a trial's score is its best report ("best") or its last ("last")."""
+    if select not in ("best", "last"):
+        raise ValueError(f"select must be 'best' or 'last', not {select!r}")
     from raysdpb.sweep.scheduler import GroupedASHA
 
     by_trial: dict[str, list[dict]] = {t["trial_id"]: [] for t in trials}
@@ -155,7 +161,8 @@ def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mod
             if waiting:
                 start(waiting.pop(0), now)
 
-    result = ReplayResult(grace=grace, reduction=reduction, time_attr=time_attr, stopped_at=stopped_at)
+    result = ReplayResult(grace=grace, reduction=reduction, time_attr=time_attr, select=select,
+                          stopped_at=stopped_at)
     metric, mode = score_metric or metric, score_mode or (mode if score_metric is None else "max")
     sign = 1.0 if mode == "max" else -1.0
     groups: dict[object, list[str]] = {}
@@ -164,7 +171,9 @@ def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mod
     for key, members in groups.items():
         def score(reports: list[dict]) -> float:
             values = [r[metric] for r in reports if is_number(r.get(metric))]
-            return _best(values, mode) if values else -sign * math.inf
+            if not values:
+                return -sign * math.inf
+            return values[-1] if select == "last" else _best(values, mode)
 
         full = {t: score(by_trial[t]) for t in members}
         under_asha = {t: score(seen[t]) for t in members}
@@ -236,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
                         "e.g. ASHA on eval_dev_loss judged by eval_dev_accuracy")
     p.add_argument("--score-mode", choices=["max", "min"], default=None,
                    help="default: --mode with the same metric, else max")
+    p.add_argument("--select", choices=["best", "last"], default="best",
+                   help="the sweep's selection rule: a trial's best report or its last (protocol v2)")
     p.add_argument("--concurrent", type=int, default=2, help="trials at a time in the simulated sweep")
     p.add_argument("--group-by", nargs="*", default=["task", "model", "num_layers", "method"])
     p.add_argument("--one-sweep", action="store_true",
@@ -262,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         for reduction in args.reduction:
             r = replay(trials, curves, metric=args.metric, mode=args.mode, time_attr=args.time_attr, grace=grace,
                        reduction=reduction, concurrent=args.concurrent, group_of=group_of, eval_examples=examples,
-                       score_metric=args.score_metric, score_mode=args.score_mode)
+                       score_metric=args.score_metric, score_mode=args.score_mode, select=args.select)
             worst = max(r.groups, key=lambda g: g.regret)
             in_examples = f" ({worst.regret_examples:.2f} examples)" if worst.regret_examples is not None else ""
             print(f"{grace:>6g} {reduction:>9g} {r.saved:>7.1%} {r.max_regret:>10.4f}  {worst.group}{in_examples}")
