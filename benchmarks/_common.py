@@ -123,6 +123,18 @@ def scored_examples(trial) -> int:
     return min(n, trial.max_eval_samples or n)
 
 
+SELECT_RULES = ("best", "last")
+
+
+def selected_value(values: list[float], select: str, mode: str = "max") -> float:
+    """A trial's score by a sweep's selection rule, from its reports' values in the order reported: the best of
+    them (`best`, the `best_<metric>` column; largest for `mode` max, smallest for min) or the last (`last`, the
+    `last_<metric>` column: protocol v2's fixed-budget rule). `values` must not be empty."""
+    if select == "last":
+        return values[-1]
+    return max(values) if mode == "max" else min(values)
+
+
 def write_json(path: str | None, data: dict) -> None:
     if not path:
         return

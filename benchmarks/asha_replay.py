@@ -40,7 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SELECT_RULES, selected_value  # noqa: E402  (puts the checkout's raysdpb on the path)
 
 from raysdpb.results.schema import is_number  # noqa: E402
 
@@ -90,10 +91,6 @@ class ReplayResult:
                 "groups": [{**asdict(g), "saved": g.saved} for g in self.groups]}
 
 
-def _best(values: list[float], mode: str) -> float:
-    return max(values) if mode == "max" else min(values)
-
-
 def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mode: str = "max",
            time_attr: str = "epoch", grace: float = 1.0, reduction: float = 2.0, concurrent: int = 1,
            group_of: dict[str, object] | None = None, eval_examples: dict[str, int] | None = None,
@@ -103,8 +100,8 @@ def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mod
     examples, to state the regret in examples. ASHA ranks by `metric` (`mode`); the configuration is chosen and
     the regret stated by `score_metric` (`score_mode`), by default the same (e.g. ASHA on `eval_dev_loss`, chosen
     and judged by `eval_dev_accuracy`). `select`: a trial's score is its best report ("best") or its last ("last")."""
-    if select not in ("best", "last"):
-        raise ValueError(f"select must be 'best' or 'last', not {select!r}")
+    if select not in SELECT_RULES:
+        raise ValueError(f"select must be one of {SELECT_RULES}, not {select!r}")
     from raysdpb.sweep.scheduler import GroupedASHA
 
     by_trial: dict[str, list[dict]] = {t["trial_id"]: [] for t in trials}
@@ -171,9 +168,7 @@ def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mod
     for key, members in groups.items():
         def score(reports: list[dict]) -> float:
             values = [r[metric] for r in reports if is_number(r.get(metric))]
-            if not values:
-                return -sign * math.inf
-            return values[-1] if select == "last" else _best(values, mode)
+            return selected_value(values, select, mode) if values else -sign * math.inf
 
         full = {t: score(by_trial[t]) for t in members}
         under_asha = {t: score(seen[t]) for t in members}
@@ -245,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
                         "e.g. ASHA on eval_dev_loss judged by eval_dev_accuracy")
     p.add_argument("--score-mode", choices=["max", "min"], default=None,
                    help="default: --mode with the same metric, else max")
-    p.add_argument("--select", choices=["best", "last"], default="best",
+    p.add_argument("--select", choices=SELECT_RULES, default="best",
                    help="the sweep's selection rule: a trial's best report or its last (protocol v2)")
     p.add_argument("--concurrent", type=int, default=2, help="trials at a time in the simulated sweep")
     p.add_argument("--group-by", nargs="*", default=["task", "model", "num_layers", "method"])

@@ -52,7 +52,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import scored_examples, table, write_json  # noqa: E402
+from _common import SELECT_RULES, scored_examples, selected_value, table, write_json  # noqa: E402
 
 from raysdpb.results.schema import is_number  # noqa: E402
 
@@ -221,12 +221,11 @@ def _merged(loaded: list) -> RecordedGroup:
 def selection_scores(curves: dict[str, list[dict]], metric: str, select: str, mode: str = "max") -> dict[str, float]:
     """Each trial's score by the sweep's selection rule: its best report (`best`, the best_<metric> column) or its
     last report (`last`, protocol v2's `last_<metric>`); a trial without the metric is left out."""
-    sign = 1.0 if mode == "max" else -1.0
     out = {}
     for trial_id, rows in curves.items():
         values = [float(r[metric]) for r in rows if is_number(r.get(metric))]
         if values:
-            out[trial_id] = values[-1] if select == "last" else sign * max(sign * v for v in values)
+            out[trial_id] = selected_value(values, select, mode)
     return out
 
 
@@ -506,7 +505,7 @@ def parse_args(argv=None):
                                                                    "size")
     p.add_argument("--metric", default=None, help="default: the task's main metric (eval_dev_<metric> with a held-out "
                                                   "dev split)")
-    p.add_argument("--select", choices=["best", "last"], default=None,
+    p.add_argument("--select", choices=SELECT_RULES, default=None,
                    help="the sweep's selection rule: best report, or last (default: last with a held-out dev split)")
     p.add_argument("--eval-examples", type=int, default=None, help="validation examples (one example = 1/N); "
                                                                    "default: from the task's data")
