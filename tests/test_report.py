@@ -332,6 +332,28 @@ def test_compute_costs_steps_passes_teacher_and_wall_time(monkeypatch):
     assert (bare["steps"] == 0).all() and bare["forward_passes"].isna().all()
 
 
+def test_compute_figure_spreads_equal_compute_sideways_and_picks_its_unit():
+    """Markers within `width` of one another spread evenly over `width` per neighbour, centred on their common x;
+    a lone marker keeps its place; over many random layouts no two markers end closer than the band allows where
+    they started together. The axis counts thousands of examples below a million, else millions."""
+    from raysdpb.report.figures import _dodge, _passes_unit
+
+    xs = np.array([2.4, 4.792, 3.2, 4.8, 2.4, 4.8])
+    off = _dodge(xs, 0.1)
+    np.testing.assert_allclose(off[[0, 4]], [-0.05, 0.05])          # finetune and ps_kd at 2.4
+    np.testing.assert_allclose(off[2], 0.0)                          # kd alone
+    np.testing.assert_allclose(sorted(off[[1, 3, 5]]), [-0.1, 0.0, 0.1])  # three within 0.008 of each other
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        xs = rng.choice([1.0, 1.33, 2.0], size=rng.integers(1, 12)) + rng.uniform(0, 0.005, size=1)
+        moved = xs + _dodge(xs, 0.05)
+        for x in np.unique(xs):
+            here = np.sort(moved[xs == x])
+            assert here.mean() == pytest.approx(x)                   # centred on the shared compute
+            assert np.all(np.diff(here) == pytest.approx(0.05)) if len(here) > 1 else here[0] == pytest.approx(x)
+    assert _passes_unit(4800.0) == (1e3, "thousands") and _passes_unit(2.5e6) == (1e6, "millions")
+
+
 def test_alpha_tau_grid_means_over_seeds_and_other_keys():
     rows = []
     for alpha in (0.5, 1.0):

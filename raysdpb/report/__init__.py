@@ -207,7 +207,8 @@ class _Report:
             figures.compute_figure(column, here, path, self.scale)
             section.blocks.append(Figure(path, (
                 f"{column}: validation {here['metric'].iloc[0]} (mean ± std over seeds) against forward passes per "
-                "trial (student + teacher; a dotted line from the student's own passes where a teacher adds some).")))
+                "trial (student + teacher; a dotted line from the student's own passes where a teacher adds some; "
+                "methods at the same compute are spread a little sideways so that each error bar shows).")))
         return section
 
     def heatmaps(self) -> Section:

@@ -271,23 +271,46 @@ def grad_norm_figure(column: str, norms: dict[str, dict[str, pd.DataFrame]], pat
 
 # --- score against compute -----------------------------------------------------------------------------
 
+def _passes_unit(largest: float) -> tuple[float, str]:
+    """The x axis's unit for forward passes: thousands below a million examples, else millions."""
+    return (1e3, "thousands") if largest < 1e6 else (1e6, "millions")
+
+
+def _dodge(xs: np.ndarray, width: float) -> np.ndarray:
+    """Sideways offsets for markers that would sit on one another: the points within `width` of each other's x
+    spread evenly over a band `width` wide per neighbour, centred on their x (a lone point keeps its place)."""
+    offsets = np.zeros(len(xs))
+    order = np.argsort(xs, kind="stable")
+    start = 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or xs[order[i]] - xs[order[start]] > width:
+            n = i - start
+            offsets[order[start:i]] = (np.arange(n) - (n - 1) / 2) * width
+            start = i
+    return offsets
+
+
 def compute_figure(column: str, costs: pd.DataFrame, path: Path, scale: float = 1.0) -> None:
     """One task's methods at their selected configurations: the score (mean ± std over seeds) against the
     forward passes a trial spent (student + teacher, `raysdpb.report.tables.compute_costs`), a marker per
-    method; a method up and to the right wins by spending more."""
+    method; a method up and to the right wins by spending more. Methods at the same compute (five spend twice
+    finetune's passes) are spread a little sideways, so that each one's error bar shows."""
     fig = Figure(figsize=(6.8, 4.2), layout="constrained")
     ax = fig.subplots()
     metric = str(costs["metric"].iloc[0]) if len(costs) else "score"
-    for r in costs.itertuples(index=False):
-        x = r.total_passes / 1e6
+    totals = costs["total_passes"].to_numpy(dtype=float)
+    unit, unit_name = _passes_unit(float(np.nanmax(totals)) if len(totals) else 0.0)
+    offsets = _dodge(totals / unit, 0.015 * float(np.nanmax(totals / unit))) if len(totals) else np.zeros(0)
+    for r, offset in zip(costs.itertuples(index=False), offsets):
+        x = r.total_passes / unit + offset
         err = r.std * scale if np.isfinite(r.std) else None
         ax.errorbar([x], [r.mean * scale], yerr=None if err is None else [[err], [err]],
                     marker=method_marker(r.method), color=method_color(r.method), markersize=8, capsize=3,
                     linestyle="none", label=r.method)
-        if r.teacher_passes > 0:  # the student's own share, hollow, joined to the total
-            ax.plot([r.forward_passes / 1e6, x], [r.mean * scale] * 2, color=method_color(r.method), linewidth=1,
-                    linestyle=":")
-    ax.set_xlabel("forward passes per trial (millions of examples; student + teacher)")
+        if r.teacher_passes > 0:  # the student's own share, joined to the total by a dotted line
+            ax.plot([r.forward_passes / unit + offset, x], [r.mean * scale] * 2, color=method_color(r.method),
+                    linewidth=1, linestyle=":")
+    ax.set_xlabel(f"forward passes per trial ({unit_name} of examples; student + teacher)")
     ax.set_ylabel(_metric_label(metric, scale))
     ax.grid(True, alpha=0.3)
     ax.set_xlim(left=0)
