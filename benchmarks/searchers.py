@@ -1,17 +1,21 @@
 """How much compute each searcher needs to reach the best grid configuration's score, against the grid (issue 33).
 
-    python benchmarks/searchers.py [--tasks superglue/cb glue/rte] [--num-samples 12] [--grid paper|small]
+    python benchmarks/searchers.py [--tasks superglue/cb glue/mrpc] [--num-samples 12] [--grid paper|small]
                                    [--root ray_results/searchers] [--archive DIR] [--resume] [--json PATH]
     python benchmarks/searchers.py --smoke          # tiny: checks that every sweep starts, ends and is scored
 
-Per task (SuperGLUE CB whole; an RTE training subset, `--rte-samples`, default 1000 of 2490, validation whole),
-one method (`--method`, default dynsdpb) with MiniLM-L6, the paper's protocol (3 epochs, AdamW, CB batch 8 and 256
-tokens, RTE batch 32 and 128 tokens), four sweeps, each a `python -m raysdpb.sweep` of a config written under
-`<root>/configs/`:
+Per task (SuperGLUE CB whole; an MRPC training subset, `--mrpc-samples`, default 800 of 3668, as protocol v2
+trains it; an RTE subset, `--rte-samples`, default 1000 of 2490: RTE stays available, but no model here learns it,
+`RESULTS.md`, so every configuration ties there; validation whole), one method (`--method`, default dynsdpb) with
+MiniLM-L6, the paper's protocol (3 epochs, AdamW; CB batch 8 and 256 tokens, MRPC batch 8 and 96 tokens with a
+report every 50 steps, RTE batch 32 and 128 tokens), four sweeps, each a `python -m raysdpb.sweep` of a config
+written under `<root>/configs/`:
 
 * `grid`: lr {2e-5, 5e-5, 1e-4} x alpha {0.5, 1.0, 1.5} x tau {1.0, 1.5, 2.0} (`--grid small`: 2 x 2 x 2), every
   trial to its end (no ASHA): the reference. Its best configuration's score (best validation main metric over
-  the epochs) is the target; "within one example" is the target less 1 / (validation examples).
+  the epochs) is the target; "within one example" is the target less 1 / (validation examples). The grid runs
+  `--grid-concurrent` trials at a time (default 2: its order decides nothing), and its reports (MRPC's every
+  half epoch) make it a full grid for `searcher_replay.py` and `asha_replay.py` too.
 * `random`, `optuna`, `bohb`: `--num-samples` trials (default 12) over the same box as distributions: lr
   loguniform [2e-5, 1e-4], alpha uniform [0.5, 1.5], tau uniform [1.0, 2.0]; random and optuna with the sweep's
   ASHA (grace 1 epoch, reduction 2), bohb with its own HyperBand. Seed `--seed` (default 0).
@@ -27,7 +31,8 @@ Resumable and archivable like `benchmarks/quality.py`: a sweep finished earlier 
 or under `--root`) is read, not run again; `--resume` continues an interrupted one with `python -m raysdpb.sweep
 --resume`; each finished sweep's `trials.parquet`, `curves.parquet`, `grid.json`, `samples.json` and config are
 copied to `<archive>/<sweep>/`. The table and JSON (`benchmarks/results/searchers.json`, or `--json`) are written
-at the end. Hours on a CPU: the CB paper grid is 27 trials of 3 epochs (each ~10 min on 2 cores), RTE's subset
+at the end. Hours on a CPU: the CB paper grid is 27 trials of 3 epochs (each ~10 min on 2 cores); MRPC's 27 about
+2.3 hours two at a time (protocol v2's DynSDPB trials there took 7 to 10 min each, two at a time); RTE's subset
 more; a GPU (`--device cuda --gpus-per-trial 0.25`) is the place for it. The smoke run uses tiny-bert on 16
 examples, a grid of 2 and 2 samples per searcher.
 """
@@ -82,7 +87,10 @@ def best_score(rows: list[dict], metric: str) -> float | None:
 # --- configs -----------------------------------------------------------------------------------------------------
 
 TASKS = {"superglue/cb": dict(batch_size=8, eval_batch_size=8, max_length=256),
+         # protocol v2's MRPC: batch 8, 96 tokens, a report every 50 steps (400 samples, half a plain epoch of 800)
+         "glue/mrpc": dict(batch_size=8, eval_batch_size=64, max_length=96, eval_every_steps=50),
          "glue/rte": dict(batch_size=32, eval_batch_size=64, max_length=128)}
+SUBSET_ARG = {"glue/mrpc": "mrpc_samples", "glue/rte": "rte_samples"}  # the tasks trained on a subset
 
 
 def trial_block(task: str, args) -> dict:
@@ -90,8 +98,8 @@ def trial_block(task: str, args) -> dict:
                  seed=0, device=args.device, **TASKS[task])
     if args.data_dir:
         trial["data_dir"] = str(Path(args.data_dir).resolve())
-    if task == "glue/rte" and args.rte_samples:
-        trial["max_train_samples"] = args.rte_samples
+    if task in SUBSET_ARG and getattr(args, SUBSET_ARG[task]):
+        trial["max_train_samples"] = getattr(args, SUBSET_ARG[task])
     if args.smoke:
         trial |= dict(model="tiny-bert", epochs=1, max_train_samples=16, max_eval_samples=16, max_length=32,
                       batch_size=8, eval_batch_size=16, log_every_steps=1)
@@ -104,8 +112,9 @@ def sweep_name(task: str, search: str) -> str:
 
 def write_config(task: str, search: str, args) -> tuple[str, Path]:
     name = sweep_name(task, search)
+    concurrent = args.grid_concurrent if search == "grid" else args.max_concurrent
     sweep = {"name": name, "storage_path": str(Path(args.root).resolve()), "num_workers": 1,
-             "cpus_per_worker": args.cpus_per_trial, "max_concurrent_trials": args.max_concurrent,
+             "cpus_per_worker": args.cpus_per_trial, "max_concurrent_trials": concurrent,
              "keep_checkpoints": 1, "keep_weights": "none"}
     if args.device == "cuda":
         sweep |= {"use_gpu": True, "gpus_per_worker": args.gpus_per_trial}
@@ -172,7 +181,9 @@ def run_sweep(name: str, config: Path, args) -> Path:
 
 
 def main_metric(task: str) -> str:
-    return "eval_accuracy"  # CB's and RTE's main metric (raysdpb.tasks: accuracy for both)
+    from quality import main_metric as task_main_metric  # the task's own (raysdpb.results.schema.main_metric)
+
+    return task_main_metric(task)
 
 
 def eval_examples(experiment: Path) -> int:
@@ -220,7 +231,7 @@ def score_task(task: str, experiments: dict[str, Path], configs: dict[str, Path]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=["superglue/cb", "glue/rte"], choices=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=["superglue/cb", "glue/mrpc"], choices=list(TASKS))
     p.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=list(SEARCHERS))
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
@@ -228,12 +239,14 @@ def parse_args(argv=None):
     p.add_argument("--method", default="dynsdpb")
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--mrpc-samples", type=int, default=800)
     p.add_argument("--rte-samples", type=int, default=1000)
     p.add_argument("--data-dir", default=None, help="default: $RAYSDPB_DATA_DIR")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=1.0)
-    p.add_argument("--max-concurrent", type=int, default=1)
+    p.add_argument("--max-concurrent", type=int, default=1, help="the searchers' trials at a time")
+    p.add_argument("--grid-concurrent", type=int, default=2, help="the grid's trials at a time")
     p.add_argument("--root", default=str(REPO / "ray_results" / "searchers"))
     p.add_argument("--archive", default=None, help="copy each finished sweep's results here; read them from here")
     p.add_argument("--resume", action="store_true")

@@ -46,6 +46,14 @@ def test_the_configs_search_the_grids_box(bench, tmp_path):
     assert optuna.sweep.search == "optuna" and optuna.sweep.num_samples == 5 and optuna.sweep.asha is not None
     for key, values in grid.search.items():  # the searchers' box is the grid's span
         assert optuna.search[key].bounds() == (min(values), max(values))
+    # MRPC (the default second task) as protocol v2 trains it, the grid two at a time, the searchers one
+    _, grid = bench.write_config("glue/mrpc", "grid", args)
+    _, bohb = bench.write_config("glue/mrpc", "bohb", args)
+    grid, bohb = load_experiment(grid), load_experiment(bohb)
+    assert (grid.trial.max_train_samples, grid.trial.max_length, grid.trial.eval_every_steps) == (800, 96, 50)
+    assert grid.sweep.max_concurrent_trials == 2 and bohb.sweep.max_concurrent_trials == 1
+    assert args.tasks == ["superglue/cb", "glue/mrpc"]
+    assert bench.main_metric("glue/mrpc") == "eval_accuracy" and bench.main_metric("glue/cola") == "eval_matthews"
 
 
 # slow: four real sweeps (2 + 2 + 2 + 2 tiny trials) on a 2-core CPU
