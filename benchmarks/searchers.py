@@ -14,7 +14,8 @@ written under `<root>/configs/`:
 * `grid`: lr {2e-5, 5e-5, 1e-4} x alpha {0.5, 1.0, 1.5} x tau {1.0, 1.5, 2.0} (`--grid small`: 2 x 2 x 2), every
   trial to its end (no ASHA): the reference. Its best configuration's score (best validation main metric over
   the epochs) is the target; "within one example" is the target less 1 / (validation examples). The grid runs
-  `--grid-concurrent` trials at a time (default 2: its order decides nothing), and its reports (MRPC's every
+  `--grid-concurrent` trials at a time (default 2: its order decides nothing; the searchers' trials share the same
+  CPUs among `--max-concurrent`), and its reports (MRPC's every
   half epoch) make it a full grid for `searcher_replay.py` and `asha_replay.py` too.
 * `random`, `optuna`, `bohb`: `--num-samples` trials (default 12) over the same box as distributions: lr
   loguniform [2e-5, 1e-4], alpha uniform [0.5, 1.5], tau uniform [1.0, 2.0]; random and optuna with the sweep's
@@ -113,8 +114,10 @@ def sweep_name(task: str, search: str) -> str:
 def write_config(task: str, search: str, args) -> tuple[str, Path]:
     name = sweep_name(task, search)
     concurrent = args.grid_concurrent if search == "grid" else args.max_concurrent
+    # the searchers' fewer trials at a time share the grid's CPUs (compute is counted in samples, not seconds)
+    cpus = args.cpus_per_trial * (1 if search == "grid" else args.grid_concurrent / args.max_concurrent)
     sweep = {"name": name, "storage_path": str(Path(args.root).resolve()), "num_workers": 1,
-             "cpus_per_worker": args.cpus_per_trial, "max_concurrent_trials": concurrent,
+             "cpus_per_worker": cpus, "max_concurrent_trials": concurrent,
              "keep_checkpoints": 1, "keep_weights": "none"}
     if args.device == "cuda":
         sweep |= {"use_gpu": True, "gpus_per_worker": args.gpus_per_trial}
@@ -243,7 +246,8 @@ def parse_args(argv=None):
     p.add_argument("--rte-samples", type=int, default=1000)
     p.add_argument("--data-dir", default=None, help="default: $RAYSDPB_DATA_DIR")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="the grid's; a searcher's trial gets this x "
+                   "--grid-concurrent / --max-concurrent")
     p.add_argument("--gpus-per-trial", type=float, default=1.0)
     p.add_argument("--max-concurrent", type=int, default=1, help="the searchers' trials at a time")
     p.add_argument("--grid-concurrent", type=int, default=2, help="the grid's trials at a time")
