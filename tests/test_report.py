@@ -296,6 +296,28 @@ def _kd_rows(tables_of_passes: list[int | None]) -> list[dict]:
     return rows
 
 
+def test_at_last_a_trial_asha_stopped_has_no_score_and_is_counted(tmp_path):
+    """Under `--at last` a score is the one at the end of the budget: a trial ASHA stopped after its first rung
+    (last report 0.90, higher than any finished one's) cannot be chosen, and the overview says so; under the
+    default (best report) the same trial is a finished trial like any other."""
+    rows = [dict(method="random_dlb", lr=lr, seed=0, best_eval_accuracy=best, last_eval_accuracy=last,
+                 status=status, epochs_run=run)
+            for lr, best, last, status, run in ((1e-4, 0.90, 0.90, "stopped_by_asha", 1.0),
+                                                (5e-5, 0.85, 0.80, "completed", 3.0),
+                                                (2e-5, 0.82, 0.82, "completed", 3.0))]
+    trials = _trials(rows)
+    last = select_configs(prepare(trials, at="last")).set_index("method")
+    assert last.loc["random_dlb", "label"] == "lr=2e-05" and last.loc["random_dlb", "mean"] == pytest.approx(0.82)
+    assert last.loc["random_dlb", "n_trials"] == 2 and prepare(trials, at="last")["_cut_short"].tolist() == [
+        True, False, False]
+    best = select_configs(prepare(trials)).set_index("method")
+    assert best.loc["random_dlb", "label"] == "lr=0.0001" and not prepare(trials)["_cut_short"].any()
+    written = build_report([str(_write(tmp_path / "grid", trials))], tmp_path / "out", at="last")
+    text = written["markdown"].read_text()
+    assert "1 trial(s) stopped by ASHA have no score at their last report" in text
+    assert "never reported their metric" not in text
+
+
 def test_compute_costs_steps_passes_teacher_and_wall_time(monkeypatch):
     """Forward passes are steps x batch x ranks x the method's passes per example (its `forward_passes`, 1
     where the registry does not say); a teacher method's table passes are added to every trial that distils from

@@ -143,7 +143,12 @@ class _Report:
         if len(left_out):
             blocks.append(f"{len(left_out)} trial(s) not finished ({', '.join(sorted(set(left_out['status'])))}) "
                           "are left out of the results; they count in the cost table.")
-        no_value = p[p["_finished"] & p["_value"].isna() & p["_metric"].notna()] if len(p) else p
+        cut_short = int(p["_cut_short"].sum()) if len(p) else 0
+        if cut_short:
+            blocks.append(f"{cut_short} trial(s) stopped by ASHA have no score at their last report (it is where "
+                          "ASHA stopped them, not the end of the budget the others' last reports are at), so they "
+                          "are left out of the results under `--at last`; they count in the cost table.")
+        no_value = p[p["_finished"] & p["_value"].isna() & p["_metric"].notna() & ~p["_cut_short"]] if len(p) else p
         if len(no_value):
             blocks.append(f"{len(no_value)} finished trial(s) never reported their metric and are left out.")
         blocks += notes

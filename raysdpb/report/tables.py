@@ -138,11 +138,12 @@ def on_validation(metric: str | None) -> str | None:
 
 def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best",
             validation: bool = False) -> pd.DataFrame:
-    """The trials with `_column`, `_metric`, `_value`, `_seed`, `_config`, `_finished` added (a copy).
+    """The trials with `_column`, `_metric`, `_value`, `_seed`, `_config`, `_finished`, `_cut_short` added (a copy).
 
     `metric`: one metric for every trial (default: each task's main metric, on the held-out dev split for a
     trial that holds one out). `at`: "best" (the best value over the trial's reports, `best_<metric>`) or "last"
-    (`last_<metric>`). `validation`: each task's main metric on its validation split even where the trial holds a
+    (`last_<metric>`: a score at the end of the trial's budget, so a trial that ASHA stopped has none under "last",
+    `_cut_short`). `validation`: each task's main metric on its validation split even where the trial holds a
     dev split out (final scores, after selection on dev: protocol v2's stage 2)."""
     df = trials.copy().reset_index(drop=True)
     if "method" not in df:
@@ -174,6 +175,11 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
         values.append(df.at[i, column] if isinstance(name, str) and column in df else None)
     df["_value"] = pd.to_numeric(pd.Series(values, index=df.index, dtype=object), errors="coerce")
     df.loc[~np.isfinite(df["_value"].astype(float)), "_value"] = np.nan
+    # "last" scores a trial at its budget's end: a trial ASHA stopped ended early, so its last report is no score
+    # of that kind (it would be set against the others' final ones); it keeps its place in the cost table
+    status = df["status"].astype(str) if "status" in df else pd.Series("completed", index=df.index)
+    df["_cut_short"] = (status == "stopped_by_asha") & (at == "last")
+    df.loc[df["_cut_short"], "_value"] = np.nan
     df["_seed"] = df["seed"] if "seed" in df else 0
     if "data_seed" in df:  # a data order seeded apart from the initialisation: a seed is the pair (seed/data_seed)
         data = df["data_seed"].where(df["data_seed"].notna(), df["_seed"])
@@ -182,7 +188,6 @@ def prepare(trials: pd.DataFrame, *, metric: str | None = None, at: str = "best"
     columns = config_columns(trials)
     df["_config"] = [tuple((c, _hashable(v)) for c, v in zip(columns, row))
                      for row in df[columns].itertuples(index=False, name=None)] if columns else [()] * len(df)
-    status = df["status"] if "status" in df else pd.Series("completed", index=df.index)
     df["_finished"] = status.isin(schema.FINISHED)
     return df
 
