@@ -22,8 +22,8 @@ Reported per group and in all:
   it reached in the full run, against the grid's best; in validation examples too when `--eval-examples` (or the
   task's known size) is given. `--select` is the sweep's selection rule: `best` (the default), a trial's best report
   (`best_<metric>`) among what it reported before it was stopped; `last`, its last report (`last_<metric>`:
-  protocol v2's fixed-budget rule), which for a stopped trial is its score where ASHA stopped it, as the sweep's
-  trials.parquet holds it, and for the full run the score at the end of training.
+  protocol v2's fixed-budget rule), the score at the end of training, which a trial ASHA stopped does not have: it
+  cannot be chosen (as `raysdpb.report --at last` leaves it out).
 
 The grid must have run without stopping (`asha: null` in its sweep config) and should report every fraction of an
 epoch (`eval_every_steps`), so that rungs below an epoch can be replayed. A trial that diverged stops where it did.
@@ -171,7 +171,9 @@ def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mod
             return selected_value(values, select, mode) if values else -sign * math.inf
 
         full = {t: score(by_trial[t]) for t in members}
-        under_asha = {t: score(seen[t]) for t in members}
+        # under "last" a score is at the end of the budget: a trial ASHA stopped has none and cannot be chosen
+        under_asha = {t: -sign * math.inf if select == "last" and t in stopped_at else score(seen[t])
+                      for t in members}
         # max() keeps the first of equal scores: ties go to grid order, as the sweep's summary breaks them
         chosen = max(members, key=lambda t: sign * under_asha[t])
         best = max(members, key=lambda t: sign * full[t])

@@ -28,8 +28,9 @@ HyperBand stop it (and BOHB pauses and resumes it, from a checkpoint of its plac
   target, the trials started by then, and whether it was reached. The target is the grid's best score by the
   sweep's selection rule less one validation example (1 / `--eval-examples`): `--select best` (the trial's best
   report, `best_<metric>`; the default) or `last` (its last report: protocol v2's rule, the default for a grid with a
-  held-out dev split), and under `last` only a trial's last report in the replay counts (what the sweep would
-  select it by). Compute is a fraction of the whole grid's (every trial to its end).
+  held-out dev split), and under `last` only a trial's final report counts (the end of its budget: what the sweep
+  would select it by; a trial ASHA stopped has none). Compute is a fraction of the whole grid's (every trial to its
+  end).
 * **Per searcher**, over `--seeds` replays (`sweep.seed` 0 .. N-1): the median and interquartile range of that
   fraction (a replay that never reaches the target counts as infinite, "never"), the fraction of seeds that reached
   it, the trials started. References: the grid in grid order without ASHA (no Ray: the recorded curves in order)
@@ -234,12 +235,12 @@ def compute_to_reach(events: list[dict], metric: str, target: float, *, select: 
     """From a replay's reports in the order they arrived (`trial_id`, `samples_seen`, the metric): the compute
     (each trial's largest samples_seen by then, summed) until the first report that reaches `target`, the trials
     started by then and whether it was reached; unreached: the whole replay's. Under `select` "last" only a
-    trial's last report of the replay counts (the score the sweep would select it by)."""
+    trial's final report counts (`final`: the last of its recorded curve, the end of its budget; the score the
+    sweep would select it by), so a trial ASHA stopped never reaches the target."""
     sign = 1.0 if mode == "max" else -1.0
-    last_index = {e["trial_id"]: i for i, e in enumerate(events)}
     hit = None
     for i, event in enumerate(events):
-        if select == "last" and last_index[event["trial_id"]] != i:
+        if select == "last" and not event["final"]:
             continue
         if is_number(event.get(metric)) and sign * (event[metric] - target) >= -1e-12:
             hit = i
@@ -254,8 +255,9 @@ def compute_to_reach(events: list[dict], metric: str, target: float, *, select: 
 
 def grid_order_events(group: RecordedGroup, metric: str) -> list[dict]:
     """The grid without ASHA, one trial at a time in grid order: every recorded report, in that order."""
-    return [{"trial_id": t, "samples_seen": float(r["samples_seen"]), metric: r.get(metric)}
-            for t in group.trial_ids for r in group.curves[t]]
+    return [{"trial_id": t, "samples_seen": float(r["samples_seen"]), metric: r.get(metric),
+             "final": i == len(group.curves[t]) - 1}
+            for t in group.trial_ids for i, r in enumerate(group.curves[t])]
 
 
 # --- the replay on Ray Tune -------------------------------------------------------------------------------------
@@ -288,13 +290,14 @@ def replay_trial(config: dict, curves: dict[str, list[dict]], checkpoints: bool)
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(os.fspath(folder)))
 
 
-def _recorder(metric: str):
+def _recorder(metric: str, lengths: dict[str, int]):
     from ray.tune import Callback
 
     class ReportLog(Callback):
         """Every report in the order Tune's controller received it (what its scheduler and searcher saw), and the
         trials in the order they started; `repeated` counts reports received twice (a trial resumed without its
-        place would send its first reports again: its compute twice)."""
+        place would send its first reports again: its compute twice). `final`: the report is the last of the
+        trial's recorded curve (`lengths`: reports per trial)."""
 
         def __init__(self) -> None:
             self.events: list[dict] = []
@@ -315,7 +318,7 @@ def _recorder(metric: str):
                 return
             self._seen.add(key)
             self.events.append({"trial_id": key[0], "index": key[1], "samples_seen": float(result["samples_seen"]),
-                                metric: result.get(metric)})
+                                metric: result.get(metric), "final": key[1] == lengths[key[0]] - 1})
 
     return ReportLog()
 
@@ -372,7 +375,7 @@ def replay(group: RecordedGroup, searcher: str, seed: int, num_samples: int, wor
     param_space, searched = search_settings(plan)
     fields = (*REPORTED, plan.metric)
     curves = {t: [{k: r[k] for k in fields if is_number(r.get(k))} for r in rows] for t, rows in group.curves.items()}
-    log = _recorder(plan.metric)
+    log = _recorder(plan.metric, {t: len(rows) for t, rows in curves.items()})
     t0 = time.perf_counter()
     tuner = tune.Tuner(
         tune.with_parameters(replay_trial, curves=curves, checkpoints=searcher == "bohb"),

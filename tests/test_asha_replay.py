@@ -146,13 +146,13 @@ def test_asha_on_one_metric_judged_by_another(asha_replay):
     assert by_loss.groups[0].chosen == "B" and by_loss.groups[0].best_score == 0.1
 
 
-def test_the_last_report_rule_chooses_by_the_score_at_the_end_or_where_asha_stopped(asha_replay):
+def test_the_last_report_rule_chooses_by_the_score_at_the_end_and_never_a_stopped_trial(asha_replay):
     """Protocol v2 selects by a trial's last report. A [0.5, 0.6, 0.7] and B [0.6, 0.95, 0.6], one at a time, grace
     1, reduction 2: neither is stopped (B's 0.6 >= A's 0.5 at rung 1, 0.95 >= 0.6 at rung 2). By the best report
     B is chosen (0.95); by the last, A (0.7 > 0.6), and the grid's best by the same rule is A: regret 0 both ways.
-    With C [0.8, 0.5, 0.5] first and D [0.7, 0.7, 0.7] after it, D is stopped at epoch 1 (0.7 < 0.8) and the last
-    rule takes D's 0.7 there, more than C's 0.5 at the end: the sweep would choose the stopped trial, whose full
-    run ends at 0.7, the grid's best by its last report (regret 0); by the best report C (0.8) is chosen."""
+    With C [0.8, 0.5, 0.5] first and D [0.7, 0.7, 0.7] after it, D is stopped at epoch 1 (0.7 < 0.8): its 0.7 there
+    is no score at the end of the budget, so by the last report C is chosen (0.5 at the end) though the grid's best
+    by that rule is D (0.7): regret 0.2, the cost of stopping D; by the best report C (0.8) is chosen, regret 0."""
     trials, curves = _grid({"A": [0.5, 0.6, 0.7], "B": [0.6, 0.95, 0.6]})
     by_best = asha_replay.replay(trials, curves, grace=1, reduction=2, concurrent=1)
     by_last = asha_replay.replay(trials, curves, grace=1, reduction=2, concurrent=1, select="last")
@@ -165,7 +165,7 @@ def test_the_last_report_rule_chooses_by_the_score_at_the_end_or_where_asha_stop
     stopped = asha_replay.replay(trials, curves, grace=1, reduction=2, concurrent=1, select="last")
     assert stopped.stopped_at == {"D": 1.0}
     (group,) = stopped.groups
-    assert (group.chosen, group.chosen_score, group.best, group.regret) == ("D", 0.7, "D", 0.0)
+    assert (group.chosen, group.chosen_score, group.best) == ("C", 0.5, "D") and group.regret == pytest.approx(0.2)
     best = asha_replay.replay(trials, curves, grace=1, reduction=2, concurrent=1).groups[0]
     assert (best.chosen, best.best, best.regret) == ("C", "C", 0.0)
     with pytest.raises(ValueError, match="select"):

@@ -153,6 +153,11 @@ def test_compute_to_reach_counts_each_trials_samples_until_the_first_hit(replay_
     # selection by the last report: only a trial's last report counts, B's third: 30 + 30
     last = replay_module.compute_to_reach(events, "eval_accuracy", 0.90, select="last")
     assert (last["reached"], last["compute"], last["trials_started"]) == (True, 60.0, 2)
+    # a trial stopped before its end (its reports cut short, as ASHA leaves them) has no final report: under "last"
+    # B's 0.90 at its second report no longer counts, and nothing else reaches 0.90
+    cut = [e for e in events if not (e["trial_id"] == group.trial_ids[1] and e["final"])]
+    assert not replay_module.compute_to_reach(cut, "eval_accuracy", 0.90, select="last")["reached"]
+    assert replay_module.compute_to_reach(cut, "eval_accuracy", 0.90)["by_trial"] == group.trial_ids[1]
     # never reached: the whole of what ran, every trial started
     never = replay_module.compute_to_reach(events, "eval_accuracy", 0.96)
     assert never == {"reached": False, "compute": 120.0, "trials_started": 4, "by_trial": None}
