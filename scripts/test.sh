@@ -8,4 +8,5 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 export RAY_USAGE_STATS_ENABLED=0
 # lint first (a second): pyflakes and pycodestyle as pyproject.toml's [tool.ruff] selects them
 python3 -m ruff check --quiet .
-python3 -m pytest -q "$@"
+# the 25 slowest tests at the end of every run: the suite must stay under 15 minutes on 2 cores
+python3 -m pytest -q --durations=25 "$@"
