@@ -590,6 +590,11 @@ def test_v2_statistics_on_hand_made_runs(v2):
     assert pooled["p_holm"] == pooled["p"]  # one pooled comparison with data: a family of one
     text = v2.markdown(rows, "t")
     assert "| dynsdpb - double_finetune | pooled | 8 | +1.50 |" in text
+    wide = v2.wide_table(data | {"glue/mrpc": {"dynsdpb": runs([0.80])}}).splitlines()
+    assert wide[0] == "| method | superglue/cb | glue/rte | glue/mrpc | mean over tasks |"
+    # CB 72, 74, 70, 76: mean 73, SD 2.58; RTE 61, 60, 63, 62: 61.5, 1.29; MRPC one seed 80; mean of 73, 61.5, 80
+    assert wide[2] == "| dynsdpb | 73.00 ± 2.58 | 61.50 ± 1.29 | 80.00 | 71.50 |"
+    assert wide[3] == "| double_finetune | 71.00 ± 2.58 | 60.50 ± 0.58 | — | — |"  # no MRPC: no mean
 
 
 def test_v2_methods_are_registered_and_search_only_what_they_use(v2):
