@@ -605,6 +605,12 @@ def test_v2_methods_are_registered_and_search_only_what_they_use(v2):
     for method in v2.V2_METHODS:
         assert method in METHODS, method
         assert set(v2.KNOBS[method]) <= set(METHODS[method].hyperparameters), method
+    # the three comparison families name v2's methods only, and no comparison is in two families (each is one
+    # family's Holm correction)
+    families = [v2.PRIMARY, v2.ABLATION, v2.PAPER_CLAIMS]
+    assert all(a in v2.V2_METHODS and b in v2.V2_METHODS and a != b for f in families for a, b in f)
+    pairs = [frozenset(c) for f in families for c in f]
+    assert len(pairs) == len(set(pairs))
 
 
 def test_v2_trains_the_teacher_again_where_its_folder_is_gone(quality, v2, tmp_path, monkeypatch):
