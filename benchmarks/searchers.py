@@ -235,7 +235,8 @@ def score_task(task: str, experiments: dict[str, Path], configs: dict[str, Path]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["superglue/cb", "glue/mrpc"], choices=list(TASKS))
-    p.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=list(SEARCHERS))
+    p.add_argument("--searchers", nargs="*", default=list(SEARCHERS), choices=list(SEARCHERS),
+                   help="the searchers to run after the grid (none: the grid alone, e.g. for searcher_replay.py)")
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", choices=["paper", "small"], default="paper")

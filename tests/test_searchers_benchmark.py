@@ -54,6 +54,7 @@ def test_the_configs_search_the_grids_box(bench, tmp_path):
     assert grid.sweep.max_concurrent_trials == 2 and bohb.sweep.max_concurrent_trials == 1
     assert (grid.sweep.cpus_per_worker, bohb.sweep.cpus_per_worker) == (1.0, 2.0)  # the same two CPUs
     assert args.tasks == ["superglue/cb", "glue/mrpc"]
+    assert bench.parse_args(["--searchers"]).searchers == []  # the grid alone
     assert bench.main_metric("glue/mrpc") == "eval_accuracy" and bench.main_metric("glue/cola") == "eval_matthews"
 
 
