@@ -41,6 +41,7 @@ examples, a grid of 2 and 2 samples per searcher.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,8 @@ def write_config(task: str, search: str, args) -> tuple[str, Path]:
     concurrent = args.grid_concurrent if search == "grid" else args.max_concurrent
     # the searchers' fewer trials at a time share the grid's CPUs (compute is counted in samples, not seconds)
     cpus = args.cpus_per_trial * (1 if search == "grid" else args.grid_concurrent / args.max_concurrent)
+    if args.device == "cpu":  # a local run: no more than this machine has (the sweep refuses a trial that cannot fit)
+        cpus = min(cpus, float(os.cpu_count() or 1))
     sweep = {"name": name, "storage_path": str(Path(args.root).resolve()), "num_workers": 1,
              "cpus_per_worker": cpus, "max_concurrent_trials": concurrent,
              "keep_checkpoints": 1, "keep_weights": "none"}
