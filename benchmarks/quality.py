@@ -37,11 +37,11 @@ so and still prints its own table of mean +- std from the Parquet results.
 `--grid-per-method`: stage 1 as one sweep per method (`quality-grid-<task>-<method>`) instead of one for the
 task. The trials and ASHA's judgement are the same (the sweep's ASHA already compares a method's trials only
 with each other); each sweep is a smaller unit that finishes on its own. `--archive DIR`: each finished
-sweep's `trials.parquet`, `curves.parquet` and `tensorboard/` (a few hundred KB, no checkpoints) are copied to
-`DIR/<sweep>/` with the sweep's config, and a sweep found finished there is read from there and never run again
-(unless its config asks for other trials: then the script stops and says so): for a `--root` that does not
-survive (a preemptible node, a new checkout). CoLA ran that way here, its archive committed under
-`benchmarks/results/quality-cola/`.
+sweep's `trials.parquet`, `curves.parquet` and TensorBoard events (packed as `tensorboard.tar.xz`, which the
+report reads; a few hundred KB, no checkpoints) are copied to `DIR/<sweep>/` with the sweep's config, and a sweep
+found finished there is read from there and never run again (unless its config asks for other trials: then the
+script stops and says so): for a `--root` that does not survive (a preemptible node, a new checkout). CoLA ran
+that way here, its archive committed under `benchmarks/results/quality-cola/`.
 
 `--resume`: finished sweeps are skipped, an interrupted one is continued with `python -m raysdpb.sweep
 --resume`, and the selection already saved is kept, the methods missing from it added (so `--stage seeds
@@ -81,6 +81,7 @@ offline_env()
 
 import yaml  # noqa: E402
 
+from raysdpb.report.load import EVENTS_ARCHIVE, pack_tensorboard, unpack_trial_events  # noqa: E402
 from raysdpb.results.schema import FINISHED  # noqa: E402
 
 METHODS = ["finetune", "double_finetune", "sequential_dlb", "random_dlb", "dynamic_finetune", "dynsdpb"]
@@ -216,6 +217,7 @@ def archive_sweep(experiment: Path, archive: Path, config: Path) -> Path:
         shutil.copytree(predictions, target / predictions.relative_to(experiment), dirs_exist_ok=True)
     if config.exists():
         shutil.copy2(config, target / "config.yaml")
+    pack_tensorboard(target)  # the events as one tensorboard.tar.xz: a sixth of the folder's size, read by the report
     return target
 
 
@@ -292,6 +294,8 @@ def reuse_finished_trials(experiment: Path, config: Path, sources: list[Path]) -
             events = source / "tensorboard" / trial_id
             if events.is_dir():
                 shutil.copytree(events, experiment / "tensorboard" / trial_id, dirs_exist_ok=True)
+            elif (source / EVENTS_ARCHIVE).is_file():  # an archived sweep's packed events
+                unpack_trial_events(source / EVENTS_ARCHIVE, trial_id, experiment / "tensorboard" / trial_id)
         reused += ids
     if reused:
         pending = [{"trial_id": p.trial_id, "label": p.label, "status": "pending"} for p in points

@@ -228,8 +228,13 @@ def test_an_archived_sweep_is_read_from_the_archive_and_never_run_again(quality,
     monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: launched.append(a))
     first = quality.run_sweep(name, Path("unused.yaml"), args)  # finished in --root: archived, not run
     kept = tmp_path / "kept" / name
-    assert sorted(p.name for p in kept.iterdir()) == ["artifacts", "curves.parquet", "tensorboard", "trials.parquet"]
-    assert (kept / "tensorboard" / "t0" / "events.out.tfevents.1").read_bytes() == b"events"
+    assert sorted(p.name for p in kept.iterdir()) == ["artifacts", "curves.parquet", "tensorboard.tar.xz",
+                                                     "trials.parquet"]
+    # the events packed (raysdpb.report.load.pack_tensorboard), whole
+    from raysdpb.report.load import unpack_trial_events
+
+    assert unpack_trial_events(kept / "tensorboard.tar.xz", "t0", tmp_path / "events")
+    assert (tmp_path / "events" / "events.out.tfevents.1").read_bytes() == b"events"
     # of the artifacts, the saved predictions only (protocol v2's bootstrap resamples them)
     assert [str(p.relative_to(kept)) for p in sorted((kept / "artifacts").rglob("*")) if p.is_file()] == [
         "artifacts/t0/predictions/eval_step000010.parquet"]
@@ -349,6 +354,15 @@ def test_stage_2_reuses_only_stage_1s_trials_that_ran_to_the_end(quality, tmp_pa
                                      "train_loss": 0.5, "timestamp": 1002}
     assert (experiment / "tensorboard" / ids[0] / "events.out.tfevents.1").read_bytes() == ids[0].encode()
     assert sorted(p.name for p in (experiment / "tensorboard").iterdir()) == [ids[0]]
+    # a stage 1 read from an archive keeps its events packed: the reused trial's are unpacked into the folder
+    from raysdpb.report.load import pack_tensorboard
+
+    pack_tensorboard(stage1)
+    assert not (stage1 / "tensorboard").exists()
+    packed = tmp_path / "from-packed"
+    assert quality.reuse_finished_trials(packed, config, [stage1, other]) == [ids[0]]
+    assert (packed / "tensorboard" / ids[0] / "events.out.tfevents.1").read_bytes() == ids[0].encode()
+    assert sorted(p.name for p in (packed / "tensorboard").iterdir()) == [ids[0]]
     # nothing to reuse: the folder is not created
     assert quality.reuse_finished_trials(tmp_path / "none", config, [other]) == []
     assert not (tmp_path / "none").exists()

@@ -296,6 +296,36 @@ def _kd_rows(tables_of_passes: list[int | None]) -> list[dict]:
     return rows
 
 
+def test_packed_events_are_whole_deterministic_merged_and_read_as_the_folder(tmp_path):
+    """`pack_tensorboard` replaces tensorboard/ by one archive holding every file (by trial), the same bytes for the
+    same events; packing again after more trials were copied in keeps the earlier ones; `tensorboard_dir` unpacks a
+    trial's events into the cache (none for an unknown trial or without a cache)."""
+    from raysdpb.report.load import EVENTS_ARCHIVE, pack_tensorboard, tensorboard_dir, unpack_trial_events
+
+    def events(folder, trials):
+        for t, payload in trials.items():
+            (folder / "tensorboard" / t).mkdir(parents=True, exist_ok=True)
+            (folder / "tensorboard" / t / "events.out.tfevents.1").write_bytes(payload)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    events(a, {"t1": b"one" * 100, "t2": b"two"})
+    events(b, {"t2": b"two", "t1": b"one" * 100})
+    assert pack_tensorboard(a) == a / EVENTS_ARCHIVE and not (a / "tensorboard").exists()
+    pack_tensorboard(b)
+    assert (a / EVENTS_ARCHIVE).read_bytes() == (b / EVENTS_ARCHIVE).read_bytes()  # no times, no owners
+    events(a, {"t3": b"three"})  # a later copy adds a trial: packed again, all three kept
+    pack_tensorboard(a)
+    for t, payload in {"t1": b"one" * 100, "t2": b"two", "t3": b"three"}.items():
+        assert unpack_trial_events(a / EVENTS_ARCHIVE, t, tmp_path / "out" / t)
+        assert (tmp_path / "out" / t / "events.out.tfevents.1").read_bytes() == payload
+    assert not unpack_trial_events(a / EVENTS_ARCHIVE, "t9", tmp_path / "out" / "t9")
+    assert tensorboard_dir(str(a), "t2", None) is None
+    found = tensorboard_dir(str(a), "t2", tmp_path / "cache")
+    assert found == tmp_path / "cache" / "t2" and (found / "events.out.tfevents.1").read_bytes() == b"two"
+    assert tensorboard_dir(str(a), "t9", tmp_path / "cache") is None
+    assert pack_tensorboard(tmp_path / "nothing") is None
+
+
 def test_at_last_a_trial_asha_stopped_has_no_score_and_is_counted(tmp_path):
     """Under `--at last` a score is the one at the end of the budget: a trial ASHA stopped after its first rung
     (last report 0.90, higher than any finished one's) cannot be chosen, and the overview says so; under the

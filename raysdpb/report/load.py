@@ -1,11 +1,16 @@
 """Reading an experiment folder, local or on an object store: trials.parquet and curves.parquet (pandas over
 pyarrow), and the scalars the recipe wrote to TensorBoard (`<experiment>/tensorboard/<trial_id>/events.out.tfevents.*`,
-see `raysdpb.sweep.worker`), read with TensorBoard's own `EventAccumulator`."""
+see `raysdpb.sweep.worker`), read with TensorBoard's own `EventAccumulator`. An archived experiment may keep its
+events packed as `<experiment>/tensorboard.tar.xz` (`pack_tensorboard`: a sixth of the space, for results a
+repository keeps); the report reads them from there as from the folder."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import shutil
+import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +22,10 @@ from raysdpb.results.storage import download, exists, filesystem, join
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_experiments", "read_scalars", "resolve", "tensorboard_dir"]
+__all__ = ["load_experiments", "read_scalars", "resolve", "tensorboard_dir", "pack_tensorboard", "unpack_trial_events",
+           "EVENTS_ARCHIVE"]
+
+EVENTS_ARCHIVE = "tensorboard.tar.xz"  # an experiment's tensorboard/ folder, packed (members: <trial_id>/<file>)
 
 
 def _read(path: str) -> pd.DataFrame | None:
@@ -77,11 +85,20 @@ def load_experiments(paths: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, list
 
 def tensorboard_dir(experiment: str, trial_id: str, cache: Path | None = None) -> Path | None:
     """Where the recipe of a trial wrote its TensorBoard events (rank 0), as a local folder: the experiment's own
-    on this machine; for an experiment on an object store (`s3://...`), a copy of the trial's events in `cache`
+    on this machine (or, where the experiment keeps them packed, `EVENTS_ARCHIVE`, the trial's events unpacked
+    into `cache`); for an experiment on an object store (`s3://...`), a copy of the trial's events in `cache`
     (read once). None where the trial has no events."""
     if "://" not in str(experiment):
         path = Path(experiment) / "tensorboard" / str(trial_id)
-        return path if path.is_dir() and any(path.glob("events.out.tfevents.*")) else None
+        if path.is_dir() and any(path.glob("events.out.tfevents.*")):
+            return path
+        packed = Path(experiment) / EVENTS_ARCHIVE  # an archived experiment's events, unpacked into `cache` once
+        if cache is None or not packed.is_file():
+            return None
+        local = cache / str(trial_id)
+        if local.is_dir() or unpack_trial_events(packed, str(trial_id), local):
+            return local if any(local.glob("events.out.tfevents.*")) else None
+        return None
     if cache is None:
         return None
     local = cache / str(trial_id)
@@ -92,6 +109,58 @@ def tensorboard_dir(experiment: str, trial_id: str, cache: Path | None = None) -
             return None
         download(remote, local)
     return local if any(local.glob("events.out.tfevents.*")) else None
+
+
+def _tarinfo(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A member as packed: no owner, no time (the same events give the same archive, byte for byte)."""
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = 0
+    return info
+
+
+def pack_tensorboard(experiment: Path) -> Path | None:
+    """Replace `<experiment>/tensorboard/` by `<experiment>/tensorboard.tar.xz` (members `<trial_id>/<file>`, in
+    name order, without owners or times: the same events pack to the same bytes). An existing archive's members are
+    kept where the folder does not have them (packing again after more trials were copied in adds those). Returns
+    the archive, or None where the experiment has neither."""
+    folder, target = Path(experiment) / "tensorboard", Path(experiment) / EVENTS_ARCHIVE
+    if not folder.is_dir():
+        return target if target.is_file() else None
+    files = {str(f.relative_to(folder)): f for f in folder.rglob("*") if f.is_file()}
+    partial = target.with_name(target.name + ".partial")
+    with tarfile.open(partial, "w:xz") as out:
+        kept: dict[str, bytes] = {}
+        if target.is_file():
+            with tarfile.open(target, "r:xz") as old:
+                for member in old.getmembers():
+                    if member.isfile() and member.name not in files:
+                        kept[member.name] = old.extractfile(member).read()
+        for name in sorted({*files, *kept}):
+            if name in files:
+                out.add(files[name], arcname=name, filter=_tarinfo)
+            else:
+                info = _tarinfo(tarfile.TarInfo(name))
+                info.size = len(kept[name])
+                out.addfile(info, io.BytesIO(kept[name]))
+    os.replace(partial, target)
+    shutil.rmtree(folder)
+    return target
+
+
+def unpack_trial_events(packed: Path, trial_id: str, dest: Path) -> bool:
+    """One trial's event files from a packed experiment (`pack_tensorboard`) into `dest`; False where it has none."""
+    with tarfile.open(packed, "r:xz") as archive:
+        members = [m for m in archive.getmembers() if m.isfile() and m.name.startswith(f"{trial_id}/")
+                   and ".." not in Path(m.name).parts and not Path(m.name).is_absolute()]
+        if not members:
+            return False
+        dest.mkdir(parents=True, exist_ok=True)
+        for member in members:
+            target = dest / member.name[len(trial_id) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+    return True
 
 
 def read_scalars(directory: Path, prefixes: tuple[str, ...]) -> dict[str, pd.DataFrame]:
