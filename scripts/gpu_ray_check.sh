@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_ray_check.sh prepare [ASSETS]        # here, with network: fills ASSETS (default .gpu_ray)
 #   bash scripts/gpu_ray_check.sh run [OUT] [ASSETS]      # there: installs the wheels, runs the sweeps
+#   bash scripts/gpu_ray_check.sh efficiency [OUT] [ASSETS]   # there: issue 33's step and GPU-share figures
 #
 # prepare: the wheels the image lacks for Python $GPU_RAY_PYTHON (default 3.12, the image's), Ray's stripped
 #   (scripts/gpu_ray_wheels.py), the model's architecture and tokenizer files and SuperGLUE CB
@@ -16,11 +17,25 @@
 #   what a device call brings back). The exit status is the driver's: the number of failed checks.
 #   GPU_RAY_DEVICE=cpu runs the same on the CPU (no GPU, fp32, a small model): the rehearsal.
 #   GPU_RAY_LIMIT_S (default 480; 2000 on the CPU) bounds the driver; its own deadline (420 s; 1800) the sweeps.
+# efficiency: issue 33's GPU figures, after the same install, in about 4 minutes: MiniLM-L6's architecture with
+#   random weights (it times as the real one), then benchmarks/overhead.py (enc-32x128, finetune and dynsdpb, eager
+#   and with compile_loss: DynSDPB's step against finetune's, target within 2%) and benchmarks/gpu_share.py (1, 2,
+#   4 and 8 trial processes on the GPU: the measured default for gpus_per_worker). OUT gets overhead.json,
+#   overhead_compiled.json, gpu_share.json and efficiency.log. GPU_EFF_SECONDS (default 15) is each share's timed
+#   window, GPU_EFF_BUDGET_S (default 60) each overhead run's budget; GPU_RAY_DEVICE=cpu rehearses it.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 usage() {  # the comment above, up to its first blank line
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+}
+install_assets() {  # the wheels with pip, then the tarballs (Ray's: gpu_ray_wheels.wheel_to_tarball) into $SITE
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$ASSETS"/wheels/*.whl || { echo "gpu_ray_check: installing the wheels failed"; exit 3; }
+    for tarball in "$ASSETS"/wheels/*.tar.xz; do
+        [ -e "$tarball" ] || continue
+        tar -xJf "$tarball" -C "$SITE" || { echo "gpu_ray_check: unpacking $tarball failed"; exit 3; }
+    done
 }
 mode=${1:-}
 case "$mode" in
@@ -54,8 +69,7 @@ run)
         nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed (see nvidia-smi.txt)"
         head -n 12 "$OUT/nvidia-smi.txt"
     fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        "$ASSETS"/wheels/*.whl || { echo "gpu_ray_check: installing the wheels failed"; exit 3; }
+    install_assets
     echo "== wheels installed into $SITE after $((SECONDS - t0)) s"
     export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
     export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -66,6 +80,46 @@ run)
     rc=$?
     echo "== gpu ray check: exit $rc after $((SECONDS - t0)) s"
     exit "$rc"
+    ;;
+efficiency)
+    OUT=${2:-gpu_eff_out}
+    ASSETS=${3:-.gpu_ray}
+    DEVICE=${GPU_RAY_DEVICE:-cuda}
+    SITE=${GPU_RAY_SITE:-/tmp/gpu-ray-site}
+    if ! ls "$ASSETS"/wheels/*.whl >/dev/null 2>&1 || [ ! -d "$ASSETS/data/glue/rte" ]; then
+        echo "gpu_ray_check: no wheels or no glue/rte in $ASSETS: run 'bash scripts/gpu_ray_check.sh prepare' and carry $ASSETS" >&2
+        exit 2
+    fi
+    mkdir -p "$OUT"
+    exec > >(tee "$OUT/efficiency.log") 2>&1
+    t0=$SECONDS
+    install_assets
+    export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH" \
+        RAYSDPB_DATA_DIR="$(cd "$ASSETS" && pwd)/data"
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+    MODEL=${TMPDIR:-/tmp}/gpu-eff-minilm
+    if [ "$DEVICE" = cuda ]; then SHARES="1 2 4 8" SECONDS_EACH=${GPU_EFF_SECONDS:-15} BUDGET=${GPU_EFF_BUDGET_S:-60}
+        SMALL=()
+    else  # the rehearsal: the same steps on a small BERT (tiny-bert), a few steps each
+        SHARES="1 2" SECONDS_EACH=2 BUDGET=20 SMALL=(--max-steps 2 --min-steps 1 --warmup 1) MODEL=tiny-bert
+    fi
+    failed=0
+    step() {  # name limit command...: one step, its own time limit, counted when it fails
+        local name=$1 limit=$2; shift 2
+        echo "== $name (limit ${limit} s) after $((SECONDS - t0)) s"
+        timeout --kill-after=10 "$limit" "$@" || { echo "== $name failed ($?)"; failed=$((failed + 1)); }
+    }
+    [ "$DEVICE" = cuda ] && step model 120 "$PY" scripts/gpu_ray_driver.py model --assets "$ASSETS" --dest "$MODEL"
+    step overhead $((BUDGET + 90)) "$PY" benchmarks/overhead.py --device "$DEVICE" --configs enc-32x128 \
+        --methods finetune,dynsdpb --budget-s "$BUDGET" --encoder-model "$MODEL" "${SMALL[@]}" \
+        --json "$OUT/overhead.json"
+    step overhead_compiled $((BUDGET + 150)) "$PY" benchmarks/overhead.py --device "$DEVICE" --configs enc-32x128 \
+        --methods finetune,dynsdpb --budget-s "$BUDGET" --encoder-model "$MODEL" --compile-loss "${SMALL[@]}" \
+        --json "$OUT/overhead_compiled.json"
+    step gpu_share 400 "$PY" benchmarks/gpu_share.py --device "$DEVICE" --shares $SHARES --seconds "$SECONDS_EACH" \
+        --encoder-model "$MODEL" --json "$OUT/gpu_share.json"
+    echo "== efficiency: $failed step(s) failed, $((SECONDS - t0)) s"
+    exit "$failed"
     ;;
 *)
     usage

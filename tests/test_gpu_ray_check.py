@@ -92,6 +92,33 @@ def test_a_stripped_wheel_installs_without_the_dropped_parts(tmp_path):
     assert out.stdout.strip() == "42"
 
 
+def test_a_wheel_travels_as_an_xz_tarball_that_unpacks_to_its_files(tmp_path):
+    """Ray's stripped wheel travels as `<name>.tar.xz` (smaller): unpacked with tar it gives the wheel's files, byte
+    for byte, with their modes (an executable stays one), and the package imports from there; the wheel is gone."""
+    src = _make_wheel(tmp_path)
+    wheel = tmp_path / "exec" / src.name
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(wheel, "w") as zout:
+        for info in zin.infolist():
+            if info.filename == "toyray/core.py":
+                info.external_attr = 0o100755 << 16  # as Ray's gcs_server and raylet binaries are recorded
+            zout.writestr(info, zin.read(info))
+    tarball = wheels.wheel_to_tarball(wheel)
+    assert tarball.name == "toyray-1.0-py3-none-any.tar.xz" and not wheel.exists()
+    site = tmp_path / "site"
+    site.mkdir()
+    subprocess.run(["tar", "-xJf", str(tarball), "-C", str(site)], check=True)
+    with zipfile.ZipFile(src) as z:
+        expected = {n: z.read(n) for n in z.namelist()}
+    unpacked = {p.relative_to(site).as_posix(): p.read_bytes() for p in site.rglob("*") if p.is_file()}
+    assert unpacked == expected
+    assert os.access(site / "toyray" / "core.py", os.X_OK) and not os.access(site / "toyray" / "train" /
+                                                                             "__init__.py", os.X_OK)
+    out = subprocess.run([sys.executable, "-c", "import toyray.core; print(toyray.core.answer())"],
+                         env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert out.stdout.strip() == "42"
+
+
 def test_a_wrong_record_is_caught_and_a_wheel_is_never_stripped_onto_itself(tmp_path):
     src = _make_wheel(tmp_path)
     tampered = tmp_path / "bad" / src.name
@@ -315,6 +342,8 @@ def test_the_script_names_its_modes_and_refuses_a_run_without_wheels(tmp_path):
     assert out.returncode == 2
     assert f"no wheels in {tmp_path / 'no-assets'}/wheels: run 'bash scripts/gpu_ray_check.sh prepare'" in out.stderr
     assert not (tmp_path / "out").exists()
+    out = _script("efficiency", str(tmp_path / "out"), str(tmp_path / "no-assets"))
+    assert out.returncode == 2 and "no wheels or no glue/rte in" in out.stderr and not (tmp_path / "out").exists()
 
 
 def test_the_driver_refuses_missing_assets_in_one_line(tmp_path):
