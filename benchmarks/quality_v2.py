@@ -444,8 +444,12 @@ def statistics(runs: dict[str, dict[str, list[dict]]], comparisons: list[tuple[s
             result = stats.paired_bootstrap(**spec, n_boot=n_boot, seed=seed)
             d = np.asarray(spec["scores_a"]) - np.asarray(spec["scores_b"])
             n_examples = len(spec["labels"]) if "labels" in spec else None
-            mde = stats.minimum_detectable_effect(float(d.std(ddof=1)), len(d), alpha=alpha,
-                                                  n_examples=n_examples) if len(d) > 1 else None
+            # one example's worth in the task's metric (1/N for accuracy; more for Matthews): the median over the runs
+            worth = (float(np.median([stats.one_example_effect(spec["metric"], run, spec["labels"])
+                                      for run in (*spec["predictions_a"], *spec["predictions_b"])]))
+                     if n_examples else None)
+            mde = stats.minimum_detectable_effect(float(d.std(ddof=1)), len(d), alpha=alpha, n_examples=n_examples,
+                                                  one_example=worth) if len(d) > 1 else None
             per_task[task], diffs[task] = spec, d
             rows.append({"comparison": f"{a} - {b}", "task": task, "seeds": len(d), "examples": n_examples,
                          "mean_diff": result.mean_diff, "ci_low": result.ci_low, "ci_high": result.ci_high,

@@ -232,6 +232,40 @@ def test_mde_against_printed_tables():
         stats.minimum_detectable_effect(1.0, 1)
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "matthews", "f1", "macro_f1"])
+def test_one_examples_worth_is_the_mean_change_from_changing_each_examples_prediction(metric):
+    """Against brute force with sklearn's metrics over many random runs: change each example's prediction in turn
+    (a wrong one to its label, a right one to the next class), recompute the metric, average the absolute changes.
+    Accuracy's is exactly 1/N; an unbalanced binary task's Matthews about twice that."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    score = {"accuracy": accuracy_score, "matthews": matthews_corrcoef,
+             "f1": lambda y, p: f1_score(y, p, zero_division=0),
+             "macro_f1": lambda y, p: f1_score(y, p, average="macro", zero_division=0)}[metric]
+    rng = np.random.default_rng(7)
+    for trial in range(25):
+        k = 3 if metric in ("accuracy", "macro_f1") and trial % 2 else 2
+        n = int(rng.integers(20, 60))
+        y = rng.choice(k, size=n, p=[0.7, 0.3] if k == 2 else None)
+        p = np.where(rng.random(n) < 0.75, y, rng.integers(0, k, size=n))
+        base, changes = score(y, p), []
+        for i in range(n):
+            q = p.copy()
+            q[i] = y[i] if p[i] != y[i] else (p[i] + 1) % k
+            changes.append(abs(score(y, q) - base))
+        assert stats.one_example_effect(metric, p, y, classes=k) == pytest.approx(np.mean(changes), abs=1e-12)
+        if metric == "accuracy":
+            assert stats.one_example_effect(metric, p, y, classes=k) == pytest.approx(1 / n)
+    # CoLA-like: 1,043 examples, 69% acceptable, 80% right: Matthews' example is worth about twice accuracy's
+    y = (rng.random(1043) < 0.69).astype(int)
+    p = np.where(rng.random(1043) < 0.8, y, 1 - y)
+    if metric == "matthews":
+        assert 1.5 / 1043 < stats.one_example_effect("matthews", p, y) < 3 / 1043
+    # the MDE in examples uses that worth
+    mde = stats.minimum_detectable_effect(0.01, 5, n_examples=1043, one_example=0.004)
+    assert mde.one_example == 0.004 and mde.mde_examples == pytest.approx(mde.mde / 0.004)
+
+
 def test_pooled_mde_is_the_z_mde_of_the_pooled_standard_error():
     got = stats.pooled_minimum_detectable_effect({"a": 0.02, "b": 0.04}, {"a": 5, "b": 5})
     se = math.sqrt(0.25 * 0.02 ** 2 / 5 + 0.25 * 0.04 ** 2 / 5)

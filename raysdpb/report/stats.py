@@ -50,7 +50,7 @@ import numpy as np
 __all__ = [
     "CONFUSION_METRICS", "metric_from_confusion", "confusion_counts", "PairedResult", "paired_bootstrap",
     "pooled_bootstrap", "sign_flip_p_value", "pooled_sign_flip_p_value", "holm_adjusted",
-    "MinimumDetectableEffect", "minimum_detectable_effect", "pooled_minimum_detectable_effect",
+    "MinimumDetectableEffect", "minimum_detectable_effect", "pooled_minimum_detectable_effect", "one_example_effect",
 ]
 
 CONFUSION_METRICS = ("accuracy", "f1", "macro_f1", "matthews")
@@ -93,6 +93,28 @@ def metric_from_confusion(name: str, confusion: np.ndarray) -> np.ndarray:
         else:
             raise ValueError(f"metric {name!r} has no confusion-count form; allowed: {', '.join(CONFUSION_METRICS)}")
     return np.nan_to_num(np.asarray(out, dtype=float), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def one_example_effect(metric: str, predictions, labels, classes: int | None = None) -> float:
+    """What one validation example is worth in `metric` for one run: the mean absolute change of the metric when a
+    single example's prediction changes (a wrong one made right; a right one made wrong, to the next class), over
+    the run's examples. Exactly 1/N for accuracy; for Matthews correlation or F1 it depends on the confusion matrix
+    (about twice 1/N on a CoLA-like task), so "within one example" means this there."""
+    p, y = np.asarray(predictions, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    k = max(2, classes or int(max(p.max(initial=0), y.max(initial=0)) + 1))
+    base_confusion = confusion_counts(p, y, np.ones(len(y)), k)[0]
+    base = float(metric_from_confusion(metric, base_confusion))
+    total = 0.0
+    for true in range(k):  # every example of a cell (true, predicted) changes the matrix the same way
+        for predicted in range(k):
+            count = base_confusion[true, predicted]
+            if count == 0:
+                continue
+            changed = base_confusion.copy()
+            changed[true, predicted] -= 1
+            changed[true, true if predicted != true else (predicted + 1) % k] += 1
+            total += count * abs(float(metric_from_confusion(metric, changed)) - base)
+    return total / len(y)
 
 
 # --- the per-task bootstrap ----------------------------------------------------------------------------------
@@ -278,9 +300,9 @@ def holm_adjusted(p_values: Iterable[float]) -> np.ndarray:
 @dataclass(frozen=True)
 class MinimumDetectableEffect:
     """`mde`: the smallest true mean difference detected with `power` by a two-sided paired test at `alpha`;
-    `one_example`: 1/N, what one validation example is worth (accuracy; about that for the other metrics);
-    `mde_examples`: the MDE in examples (mde * N); `sign_flip_floor`: the smallest sign-flip p-value S seeds
-    allow (2 / 2^S); `sign_flip_can_reject`: whether that floor is at most alpha."""
+    `one_example`: what one validation example is worth (1/N, accuracy's; `one_example_effect` for another
+    metric); `mde_examples`: the MDE in examples (mde / one_example); `sign_flip_floor`: the smallest sign-flip
+    p-value S seeds allow (2 / 2^S); `sign_flip_can_reject`: whether that floor is at most alpha."""
 
     mde: float
     sd: float
@@ -294,9 +316,11 @@ class MinimumDetectableEffect:
 
 
 def minimum_detectable_effect(sd: float, n_seeds: int, *, alpha: float = 0.05, power: float = 0.8,
-                              n_examples: int | None = None, distribution: str = "t") -> MinimumDetectableEffect:
+                              n_examples: int | None = None, distribution: str = "t",
+                              one_example: float | None = None) -> MinimumDetectableEffect:
     """(q_{1-alpha/2} + q_{power}) * sd / sqrt(S): q the quantiles of Student's t with S-1 degrees of freedom
-    (`distribution="t"`) or of the normal (`"z"`); `sd` the between-seed SD (ddof=1) of the paired differences."""
+    (`distribution="t"`) or of the normal (`"z"`); `sd` the between-seed SD (ddof=1) of the paired differences.
+    `one_example` (default 1/`n_examples`) is what one validation example is worth in the metric."""
     from scipy import stats
 
     if n_seeds < 2:
@@ -309,9 +333,9 @@ def minimum_detectable_effect(sd: float, n_seeds: int, *, alpha: float = 0.05, p
         raise ValueError(f"distribution {distribution!r}; allowed: t, z")
     mde = float(q * sd / math.sqrt(n_seeds))
     floor = 2.0 / 2 ** n_seeds
-    return MinimumDetectableEffect(mde, float(sd), n_seeds, alpha, power,
-                                   1.0 / n_examples if n_examples else None,
-                                   mde * n_examples if n_examples else None, floor, floor <= alpha)
+    worth = one_example if one_example is not None else (1.0 / n_examples if n_examples else None)
+    return MinimumDetectableEffect(mde, float(sd), n_seeds, alpha, power, worth,
+                                   mde / worth if worth else None, floor, floor <= alpha)
 
 
 def pooled_minimum_detectable_effect(sds: Mapping[str, float], n_seeds: Mapping[str, int],
