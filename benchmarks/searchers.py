@@ -15,8 +15,8 @@ written under `<root>/configs/`:
   trial to its end (no ASHA): the reference. Its best configuration's score (best validation main metric over
   the epochs) is the target; "within one example" is the target less 1 / (validation examples). The grid runs
   `--grid-concurrent` trials at a time (default 2: its order decides nothing; the searchers' trials share the same
-  CPUs among `--max-concurrent`), and its reports (MRPC's every
-  half epoch) make it a full grid for `searcher_replay.py` and `asha_replay.py` too.
+  CPUs among `--max-concurrent`), and its reports (MRPC's every half epoch) make it a full grid for
+  `searcher_replay.py` and `asha_replay.py` too.
 * `random`, `optuna`, `bohb`: `--num-samples` trials (default 12) over the same box as distributions: lr
   loguniform [2e-5, 1e-4], alpha uniform [0.5, 1.5], tau uniform [1.0, 2.0]; random and optuna with the sweep's
   ASHA (grace 1 epoch, reduction 2), bohb with its own HyperBand. Seed `--seed` (default 0).
