@@ -52,8 +52,9 @@ def combine(workers: list[dict], peak_tflops: float | None = None, flops_per_tok
     out = {"k": len(workers), "ok": True, "tokens_per_s": tokens_per_s,
            "step_ms_median": 1e3 * statistics.median(w["step_s"] for w in workers),
            "peak_mib_max": max(w["peak_mib"] for w in workers), "steps": [w["steps"] for w in workers]}
-    out["mfu"] = (tokens_per_s * flops_per_token / (peak_tflops * 1e12)
-                  if peak_tflops and flops_per_token else None)
+    from raysdpb.throughput import mfu
+
+    out["mfu"] = mfu(tokens_per_s, flops_per_token, peak_tflops * 1e12) if peak_tflops and flops_per_token else None
     return out
 
 

@@ -29,13 +29,17 @@ PY=${PYTHON:-python3}
 usage() {  # the comment above, up to its first blank line
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
 }
-install_assets() {  # the wheels with pip, then the tarballs (Ray's: gpu_ray_wheels.wheel_to_tarball) into $SITE
+install_assets() {  # the wheels with pip, then the tarballs (Ray's: gpu_ray_wheels.wheel_to_tarball) into $SITE,
+                    # put on the path with the checkout, offline
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         "$ASSETS"/wheels/*.whl || { echo "gpu_ray_check: installing the wheels failed"; exit 3; }
     for tarball in "$ASSETS"/wheels/*.tar.xz; do
         [ -e "$tarball" ] || continue
         tar -xJf "$tarball" -C "$SITE" || { echo "gpu_ray_check: unpacking $tarball failed"; exit 3; }
     done
+    export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
+    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+        RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 }
 mode=${1:-}
 case "$mode" in
@@ -71,9 +75,6 @@ run)
     fi
     install_assets
     echo "== wheels installed into $SITE after $((SECONDS - t0)) s"
-    export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
-    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-        RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
     LIMIT=${GPU_RAY_LIMIT_S:-$([ "$DEVICE" = cuda ] && echo 480 || echo 2000)}
     timeout --kill-after=20 "$LIMIT" "$PY" scripts/gpu_ray_driver.py run --assets "$ASSETS" \
         --out "$OUT" --device "$DEVICE"
@@ -94,9 +95,7 @@ efficiency)
     exec > >(tee "$OUT/efficiency.log") 2>&1
     t0=$SECONDS
     install_assets
-    export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH" \
-        RAYSDPB_DATA_DIR="$(cd "$ASSETS" && pwd)/data"
-    export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+    export RAYSDPB_DATA_DIR="$(cd "$ASSETS" && pwd)/data"
     MODEL=${TMPDIR:-/tmp}/gpu-eff-minilm
     if [ "$DEVICE" = cuda ]; then SHARES="1 2 4 8" SECONDS_EACH=${GPU_EFF_SECONDS:-15} BUDGET=${GPU_EFF_BUDGET_S:-60}
         SMALL=()

@@ -85,7 +85,7 @@ def make_assets(assets: Path) -> dict:
         if not (data_mirror() / task).is_dir():
             raise SystemExit(f"gpu_ray: no {task} in the data mirror {data_mirror()}; set RAYSDPB_DATA_DIR "
                              "to a folder laid out like shared/data")
-    mirror = data_mirror() / DATA_TASK
+    mirror = data_mirror()
     model = assets / "model"
     shutil.rmtree(model, ignore_errors=True)
     model.mkdir(parents=True)
@@ -95,12 +95,12 @@ def make_assets(assets: Path) -> dict:
         data = assets / "data" / task
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True)
-        for item in (data_mirror() / task).iterdir():
+        for item in (mirror / task).iterdir():
             if item.is_file():
                 shutil.copy2(item, data / item.name)
     sizes = {name: _size(assets / name) for name in ("model", "data")}
     print(f"assets: model files {sizes['model'] / 2**10:.0f} KiB (from {source}), data {sizes['data'] / 2**10:.0f} KiB "
-          f"({', '.join((DATA_TASK, *EXTRA_TASKS))} from {mirror.parent.parent})")
+          f"({', '.join((DATA_TASK, *EXTRA_TASKS))} from {mirror})")
     return sizes
 
 

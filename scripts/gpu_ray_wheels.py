@@ -309,9 +309,10 @@ def wheel_to_tarball(wheel: Path) -> Path:
     `pip install --target SITE` would (a wheel without a `.data` folder, whose console scripts are not needed)."""
     import tarfile
 
-    if any(".data/" in n.split("/", 1)[0] + "/" for n in zipfile.ZipFile(wheel).namelist()):
-        raise ValueError(f"{wheel.name} has a .data folder: pip must install it")
     target = wheel.with_name(wheel.name[:-len(".whl")] + ".tar.xz")
+    with zipfile.ZipFile(wheel) as z:
+        if any(n.split("/", 1)[0].endswith(".data") for n in z.namelist()):
+            raise ValueError(f"{wheel.name} has a .data folder: pip must install it")
     with zipfile.ZipFile(wheel) as z, tarfile.open(target, "w:xz", preset=6) as tar:
         for info in z.infolist():
             if info.is_dir():
