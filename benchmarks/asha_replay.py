@@ -19,11 +19,12 @@ Reported per group and in all:
   that every report carries: the unit in which double_finetune and the overlap methods cost what they do),
   against the whole grid's; `saved` is the fraction not run;
 * regret: the configuration the ASHA sweep would choose (ties to grid order, as the sweep's summary) scored by what
-  it reached in the full run, against the grid's best; in validation examples too when `--eval-examples` (or the
-  task's known size) is given. `--select` is the sweep's selection rule: `best` (the default), a trial's best report
-  (`best_<metric>`) among what it reported before it was stopped; `last`, its last report (`last_<metric>`:
-  protocol v2's fixed-budget rule), the score at the end of training, which a trial ASHA stopped does not have: it
-  cannot be chosen (as `raysdpb.report --at last` leaves it out).
+  it reached in the full run, against the grid's best; in validation examples too when `--eval-examples` is given
+  (and `--example-worth` where one example is not 1/N of the metric, as for Matthews correlation). `--select` is the
+  sweep's selection rule: `best` (the default), a trial's best report (`best_<metric>`) among what it reported
+  before it was stopped; `last`, its last report (`last_<metric>`: protocol v2's fixed-budget rule), the score at
+  the end of training, which a trial ASHA stopped does not have: it cannot be chosen (as `raysdpb.report --at
+  last` leaves it out).
 
 The grid must have run without stopping (`asha: null` in its sweep config) and should report every fraction of an
 epoch (`eval_every_steps`), so that rungs below an epoch can be replayed. A trial that diverged stops where it did.
@@ -93,13 +94,14 @@ class ReplayResult:
 
 def replay(trials: list[dict], curves: list[dict], *, metric: str = "score", mode: str = "max",
            time_attr: str = "epoch", grace: float = 1.0, reduction: float = 2.0, concurrent: int = 1,
-           group_of: dict[str, object] | None = None, eval_examples: dict[str, int] | None = None,
+           group_of: dict[str, object] | None = None, eval_examples: dict[str, float] | None = None,
            score_metric: str | None = None, score_mode: str | None = None, select: str = "best") -> ReplayResult:
     """Replay ASHA over fully-run `trials` (trials.parquet rows, grid order) and their `curves` (curves.parquet
     rows). `group_of`: trial id -> its ASHA group (default: one group); `eval_examples`: group -> validation
-    examples, to state the regret in examples. ASHA ranks by `metric` (`mode`); the configuration is chosen and
-    the regret stated by `score_metric` (`score_mode`), by default the same (e.g. ASHA on `eval_dev_loss`, chosen
-    and judged by `eval_dev_accuracy`). `select`: a trial's score is its best report ("best") or its last ("last")."""
+    examples (for accuracy; in general 1 / one example's worth in the metric), to state the regret in examples.
+    ASHA ranks by `metric` (`mode`); the configuration is chosen and the regret stated by `score_metric`
+    (`score_mode`), by default the same (e.g. ASHA on `eval_dev_loss`, chosen and judged by `eval_dev_accuracy`).
+    `select`: a trial's score is its best report ("best") or its last ("last")."""
     if select not in SELECT_RULES:
         raise ValueError(f"select must be one of {SELECT_RULES}, not {select!r}")
     from raysdpb.sweep.scheduler import GroupedASHA
@@ -251,6 +253,10 @@ def _parser() -> argparse.ArgumentParser:
                         "ASHA groups by --group-by alone (default: each experiment's groups are its own)")
     p.add_argument("--eval-examples", type=int, default=None,
                    help="validation examples of the task(s), to state the regret in examples")
+    p.add_argument("--example-worth", type=float, default=None,
+                   help="what one example is worth in the score metric, where it is not 1 / --eval-examples (e.g. "
+                        "Matthews correlation: about 2 / N on a CoLA-like task, raysdpb.report.stats."
+                        "one_example_effect)")
     p.add_argument("--json", type=Path, default=None, help="write every replay's result here")
     return p
 
@@ -263,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         trials += t
         curves += c
         group_of |= g
-    examples = {key: args.eval_examples for key in set(group_of.values())} if args.eval_examples else None
+    if args.example_worth is not None and args.example_worth <= 0:
+        raise SystemExit("asha_replay: --example-worth must be positive (the score metric's change for one example)")
+    per_unit = 1.0 / args.example_worth if args.example_worth else args.eval_examples  # examples per metric unit
+    examples = {key: per_unit for key in set(group_of.values())} if per_unit else None
     results = []
     print(f"{'grace':>6} {'reduction':>9} {'saved':>7} {'max regret':>10}  worst group")
     for grace in args.grace:

@@ -98,6 +98,12 @@ def test_the_command_reads_an_experiment_folder_and_writes_its_json(asha_replay,
     assert printed[2].split()[:4] == ["2", "2", "8.3%", "0.0000"]
     saved = json.loads(out.read_text())
     assert [(r["grace"], r["stopped_at"]) for r in saved] == [(1.0, {"B": 1.0, "D": 1.0}), (2.0, {"D": 2.0})]
+    # a metric where one example is worth 0.1 (Matthews-like, 2/N with N = 20): the regret of 0.15 is 1.5 examples
+    asha_replay.main([str(experiment), "--grace", "1", "--reduction", "2", "--concurrent", "1", "--group-by",
+                      "method", "--eval-examples", "20", "--example-worth", "0.1"])
+    assert "(1.50 examples)" in capsys.readouterr().out.splitlines()[1]
+    with pytest.raises(SystemExit, match="--example-worth must be positive"):
+        asha_replay.main([str(experiment), "--example-worth", "0"])
 
 
 def test_experiments_of_one_grid_share_their_groups_with_one_sweep(asha_replay, tmp_path, capsys):
