@@ -605,6 +605,15 @@ def test_v2_statistics_on_hand_made_runs(v2):
     assert pooled["p_holm"] == pooled["p"]  # one pooled comparison with data: a family of one
     text = v2.markdown(rows, "t")
     assert "| dynsdpb - double_finetune | pooled | 8 | +1.50 |" in text
+    from raysdpb.report import stats
+
+    # the verdict: only a pooled row carries one, in the methods' names; per task "—" (5 seeds cannot reach 0.05)
+    assert pooled["verdict"] == stats.verdict(pooled["ci_low"], pooled["ci_high"], pooled["p_holm"])
+    expected = "dynsdpb > double_finetune" if pooled["verdict"] == "A > B" else pooled["verdict"]
+    assert text.splitlines()[-1].endswith(f"| {expected} |")
+    assert cb["verdict"] == "not shown"  # its interval is the point +0.02, but p 0.125: 4 seeds cannot show it
+    assert [line.endswith("| — |") for line in text.splitlines()[4:]] == [True, True, False]
+    assert v2.verdict_text({**pooled, "verdict": "A < B"}) == "dynsdpb < double_finetune"
     wide = v2.wide_table(data | {"glue/mrpc": {"dynsdpb": runs([0.80])}}).splitlines()
     assert wide[0] == "| method | superglue/cb | glue/rte | glue/mrpc | mean over tasks |"
     # CB 72, 74, 70, 76: mean 73, SD 2.58; RTE 61, 60, 63, 62: 61.5, 1.29; MRPC one seed 80; mean of 73, 61.5, 80

@@ -213,6 +213,16 @@ def test_holm_by_hand():
     assert math.isnan(adjusted[0]) and adjusted[1] == pytest.approx(0.2)
 
 
+def test_a_verdict_needs_the_adjusted_p_value_and_the_interval_on_one_side():
+    assert stats.verdict(0.01, 0.03, 0.04) == "A > B"
+    assert stats.verdict(-0.03, -0.01, 0.05) == "A < B"  # at alpha exactly: rejected, as Holm's rule reads
+    assert stats.verdict(0.01, 0.03, 0.06) == "not shown"  # the interval alone is not the family's test
+    assert stats.verdict(-0.01, 0.03, 0.001) == "not shown"  # nor the p-value alone
+    assert stats.verdict(0.0, 0.03, 0.001) == "not shown"  # an interval that touches zero
+    assert stats.verdict(0.01, 0.03, 0.08, alpha=0.1) == "A > B"
+    assert stats.verdict(float("nan"), 0.03, 0.001) == "not shown"
+
+
 # --- the minimum detectable effect --------------------------------------------------------------------------
 
 def test_mde_against_printed_tables():

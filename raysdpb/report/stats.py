@@ -51,6 +51,7 @@ __all__ = [
     "CONFUSION_METRICS", "metric_from_confusion", "confusion_counts", "PairedResult", "paired_bootstrap",
     "pooled_bootstrap", "sign_flip_p_value", "pooled_sign_flip_p_value", "holm_adjusted",
     "MinimumDetectableEffect", "minimum_detectable_effect", "pooled_minimum_detectable_effect", "one_example_effect",
+    "verdict",
 ]
 
 CONFUSION_METRICS = ("accuracy", "f1", "macro_f1", "matthews")
@@ -293,6 +294,20 @@ def holm_adjusted(p_values: Iterable[float]) -> np.ndarray:
         running = max(running, min(1.0, (m - rank) * p[i]))
         adjusted[i] = running
     return adjusted
+
+
+def verdict(ci_low: float, ci_high: float, p_adjusted: float, *, alpha: float = 0.05) -> str:
+    """The rule a comparison A - B is read by: "A > B" where the family-adjusted p-value is at most `alpha` and
+    the interval lies above zero, "A < B" where it lies below, and otherwise "not shown" (no difference shown: the
+    interval then says which differences the data still allow). Both must agree: an interval that excludes zero
+    is one more test, and without the family's correction it would not be one."""
+    if not all(math.isfinite(x) for x in (ci_low, ci_high, p_adjusted)):
+        return "not shown"
+    if p_adjusted <= alpha and ci_low > 0:
+        return "A > B"
+    if p_adjusted <= alpha and ci_high < 0:
+        return "A < B"
+    return "not shown"
 
 
 # --- the minimum detectable effect ---------------------------------------------------------------------------
