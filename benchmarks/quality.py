@@ -222,9 +222,11 @@ def archive_sweep(experiment: Path, archive: Path, config: Path) -> Path:
 
 
 def what_it_trains(config: Path) -> dict:
-    """A sweep config without what does not change its results (where it is stored, the resources)."""
+    """A sweep config without what does not change its results (where it is stored, the resources, where the data
+    mirror is mounted: `--data-dir` or `$RAYSDPB_DATA_DIR`, the same files at another path)."""
     body = yaml.safe_load(config.read_text())
     sweep = body.pop("sweep", None) or {}
+    body.pop("data_dir", None)
     if body.get("teacher_model"):  # protocol v2's teacher, exported under --root: its task's folder is what counts
         body["teacher_model"] = Path(body["teacher_model"]).name
     return {**body, "asha": sweep.get("asha")}
@@ -532,7 +534,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "found there as finished (for a --root that does not survive, e.g. a new checkout)")
     p.add_argument("--resume", action="store_true", help="continue: skip finished sweeps, resume unfinished ones")
     p.add_argument("--keep-going", action="store_true", help="go on after a sweep with errored trials")
-    p.add_argument("--stage", choices=["all", "grid", "seeds", "report"], default="all")
+    p.add_argument("--stage", choices=["all", "grid", "seeds", "report"], default="all",
+                   help="what to run: everything; stage 1 or 2 alone (the paper's protocol); report: the tables "
+                        "and statistics of what finished (with --archive: a checkout's committed results), "
+                        "nothing trained")
     p.add_argument("--rerun-grid-trials", action="store_true",
                    help="stage 2 trains seed 0 at the selected configuration again instead of taking stage 1's "
                         "trial (the same config and seed)")

@@ -3,6 +3,8 @@
     python benchmarks/quality.py --protocol v2 --dry-run     # the planned workload and the MDE it buys
     python benchmarks/quality.py --protocol v2 --smoke       # CB, tiny sample counts, end to end (minutes)
     python benchmarks/quality.py --protocol v2 [--root ray_results/quality-v2] [--resume] [--archive DIR]
+    python benchmarks/quality.py --protocol v2 --stage report --archive benchmarks/results/quality-v2
+                                                             # the statistics of what finished; nothing trains
 
 What differs from the paper's protocol (`--protocol paper`, quality.py's docstring):
 
@@ -609,6 +611,31 @@ def validation_size(task: str, args) -> int:
 
 # --- the run ---------------------------------------------------------------------------------------------
 
+def finished_method(task: str, method: str, args) -> tuple[dict | None, Path | None]:
+    """`--stage report`: a method's selected configuration and its stage-2 experiment, where both stages finished
+    (archived or under --root, each checked against the config this checkout writes); (chosen, None) or (None,
+    None) where they did not. Nothing is run."""
+    from quality import _finished, _rows, check_archived_config, experiment_dir
+
+    def finished(name: str, path: Path) -> tuple[Path, list[dict]] | None:
+        experiment = experiment_dir(name, args)
+        rows = _rows(experiment)
+        if not _finished(rows):
+            return None
+        check_archived_config(experiment, path)
+        return experiment, rows
+
+    name, path = grid_config(task, method, args)
+    grid = finished(name, path)
+    if grid is None:
+        return None, None
+    chosen = select_v2(grid[1], selection_column(task, args))
+    if chosen is None:
+        return None, None
+    seeds = finished(*seeds_config(task, method, chosen, args))
+    return chosen, seeds[0] if seeds else None
+
+
 def check_methods(args) -> None:
     from raysdpb.methods import METHODS
 
@@ -637,6 +664,9 @@ def main_v2(args) -> None:
         print(line + "the configs leave them out, so stage 1 selects on the validation split and stage 2 saves "
               "no predictions (a start-up check, not the protocol)", flush=True)
     check_methods(args)
+    if args.stage not in ("all", "report"):
+        raise SystemExit(f"--stage {args.stage}: protocol v2 runs each method's stages in turn; --stage takes all "
+                         "(run, resuming what finished) or report (the statistics of what finished, nothing run)")
     if args.dry_run:
         dry_run(args)
         return
@@ -647,7 +677,18 @@ def main_v2(args) -> None:
     selection_path = root / "selection_v2.json"
     selection = json.loads(selection_path.read_text()) if selection_path.exists() else {}
     runs: dict[str, dict[str, list[dict]]] = {}
+    report_only = args.stage == "report"  # the statistics of what finished; nothing trains
+    left_out: list[str] = []
     for task in args.tasks:
+        if report_only:
+            for method in methods:
+                chosen, experiment = finished_method(task, method, args)
+                if experiment is None:
+                    left_out.append(f"{task} {method}")
+                    continue
+                selection.setdefault(task, {})[method] = chosen
+                runs.setdefault(task, {})[method] = stage2_runs(task, method, experiment, args)
+            continue
         if "kd" in methods and not kd_finished(task, args):  # stage 0: the teacher, exported once
             name, path = teacher_config(task, args)
             target = teacher_path(task, args)
@@ -678,6 +719,9 @@ def main_v2(args) -> None:
             name, path = seeds_config(task, method, chosen, args)
             run_sweep(name, path, args)
             runs.setdefault(task, {})[method] = stage2_runs(task, method, experiment_dir(name, args), args)
+    if left_out:
+        print(f"[v2] left out of the statistics, their stage 1 or 2 not finished ({len(left_out)}): "
+              f"{', '.join(left_out)}", flush=True)
     primary = statistics(runs, PRIMARY, n_boot=args.n_boot)
     ablation = statistics(runs, ABLATION, n_boot=args.n_boot)
     claims = statistics(runs, PAPER_CLAIMS, n_boot=args.n_boot)
@@ -694,7 +738,8 @@ def main_v2(args) -> None:
               "configs_per_method": {t: configs_per_method(t, args) for t in args.tasks},
               "student_layers": {t: student_layers(t, args) for t in args.tasks}, "seeds": stage2_seeds(args.seeds_n),
               "dev_size": {t: dev_size(t, args) for t in args.tasks},
-              "selection": selection, "v2_runs": clean, "primary": primary, "ablation": ablation,
+              "selection": selection, "left_out": left_out, "v2_runs": clean, "primary": primary,
+              "ablation": ablation,
               "paper_claims": claims,
               "elapsed_s": time.perf_counter() - t0}
     (root / "v2_statistics.json").write_text(json.dumps(result, indent=2, default=str))

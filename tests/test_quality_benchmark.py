@@ -268,9 +268,9 @@ def test_an_archived_sweep_with_other_settings_is_refused_not_reused(quality, tm
     monkeypatch.setattr(quality.subprocess, "run", lambda *a, **k: pytest.fail("a sweep was started"))
     quality.run_sweep(name, config, first)
     assert (archive / name / "config.yaml").read_text() == config.read_text()
-    # the same trials from another root and other resources: the archive stands for them
+    # the same trials from another root, other resources and the data mirror at another path: the archive stands
     same = _args(quality, tmp_path / "b", "--grid", "small", "--asha", "--grid-per-method", "--archive",
-                 str(archive), "--resume", "--cpus-per-trial", "1")
+                 str(archive), "--resume", "--cpus-per-trial", "1", "--data-dir", str(tmp_path / "mirror"))
     assert [r["trial_id"] for r in quality.run_sweep(name, quality.grid_config("glue/cola", same, "dynsdpb")[1],
                                                      same)] == ["t0"]
     # another grid, or ASHA's grace, under the same sweep name: stopped with what differs
@@ -783,3 +783,28 @@ def test_v2_never_selects_from_part_of_a_grid(quality, v2, tmp_path, monkeypatch
     v2.main_v2(args)
     assert calls == [v2.grid_name("superglue/cb", "dynsdpb"), v2.seeds_name("superglue/cb", "dynsdpb"),
                      v2.seeds_name("superglue/cb", "finetune")]  # finetune's selection kept
+
+
+def test_v2_report_stage_recomputes_the_committed_statistics_and_trains_nothing(quality, v2, tmp_path, monkeypatch,
+                                                                                 shared_data_dir):
+    """`--stage report` on the committed archive: CB's selection, paired differences, sign-flip p-values and MDEs
+    as the run itself wrote them (`quality-v2-cb.json`; its intervals came from an earlier bootstrap and 200
+    replicates here, so they are not compared), no sweep or subprocess started, and SST-2, not run yet, counted
+    as left out method by method."""
+    import quality as harness
+
+    monkeypatch.setattr(harness, "_run", lambda *a, **k: pytest.fail(f"report trains nothing: {a[0]}"))
+    monkeypatch.setattr(v2.subprocess, "run", lambda *a, **k: pytest.fail(f"report runs nothing: {a}"))
+    results = quality.REPO / "benchmarks" / "results"
+    args = _v2_args(quality, tmp_path / "root", "--stage", "report", "--archive", str(results / "quality-v2"),
+                    "--tasks", "superglue/cb", "glue/sst2", "--data-dir", str(shared_data_dir), "--n-boot", "200",
+                    "--json", str(tmp_path / "v2.json"))
+    v2.main_v2(args)
+    got, committed = (json.loads(p.read_text()) for p in (tmp_path / "v2.json", results / "quality-v2-cb.json"))
+    assert got["selection"] == committed["selection"]
+    assert got["left_out"] == [f"glue/sst2 {m}" for m in v2.V2_METHODS]
+    assert [(r["comparison"], r["task"], r["seeds"]) for r in got["primary"]] == [
+        (r["comparison"], r["task"], r["seeds"]) for r in committed["primary"]]
+    for mine, theirs in zip(got["primary"], committed["primary"]):
+        assert {k: mine[k] for k in ("mean_diff", "p", "mde", "one_example")} == pytest.approx(
+            {k: theirs[k] for k in ("mean_diff", "p", "mde", "one_example")})
