@@ -787,17 +787,16 @@ def test_v2_never_selects_from_part_of_a_grid(quality, v2, tmp_path, monkeypatch
 
 def test_v2_report_stage_recomputes_the_committed_statistics_and_trains_nothing(quality, v2, tmp_path, monkeypatch,
                                                                                  shared_data_dir):
-    """`--stage report` on the committed archive: CB's selection, paired differences, sign-flip p-values and MDEs
-    as the run itself wrote them (`quality-v2-cb.json`; its intervals came from an earlier bootstrap and 200
-    replicates here, so they are not compared), no sweep or subprocess started, and SST-2, not run yet, counted
-    as left out method by method."""
+    """`--stage report` on the committed archive: CB's selection, paired differences, bootstrap intervals,
+    sign-flip p-values and MDEs as the run itself wrote them (`quality-v2-cb.json`, 2,000 replicates), no sweep or
+    subprocess started, and SST-2, not run yet, counted as left out method by method."""
     import quality as harness
 
     monkeypatch.setattr(harness, "_run", lambda *a, **k: pytest.fail(f"report trains nothing: {a[0]}"))
     monkeypatch.setattr(v2.subprocess, "run", lambda *a, **k: pytest.fail(f"report runs nothing: {a}"))
     results = quality.REPO / "benchmarks" / "results"
     args = _v2_args(quality, tmp_path / "root", "--stage", "report", "--archive", str(results / "quality-v2"),
-                    "--tasks", "superglue/cb", "glue/sst2", "--data-dir", str(shared_data_dir), "--n-boot", "200",
+                    "--tasks", "superglue/cb", "glue/sst2", "--data-dir", str(shared_data_dir), "--n-boot", "2000",
                     "--json", str(tmp_path / "v2.json"))
     v2.main_v2(args)
     got, committed = (json.loads(p.read_text()) for p in (tmp_path / "v2.json", results / "quality-v2-cb.json"))
@@ -806,5 +805,5 @@ def test_v2_report_stage_recomputes_the_committed_statistics_and_trains_nothing(
     assert [(r["comparison"], r["task"], r["seeds"]) for r in got["primary"]] == [
         (r["comparison"], r["task"], r["seeds"]) for r in committed["primary"]]
     for mine, theirs in zip(got["primary"], committed["primary"]):
-        assert {k: mine[k] for k in ("mean_diff", "p", "mde", "one_example")} == pytest.approx(
-            {k: theirs[k] for k in ("mean_diff", "p", "mde", "one_example")})
+        keys = ("mean_diff", "ci_low", "ci_high", "p", "p_holm", "mde", "one_example")
+        assert {k: mine[k] for k in keys} == pytest.approx({k: theirs[k] for k in keys})
