@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TASK=${1:?"usage: bash benchmarks/asha_replay_v2.sh cb|mrpc|cola|sst2 [OUT_PREFIX]"}
 OUT=${2:-benchmarks/results/asha_replay}
+PY=${PYTHON:-python}
 case $TASK in
   cb)   GRID=superglue-cb; GRACE="100 200 400"; EPOCHS="0.5 1"; DEV=50; WORTH=(); LOSS="";;
   mrpc) GRID=glue-mrpc; GRACE="400 800 1200"; EPOCHS="0.5 1"; DEV=200; WORTH=(); LOSS="";;
@@ -23,7 +24,7 @@ case $TASK in
 esac
 # the methods' grids in the order the run trained them (quality_v2.V2_METHODS): the simulated sweep starts its
 # trials in the order given, two at a time, and ASHA's decisions depend on the order the reports arrive in
-mapfile -t GRIDS < <(python -c "
+mapfile -t GRIDS < <("$PY" -c "
 import sys
 from pathlib import Path
 sys.path.insert(0, 'benchmarks')
@@ -35,7 +36,7 @@ for m in V2_METHODS:
 if [ ${#GRIDS[@]} -eq 0 ]; then
     echo "asha_replay_v2.sh: no archived stage-1 grids of $TASK under benchmarks/results/quality-v2" >&2; exit 1
 fi
-REPLAY=(python benchmarks/asha_replay.py "${GRIDS[@]}" --select last --concurrent 2 --reduction 2 3 4
+REPLAY=("$PY" benchmarks/asha_replay.py "${GRIDS[@]}" --select last --concurrent 2 --reduction 2 3 4
         --eval-examples "$DEV" "${WORTH[@]}")
 "${REPLAY[@]}" --time-attr samples_seen --grace $GRACE --json "${OUT}_${TASK}_v2.json"
 "${REPLAY[@]}" --time-attr samples_seen --grace $GRACE --one-sweep --group-by task --json "${OUT}_${TASK}_v2_whole.json"
