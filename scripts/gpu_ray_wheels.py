@@ -313,15 +313,15 @@ def wheel_to_tarball(wheel: Path) -> Path:
     with zipfile.ZipFile(wheel) as z:
         if any(n.split("/", 1)[0].endswith(".data") for n in z.namelist()):
             raise ValueError(f"{wheel.name} has a .data folder: pip must install it")
-    with zipfile.ZipFile(wheel) as z, tarfile.open(target, "w:xz", preset=6) as tar:
-        for info in z.infolist():
-            if info.is_dir():
-                continue
-            data = z.read(info)
-            member = tarfile.TarInfo(info.filename)
-            member.size, member.mtime = len(data), 0
-            member.mode = (info.external_attr >> 16) & 0o777 or 0o644
-            tar.addfile(member, io.BytesIO(data))
+        with tarfile.open(target, "w:xz", preset=6) as tar:
+            for info in z.infolist():
+                if info.is_dir():
+                    continue
+                data = z.read(info)
+                member = tarfile.TarInfo(info.filename)
+                member.size, member.mtime = len(data), 0
+                member.mode = (info.external_attr >> 16) & 0o777 or 0o644
+                tar.addfile(member, io.BytesIO(data))
     wheel.unlink()
     return target
 
