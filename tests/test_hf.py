@@ -208,6 +208,7 @@ def test_evaluation_is_the_stock_trainers(shared_data_dir, tmp_path):
 
 # --- 3. hyperparameter search -------------------------------------------------------------------------------
 
+@pytest.mark.slow  # the default suite's 15 minutes (2-core machine, 2026-12-07: 965 s with it)
 def test_hyperparameter_search_with_ray_trains_each_trial_with_its_alpha(shared_data_dir, tmp_path):
     """`trainer.hyperparameter_search(backend="ray")` over DynSDPB's alpha (0.25 and 1.0, one tiny trial each, local
     Ray): both trials finish, and each trial's logged per-sample alpha_i lies in (alpha/2, alpha] (the tiny random

@@ -89,6 +89,7 @@ def _sweep(tmp_path: Path, raw: dict, env: dict, *args: str, timeout: float = 60
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # the default suite's 15 minutes (2-core machine, 2026-12-07: 965 s with it)
 def test_a_sweep_on_s3_with_asha_and_a_killed_worker(s3, tmp_path, shared_data_dir):
     """A sweep whose storage is the bucket, as on a cluster. The worker of the trial a huge learning rate ruins is
     SIGKILLed after step 5 and resumes from its newest whole checkpoint on the bucket (step 3); ASHA then stops it at

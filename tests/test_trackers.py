@@ -152,6 +152,7 @@ def tracked_sweep(tmp_path_factory, shared_data_dir, mlflow_server):
                            grid=json.loads((experiment / "grid.json").read_text())["trials"])
 
 
+@pytest.mark.slow  # the default suite's 15 minutes (2-core machine, 2026-12-07: 965 s with it)
 def test_a_sweep_logs_one_mlflow_run_per_trial_with_its_config_and_every_report(tracked_sweep):
     from mlflow import MlflowClient
 
@@ -183,6 +184,7 @@ def test_a_sweep_logs_one_mlflow_run_per_trial_with_its_config_and_every_report(
         assert run.data.metrics["eval_accuracy"] == row["last_eval_accuracy"]
 
 
+@pytest.mark.slow  # the default suite's 15 minutes (2-core machine, 2026-12-07: 965 s with it)
 def test_a_sweep_writes_one_offline_wandb_run_per_trial_in_the_sweeps_group(tracked_sweep):
     folders = sorted((tracked_sweep.experiment.parent.parent / "wandb" / "wandb").glob("offline-run-*"))
     runs = {run.name: run for run in map(wandb_run, folders)}
@@ -200,6 +202,7 @@ def test_a_sweep_writes_one_offline_wandb_run_per_trial_in_the_sweeps_group(trac
             assert {k: logged[k] for k in _numbers(curve)} == pytest.approx(_numbers(curve))
 
 
+@pytest.mark.slow  # the default suite's 15 minutes (2-core machine, 2026-12-07: 965 s with it)
 def test_the_tracked_sweep_still_writes_tensorboard(tracked_sweep):
     for trial_id in tracked_sweep.trials:
         assert list((tracked_sweep.experiment / "tensorboard" / trial_id).glob("events.out.tfevents.*"))
